@@ -1,0 +1,3 @@
+from minilab.cli import main
+
+raise SystemExit(main())

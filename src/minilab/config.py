@@ -1,0 +1,241 @@
+"""Typed configs: dataclasses loaded from JSON/YAML with dotted overrides, validated on load.
+
+A config is a (possibly nested) dataclass. Each field may carry `metadata={"help": ...}`, which
+feeds `--help` and the docs. `load_config(cls, path, overrides)` reads the file, applies
+`a.b=value` overrides (values parsed as YAML scalars, so `3e-4`, `true`, `[1, 2]` work), and
+builds the dataclass, checking every key and type on the way. Any problem is a `ConfigError`
+that names the file and the dotted key, e.g.
+
+    configs/run.yaml: key 'train.lrr': unknown key (did you mean 'lr'?)
+
+A dataclass may define `validate(self)` for cross-field rules ("n_head must divide d_model");
+it raises `ConfigError` with `key=` set, and the loader adds the file name and key prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from minilab.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or YAML mapping; a parse error names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config file not found", source=str(path))
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"line {e.lineno}: invalid JSON: {e.msg}", source=str(path)) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        raise ConfigError(f"{line}invalid YAML: {getattr(e, 'problem', e)}", source=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("the top level must be a mapping of keys to values", source=str(path))
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 0.0003). The value is parsed as a YAML scalar."""
+    key, sep, raw = item.partition("=")
+    key = key.strip().lstrip("-")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' is not KEY=VALUE (e.g. train.lr=3e-4)", source="--set")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Return a copy of `data` with each dotted `key=value` override set."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides or []:
+        key, value = parse_override(item)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"cannot set '{key}': '{part}' is not a section", source="--set", key=key)
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> T:
+    """Build `cls` from `base` (defaults as data), then the file at `path`, then `overrides`."""
+    data: dict[str, Any] = dict(base or {})
+    source = "config"
+    if path is not None:
+        data = deep_merge(data, read_config_file(path))
+        source = str(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{source} (with --set)" if path else "--set"
+    return from_dict(cls, data, source=source)
+
+
+def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config", prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping, checking keys and types; errors name `source` and key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping, got {type(data).__name__}", source=source, key=prefix or None)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else f" (known keys: {', '.join(fields)})"
+            raise ConfigError(f"unknown key{hint}", source=source, key=dotted)
+        kwargs[key] = _coerce(hints[key], value, source=source, key=dotted)
+    missing = [n for n, f in fields.items() if n not in kwargs and _is_required(f)]
+    if missing:
+        raise ConfigError("required key is missing", source=source, key=f"{prefix}{missing[0]}")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ConfigError as e:
+            key = f"{prefix}{e.key}" if e.key else (prefix.rstrip(".") or None)
+            raise ConfigError(_bare_message(e), source=source, key=key) from None
+    return obj
+
+
+def _bare_message(e: ConfigError) -> str:
+    msg = str(e)
+    if e.key and msg.startswith(f"key '{e.key}': "):
+        msg = msg[len(f"key '{e.key}': "):]
+    return msg
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, *, source: str, key: str) -> Any:
+    """Check `value` against type `tp`, converting only where it is lossless (int -> float)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, source=source, key=key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}",
+                          source=source, key=key)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"must be one of {', '.join(map(repr, choices))}, got {value!r}",
+                              source=source, key=key)
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"expected a list, got {value!r}", source=source, key=key)
+        (item_tp, *_) = get_args(tp) or (Any,)
+        items = [_coerce(item_tp, v, source=source, key=f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a mapping, got {value!r}", source=source, key=key)
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        return from_dict(tp, value, source=source, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"expected true or false, got {value!r}", source=source, key=key)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"expected an integer, got {value!r}", source=source, key=key)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"expected a number, got {value!r}", source=source, key=key)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"expected a string, got {value!r}", source=source, key=key)
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise ConfigError(f"expected a path, got {value!r}", source=source, key=key)
+    raise TypeError(f"config type {tp!r} of {key} is not supported")
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass (nested) as plain JSON-able data, for manifests and meta.json."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field, for `--help` epilogs and docs."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, f"{prefix}{f.name}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,355 @@
+"""The minilab model: a LLaMA-style decoder in one readable file.
+
+RMSNorm, SwiGLU MLP, rotary position embeddings (RoPE, configurable theta), no biases, optional
+grouped-query attention, tied or untied embeddings, attention through
+`torch.nn.functional.scaled_dot_product_attention` (FlashAttention/memory-efficient kernels
+where the device has them), optional gradient checkpointing and a KV cache for incremental
+decoding.
+
+Module and parameter names are exactly those of `transformers.LlamaForCausalLM`
+(`model.layers.0.self_attn.q_proj.weight`, ...) and RoPE uses the same rotate-half layout, so
+a state dict moves between the two without renaming or permuting anything: export is lossless
+and the parity tests compare logits directly. Shapes in comments: B batch, T new tokens,
+S cached + new tokens, nh query heads, nkv key/value heads, hd head_dim, C d_model.
+
+The model also reports its own costs (parameters by group, FLOPs per token, KV-cache bytes per
+token) so the planner can ask a model built on the `meta` device instead of re-deriving them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from minilab.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyperparameters (names follow nanoGPT; `hf.py` maps them to LlamaConfig)."""
+
+    vocab_size: int = field(default=32768, metadata={"help": "tokenizer vocabulary size"})
+    n_layer: int = field(default=6, metadata={"help": "number of transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "query heads per attention layer"})
+    n_kv_head: int | None = field(default=None, metadata={
+        "help": "key/value heads (grouped-query attention); None means n_head (multi-head)"})
+    d_model: int = field(default=256, metadata={"help": "residual stream width"})
+    head_dim: int | None = field(default=None, metadata={"help": "per-head width; None means d_model // n_head"})
+    intermediate_size: int | None = field(default=None, metadata={
+        "help": "SwiGLU hidden width; None means 8/3 * d_model rounded up to a multiple of 64"})
+    max_seq_len: int = field(default=1024, metadata={"help": "longest sequence (RoPE table, KV cache)"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
+    rope_scaling: dict | None = field(default=None, metadata={
+        "help": "RoPE scaling as in HF config.json: None, {'rope_type': 'linear', 'factor': f} or llama3"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
+    tie_embeddings: bool = field(default=True, metadata={"help": "share the input embedding and output head"})
+    init_std: float = field(default=0.02, metadata={"help": "std of the normal weight init"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each block in backward to save activation memory"})
+
+    def __post_init__(self) -> None:
+        # Resolve derived sizes once so the config written to disk is complete.
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None and self.n_head > 0:
+            self.head_dim = self.d_model // self.n_head
+        if self.intermediate_size is None:
+            self.intermediate_size = 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    def validate(self) -> None:
+        for key in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
+            if getattr(self, key) <= 0:
+                raise ConfigError("must be positive", key=key)
+        if self.head_dim is None or self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}", key="head_dim")
+        if self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})",
+                              key="n_kv_head")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("default", "linear", "llama3"):
+                raise ConfigError(f"rope type {kind!r} is not supported (default, linear, llama3)",
+                                  key="rope_scaling")
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back (as LlamaRMSNorm does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (hd/2,), with the HF 'linear' and 'llama3' scalings applied."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: long wavelengths scaled down by `factor`, short ones kept, a smooth ramp between.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the HF layout). x: (B, h, T, hd); cos/sin: (T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding: one (B, nkv, max_len, hd) pair per layer."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        self.max_len = max_len or cfg.max_seq_len
+        shape = (batch_size, cfg.n_kv_head, self.max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        self.pos = 0  # tokens already stored
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v (B, nkv, T, hd); return all keys and values so far (B, nkv, S, hd)."""
+        t = k.shape[2]
+        end = self.pos + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} tokens > max_len {self.max_len}")
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, t: int) -> None:
+        self.pos += t
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(self.layer_idx, k, v)                                # (B, nkv, S, hd)
+        gqa = self.n_kv_head != self.n_head
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one new token sees everything
+        else:
+            # A chunk after a cached prefix: query i (absolute past + i) sees keys 0..past + i.
+            S = k.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)              # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The part HF calls `model`: embeddings, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # RoPE angles are a pure function of the config: kept out of the state dict.
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.reset_parameters()
+
+    # ---- initialisation -------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 n_layer)
+        (GPT-2) so the residual stream's variance does not grow with depth; norms at one."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+        if not self.inv_freq.is_meta:
+            self.inv_freq.copy_(rope_inv_freq(self.config))
+
+    # ---- forward --------------------------------------------------------------------------
+    def rope(self, start: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions start..start+T-1, each (T, hd), in fp32 then cast (as HF)."""
+        pos = torch.arange(start, start + T, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.float())                                # (T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                                         # (T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None, **_ignored) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab). With `kv_cache`, T new tokens follow the cached ones."""
+        B, T = input_ids.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.max_seq_len and self.config.rope_scaling is None:
+            # RoPE itself extrapolates, but the model was never trained there: say so loudly.
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        x = self.model.embed_tokens(input_ids)                                          # (B, T, C)
+        cos, sin = self.rope(start, T, x.dtype)
+        for block in self.model.layers:
+            if self.config.gradient_checkpointing and self.training and kv_cache is None:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.lm_head(self.model.norm(x))                                         # (B, T, vocab)
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean cross-entropy of next-token targets (B, T); positions equal to ignore_index are skipped."""
+        logits = self(input_ids)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=ignore_index)
+
+    # ---- costs ----------------------------------------------------------------------------
+    def param_groups(self) -> dict[str, int]:
+        """Parameters by group; a tied head is counted once (under embeddings). Works on `meta`."""
+        groups = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0, "head": 0}
+        seen: set[int] = set()
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if "embed_tokens" in name:
+                groups["embeddings"] += p.numel()
+            elif "self_attn" in name:
+                groups["attention"] += p.numel()
+            elif ".mlp." in name:
+                groups["mlp"] += p.numel()
+            elif "norm" in name:
+                groups["norms"] += p.numel()
+            elif name.startswith("lm_head"):
+                groups["head"] += p.numel()
+            else:
+                raise AssertionError(f"unclassified parameter {name}")
+        return groups
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        groups = self.param_groups()
+        return sum(groups.values()) - (groups["embeddings"] if non_embedding else 0)
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
+        """Matmul FLOPs per token: 2 per weight of every matmul (the head included, the embedding
+        lookup not), plus attention scores and weighted values, 2 * 2 * n_layer * T * nh * hd
+        (PaLM appendix B counting, full T x T). Training (forward + backward) is 3x the forward."""
+        cfg = self.config
+        T = seq_len or cfg.max_seq_len
+        g = self.param_groups()
+        matmul_weights = g["attention"] + g["mlp"] + cfg.vocab_size * cfg.d_model
+        forward = 2 * matmul_weights + 4 * cfg.n_layer * T * cfg.n_head * cfg.head_dim
+        return 3 * forward if training else forward
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes the KV cache holds per token per sequence: 2 (K, V) * n_layer * nkv * hd * itemsize."""
+        cfg = self.config
+        itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+        return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * itemsize
+
+    def costs(self, seq_len: int | None = None) -> dict:
+        """Everything a planner needs from the architecture, as plain data."""
+        return {
+            "params": self.num_params(),
+            "params_by_group": self.param_groups(),
+            "flops_per_token_train": self.flops_per_token(seq_len, training=True),
+            "flops_per_token_infer": self.flops_per_token(seq_len, training=False),
+            "kv_bytes_per_token": {str(d).removeprefix("torch."): self.kv_cache_bytes_per_token(d)
+                                   for d in (torch.float32, torch.bfloat16, torch.int8)},
+        }
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> Transformer:
+    """Build a model; on `device="meta"` nothing is allocated (for costs and planning)."""
+    with torch.device(device or "cpu"):
+        return Transformer(cfg)
+
+
+def format_params(n: int) -> str:
+    """Human size for names: 1_812_352 -> '1.8M', 23_000_000 -> '23M', 1_100_048_384 -> '1.1B'."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            v = n / scale
+            text = f"{v:.1f}" if v < 10 else f"{v:.0f}"
+            return text.removesuffix(".0") + unit
+    return str(n)
