@@ -22,6 +22,7 @@ from minilab.errors import MinilabError
 # verb -> (module, one-line help). Modules are imported only when their verb runs or --help lists them.
 VERBS: dict[str, tuple[str, str]] = {
     "arch": ("minilab.arch", "list architecture presets with their true parameter counts and costs"),
+    "models": ("minilab.registry", "list, show and remove models in the registry"),
 }
 
 log = logging.getLogger("minilab")

@@ -1,0 +1,536 @@
+"""The model registry and the `minilab models` verb.
+
+A registered model is a standard Hugging Face directory (config.json, model.safetensors,
+tokenizer files, generation_config.json, optional `adapters/` in PEFT format) plus a
+`manifest.json`: name, training type, parent name and fingerprint, lineage, data manifests and
+hashes, tokenizer sha256, resolved config, metrics, parameter count, versions, creation time and
+the sha256 and size of every other file in the directory.
+
+Names are `{architecture}-{size}-{dataset}-{training_type}-v{N}`, e.g.
+`llama-23M-tinystories-pretrain-v1`. `-` separates the five fields, so no field may contain one:
+architecture and dataset are lowercase `[a-z0-9][a-z0-9_.]*` (`make_name` lowercases them and
+turns `-` and spaces into `_`); size is the TRUE parameter count through `model.format_params`
+(`1.8M`, `23M`, `1.1B`); training_type is one of `TRAINING_TYPES`; the version is `v1`, `v2`, ...
+
+Where entries live. The root is `models/` (relative to the working directory), overridden by
+`MINILAB_MODELS_DIR` or a `root=` argument / `--models-dir`. The root holds `registry.json`, a
+small index written atomically, mapping each name to a directory: either a copy owned by the
+registry (`ROOT/NAME/`, stored root-relative so the root can be moved) or a pointer to a
+directory elsewhere, typically a run's `final/` (stored absolute). A JSON index rather than
+symlinks because it works on every filesystem (Windows, some network and FUSE mounts have no
+symlinks) and survives copying. Directories `ROOT/NAME/` with a manifest but no index entry
+(copied in by hand) are listed too.
+
+Removal policy. `remove_model` drops the entry and deletes the directory only when it lives
+inside the root (a registry-owned copy). A pointed-to directory outside the root is left alone
+unless `delete_files=True` (`--delete-files`): the registry never destroys a run's output it
+merely refers to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from minilab import __version__
+from minilab.errors import ConfigError, MinilabError
+from minilab.fsutil import atomic_dir, dir_size, human_bytes, sha256_file, write_json_atomic
+from minilab.model import format_params
+
+TRAINING_TYPES = ("pretrain", "sft", "lora", "dpo", "merged", "ft", "int8")
+INDEX = "registry.json"
+MANIFEST = "manifest.json"
+ENV_VAR = "MINILAB_MODELS_DIR"
+_FIELD_RE = re.compile(r"^[a-z0-9][a-z0-9_.]*$")
+_SIZE_RE = re.compile(r"^(\d+(\.\d)?[KMB]|\d+)$")
+_VERSION_RE = re.compile(r"^v([1-9]\d*)$")
+_EXAMPLE = "llama-23M-tinystories-pretrain-v1"
+_MAX_NAME = 128
+
+
+# ---- names ---------------------------------------------------------------------------------
+def validate_name(name: str) -> str:
+    """Return `name` if it follows the convention, else raise a one-line `ConfigError`."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("model name is empty", key="name")
+    if "/" in name or "\\" in name or os.sep in name or Path(name).is_absolute():
+        raise ConfigError(f"model name '{name}' must not contain path separators", key="name")
+    if ".." in name:
+        raise ConfigError(f"model name '{name}' must not contain '..'", key="name")
+    if len(name) > _MAX_NAME:
+        raise ConfigError(f"model name is longer than {_MAX_NAME} characters", key="name")
+    parts = name.split("-")
+    if len(parts) != 5:
+        raise ConfigError(f"model name '{name}' must be ARCH-SIZE-DATASET-TYPE-vN (five fields separated "
+                          f"by '-'), e.g. {_EXAMPLE}", key="name")
+    arch, size, dataset, ttype, version = parts
+    for label, value in (("architecture", arch), ("dataset", dataset)):
+        if not _FIELD_RE.match(value):
+            raise ConfigError(f"model name '{name}': {label} '{value}' must be lowercase [a-z0-9][a-z0-9_.]*",
+                              key="name")
+    if not _SIZE_RE.match(size):
+        raise ConfigError(f"model name '{name}': size '{size}' must look like 1.8M, 23M or 1.1B", key="name")
+    if ttype not in TRAINING_TYPES:
+        raise ConfigError(f"model name '{name}': training type '{ttype}' is not one of "
+                          f"{', '.join(TRAINING_TYPES)}", key="name")
+    if not _VERSION_RE.match(version):
+        raise ConfigError(f"model name '{name}': version '{version}' must be v1, v2, ...", key="name")
+    return name
+
+
+def parse_name(name: str) -> dict[str, Any]:
+    """The fields of a valid name; `version` is an int and `base` the name without `-vN`."""
+    arch, size, dataset, ttype, version = validate_name(name).split("-")
+    return {"architecture": arch, "size": size, "dataset": dataset, "training_type": ttype,
+            "version": int(version[1:]), "base": name.rsplit("-", 1)[0]}
+
+
+def _slug(value: str, label: str) -> str:
+    text = re.sub(r"[\s\-]+", "_", str(value).strip().lower())
+    if not _FIELD_RE.match(text) or ".." in text:
+        raise ConfigError(f"{label} '{value}' cannot be used in a model name (need [a-z0-9][a-z0-9_.]*)",
+                          key=label)
+    return text
+
+
+def make_name(architecture: str, params: int | str, dataset: str, training_type: str,
+              root: str | os.PathLike | None = None) -> str:
+    """The convention name with the next free version in the registry (highest existing + 1,
+    so a removed version's number is not silently reused while it may still be in lineages)."""
+    size = format_params(params) if isinstance(params, int) else str(params)
+    base = f"{_slug(architecture, 'architecture')}-{size}-{_slug(dataset, 'dataset')}-{training_type}"
+    validate_name(f"{base}-v1")
+    root_path = models_root(root)
+    taken = set(_entries(root_path))
+    if root_path.is_dir():
+        taken |= {p.name for p in root_path.iterdir()}
+    versions = [int(m.group(1)) for n in taken if (m := re.fullmatch(re.escape(base) + r"-v(\d+)", n))]
+    return f"{base}-v{max(versions, default=0) + 1}"
+
+
+# ---- manifest ------------------------------------------------------------------------------
+def _version_of(dist: str) -> str | None:
+    # importlib.metadata rather than `import transformers`: that import alone takes seconds.
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _file_table(model_dir: Path) -> dict[str, dict[str, Any]]:
+    table = {}
+    for p in sorted(model_dir.rglob("*")):
+        rel = p.relative_to(model_dir).as_posix()
+        if p.is_file() and rel != MANIFEST and not p.name.startswith(".manifest.json."):
+            table[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    return table
+
+
+def _fingerprint(files: dict[str, dict[str, Any]]) -> str:
+    """sha256 over the (path, sha256) of every file but the manifest: identifies the content."""
+    text = "".join(f"{info['sha256']}  {rel}\n" for rel, info in sorted(files.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a model directory ({} when it has none)."""
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MinilabError(f"{path} is not valid JSON: {e}") from None
+
+
+def write_manifest(model_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
+    """Create or update `manifest.json` atomically and return it.
+
+    `fields` update the existing manifest; the file table (size and sha256 of every other file),
+    fingerprint and tool versions are recomputed, so call this after the directory is complete.
+    """
+    model_dir = Path(model_dir)
+    manifest: dict[str, Any] = {
+        "format": 1, "name": None, "training_type": None, "parent": None, "parent_fingerprint": None,
+        "lineage": [], "data": [], "tokenizer_sha256": None, "config": None, "metrics": {}, "params": None,
+        **read_manifest(model_dir), **fields}
+    manifest.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
+    manifest["versions"] = {"minilab": __version__, "torch": _version_of("torch"),
+                            "transformers": _version_of("transformers")}
+    manifest["files"] = _file_table(model_dir)
+    manifest["fingerprint"] = _fingerprint(manifest["files"])
+    write_json_atomic(model_dir / MANIFEST, manifest)
+    return manifest
+
+
+def verify_manifest(model_dir: str | os.PathLike) -> list[str]:
+    """Differences between the directory and its manifest's file table (empty when intact)."""
+    model_dir = Path(model_dir)
+    recorded = read_manifest(model_dir).get("files")
+    if recorded is None:
+        return [f"{model_dir} has no {MANIFEST}"]
+    actual = _file_table(model_dir)
+    problems = [f"missing: {rel}" for rel in recorded if rel not in actual]
+    problems += [f"not in manifest: {rel}" for rel in actual if rel not in recorded]
+    problems += [f"changed: {rel}" for rel, info in actual.items()
+                 if rel in recorded and recorded[rel].get("sha256") != info["sha256"]]
+    return problems
+
+
+def count_params(model_dir: str | os.PathLike) -> int | None:
+    """Parameters in the top-level safetensors files, read from their headers (no tensor data);
+    a tied head stored twice is counted once."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    shapes: dict[str, int] = {}
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                n = 1
+                for d in st.get_slice(key).get_shape():
+                    n *= d
+                shapes[key] = n
+    config = _read_json(model_dir / "config.json")
+    if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in shapes:
+        shapes.pop("lm_head.weight", None)
+    return sum(shapes.values())
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise MinilabError(f"{path} is not valid JSON: {e}") from None
+
+
+# ---- the index -----------------------------------------------------------------------------
+def models_root(root: str | os.PathLike | None = None) -> Path:
+    """The registry root: `root`, else $MINILAB_MODELS_DIR, else `models/`."""
+    return Path(root or os.environ.get(ENV_VAR) or "models").expanduser()
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Serialise read-modify-write of the index between processes (POSIX; elsewhere unlocked)."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(root / ".registry.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read_index(root: Path) -> dict[str, dict[str, Any]]:
+    data = _read_json(root / INDEX)
+    return dict(data.get("models", {}))
+
+
+def _write_index(root: Path, models: dict[str, dict[str, Any]]) -> None:
+    write_json_atomic(root / INDEX, {"format": 1, "models": dict(sorted(models.items()))})
+
+
+def _entries(root: Path) -> dict[str, dict[str, Any]]:
+    """name -> {"path": absolute-or-root-relative Path, "linked": bool}: index plus hand-copied dirs."""
+    out = {}
+    for name, entry in _read_index(root).items():
+        path = Path(entry["path"])
+        out[name] = {**entry, "path": path if path.is_absolute() else root / path}
+    if root.is_dir():
+        known = {e["path"].resolve() for e in out.values()}
+        for p in root.iterdir():
+            if p.name not in out and (p / MANIFEST).is_file() and _is_valid(p.name) and p.resolve() not in known:
+                out[p.name] = {"path": p, "linked": False}
+    return out
+
+
+def _is_valid(name: str) -> bool:
+    try:
+        validate_name(name)
+        return True
+    except ConfigError:
+        return False
+
+
+def _inside(path: Path, root: Path) -> bool:
+    path, root = path.resolve(), root.resolve()
+    return path != root and path.is_relative_to(root)
+
+
+def _unknown(name: str, root: Path, names: list[str]) -> MinilabError:
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else \
+        f" ({len(names)} registered; see 'minilab models list')"
+    return MinilabError(f"unknown model '{name}': not a directory and not in the registry at {root}{hint}")
+
+
+def resolve_model_path(path_or_name: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """An existing directory as is; otherwise the directory of a registered name."""
+    path = Path(path_or_name)
+    if path.is_dir():
+        return path
+    root_path = models_root(root)
+    entries = _entries(root_path)
+    entry = entries.get(str(path_or_name))
+    if entry is None:
+        raise _unknown(str(path_or_name), root_path, sorted(entries))
+    if not entry["path"].is_dir():
+        raise MinilabError(f"model '{path_or_name}' is registered but its directory {entry['path']} is gone")
+    return entry["path"]
+
+
+# ---- register / list / show / remove -------------------------------------------------------
+def _derive_name(model_dir: Path, fields: dict[str, Any], root: Path) -> str:
+    config = _read_json(model_dir / "config.json")
+    arch = fields.get("architecture") or config.get("model_type")
+    params = fields.get("params") or count_params(model_dir)
+    dataset, ttype = fields.get("dataset"), fields.get("training_type")
+    missing = [k for k, v in (("architecture", arch), ("params", params), ("dataset", dataset),
+                              ("training_type", ttype)) if not v]
+    if missing:
+        raise MinilabError(f"cannot name {model_dir}: give name= or {', '.join(missing)}")
+    return make_name(arch, params, dataset, ttype, root)
+
+
+def _lineage_fields(parent: str | None, explicit: dict[str, Any], root: Path) -> dict[str, Any]:
+    """parent_fingerprint and lineage from a registered parent's manifest, unless the caller
+    gave them (values inherited from the source's old manifest could describe another parent)."""
+    if not parent:
+        return {}
+    entry = _entries(root).get(parent)
+    pm = read_manifest(entry["path"]) if entry and entry["path"].is_dir() else {}
+    step = {"name": parent, "fingerprint": pm.get("fingerprint"), "training_type": pm.get("training_type")}
+    return {"parent_fingerprint": explicit.get("parent_fingerprint") or pm.get("fingerprint"),
+            "lineage": explicit.get("lineage") or [*pm.get("lineage", []), step]}
+
+
+def register(model_dir: str | os.PathLike, name: str | None = None, *, root: str | os.PathLike | None = None,
+             link: bool = True, **manifest_fields: Any) -> Path:
+    """Enter `model_dir` into the registry and return the registered directory.
+
+    `name` defaults to `make_name` from the fields (architecture, params, dataset, training_type;
+    architecture and params fall back to config.json and the safetensors headers). With `link`
+    the index points at `model_dir` (its manifest.json is written there); otherwise the
+    directory is copied to `ROOT/NAME/` atomically and the source is not touched.
+    """
+    src = Path(model_dir)
+    if not src.is_dir():
+        raise MinilabError(f"model directory {src} does not exist")
+    if not any((src / f).is_file() for f in ("config.json", "adapter_config.json", "adapters/adapter_config.json")):
+        raise MinilabError(f"{src} is not a model directory (no config.json or adapter_config.json)")
+    root_path = models_root(root)
+    fields = {**read_manifest(src), **manifest_fields}
+    name = validate_name(name) if name else _derive_name(src, fields, root_path)
+    parsed = parse_name(name)
+    with _locked(root_path):
+        entries = _entries(root_path)
+        if name in entries or (root_path / name).exists():
+            raise MinilabError(f"model '{name}' already exists in the registry at {root_path}")
+        if link:
+            for other, entry in entries.items():
+                if entry["path"].resolve() == src.resolve():
+                    raise MinilabError(f"{src} is already registered as '{other}'")
+        fields.update(name=name, training_type=parsed["training_type"],
+                      architecture=fields.get("architecture") or parsed["architecture"],
+                      dataset=fields.get("dataset") or parsed["dataset"])
+        fields.setdefault("params", count_params(src))
+        fields.update(_lineage_fields(fields.get("parent"), manifest_fields, root_path))
+        for key in ("files", "fingerprint", "versions"):
+            fields.pop(key, None)  # recomputed by write_manifest
+        if link:
+            write_manifest(src, **fields)
+            dest = src
+            # Root-relative inside the root (the root stays movable), absolute outside it.
+            stored = src.resolve().relative_to(root_path.resolve()).as_posix() if _inside(src, root_path) \
+                else str(src.resolve())
+        else:
+            dest = root_path / name
+            with atomic_dir(dest) as tmp:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)  # follows symlinks: a real copy
+                write_manifest(tmp, **fields)
+            stored = name
+        index = _read_index(root_path)
+        index[name] = {"path": stored, "linked": link,
+                       "registered": datetime.now(UTC).isoformat(timespec="seconds")}
+        _write_index(root_path, index)
+    return dest
+
+
+def list_models(root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """One row per registered model: name, type, params, size_bytes (true bytes on disk),
+    parent, created, path, linked, missing."""
+    rows = []
+    for name, entry in sorted(_entries(models_root(root)).items()):
+        path: Path = entry["path"]
+        exists = path.is_dir()
+        manifest = read_manifest(path) if exists else {}
+        rows.append({"name": name, "type": manifest.get("training_type") or parse_name(name)["training_type"],
+                     "params": manifest.get("params"), "size_bytes": dir_size(path) if exists else None,
+                     "parent": manifest.get("parent"), "created": manifest.get("created"),
+                     "path": str(path), "linked": bool(entry.get("linked")), "missing": not exists})
+    return rows
+
+
+def show_model(name: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Registry entry, manifest and the files actually on disk (path, size) of one model."""
+    root_path = models_root(root)
+    path = resolve_model_path(name, root_path) if not Path(name).is_dir() else Path(name)
+    entry = _entries(root_path).get(name, {})
+    files = [{"path": p.relative_to(path).as_posix(), "size": p.stat().st_size}
+             for p in sorted(path.rglob("*")) if p.is_file() and not p.is_symlink()]
+    return {"name": name, "path": str(path), "linked": bool(entry.get("linked")),
+            "size_bytes": sum(f["size"] for f in files), "manifest": read_manifest(path), "files": files}
+
+
+def remove_model(name: str, root: str | os.PathLike | None = None, *, delete_files: bool = False) -> dict[str, Any]:
+    """Drop `name` from the registry. Its directory is deleted when it lives inside the root, or
+    when `delete_files` is set; a linked directory elsewhere is kept. Returns what was done."""
+    root_path = models_root(root)
+    with _locked(root_path):
+        entries = _entries(root_path)
+        if name not in entries:
+            raise _unknown(name, root_path, sorted(entries))
+        path: Path = entries[name]["path"]
+        delete = path.is_dir() and (_inside(path, root_path) or delete_files)
+        hidden = None
+        if delete:
+            # Hide it first (an invalid name is never listed), so an interrupted rmtree cannot
+            # leave a half-deleted directory that still looks registered.
+            hidden = path.with_name(f".{path.name}.deleting-{os.getpid()}")
+            os.replace(path, hidden)
+        index = _read_index(root_path)
+        index.pop(name, None)
+        _write_index(root_path, index)
+    if hidden is not None:
+        shutil.rmtree(hidden, ignore_errors=True)
+    return {"name": name, "path": str(path), "deleted_files": delete}
+
+
+# ---- the `models` verb ---------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minilab.cli import flag
+
+    def models_dir(parser: argparse.ArgumentParser, default: Any) -> None:
+        # Accepted before and after the subcommand; SUPPRESS on the subparsers keeps them from
+        # resetting a value given before the subcommand.
+        flag(parser, "--models-dir", metavar="DIR", default=default,
+             help=f"registry root (default: ${ENV_VAR} or ./models)")
+
+    models_dir(p, None)
+    sub = p.add_subparsers(dest="models_cmd", metavar="COMMAND", required=True)
+    ls = sub.add_parser("list", help="list registered models")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    show = sub.add_parser("show", help="a model's manifest and files")
+    show.add_argument("name", help="registry name or model directory")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.add_argument("--verify", action="store_true", help="re-hash the files and compare with the manifest")
+    rm = sub.add_parser("rm", help="remove a model from the registry")
+    rm.add_argument("name", help="registry name")
+    rm.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    flag(rm, "--delete-files", action="store_true",
+         help="also delete a linked directory outside the registry root")
+    for sp in (ls, show, rm):
+        models_dir(sp, argparse.SUPPRESS)
+
+
+def _print_table(rows: list[dict[str, Any]], root: Path) -> None:
+    if not rows:
+        print(f"no models in {root}")
+        return
+    table = [("name", "type", "params", "size", "parent", "created")]
+    for r in rows:
+        size = "missing" if r["missing"] else human_bytes(r["size_bytes"])
+        params = format_params(r["params"]) if isinstance(r["params"], int) else "?"
+        created = (r["created"] or "")[:16].replace("T", " ")
+        table.append((r["name"], r["type"], params, size, r["parent"] or "-", created))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _print_show(info: dict[str, Any]) -> None:
+    m = info["manifest"]
+    params = m.get("params")
+    lines = [("name", info["name"]), ("path", f"{info['path']} ({'linked' if info['linked'] else 'copy'})"),
+             ("type", m.get("training_type")),
+             ("params", f"{format_params(params)} ({params:,})" if isinstance(params, int) else params),
+             ("parent", m.get("parent")), ("parent fp", m.get("parent_fingerprint")),
+             ("lineage", " -> ".join(s.get("name", "?") for s in m.get("lineage", [])) or None),
+             ("fingerprint", m.get("fingerprint")), ("tokenizer", m.get("tokenizer_sha256")),
+             ("data", ", ".join(str(d.get("name", d)) if isinstance(d, dict) else str(d)
+                                for d in m.get("data", [])) or None),
+             ("metrics", json.dumps(m["metrics"]) if m.get("metrics") else None),
+             ("created", m.get("created")),
+             ("versions", ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items()) or None)]
+    for key, value in lines:
+        if value is not None:
+            print(f"{key:<12}{value}")
+    print(f"files       {len(info['files'])}, {human_bytes(info['size_bytes'])}")
+    for f in info["files"]:
+        print(f"  {human_bytes(f['size']):>10}  {f['path']}")
+
+
+def _confirm(question: str) -> bool:
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def main(args: argparse.Namespace) -> int:
+    root = models_root(args.models_dir)
+    if args.models_cmd == "list":
+        rows = list_models(root)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            _print_table(rows, root)
+        return 0
+    if args.models_cmd == "show":
+        info = show_model(args.name, root)
+        problems = verify_manifest(info["path"]) if args.verify else []
+        if args.json:
+            print(json.dumps({**info, **({"problems": problems} if args.verify else {})}, indent=2))
+        else:
+            _print_show(info)
+            if args.verify:
+                print("verify      " + ("ok" if not problems else "; ".join(problems)))
+        return 1 if problems else 0
+    # rm
+    entries = _entries(root)
+    if args.name not in entries:
+        raise _unknown(args.name, root, sorted(entries))
+    path = entries[args.name]["path"]  # may be gone already: rm must still drop a stale entry
+    deletes = path.is_dir() and (_inside(path, root) or args.delete_files)
+    what = f" and delete {path}" if deletes else f" (keeping {path})"
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise MinilabError(f"refusing to remove '{args.name}' without confirmation: pass --yes")
+        if not _confirm(f"remove '{args.name}' from the registry{what}?"):
+            print("not removed")
+            return 1
+    result = remove_model(args.name, root, delete_files=args.delete_files)
+    kept = "deleted its files" if result["deleted_files"] else f"kept {result['path']}"
+    print(f"removed '{args.name}' ({kept})")
+    return 0
