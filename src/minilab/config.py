@@ -198,6 +198,12 @@ def _coerce(tp: Any, value: Any, *, source: str, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads `3e-4` as a string because it has no dot: accept it.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"expected a number, got {value!r}", source=source, key=key)
     if tp is str:
         if isinstance(value, str):

@@ -1,0 +1,94 @@
+"""Typed config loading and the CLI's error contract: one line, the key named, exit 2."""
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+
+from minilab.cli import main
+from minilab.config import describe, load_config, to_dict
+from minilab.errors import ConfigError
+
+
+@dataclass
+class Train:
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    steps: int = 100
+    precision: str = "fp32"
+
+    def validate(self):
+        if self.lr <= 0:
+            raise ConfigError("must be positive", key="lr")
+
+
+@dataclass
+class Run:
+    name: str
+    train: Train = field(default_factory=Train)
+    data_dirs: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_json_load_with_overrides(tmp_path):
+    y = write(tmp_path, "run.yaml", "name: a\ntrain:\n  lr: 1e-3\ndata_dirs: [x, y]\n")
+    cfg = load_config(Run, y, ["train.steps=7", "seed=3"])
+    assert (cfg.name, cfg.train.lr, cfg.train.steps, cfg.data_dirs, cfg.seed) == ("a", 1e-3, 7, ["x", "y"], 3)
+    j = write(tmp_path, "run.json", json.dumps(to_dict(cfg)))
+    assert load_config(Run, j) == cfg
+
+
+@pytest.mark.parametrize("text,override,expect", [
+    ("name: a\ntrain:\n  lrr: 1\n", None, "key 'train.lrr': unknown key (did you mean 'lr'?)"),
+    ("name: a\ntrain:\n  steps: ten\n", None, "key 'train.steps': expected an integer, got 'ten'"),
+    ("name: a\n", "train.lr=-1", "key 'train.lr': must be positive"),
+    ("train: {}\n", None, "key 'name': required key is missing"),
+    ("name: a\ndata_dirs: x\n", None, "key 'data_dirs': expected a list"),
+    ("name: [unclosed\n", None, "invalid YAML"),
+])
+def test_config_errors_name_file_and_key(tmp_path, text, override, expect):
+    p = write(tmp_path, "bad.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_config(Run, p, [override] if override else None)
+    assert str(p) in str(e.value)
+    assert expect in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_describe_lists_nested_keys_with_help():
+    rows = {k: (d, h) for k, d, h in describe(Run)}
+    assert rows["train.lr"] == ("0.0003", "peak learning rate")
+    assert rows["name"][0] == "(required)"
+
+
+def test_cli_help_lists_verbs(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for verb in ("arch",):
+        assert verb in out
+
+
+def test_cli_typo_is_one_line_exit_2():
+    # Through a real process: what the user sees is stderr and the exit code.
+    proc = subprocess.run([sys.executable, "-m", "minilab", "arch", "micro", "--set", "n_layerr=3"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "n_layerr" in lines[0] and "did you mean 'n_layer'" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_arch_prints_true_counts(capsys):
+    assert main(["arch", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["tiny"]["params"] == sum(rows["tiny"]["params_by_group"].values())
+    assert rows["micro"]["size"].endswith("M")
