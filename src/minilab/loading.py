@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minilab.config import from_dict, read_config_file
+from minilab.config import read_config_file
 from minilab.errors import ConfigError, MinilabError
 from minilab.hf import from_hf_config, load_weights_dir
 from minilab.model import ModelConfig, Transformer
@@ -51,22 +51,12 @@ def resolve_model_dir(path_or_name: str | Path, registry_root: str | Path | None
 
 
 def _model_config(path: Path) -> tuple[ModelConfig, Path]:
-    """(config, directory holding the weights) of a minilab model dir or a HF directory.
-
-    A minilab dir's config.json holds `ModelConfig` keys (`n_layer`, ...); a HF one holds
-    LlamaConfig keys (`model_type`, `num_hidden_layers`, ...). A HF export kept in `hf/` also works.
-    """
-    for d in (path, path / "hf"):
-        cfg_file = d / "config.json"
-        if not cfg_file.is_file():
-            continue
-        data = read_config_file(cfg_file)
-        if "n_layer" in data and "model_type" not in data:
-            data = {k: v for k, v in data.items() if not str(k).startswith("_")}
-            return from_dict(ModelConfig, data, source=str(cfg_file)), d
-        return from_hf_config(data, str(cfg_file)), d
-    raise MinilabError(f"{path / 'config.json'}: not found (expected a minilab model directory or a "
-                       "Hugging Face Llama directory)")
+    """(config, weights directory) of a model directory: minilab's are plain HF Llama directories."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise MinilabError(f"{cfg_file}: not found (expected a minilab model directory or a "
+                           "Hugging Face Llama directory)")
+    return from_hf_config(read_config_file(cfg_file), str(cfg_file)), path
 
 
 def _adapter_base(path: Path) -> str:
