@@ -23,6 +23,9 @@ from minilab.errors import MinilabError
 VERBS: dict[str, tuple[str, str]] = {
     "arch": ("minilab.arch", "list architecture presets with their true parameter counts and costs"),
     "models": ("minilab.registry", "list, show and remove models in the registry"),
+    "corpus": ("minilab.data.corpus", "clean, filter and deduplicate raw text into corpus shards"),
+    "tokenizer": ("minilab.data.tokenizer", "train (or adopt) a tokenizer and fingerprint it"),
+    "pack": ("minilab.data.pack", "tokenize a corpus into packed train/val token files"),
 }
 
 log = logging.getLogger("minilab")

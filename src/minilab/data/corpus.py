@@ -1,0 +1,233 @@
+"""`minilab corpus`: raw sources -> cleaned, filtered, deduplicated JSONL shards.
+
+For every document of every source, in order: clean (`clean.clean_text`), apply the quality
+rules (`clean.QualityFilter`), drop exact and near duplicates across all sources
+(`dedup.Deduplicator`), then sample/upsample by the source's weight and stop at its token budget.
+Survivors stream into `shard-NNNNN.jsonl[.gz|.zst]` of bounded size, so memory stays flat apart
+from the dedup index.
+
+The output directory appears only when complete (`fsutil.atomic_dir`): a crash or Ctrl-C leaves
+no half-written shard or manifest, and a re-run starts cleanly. `manifest.json` lists every shard
+and input file with its SHA-256, documents and characters kept, and drops per reason;
+`DATACARD.md` says the same for people, with examples of what each rule dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from minilab import __version__
+from minilab.config import to_dict
+from minilab.data.clean import QualityConfig
+from minilab.data.dedup import DedupConfig
+from minilab.data.sources import SourceConfig
+from minilab.errors import ConfigError, MinilabError
+
+log = logging.getLogger("minilab.corpus")
+
+CHARS_PER_TOKEN = 4  # rough English average for BPE vocabularies; used only for budgets and reports
+
+
+@dataclass
+class CorpusConfig:
+    """A corpus: its sources, cleaning, filters, dedup and output format."""
+
+    output_dir: str = field(metadata={"help": "directory to write shards, manifest and DATACARD.md into"})
+    sources: list[SourceConfig] = field(default_factory=list, metadata={"help": "inputs (see SourceConfig)"})
+    name: str | None = field(default=None, metadata={"help": "corpus name (default: output folder name)"})
+    fix_encoding: bool = field(default=True, metadata={"help": "repair mojibake with ftfy"})
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    shard_max_bytes: int = field(default=64 << 20, metadata={"help": "uncompressed bytes per shard"})
+    compression: Literal["none", "gzip", "zstd"] = field(default="none",
+                                                         metadata={"help": "shard compression"})
+    seed: int = field(default=1234, metadata={"help": "seed for weight-based sampling"})
+    strict: bool = field(default=False, metadata={"help": "stop at the first unreadable input"})
+    force: bool = field(default=False, metadata={"help": "replace an existing output directory"})
+    analyze_only: bool = field(default=False, metadata={"help": "print statistics, write nothing"})
+    examples_per_reason: int = field(default=3, metadata={"help": "dropped examples shown in the data card"})
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ConfigError("give at least one source (--source PATH, or --source default)", key="sources")
+        if not 0 < self.dedup.threshold <= 1:
+            raise ConfigError("must be in (0, 1]", key="dedup.threshold")
+        for i, s in enumerate(self.sources):
+            if s.weight <= 0:
+                raise ConfigError("must be > 0", key=f"sources[{i}].weight")
+
+
+class _Stats:
+    """Counts and dropped examples, overall and per source."""
+
+    def __init__(self, examples: int):
+        self.examples = examples
+        self.read: Counter[str] = Counter()
+        self.kept: Counter[str] = Counter()
+        self.chars: Counter[str] = Counter()
+        self.dropped: dict[str, Counter[str]] = defaultdict(Counter)
+        self.dropped_examples: dict[str, list[dict[str, str]]] = defaultdict(list)
+
+    def drop(self, source: str, reason: str, where: str, text: str) -> None:
+        self.dropped[source][reason] += 1
+        if len(self.dropped_examples[reason]) < self.examples:
+            self.dropped_examples[reason].append({"where": where, "text": text[:300]})
+
+    def totals(self) -> dict[str, Any]:
+        dropped: Counter[str] = Counter()
+        for c in self.dropped.values():
+            dropped.update(c)
+        chars = sum(self.chars.values())
+        return {"documents_read": sum(self.read.values()), "documents_kept": sum(self.kept.values()),
+                "characters_kept": chars, "approx_tokens": chars // CHARS_PER_TOKEN,
+                "dropped": dict(dropped.most_common())}
+
+
+def _process(cfg: CorpusConfig, writer, rejects) -> _Stats:
+    """Run every source through clean -> quality -> dedup -> weight/budget -> writer."""
+    from minilab.data.clean import QualityFilter, clean_text
+    from minilab.data.dedup import Deduplicator
+    from minilab.data.sources import iter_source
+
+    quality, dedup = QualityFilter(cfg.quality), Deduplicator(cfg.dedup)
+    stats = _Stats(cfg.examples_per_reason)
+    rng = random.Random(cfg.seed)
+    for src in cfg.sources:
+        label = src.label()
+        budget = src.max_tokens * CHARS_PER_TOKEN
+        for raw, where in iter_source(src, rejects):
+            stats.read[label] += 1
+            text = clean_text(raw, cfg.fix_encoding)
+            reason = "empty" if not text else quality.check(text)
+            if reason is None and src.weight < 1 and rng.random() >= src.weight:
+                reason = "sampled_out"  # before dedup, so sampled-out text does not block later copies
+            reason = reason or dedup.check(text)
+            if reason:
+                stats.drop(label, reason, where, text or raw)
+                continue
+            # weight > 1 upsamples: whole copies, plus one more with the fractional probability
+            copies = int(src.weight) + (rng.random() < src.weight % 1) if src.weight >= 1 else 1
+            for _ in range(copies):
+                if writer is not None:
+                    writer.write({"text": text, "source": label, "where": where})
+                stats.kept[label] += 1
+                stats.chars[label] += len(text)
+            if budget and stats.chars[label] >= budget:
+                log.info("source %s reached its budget of %d tokens", label, src.max_tokens)
+                break
+    return stats
+
+
+def _source_entries(cfg: CorpusConfig, stats: _Stats) -> list[dict[str, Any]]:
+    """Manifest entries per source: settings, input files with SHA-256, counts."""
+    from minilab.data.sources import source_files
+    from minilab.fsutil import sha256_file
+
+    entries = []
+    for src in cfg.sources:
+        label = src.label()
+        entry: dict[str, Any] = {**to_dict(src), "name": label, "documents_read": stats.read[label],
+                                 "documents_kept": stats.kept[label], "characters_kept": stats.chars[label],
+                                 "dropped": dict(stats.dropped[label])}
+        if src.path == "default" or src.format == "default":
+            from minilab.data.default_corpus import provenance
+
+            entry.update(provenance())
+        else:
+            entry["files"] = [{"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}
+                              for p in source_files(src)]
+        entries.append(entry)
+    return entries
+
+
+def run(cfg: CorpusConfig) -> dict[str, Any]:
+    """Build the corpus described by `cfg`; returns its manifest (not written with analyze_only)."""
+    from minilab.data.datacard import write_datacard
+    from minilab.data.shards import ShardWriter
+    from minilab.data.sources import Rejects
+    from minilab.fsutil import atomic_dir, write_json_atomic
+
+    out = Path(cfg.output_dir)
+    name = cfg.name or out.name
+    if out.exists() and not cfg.force and not cfg.analyze_only:
+        raise MinilabError(f"{out} already exists; pass --force to rebuild it")
+    t0 = time.perf_counter()
+    if cfg.analyze_only:
+        rejects = Rejects(None, cfg.strict)
+        stats = _process(cfg, None, rejects)
+        return _manifest(cfg, name, stats, rejects, [], time.perf_counter() - t0)
+    with atomic_dir(out, overwrite=cfg.force) as tmp:
+        rejects = Rejects(tmp / "rejects.jsonl", cfg.strict)
+        writer = ShardWriter(tmp, cfg.shard_max_bytes, cfg.compression)
+        try:
+            stats = _process(cfg, writer, rejects)
+        finally:
+            rejects.close()
+        shards = writer.close()
+        manifest = _manifest(cfg, name, stats, rejects, shards, time.perf_counter() - t0)
+        write_json_atomic(tmp / "manifest.json", manifest)
+        write_datacard(tmp / "DATACARD.md", manifest, stats.dropped_examples)
+    return manifest
+
+
+def _manifest(cfg, name, stats, rejects, shards, seconds) -> dict[str, Any]:
+    totals = stats.totals()
+    if totals["documents_kept"] == 0:
+        why = ", ".join(f"{k} {v}" for k, v in totals["dropped"].items()) or "no documents were read"
+        bad = sum(rejects.counts.values())
+        raise MinilabError(f"empty corpus after filtering ({why}"
+                           f"{f'; {bad} unreadable inputs, see rejects.jsonl' if bad else ''}); "
+                           "check the sources or loosen the quality settings (--set quality.min_chars=...)")
+    return {"kind": "minilab.corpus", "name": name, "minilab_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(seconds, 2),
+            **totals, "rejects": dict(rejects.counts), "sources": _source_entries(cfg, stats),
+            "shards": shards, "config": to_dict(cfg)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minilab.cli import add_config_flags, flag
+
+    p.add_argument("--source", action="append", default=[], metavar="PATH",
+                   help="file, folder, glob, 'default' (built-in English corpus) or 'hf:ID'; repeatable")
+    flag(p, "--output-dir", help="where to write the corpus (e.g. data/corpus/NAME)")
+    p.add_argument("--name", help="corpus name (default: the output folder's name)")
+    flag(p, "--text-field", help="JSONL/Parquet field holding the text (default 'text')")
+    flag(p, "--dedup-threshold", type=float, help="near-duplicate Jaccard threshold (default 0.8)")
+    p.add_argument("--compression", choices=["none", "gzip", "zstd"], help="shard compression")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable input (file:line)")
+    flag(p, "--analyze-only", action="store_true", help="print statistics without writing anything")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    add_config_flags(p, "Keys: those of CorpusConfig (sources, quality.*, dedup.*, ...).")
+
+
+def main(args: argparse.Namespace) -> int:
+    from minilab.data.cliargs import config_from_args
+
+    extra = {"text_field": args.text_field} if args.text_field else {}
+    sources = [{"path": s, **extra} for s in args.source]
+    flags: dict[str, Any] = {"sources": sources, "output_dir": args.output_dir, "name": args.name,
+                             "compression": args.compression, "strict": args.strict, "force": args.force,
+                             "analyze_only": args.analyze_only}
+    if args.analyze_only and not args.output_dir:
+        flags["output_dir"] = "(analyze-only)"
+    overrides = list(args.overrides)
+    if args.dedup_threshold is not None:
+        overrides.insert(0, f"dedup.threshold={args.dedup_threshold}")
+    args.overrides = overrides
+    cfg = config_from_args(CorpusConfig, args, flags)
+    m = run(cfg)
+    print(f"{'analysed' if cfg.analyze_only else 'corpus ' + str(cfg.output_dir)}: "
+          f"{m['documents_kept']:,} of {m['documents_read']:,} documents kept, "
+          f"{m['characters_kept']:,} characters (~{m['approx_tokens']:,} tokens), {len(m['shards'])} shards")
+    for reason, n in m["dropped"].items():
+        print(f"  dropped {reason}: {n:,}")
+    for reason, n in m["rejects"].items():
+        print(f"  unreadable ({reason}): {n:,}" + ("" if cfg.analyze_only else " - see rejects.jsonl"))
+    return 0

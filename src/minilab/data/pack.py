@@ -1,0 +1,275 @@
+"""`minilab pack`: tokenize a corpus and pack it into flat token files for pretraining.
+
+Output (`data/packed/<name>/`):
+  train.bin / val.bin   every document's tokens followed by eos, concatenated (uint16 when the
+                        vocabulary fits, else uint32), read later as a numpy memmap
+  train.idx / val.idx   uint64 document start offsets into the .bin, plus the final length
+  manifest.json         tokenizer fingerprint, corpus manifest hash, tokens per split, dtype,
+                        seq_len, seed, and the SHA-256 of every file written
+
+Documents go to train or val as whole documents (no leakage of a document across splits), by a
+seeded draw over document indices, so the split is reproducible. Tokenization runs in worker
+processes on batches (`encode_batch`) and results are written as they arrive, so memory stays
+flat whatever the corpus size. `check_tokenizer_match` is the blocking check every consumer of
+packed data runs before training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from minilab.errors import ConfigError, MinilabError, TokenizerMismatchError
+from minilab.fsutil import atomic_dir, sha256_file, write_json_atomic
+
+log = logging.getLogger("minilab.pack")
+
+SPLITS = ("train", "val")
+
+
+@dataclass
+class PackConfig:
+    """How to tokenize and pack a corpus."""
+
+    corpus_dir: str = field(metadata={"help": "corpus directory (from `minilab corpus`)"})
+    tokenizer_dir: str = field(metadata={"help": "tokenizer directory (from `minilab tokenizer`)"})
+    output_dir: str = field(metadata={"help": "directory to write the packed data into"})
+    seq_len: int = field(default=1024, metadata={"help": "training sequence length (tokens)"})
+    val_fraction: float = field(default=0.01, metadata={"help": "share of documents held out"})
+    seed: int = field(default=1234, metadata={"help": "seed of the train/val document split"})
+    workers: int = field(default=0, metadata={"help": "tokenizer processes (0 = all CPU cores)"})
+    batch_docs: int = field(default=256, metadata={"help": "documents per encode_batch call"})
+    force: bool = field(default=False, metadata={"help": "replace an existing output directory"})
+
+    def validate(self) -> None:
+        if self.seq_len < 1:
+            raise ConfigError("must be ≥ 1", key="seq_len")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError("must be in [0, 1)", key="val_fraction")
+        if self.batch_docs < 1:
+            raise ConfigError("must be ≥ 1", key="batch_docs")
+
+
+def token_dtype(vocab_size: int):
+    import numpy as np
+
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def check_tokenizer_match(packed_dirs: Iterable[str | Path], tokenizer_sha256: str | None) -> str:
+    """Refuse packed data made with another tokenizer; returns the shared fingerprint.
+
+    Every directory must carry the same tokenizer fingerprint, equal to `tokenizer_sha256`
+    when one is given. A mismatch means token ids would be read with the wrong vocabulary
+    (loss ~10 instead of ~4), so it is a blocking `TokenizerMismatchError`.
+    """
+    from minilab.data.shards import load_manifest
+
+    expected, expected_from = tokenizer_sha256, "the tokenizer in use"
+    for d in packed_dirs:
+        got = load_manifest(d, "packed")["tokenizer_sha256"]
+        if expected is None:
+            expected, expected_from = got, str(d)
+        elif got != expected:
+            raise TokenizerMismatchError(
+                f"Tokenizer mismatch between datasets: {d} was packed with tokenizer {got} but "
+                f"{expected_from} has {expected}; re-pack it with that tokenizer "
+                f"(minilab pack --tokenizer-dir ... --output-dir {d} --force)")
+    if expected is None:
+        raise MinilabError("no packed datasets given")
+    return expected
+
+
+def _val_mask(n_docs: int, fraction: float, seed: int):
+    """Boolean mask of the documents held out for validation (at least one when fraction > 0)."""
+    import numpy as np
+
+    mask = np.zeros(n_docs, dtype=bool)
+    if fraction > 0 and n_docs > 1:
+        n_val = min(n_docs - 1, max(1, round(n_docs * fraction)))
+        mask[np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False)] = True
+    return mask
+
+
+# Worker state: each process loads the tokenizer once, not once per batch.
+_TOK = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _TOK
+    from tokenizers import Tokenizer
+
+    _TOK = Tokenizer.from_file(tokenizer_path)
+
+
+def _encode(batch: list[str]) -> list[list[int]]:
+    return [e.ids for e in _TOK.encode_batch(batch, add_special_tokens=False)]
+
+
+def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for t in texts:
+        batch.append(t)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def encode_stream(texts: Iterator[str], tokenizer_path: str, workers: int,
+                  batch_docs: int) -> Iterator[list[int]]:
+    """Token ids of each text, in order, encoded in `workers` processes (1 = in this process)."""
+    if workers <= 1:
+        _init_worker(tokenizer_path)
+        for batch in _batches(texts, batch_docs):
+            yield from _encode(batch)
+        return
+    import multiprocessing as mp
+
+    # Workers use one tokenizer thread each: N processes x N Rayon threads would oversubscribe.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ctx = mp.get_context("spawn" if os.name == "nt" else "forkserver")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+        # At most 2 batches per worker in flight, results taken in order. (Pool.imap would pull
+        # the whole input iterator into its task queue, so memory would grow with the corpus.)
+        pending: collections.deque = collections.deque()
+        for batch in _batches(texts, batch_docs):
+            pending.append(pool.apply_async(_encode, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+def _write_splits(tmp: Path, cfg: PackConfig, eos_id: int, dtype, n_docs: int) -> dict[str, Any]:
+    """Stream every document's tokens (+eos) into train/val .bin files and their .idx offsets."""
+    import numpy as np
+
+    from minilab.data.shards import iter_corpus
+
+    val = _val_mask(n_docs, cfg.val_fraction, cfg.seed)
+    bins = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115 - closed below
+    idxs = {s: open(tmp / f"{s}.idx", "wb") for s in SPLITS}  # noqa: SIM115
+    counts = {s: {"tokens": 0, "documents": 0} for s in SPLITS}
+    workers = cfg.workers or os.cpu_count() or 1
+    tok_path = str(Path(cfg.tokenizer_dir) / "tokenizer.json")
+    try:
+        for i, ids in enumerate(encode_stream(iter_corpus(cfg.corpus_dir), tok_path, workers, cfg.batch_docs)):
+            split = "val" if i < n_docs and val[i] else "train"
+            c = counts[split]
+            np.array([c["tokens"]], dtype=np.uint64).tofile(idxs[split])
+            ids.append(eos_id)  # eos marks the document boundary inside packed windows
+            np.asarray(ids, dtype=dtype).tofile(bins[split])
+            c["tokens"] += len(ids)
+            c["documents"] += 1
+        for s in SPLITS:
+            np.array([counts[s]["tokens"]], dtype=np.uint64).tofile(idxs[s])
+    finally:
+        for f in (*bins.values(), *idxs.values()):
+            f.close()
+    return counts
+
+
+def run(cfg: PackConfig) -> dict[str, Any]:
+    """Pack `cfg.corpus_dir` with `cfg.tokenizer_dir`; returns the written manifest."""
+    from minilab.data.shards import manifest_hash, verify_corpus
+    from minilab.data.tokenizer import read_tokenizer_meta
+
+    out = Path(cfg.output_dir)
+    if out.exists() and not cfg.force:
+        raise MinilabError(f"{out} already exists; pass --force to replace it (packed data is never "
+                           "overwritten silently)")
+    corpus = verify_corpus(cfg.corpus_dir)
+    tok_meta = read_tokenizer_meta(cfg.tokenizer_dir)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(cfg.tokenizer_dir) / "tokenizer.json"))
+    eos = tok_meta.get("eos_token", "</s>")
+    eos_id = tok.token_to_id(eos)
+    if eos_id is None:
+        raise MinilabError(f"{cfg.tokenizer_dir}: eos token {eos!r} is not in the vocabulary")
+    vocab = tok.get_vocab_size()
+    dtype = token_dtype(vocab)
+    n_docs = sum(s["documents"] for s in corpus["shards"])
+    t0 = time.perf_counter()
+    with atomic_dir(out, overwrite=cfg.force) as tmp:
+        counts = _write_splits(tmp, cfg, eos_id, dtype, n_docs)
+        if counts["train"]["tokens"] < cfg.seq_len + 1:
+            raise MinilabError(f"{cfg.corpus_dir}: only {counts['train']['tokens']} training tokens, fewer "
+                               f"than one sequence of seq_len {cfg.seq_len} + 1; use more text or a "
+                               "shorter --seq-len")
+        if 0 < counts["val"]["tokens"] < cfg.seq_len + 1:
+            log.warning("validation split has only %d tokens (< seq_len + 1)", counts["val"]["tokens"])
+        splits = {s: {**counts[s], "bin_sha256": sha256_file(tmp / f"{s}.bin"),
+                      "idx_sha256": sha256_file(tmp / f"{s}.idx")} for s in SPLITS}
+        manifest = {
+            "kind": "minilab.packed", "tokenizer_sha256": tok_meta["sha256"],
+            "tokenizer_dir": str(cfg.tokenizer_dir), "vocab_size": vocab, "eos_id": eos_id,
+            "corpus_dir": str(cfg.corpus_dir), "corpus_manifest_sha256": manifest_hash(cfg.corpus_dir),
+            "dtype": dtype.__name__, "seq_len": cfg.seq_len, "seed": cfg.seed,
+            "val_fraction": cfg.val_fraction, "splits": splits,
+        }
+        write_json_atomic(tmp / "manifest.json", manifest)
+    dt = time.perf_counter() - t0
+    total = sum(c["tokens"] for c in counts.values())
+    log.info("packed %d tokens in %.1fs (%.0f tokens/s): train %d, val %d", total, dt, total / max(dt, 1e-9),
+             counts["train"]["tokens"], counts["val"]["tokens"])
+    return manifest
+
+
+def open_split(packed_dir: str | Path, split: str = "train", verify: bool = False):
+    """(tokens memmap, doc offsets, manifest) of one split; `verify` re-hashes the files first."""
+    import numpy as np
+
+    from minilab.data.shards import load_manifest
+
+    packed_dir = Path(packed_dir)
+    manifest = load_manifest(packed_dir, "packed")
+    if split not in manifest["splits"]:
+        raise MinilabError(f"{packed_dir}: no split '{split}' (have {', '.join(manifest['splits'])})")
+    info = manifest["splits"][split]
+    if verify:
+        for kind in ("bin", "idx"):
+            path = packed_dir / f"{split}.{kind}"
+            if sha256_file(path) != info[f"{kind}_sha256"]:
+                raise MinilabError(f"{path}: SHA-256 differs from the manifest; re-pack with --force")
+    if info["tokens"] == 0:
+        return np.zeros(0, dtype=manifest["dtype"]), np.zeros(1, np.uint64), manifest
+    tokens = np.memmap(packed_dir / f"{split}.bin", dtype=manifest["dtype"], mode="r")
+    offsets = np.fromfile(packed_dir / f"{split}.idx", dtype=np.uint64)
+    return tokens, offsets, manifest
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minilab.cli import add_config_flags, flag
+
+    flag(p, "--corpus-dir", help="corpus directory (from `minilab corpus`)")
+    flag(p, "--tokenizer-dir", help="tokenizer directory (from `minilab tokenizer`)")
+    flag(p, "--output-dir", help="where to write train/val .bin/.idx and manifest.json")
+    flag(p, "--seq-len", type=int, help="sequence length (default 1024)")
+    flag(p, "--val-fraction", type=float, help="share of documents for validation (default 0.01)")
+    p.add_argument("--seed", type=int, help="seed of the train/val split (default 1234)")
+    p.add_argument("--workers", type=int, help="tokenizer processes (default: all cores)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    add_config_flags(p, "Keys: those of PackConfig (corpus_dir, tokenizer_dir, output_dir, seq_len, ...).")
+
+
+def main(args: argparse.Namespace) -> int:
+    from minilab.data.cliargs import config_from_args
+
+    cfg = config_from_args(PackConfig, args, {
+        "corpus_dir": args.corpus_dir, "tokenizer_dir": args.tokenizer_dir, "output_dir": args.output_dir,
+        "seq_len": args.seq_len, "val_fraction": args.val_fraction, "seed": args.seed,
+        "workers": args.workers, "force": args.force})
+    m = manifest = run(cfg)
+    print(f"packed into {cfg.output_dir}: train {m['splits']['train']['tokens']:,} tokens, "
+          f"val {manifest['splits']['val']['tokens']:,} tokens ({m['dtype']}, seq_len {m['seq_len']})")
+    return 0

@@ -1,0 +1,192 @@
+"""Tokenizer training, packing, the tokenizer-mismatch error and the weighted mixture reader."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from minilab.cli import main as cli_main
+from minilab.data.mixture import WeightedMixture
+from minilab.data.pack import PackConfig, check_tokenizer_match, open_split
+from minilab.data.pack import run as pack_run
+from minilab.data.shards import ShardWriter
+from minilab.data.tokenizer import TokenizerConfig, read_tokenizer_meta, tokenizer_fingerprint
+from minilab.data.tokenizer import run as tok_run
+from minilab.errors import MinilabError, TokenizerMismatchError
+from minilab.fsutil import write_json_atomic
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "another", "dog", "ran", "far", "away", "into",
+         "green", "hills", "and", "rivers", "people", "often", "speak", "about", "weather", "gardens",
+         "music", "books", "rain", "sunshine", "bread", "coffee"]
+
+
+def make_corpus(path, n_docs=60, seed=0, words=WORDS):
+    """A corpus directory in the on-disk format `minilab corpus` writes (shards + manifest)."""
+    rng = random.Random(seed)
+    path.mkdir(parents=True)
+    w = ShardWriter(path, max_bytes=4000)
+    for i in range(n_docs):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + f". Document {i}."
+        w.write({"text": text})
+    write_json_atomic(path / "manifest.json", {"kind": "minilab.corpus", "shards": w.close()})
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    corpus = make_corpus(root / "corpus")
+    tok_run(TokenizerConfig(output_dir=str(root / "tok"), corpus_dir=str(corpus), vocab_size=400))
+    pack_run(PackConfig(corpus_dir=str(corpus), tokenizer_dir=str(root / "tok"),
+                        output_dir=str(root / "packed"), seq_len=16, val_fraction=0.1, workers=1))
+    return root
+
+
+def test_tokenizer_files_and_autotokenizer_parity(built):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    tok_dir = built / "tok"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "minilab_tokenizer.json"):
+        assert (tok_dir / name).is_file()
+    meta = read_tokenizer_meta(tok_dir)  # also verifies the stored fingerprint
+    assert meta["sha256"] == tokenizer_fingerprint(tok_dir)
+    raw = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    hf = AutoTokenizer.from_pretrained(str(tok_dir))
+    for text in ["the cat sat on the mat.", "Ünïcödé ✓ and 12345 numbers", "  spaces\n\tand tabs  ",
+                 "<|im_start|>user\nhi<|im_end|>"]:
+        assert hf.encode(text) == raw.encode(text).ids
+        assert hf.decode(hf.encode(text)) == text
+    assert hf.eos_token == "</s>" and hf.pad_token == "<pad>" and hf.bos_token == "<s>"
+    assert hf.convert_tokens_to_ids("<|im_end|>") == raw.token_to_id("<|im_end|>")
+    chat = hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_fingerprint_is_content_not_path(built, tmp_path):
+    import shutil
+
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(built / "tok", copy)
+    assert tokenizer_fingerprint(copy) == tokenizer_fingerprint(built / "tok")
+    cfg = json.loads((copy / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = "<pad>"
+    (copy / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert tokenizer_fingerprint(copy) != tokenizer_fingerprint(built / "tok")
+    with pytest.raises(MinilabError, match="differs from the recorded"):
+        read_tokenizer_meta(copy)
+
+
+def test_packed_files_roundtrip(built):
+    from tokenizers import Tokenizer
+
+    manifest = json.loads((built / "packed" / "manifest.json").read_text())
+    assert manifest["tokenizer_sha256"] == tokenizer_fingerprint(built / "tok")
+    assert manifest["dtype"] == "uint16" and manifest["seq_len"] == 16
+    train, offsets, _ = open_split(built / "packed", "train", verify=True)
+    val, _, _ = open_split(built / "packed", "val", verify=True)
+    assert manifest["splits"]["val"]["documents"] == 6 and manifest["splits"]["train"]["documents"] == 54
+    assert len(train) == manifest["splits"]["train"]["tokens"] and len(val) > 0
+    tok = Tokenizer.from_file(str(built / "tok" / "tokenizer.json"))
+    eos = tok.token_to_id("</s>")
+    # Each document decodes back to its text and ends with eos.
+    first = np.asarray(train[int(offsets[0]):int(offsets[1])])
+    assert first[-1] == eos and "Document" in tok.decode(first[:-1].tolist())
+    assert (np.asarray(train) == eos).sum() == manifest["splits"]["train"]["documents"]
+
+
+def test_pack_refuses_existing_and_parallel_matches_serial(built, tmp_path):
+    cfg = PackConfig(corpus_dir=str(built / "corpus"), tokenizer_dir=str(built / "tok"),
+                     output_dir=str(built / "packed"), seq_len=16, val_fraction=0.1)
+    with pytest.raises(MinilabError, match="already exists"):
+        pack_run(cfg)
+    cfg.output_dir, cfg.workers, cfg.batch_docs = str(tmp_path / "p2"), 2, 7
+    m2 = pack_run(cfg)
+    m1 = json.loads((built / "packed" / "manifest.json").read_text())
+    assert m2["splits"] == m1["splits"]  # same bytes, same hashes with 2 worker processes
+
+
+def test_tokenizer_mismatch_is_blocking(built, tmp_path):
+    other_corpus = make_corpus(tmp_path / "c2", seed=5, words=[w.upper() for w in WORDS])
+    tok_run(TokenizerConfig(output_dir=str(tmp_path / "tok2"), corpus_dir=str(other_corpus), vocab_size=350))
+    pack_run(PackConfig(corpus_dir=str(other_corpus), tokenizer_dir=str(tmp_path / "tok2"),
+                        output_dir=str(tmp_path / "p2"), seq_len=16, workers=1))
+    sha1 = tokenizer_fingerprint(built / "tok")
+    sha2 = tokenizer_fingerprint(tmp_path / "tok2")
+    assert sha1 != sha2
+    assert check_tokenizer_match([built / "packed"], sha1) == sha1
+    with pytest.raises(TokenizerMismatchError) as e:
+        check_tokenizer_match([built / "packed", tmp_path / "p2"], None)
+    msg = str(e.value)
+    assert msg.startswith("Tokenizer mismatch between datasets: ") and sha1 in msg and sha2 in msg
+    assert "--force" in msg
+    with pytest.raises(TokenizerMismatchError):
+        WeightedMixture([built / "packed"], None, seq_len=16, seed=0, tokenizer_sha256=sha2)
+
+
+def test_mixture_determinism_resume_and_ranks(built, tmp_path):
+    shutil_copy = __import__("shutil").copytree
+    second = tmp_path / "second"
+    shutil_copy(built / "packed", second)
+    dirs, weights = [built / "packed", second], [0.75, 0.25]
+
+    def take(mix, n):
+        return [tuple(map(tuple, next(mix))) for _ in range(n)]
+
+    full = take(WeightedMixture(dirs, weights, seq_len=16, seed=3), 400)
+    assert full == take(WeightedMixture(dirs, weights, seq_len=16, seed=3), 400)
+    assert full != take(WeightedMixture(dirs, weights, seq_len=16, seed=4), 400)
+    x, y = next(WeightedMixture(dirs, weights, seq_len=16, seed=3))
+    assert x.shape == (16,) and np.array_equal(x[1:], y[:-1])
+    # Resume: a fresh reader loaded with a saved state continues exactly.
+    a = WeightedMixture(dirs, weights, seq_len=16, seed=3)
+    head = take(a, 150)
+    state = json.loads(json.dumps(a.state_dict()))
+    b = WeightedMixture(dirs, weights, seq_len=16, seed=3)
+    b.load_state_dict(state)
+    assert head + take(b, 250) == full
+    # Two ranks read disjoint samples whose interleaving is the single-process stream.
+    r0 = take(WeightedMixture(dirs, weights, seq_len=16, seed=3, rank=0, world_size=2), 200)
+    r1 = take(WeightedMixture(dirs, weights, seq_len=16, seed=3, rank=1, world_size=2), 200)
+    assert [s for pair in zip(r0, r1, strict=True) for s in pair] == full
+    # Multi-rank resume: every rank restores rank 0's saved state (only rank 0 writes checkpoints)
+    # and the ranks together continue the single-process stream with nothing read twice.
+    m0 = WeightedMixture(dirs, weights, seq_len=16, seed=3, rank=0, world_size=2)
+    m1 = WeightedMixture(dirs, weights, seq_len=16, seed=3, rank=1, world_size=2)
+    take(m0, 60), take(m1, 60)
+    saved = json.loads(json.dumps(m0.state_dict()))
+    assert saved["step"] == 120 and saved == {**m1.state_dict(), "counts": saved["counts"], "rank": 0}
+    n0 = WeightedMixture(dirs, weights, seq_len=16, seed=3, rank=0, world_size=2)
+    n1 = WeightedMixture(dirs, weights, seq_len=16, seed=3, rank=1, world_size=2)
+    n0.load_state_dict(saved), n1.load_state_dict(saved)
+    rest = [s for pair in zip(take(n0, 40), take(n1, 40), strict=True) for s in pair]
+    assert rest == full[120:200]
+    mix = a.realised_mix()
+    assert abs(mix[str(dirs[0])]["share"] - 0.75) < 0.1
+    with pytest.raises(MinilabError, match="seed"):
+        WeightedMixture(dirs, weights, seq_len=16, seed=9).load_state_dict(state)
+
+
+def test_cli_pack_and_tokenizer(built, tmp_path, capsys):
+    rc = cli_main(["tokenizer", "--corpus_dir", str(built / "corpus"), "--vocab-size", "300",
+                   "--output-dir", str(tmp_path / "t")])
+    assert rc == 0
+    rc = cli_main(["pack", "--corpus-dir", str(built / "corpus"), "--tokenizer-dir", str(tmp_path / "t"),
+                   "--output_dir", str(tmp_path / "p"), "--seq-len", "8", "--workers", "1"])
+    assert rc == 0 and (tmp_path / "p" / "train.bin").is_file()
+    rc = cli_main(["pack", "--corpus-dir", str(built / "corpus"), "--tokenizer-dir", str(tmp_path / "t"),
+                   "--output_dir", str(tmp_path / "p"), "--seq-len", "8"])
+    assert rc == 1 and "already exists" in capsys.readouterr().err
+    # A shard edited after the corpus was written is refused, naming the shard.
+    shard = next((built / "corpus").glob("shard-*"))
+    backup = shard.read_bytes()
+    shard.write_bytes(backup + b'{"text": "sneaked in"}\n')
+    try:
+        rc = cli_main(["pack", "--corpus-dir", str(built / "corpus"), "--tokenizer-dir", str(tmp_path / "t"),
+                       "--output-dir", str(tmp_path / "p3")])
+        assert rc == 1 and "SHA-256" in capsys.readouterr().err
+    finally:
+        shard.write_bytes(backup)
