@@ -3,36 +3,18 @@
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
+from fixtures import WORDS, make_corpus
 
 from minilab.cli import main as cli_main
 from minilab.data.mixture import WeightedMixture
 from minilab.data.pack import PackConfig, check_tokenizer_match, open_split
 from minilab.data.pack import run as pack_run
-from minilab.data.shards import ShardWriter
 from minilab.data.tokenizer import TokenizerConfig, read_tokenizer_meta, tokenizer_fingerprint
 from minilab.data.tokenizer import run as tok_run
 from minilab.errors import MinilabError, TokenizerMismatchError
-from minilab.fsutil import write_json_atomic
-
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "another", "dog", "ran", "far", "away", "into",
-         "green", "hills", "and", "rivers", "people", "often", "speak", "about", "weather", "gardens",
-         "music", "books", "rain", "sunshine", "bread", "coffee"]
-
-
-def make_corpus(path, n_docs=60, seed=0, words=WORDS):
-    """A corpus directory in the on-disk format `minilab corpus` writes (shards + manifest)."""
-    rng = random.Random(seed)
-    path.mkdir(parents=True)
-    w = ShardWriter(path, max_bytes=4000)
-    for i in range(n_docs):
-        text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + f". Document {i}."
-        w.write({"text": text})
-    write_json_atomic(path / "manifest.json", {"kind": "minilab.corpus", "shards": w.close()})
-    return path
 
 
 @pytest.fixture(scope="module")

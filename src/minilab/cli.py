@@ -21,11 +21,13 @@ from minilab.errors import MinilabError
 
 # verb -> (module, one-line help). Modules are imported only when their verb runs or --help lists them.
 VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("minilab.demo", "run the built-in end-to-end demo on a CPU (the README's main job)"),
     "arch": ("minilab.arch", "list architecture presets with their true parameter counts and costs"),
     "models": ("minilab.registry", "list, show and remove models in the registry"),
     "corpus": ("minilab.data.corpus", "clean, filter and deduplicate raw text into corpus shards"),
     "tokenizer": ("minilab.data.tokenizer", "train (or adopt) a tokenizer and fingerprint it"),
     "pack": ("minilab.data.pack", "tokenize a corpus into packed train/val token files"),
+    "pretrain": ("minilab.pretrain", "pretrain a model from scratch on packed data (exact resume, torchrun)"),
 }
 
 log = logging.getLogger("minilab")

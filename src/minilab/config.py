@@ -177,7 +177,7 @@ def _coerce(tp: Any, value: Any, *, source: str, key: str) -> Any:
         (item_tp, *_) = get_args(tp) or (Any,)
         items = [_coerce(item_tp, v, source=source, key=f"{key}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"expected a mapping, got {value!r}", source=source, key=key)
         return dict(value)

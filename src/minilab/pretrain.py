@@ -1,0 +1,405 @@
+"""`minilab pretrain`: train a minilab model from scratch on packed token data.
+
+The loop reads top to bottom: LR for this step -> eval (and best-checkpoint bookkeeping) ->
+micro-batches with token-normalised gradient accumulation -> clip -> AdamW step -> log ->
+checkpoint. Everything that makes a run reproducible (data position, RNG states, optimizer
+and LR schedule) is in each checkpoint, so `--resume auto` continues bitwise-identically on CPU.
+
+The final model is written to `<output_dir>/final/` as a standard HF directory with a
+`manifest.json`, and entered into the registry under a convention-following name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from minilab import __version__, distributed
+from minilab.arch import load_architecture
+from minilab.cli import add_config_flags, flag
+from minilab.config import apply_overrides, from_dict, read_config_file, to_dict
+from minilab.errors import ConfigError, MinilabError
+from minilab.fsutil import human_bytes
+from minilab.model import ModelConfig, Transformer, build_model, format_params
+from minilab.training import (
+    MetricsLog,
+    OptimConfig,
+    accumulate_gradients,
+    autocast_context,
+    lr_at,
+    make_optimizer,
+    resolve_device,
+    token_loss_sum,
+)
+
+log = logging.getLogger("minilab.pretrain")
+
+
+@dataclass
+class PretrainConfig:
+    data_dirs: list[str] = field(default_factory=list, metadata={"help": "packed datasets (minilab pack)"})
+    data_weights: list[float] | None = field(default=None, metadata={
+        "help": "sampling weight per dataset; default proportional to their sizes"})
+    tokenizer_dir: str = field(default="", metadata={"help": "the tokenizer the data was packed with"})
+    output_dir: str = field(default="", metadata={"help": "run directory (checkpoints, metrics, final/)"})
+    arch: str = field(default="micro", metadata={"help": "architecture preset name or JSON file"})
+    model: dict = field(default_factory=dict, metadata={"help": "architecture overrides, e.g. {n_layer: 8}"})
+    seq_len: int | None = field(default=None, metadata={"help": "training sequence length; default the packed one"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={
+        "help": "fp32, bf16 autocast (CPU or CUDA), fp16 autocast with grad scaling (CUDA)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    eval_every: int = field(default=50, metadata={"help": "steps between validation evals"})
+    eval_batches: int = field(default=8, metadata={"help": "validation micro-batches per eval"})
+    ckpt_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept (plus the best by val loss)"})
+    seed: int = 1337
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "dataset label in the registry name; default from the first data dir"})
+    register: bool = field(default=True, metadata={"help": "enter the final model into the registry"})
+    models_dir: str | None = field(default=None, metadata={"help": "registry root; default models/"})
+
+    def validate(self) -> None:
+        if not self.data_dirs:
+            raise ConfigError("at least one packed dataset is required (--data_dirs DIR)", key="data_dirs")
+        if not self.tokenizer_dir:
+            raise ConfigError("required (--tokenizer_dir DIR)", key="tokenizer_dir")
+        if not self.output_dir:
+            raise ConfigError("required (--output_dir DIR)", key="output_dir")
+        if self.data_weights is not None and len(self.data_weights) != len(self.data_dirs):
+            raise ConfigError(f"{len(self.data_weights)} weights for {len(self.data_dirs)} datasets",
+                              key="data_weights")
+        for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "ckpt_every", "keep_last"):
+            if getattr(self, key) <= 0:
+                raise ConfigError("must be positive", key=key)
+
+
+# ---- preflight (the planner will replace this one function) ------------------------------------
+def estimate_resources(model: Transformer, cfg: PretrainConfig, seq_len: int) -> dict[str, int]:
+    """Rough peak memory and disk of this run, in bytes.
+
+    Memory: fp32 weights + grads + AdamW moments (16 B/param), plus activations of a
+    LLaMA block without recomputation, s*b*(12h + 4kv + 8I) 16-bit bytes per layer (Korthikanti
+    et al., adapted; doubled in fp32), plus fp32 logits and their gradient (b*s*V*12).
+    Disk: (keep_last + best) checkpoints of weights and optimizer state, the final model, logs.
+    """
+    mc, P = model.config, model.num_params()
+    b, s = cfg.batch_size, seq_len
+    act_bytes = 2 if cfg.precision != "fp32" else 4
+    per_layer = s * b * (12 * mc.d_model + 4 * mc.n_kv_head * mc.head_dim + 8 * mc.intermediate_size)
+    activations = mc.n_layer * per_layer * act_bytes // 2 + b * s * mc.vocab_size * 12
+    memory = 16 * P + activations
+    ckpt = 4 * P + 8 * P
+    disk = (cfg.keep_last + 1) * ckpt + 4 * P + 16 * 2**20
+    return {"memory": memory, "disk": disk, "params": P}
+
+
+def available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def preflight(est: dict[str, int], output_dir: Path, device: torch.device) -> None:
+    """Stop before the first step if the run cannot fit the free disk or memory."""
+    probe = output_dir if output_dir.exists() else next(p for p in output_dir.parents if p.exists())
+    free_disk = shutil.disk_usage(probe).free
+    if est["disk"] > free_disk:
+        raise MinilabError(f"not enough disk at {probe}: the run writes about {human_bytes(est['disk'])}, "
+                           f"{human_bytes(free_disk)} free; lower keep_last or choose another output_dir")
+    if device.type == "cuda":
+        free_mem, _ = torch.cuda.mem_get_info(device)
+        where = "GPU memory"
+    else:
+        free_mem, where = available_memory(), "RAM"
+    if free_mem is not None and est["memory"] > free_mem:
+        raise MinilabError(f"not enough {where}: the run needs about {human_bytes(est['memory'])}, "
+                           f"{human_bytes(free_mem)} free; lower batch_size (raise grad_accum) or enable "
+                           "model.gradient_checkpointing")
+
+
+# ---- data -------------------------------------------------------------------------------------
+def batches(stream, batch_size: int):
+    """Stack `batch_size` (input, target) windows from a window iterator into (B, T) tensors."""
+    while True:
+        xs, ys = zip(*(next(stream) for _ in range(batch_size)), strict=True)
+        yield (torch.as_tensor(np.stack(xs), dtype=torch.long),
+               torch.as_tensor(np.stack(ys), dtype=torch.long))
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, cfg: PretrainConfig, seq_len: int, device: torch.device) -> dict[str, float]:
+    """Mean token loss on the same validation windows every time (a fresh, seeded reader)."""
+    from minilab.data.mixture import WeightedMixture
+
+    was_training = model.training
+    model.eval()
+    reader = WeightedMixture(cfg.data_dirs, cfg.data_weights, seq_len, seed=cfg.seed, split="val")
+    total, n = 0.0, 0
+    it = batches(iter(reader), cfg.batch_size)
+    for _ in range(cfg.eval_batches):
+        x, y = next(it)
+        with autocast_context(cfg.precision, device):
+            logits = model(x.to(device))
+        total += token_loss_sum(logits, y.to(device)).item()
+        n += y.numel()
+    model.train(was_training)
+    loss = total / n
+    return {"val_loss": loss, "val_ppl": float(np.exp(min(loss, 50)))}
+
+
+def packed_manifest(packed_dir: str | Path) -> dict:
+    from minilab.data.shards import load_manifest
+
+    return load_manifest(packed_dir, "packed")
+
+
+def dataset_tokens(data_dirs: list[str]) -> dict[str, int]:
+    return {d: int(packed_manifest(d)["splits"]["train"]["tokens"]) for d in data_dirs}
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def tokenizer_vocab_size(tokenizer_dir: str | Path) -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab_size()
+
+
+def build_run_model(cfg: PretrainConfig, vocab_size: int, seq_len: int) -> ModelConfig:
+    mc = load_architecture(cfg.arch, [f"{k}={v}" for k, v in cfg.model.items()], vocab_size=vocab_size)
+    if mc.max_seq_len < seq_len:
+        mc = mc.replace(max_seq_len=seq_len)
+    return mc
+
+
+def run(cfg: PretrainConfig, resume: str | None = None, dry_run: bool = False) -> dict:
+    """Train (on every rank when launched by torchrun); return a summary of the final model."""
+    info, device = distributed.init(resolve_device(cfg.device))
+    try:
+        job = PretrainRun(cfg, info, device)
+        if dry_run:
+            return {"plan": job.plan, "model": to_dict(job.model.config)}
+        return job.fit(resume)
+    finally:
+        distributed.shutdown()
+
+
+class PretrainRun:
+    """One pretraining run: the objects a checkpoint restores, and the steps of the loop."""
+
+    def __init__(self, cfg: PretrainConfig, info: distributed.DistInfo, device: torch.device):
+        from minilab.data.mixture import WeightedMixture
+        from minilab.data.pack import check_tokenizer_match
+        from minilab.data.tokenizer import tokenizer_fingerprint
+
+        self.cfg, self.info, self.device = cfg, info, device
+        self.out = Path(cfg.output_dir)
+        self.tok_sha = tokenizer_fingerprint(cfg.tokenizer_dir)
+        check_tokenizer_match(cfg.data_dirs, self.tok_sha)
+        self.seq_len = cfg.seq_len or int(packed_manifest(cfg.data_dirs[0])["seq_len"])
+        model_cfg = build_run_model(cfg, tokenizer_vocab_size(cfg.tokenizer_dir), self.seq_len)
+        # The same seed on every rank: identical initial weights without a broadcast.
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(model_cfg, device=device)
+        self.plan = estimate_resources(self.model, cfg, self.seq_len)
+        n = self.model.num_params()
+        log.info(f"model: {cfg.arch}, {n:,} params ({format_params(n)}); plan: ~{human_bytes(self.plan['memory'])} "
+                 f"peak memory, ~{human_bytes(self.plan['disk'])} disk; {info.world_size} process(es) on {device}")
+        preflight(self.plan, self.out, device)
+        self.optimizer = make_optimizer(self.model, cfg.optim, device)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        wrapped = distributed.wrap(self.model, info, device)
+        self.train_model = torch.compile(wrapped) if cfg.compile else wrapped
+        self.reader = WeightedMixture(cfg.data_dirs, cfg.data_weights, self.seq_len, seed=cfg.seed,
+                                      split="train", rank=info.rank, world_size=info.world_size)
+        self.stream = batches(iter(self.reader), cfg.batch_size)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=info.is_main)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.step, self.tokens_seen, self.best, self.last_eval = 0, 0, float("inf"), {}
+        self.meta = {"config": to_dict(cfg), "model_config": to_dict(model_cfg), "tokenizer_sha256": self.tok_sha,
+                     "minilab_version": __version__, "seq_len": self.seq_len, "world_size": info.world_size}
+
+    # ---- resume ---------------------------------------------------------------------------------
+    def restore(self, resume: str | None) -> None:
+        from minilab.checkpoint import latest_checkpoint, load_checkpoint
+
+        ckpt = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume) if resume else None
+        if ckpt is None:
+            if resume and resume != "auto":
+                raise MinilabError(f"--resume {resume}: no such checkpoint")
+            if self.info.is_main and ((self.ckpt_dir.exists() and any(self.ckpt_dir.iterdir()))
+                                      or (self.out / "final").exists()):
+                raise MinilabError(f"{self.out} already holds a run; use --resume auto to continue it "
+                                   "or choose another --output_dir")
+            return
+        meta = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, restore_rng=True,
+                               map_location=self.device)
+        if meta.get("tokenizer_sha256") != self.tok_sha:
+            raise MinilabError(f"{ckpt} was trained with tokenizer {meta.get('tokenizer_sha256')}, "
+                               f"not {self.tok_sha}; resume with the run's own tokenizer")
+        self.reader.load_state_dict(meta["data_state"])
+        self.step, self.tokens_seen, self.best = meta["step"], meta["tokens_seen"], meta["best_val_loss"]
+        self.last_eval = {"val_loss": meta["val_loss"]} if meta.get("val_loss") is not None else {}
+        self.metrics.truncate_after(self.step)
+        log.info(f"resumed from {ckpt} at step {self.step}")
+
+    # ---- one optimizer step ---------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        cfg, info = self.cfg, self.info
+        micro = [next(self.stream) for _ in range(cfg.grad_accum)]
+        local = sum(int(y.numel()) for _, y in micro)
+        # DDP averages gradients over ranks; dividing by (global tokens / ranks) makes the
+        # result the mean over every token of the global batch, as one process would compute.
+        normalizer = distributed.all_reduce_sum(local, info, self.device) / info.world_size
+        loss, _ = accumulate_gradients(self.train_model, micro, cfg.precision, self.device, self.scaler,
+                                       normalizer=normalizer,
+                                       sync=lambda last: distributed.no_sync(self.train_model, last))
+        loss = distributed.all_reduce_sum(loss, info, self.device) / info.world_size
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or float("inf"))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.tokens_seen += cfg.batch_size * cfg.grad_accum * self.seq_len * info.world_size
+        return loss, float(norm)
+
+    def run_eval(self, bar) -> None:
+        self.last_eval = evaluate(self.model, self.cfg, self.seq_len, self.device)
+        self.best = min(self.best, self.last_eval["val_loss"])
+        epochs = {Path(d).name: round(self.tokens_seen * float(p) / max(1, n), 4)
+                  for (d, n), p in zip(dataset_tokens(self.cfg.data_dirs).items(), self.reader.probs, strict=True)}
+        self.metrics.write("eval", step=self.step, tokens=self.tokens_seen, epochs=epochs, **self.last_eval)
+        if self.info.is_main:
+            bar.note(f"step {self.step}: val loss {self.last_eval['val_loss']:.4f}, "
+                     f"ppl {self.last_eval['val_ppl']:.2f}, {100 * self.step / self.cfg.max_steps:.0f}% done, "
+                     f"epochs {epochs}")
+
+    def save(self) -> None:
+        from minilab.checkpoint import save_checkpoint
+
+        if self.info.is_main:
+            val = self.last_eval.get("val_loss")
+            save_checkpoint(self.ckpt_dir, self.step, model=self.model, optimizer=self.optimizer,
+                            meta={**self.meta, "tokens_seen": self.tokens_seen, "data_state": self.reader.state_dict(),
+                                  "best_val_loss": self.best, "val_loss": val},
+                            keep_last=self.cfg.keep_last, keep_best=True, metric=val)
+        distributed.barrier(self.info)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def fit(self, resume: str | None) -> dict:
+        from minilab.progress import StepProgress
+
+        cfg = self.cfg
+        self.restore(resume)
+        flops_per_token = self.model.flops_per_token(self.seq_len)
+        self.model.train()
+        t_last = time.perf_counter()
+        with StepProgress(cfg.max_steps, self.step, enabled=self.info.is_main) as bar:
+            while self.step < cfg.max_steps:
+                lr = lr_at(self.step, cfg.max_steps, cfg.optim)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                if self.step % cfg.eval_every == 0:
+                    self.run_eval(bar)
+                loss, norm = self.train_step()
+                self.step += 1
+                now = time.perf_counter()
+                tok_s = cfg.batch_size * cfg.grad_accum * self.seq_len * self.info.world_size / max(now - t_last, 1e-9)
+                t_last = now
+                self.metrics.write("train", step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr,
+                                   grad_norm=norm, tokens_per_s=tok_s, flops_per_s=tok_s * flops_per_token)
+                bar.update(self.step, loss=loss, tok_s=tok_s)
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+                    self.save()
+        final_eval = evaluate(self.model, cfg, self.seq_len, self.device)
+        self.metrics.write("eval", step=self.step, tokens=self.tokens_seen, **final_eval)
+        mix = self.reader.realised_mix()
+        if not self.info.is_main:
+            return {"final_dir": None, "name": None, **final_eval}
+        return finish(self.model, cfg, self.out, self.meta, final_eval, mix, self.tokens_seen)
+
+
+def finish(model: Transformer, cfg: PretrainConfig, out: Path, run_meta: dict, final_eval: dict,
+           realised_mix: dict, tokens_seen: int) -> dict:
+    """Write `<out>/final/` (HF format + manifest) and enter it into the registry."""
+    from minilab import registry
+    from minilab.fsutil import sha256_file
+    from minilab.hf import save_hf_dir
+
+    final = save_hf_dir(model, out / "final", tokenizer_dir=cfg.tokenizer_dir, overwrite=True)
+    data = [{"path": str(Path(d).resolve()), "manifest_sha256": sha256_file(Path(d) / "manifest.json"),
+             "corpus_dir": packed_manifest(d)["corpus_dir"],
+             "corpus_manifest_sha256": packed_manifest(d)["corpus_manifest_sha256"]} for d in cfg.data_dirs]
+    # The registry name's dataset field: the corpus the first dataset was packed from.
+    dataset = cfg.dataset_name or Path(packed_manifest(cfg.data_dirs[0])["corpus_dir"]).name
+    fields = dict(training_type="pretrain", parent=None, data=data, tokenizer_sha256=run_meta["tokenizer_sha256"],
+                  config=run_meta["config"], model_config=run_meta["model_config"],
+                  metrics={**final_eval, "tokens_seen": tokens_seen, "realised_mix": realised_mix},
+                  params=model.num_params(), run_dir=str(out.resolve()))
+    name = None
+    if cfg.register:
+        name = registry.make_name("llama", model.num_params(), dataset, "pretrain", root=cfg.models_dir)
+        registry.write_manifest(final, name=name, **fields)
+        registry.register(final, name, root=cfg.models_dir, link=True)
+    else:
+        registry.write_manifest(final, name=None, **fields)
+    return {"final_dir": str(final), "name": name, **final_eval}
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_flags(p, "Defaults are those of PretrainConfig; flags below override the file.")
+    flag(p, "--data-dirs", nargs="+", metavar="DIR", help="packed datasets")
+    flag(p, "--data-weights", nargs="+", type=float, metavar="W", help="sampling weight per dataset")
+    flag(p, "--tokenizer-dir", metavar="DIR", help="tokenizer the data was packed with")
+    flag(p, "--output-dir", metavar="DIR", help="run directory")
+    flag(p, "--max-steps", type=int, metavar="N", help="optimizer steps")
+    p.add_argument("--arch", help="architecture preset (micro, tiny, small, base) or JSON file")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest checkpoint or a given one")
+    flag(p, "--dry-run", action="store_true", help="print the resource plan and exit")
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    data = read_config_file(args.config) if args.config else {}
+    for key in ("data_dirs", "data_weights", "tokenizer_dir", "output_dir", "max_steps", "arch"):
+        if getattr(args, key, None) is not None:
+            data[key] = getattr(args, key)
+    source = args.config or "command line"
+    return from_dict(PretrainConfig, apply_overrides(data, args.overrides), source=source)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    result = run(cfg, resume=args.resume, dry_run=args.dry_run)
+    if args.dry_run:
+        plan = result["plan"]
+        print(f"params {plan['params']:,}; peak memory ~{human_bytes(plan['memory'])}; "
+              f"disk ~{human_bytes(plan['disk'])}")
+        return 0
+    print(f"final model: {result['final_dir']}")
+    if result.get("name"):
+        print(f"registry name: {result['name']}")
+    return 0

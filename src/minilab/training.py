@@ -1,0 +1,183 @@
+"""Small, numerically sensitive helpers shared by every training loop (pretrain, SFT, DPO).
+
+Kept in one place so the loops cannot drift apart: the LR schedule, AdamW parameter groups,
+token-normalised gradient accumulation, precision contexts, device choice, and the metrics
+log. Each loop stays explicit and readable; only these pieces are shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minilab.errors import ConfigError, MinilabError
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a fraction of lr"})
+    warmup_frac: float = field(default=0.1, metadata={"help": "linear warmup, as a fraction of max_steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (never on norms/embeddings)"})
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm; 0 disables clipping"})
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("must be positive", key="lr")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("must be within [0, 1]", key="min_lr_ratio")
+        if not 0 <= self.warmup_frac < 1:
+            raise ConfigError("must be within [0, 1)", key="warmup_frac")
+
+
+def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
+    """Linear warmup to `lr`, then cosine down to `lr * min_lr_ratio` at `max_steps`.
+
+    `step` counts optimizer steps from 0; warmup reaches the peak at step `warmup` (not before),
+    so step 0 trains with a small but non-zero rate.
+    """
+    warmup = int(cfg.warmup_frac * max_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D+ weights except embeddings; none on norms and embeddings.
+
+    Fused kernels are used where the device has them (CUDA); on CPU the default foreach
+    implementation is already vectorised.
+    """
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=device.type == "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MinilabError("device 'cuda' asked for but CUDA is not available here; use --set device=cpu")
+    return dev
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast on CPU and CUDA, fp16 autocast on CUDA (with a GradScaler), fp32 none."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise MinilabError("precision fp16 needs CUDA (it needs a grad scaler); use bf16 or fp32 on CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Summed next-token cross-entropy in fp32 (divide by the accumulated token count, not per micro-batch)."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=ignore_index, reduction="sum")
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                         precision: str, device: torch.device, scaler=None, ignore_index: int = -100,
+                         normalizer: float | None = None, sync=None) -> tuple[float, int]:
+    """Forward/backward every micro-batch, normalising by the tokens of the whole step.
+
+    Dividing each micro-batch's summed loss by the step's total target count makes
+    batch 8 x accumulation 1 and batch 2 x accumulation 4 the same update (up to float
+    rounding), also when micro-batches hold different numbers of valid targets. Under DDP the
+    caller passes `normalizer` (global tokens / ranks) and `sync(last)`, a context that skips the
+    gradient all-reduce on all but the last micro-batch. Returns (loss per token, local tokens).
+    """
+    n_tokens = sum(int((y != ignore_index).sum()) for _, y in micro_batches)
+    denom = normalizer if normalizer is not None else n_tokens
+    if denom == 0:
+        raise MinilabError("a training step has no target tokens (every label is masked)")
+    total = 0.0
+    for i, (x, y) in enumerate(micro_batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with sync(i == len(micro_batches) - 1) if sync is not None else contextlib.nullcontext():
+            with autocast_context(precision, device):
+                logits = model(x)
+            loss = token_loss_sum(logits, y, ignore_index) / denom
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.item()
+    return total, n_tokens
+
+
+class MetricsLog:
+    """Append-only JSON lines (`metrics.jsonl`), one object per event; rank 0 writes.
+
+    JSON lines survive a crash (every line is complete or absent) and load with one line of
+    pandas: `pd.read_json(path, lines=True)`.
+    """
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(self, kind: str, **values) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "time": round(time.time(), 3), **values}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_after(self, step: int) -> None:
+        """On resume from the checkpoint taken after `step` steps, drop what the killed run logged
+        later (train records past `step`, evals at `step` or later, which the resumed run repeats)."""
+        if not (self.enabled and self.path.exists()):
+            return
+
+        def before(record: dict) -> bool:
+            s = record.get("step", 0)
+            return s < step if record.get("kind") == "eval" else s <= step
+
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and before(json.loads(line))]
+        from minilab.fsutil import write_text_atomic
+        write_text_atomic(self.path, "".join(k + "\n" for k in keep))
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
+    """Measured peak of one square matmul (FLOP/s), the denominator of MFU on this machine."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps, best = 5, float("inf")
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2 * n**3 / best

@@ -1,0 +1,136 @@
+"""Pretraining through the real CLI: exact resume after SIGKILL, torchrun with 2 gloo processes,
+the final model in the registry, and the refusals (tokenizer mismatch, occupied output dir)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures import make_packed
+from safetensors.torch import load_file
+
+from minilab.cli import main as cli_main
+
+ARCH = ["--set", "model.n_layer=2", "--set", "model.d_model=64", "--set", "model.n_head=2",
+        "--set", "model.head_dim=32", "--set", "model.intermediate_size=128"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_packed(tmp_path_factory.mktemp("pretrain-data"))
+
+
+def pretrain_cmd(data, out, steps, *extra):
+    return [sys.executable, "-m", "minilab", "pretrain", "--data_dirs", str(data["packed"]),
+            "--tokenizer_dir", str(data["tokenizer"]), "--output_dir", str(out), "--max_steps", str(steps),
+            "--arch", "micro", *ARCH, "--set", "batch_size=4", "--set", "eval_every=10", "--set", "eval_batches=2",
+            "--set", "register=false", *extra]
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def test_sigkill_and_resume_is_bitwise_exact(data, tmp_path):
+    steps = 40
+    extra = ["--set", "ckpt_every=5", "--set", "keep_last=2"]
+    ref = tmp_path / "ref"
+    subprocess.run(pretrain_cmd(data, ref, steps, *extra), check=True, env=env(), capture_output=True)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(pretrain_cmd(data, run, steps, *extra), env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step-000010" / "COMPLETE").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (run / "final").exists()
+
+    resumed = subprocess.run(pretrain_cmd(data, run, steps, *extra, "--resume", "auto"), env=env(),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    ref_losses, run_losses = train_losses(ref), train_losses(run)
+    assert sorted(run_losses) == list(range(1, steps + 1))  # every step logged once
+    assert run_losses == ref_losses  # bitwise: float equality of every step's loss
+    a, b = final_weights(ref), final_weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_gloo_processes_match_one(data, tmp_path):
+    steps = 6
+    one = tmp_path / "one"
+    subprocess.run(pretrain_cmd(data, one, steps, "--set", "batch_size=4"), check=True, env=env(),
+                   capture_output=True)
+    two = tmp_path / "two"
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    cmd = pretrain_cmd(data, two, steps, "--set", "batch_size=2")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", *cmd[2:]], env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    l1, l2 = train_losses(one), train_losses(two)
+    assert sorted(l2) == list(range(1, steps + 1))
+    for step in l1:
+        assert abs(l1[step] - l2[step]) <= 1e-4, (step, l1[step], l2[step])
+    a, b = final_weights(one), final_weights(two)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+
+
+def test_final_model_is_registered_with_lineage(data, tmp_path, monkeypatch, capsys):
+    models = tmp_path / "models"
+    out = tmp_path / "run"
+    rc = cli_main(pretrain_cmd(data, out, 3)[3:-2] + ["--set", "register=true", "--set", f"models_dir={models}"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    name = printed.split("registry name: ")[1].split()[0]
+    assert name.startswith("llama-") and name.endswith("-pretrain-v1")
+    manifest = json.loads((out / "final" / "manifest.json").read_text())
+    packed = json.loads((data["packed"] / "manifest.json").read_text())
+    assert manifest["tokenizer_sha256"] == packed["tokenizer_sha256"]
+    assert manifest["data"][0]["manifest_sha256"]
+    assert (out / "final" / "tokenizer.json").is_file()
+    assert cli_main(["models", "list", "--models-dir", str(models), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in listed] == [name]
+
+
+def test_refuses_occupied_output_and_tokenizer_mismatch(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = pretrain_cmd(data, out, 2)[3:]
+    assert cli_main(base) == 0
+    capsys.readouterr()
+    assert cli_main(base) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a run" in err and "--resume auto" in err
+    other = make_packed(tmp_path / "other", vocab_size=280)
+    mixed = pretrain_cmd(data, tmp_path / "run2", 2)[3:]
+    mixed[mixed.index("--tokenizer_dir") + 1] = str(other["tokenizer"])
+    assert cli_main(mixed) == 3
+    err = capsys.readouterr().err.strip()
+    assert "Tokenizer mismatch between datasets: " in err and not (tmp_path / "run2").exists()
+
+
+def test_dry_run_prints_plan_and_writes_nothing(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(pretrain_cmd(data, out, 2)[3:] + ["--dry-run"]) == 0
+    assert "peak memory" in capsys.readouterr().out
+    assert not out.exists()

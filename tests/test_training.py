@@ -1,0 +1,88 @@
+"""Shared training helpers: LR schedule, AdamW groups, token-normalised gradient accumulation."""
+
+import math
+
+import pytest
+import torch
+
+from minilab.model import ModelConfig, build_model
+from minilab.training import OptimConfig, accumulate_gradients, lr_at, make_optimizer
+
+CFG = dict(vocab_size=97, n_layer=2, n_head=2, d_model=32, intermediate_size=64, max_seq_len=32)
+
+
+def test_lr_schedule_warmup_peak_and_floor():
+    cfg = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_frac=0.1)
+    lrs = [lr_at(s, 100, cfg) for s in range(101)]
+    assert lrs[0] == pytest.approx(1 / 11)           # non-zero first step
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11], strict=True))  # rising through warmup
+    assert lrs[10] == pytest.approx(1.0)              # the peak right after warmup
+    assert lrs[55] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[100] == pytest.approx(0.1)             # the floor at the end
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+
+
+def test_no_weight_decay_on_norms_and_embeddings():
+    model = build_model(ModelConfig(**CFG))
+    opt = make_optimizer(model, OptimConfig(weight_decay=0.1), torch.device("cpu"))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert all("norm" not in names[i] and "embed" not in names[i] for i in decayed)
+    assert any("q_proj" in names[i] for i in decayed)
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == model.num_params()  # the tied head is one parameter, listed once
+
+
+def _step(model, batches):
+    # SGD, so the weight change is the accumulated gradient itself: Adam's first step is about
+    # lr * sign(g), which turns float noise in near-zero gradients into lr-sized differences.
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss, n = accumulate_gradients(model, batches, "fp32", torch.device("cpu"))
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    opt.step()
+    return loss, n, grads
+
+
+def test_batch8_accum1_equals_batch2_accum4():
+    torch.manual_seed(0)
+    x = torch.randint(0, 97, (8, 17))
+    inputs, targets = x[:, :-1], x[:, 1:]
+    a = build_model(ModelConfig(**CFG))
+    b = build_model(ModelConfig(**CFG))
+    b.load_state_dict(a.state_dict())
+    loss_a, n_a, grads_a = _step(a, [(inputs, targets)])
+    loss_b, n_b, grads_b = _step(b, [(inputs[i:i + 2], targets[i:i + 2]) for i in range(0, 8, 2)])
+    assert n_a == n_b == 8 * 16
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    for k in grads_a:
+        torch.testing.assert_close(grads_a[k], grads_b[k], atol=1e-6, rtol=1e-5, msg=k)
+    for (k, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert (pa - pb).abs().max().item() <= 1e-5, k
+
+
+def test_accumulation_weights_tokens_not_micro_batches():
+    # Two micro-batches with 15 and 3 valid targets: the step's loss is the mean over 18 tokens,
+    # not the mean of the two micro-batch means.
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**CFG))
+    x = torch.randint(0, 97, (2, 16))
+    y1, y2 = torch.randint(0, 97, (1, 16)), torch.randint(0, 97, (1, 16))
+    y1[0, :1] = -100
+    y2[0, 3:] = -100
+    loss, n = accumulate_gradients(model, [(x[:1], y1), (x[1:], y2)], "fp32", torch.device("cpu"))
+    assert n == 18
+    with torch.no_grad():
+        logits = model(x)
+        ref = torch.nn.functional.cross_entropy(logits.view(-1, 97), torch.cat([y1, y2], 0).view(-1),
+                                                ignore_index=-100)
+    assert loss == pytest.approx(ref.item(), abs=1e-5)
+
+
+def test_bf16_autocast_runs_on_cpu():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**CFG))
+    x = torch.randint(0, 97, (2, 17))
+    loss, _ = accumulate_gradients(model, [(x[:, :-1], x[:, 1:])], "bf16", torch.device("cpu"))
+    assert abs(loss - math.log(97)) < 0.2
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
