@@ -27,6 +27,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "corpus": ("minilab.data.corpus", "clean, filter and deduplicate raw text into corpus shards"),
     "tokenizer": ("minilab.data.tokenizer", "train (or adopt) a tokenizer and fingerprint it"),
     "pack": ("minilab.data.pack", "tokenize a corpus into packed train/val token files"),
+    "eval": ("minilab.evaluate.stage",
+             "perplexity, bits per byte, multiple choice with baselines, generations and a report"),
     "pretrain": ("minilab.pretrain", "pretrain a model from scratch on packed data (exact resume, torchrun)"),
 }
 

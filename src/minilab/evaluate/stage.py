@@ -1,0 +1,238 @@
+"""`minilab eval`: perplexity, bits per byte, multiple choice with baselines, generations, a report.
+
+    minilab eval --model_path runs/tiny/final --data_dirs data/packed/tinystories \\
+        --output_dir runs/tiny/eval [--text FILE ...] [--mc FILE ...] [--prompts FILE] [--limit N] [--seed S]
+
+Writes `<output_dir>/results.json` (every number), `report.md` (the numbers beside their
+baselines and confidence intervals, the generations, the training curves) and `plots/*.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from minilab.config import apply_overrides, from_dict, read_config_file, to_dict
+from minilab.errors import ConfigError, MinilabError
+
+log = logging.getLogger("minilab.eval")
+
+DEFAULT_PROMPTS = ["Once upon a time", "The weather today is", "In a small village there lived"]
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how."""
+
+    model_path: str = field(default="", metadata={"help": "model directory or registry name"})
+    output_dir: str = field(default="", metadata={"help": "where to write results.json, report.md, plots/"})
+    data_dirs: list[str] = field(default_factory=list, metadata={
+        "help": "packed datasets: perplexity on their val split"})
+    text_files: list[str] = field(default_factory=list, metadata={
+        "help": "raw UTF-8 text files: sliding-window perplexity"})
+    mc_files: list[str] = field(default_factory=list, metadata={
+        "help": "multiple-choice JSONL files (BoolQ or generic shape)"})
+    prompts_file: str | None = field(default=None, metadata={
+        "help": "prompts for generations: one per line, or JSONL with a 'prompt' key; default a few built-in ones"})
+    limit: int | None = field(default=None, metadata={"help": "multiple choice: items drawn at random per file"})
+    seed: int = field(default=1234, metadata={"help": "seed of item sampling and sampled generations"})
+    split: str = field(default="val", metadata={"help": "packed split to score"})
+    val_tokens: int = field(default=0, metadata={"help": "packed data: score at most this many tokens (0 = all)"})
+    max_length: int | None = field(default=None, metadata={"help": "text: window length; default max_seq_len"})
+    stride: int | None = field(default=None, metadata={"help": "text: window stride; default max_length // 2"})
+    batch_size: int = field(default=8, metadata={"help": "windows per forward pass on packed data"})
+    max_new_tokens: int = field(default=48, metadata={"help": "generations: new tokens per prompt"})
+    temperature: float = field(default=0.8, metadata={"help": "sampled generations: temperature"})
+    top_k: int | None = field(default=50, metadata={"help": "sampled generations: top-k (None = off)"})
+    top_p: float | None = field(default=None, metadata={"help": "sampled generations: nucleus p (None = off)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, mps"})
+    dtype: str | None = field(default=None, metadata={"help": "weights dtype (float32, bfloat16); default as stored"})
+
+    def validate(self) -> None:
+        if not self.model_path:
+            raise ConfigError("required: the model to evaluate (--model-path DIR|NAME)", key="model_path")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("must be ≥ 1", key="limit")
+        if self.stride is not None and self.stride < 1:
+            raise ConfigError("must be ≥ 1", key="stride")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError("must be ≥ 2", key="max_length")
+        if self.batch_size < 1 or self.max_new_tokens < 0:
+            raise ConfigError("batch_size must be ≥ 1 and max_new_tokens ≥ 0", key="batch_size")
+        if self.temperature < 0:
+            raise ConfigError("must be ≥ 0", key="temperature")
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise MinilabError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def stop_ids(model_dir: Path, tokenizer: Any) -> list[int]:
+    """eos ids from generation_config.json / config.json (what transformers would stop on), then
+    the tokenizer's eos-like tokens; the first is also the document separator."""
+    from minilab.generate import tokenizer_stop_ids
+
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        eos = _json(model_dir / name).get("eos_token_id")
+        for tid in eos if isinstance(eos, list) else [eos]:
+            if isinstance(tid, int) and tid not in ids:
+                ids.append(tid)
+    return ids + [t for t in tokenizer_stop_ids(tokenizer) if t not in ids]
+
+
+def read_prompts(path: str | None) -> list[str]:
+    """Prompts from a text file (one per non-empty line) or JSONL ({"prompt": ...}); defaults if None."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    p = Path(path)
+    if not p.is_file():
+        raise MinilabError(f"{p}: prompts file not found")
+    prompts = []
+    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MinilabError(f"{p}:{lineno}: invalid JSON: {e.msg}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise MinilabError(f"{p}:{lineno}: expected an object with a string 'prompt'")
+            prompts.append(obj["prompt"])
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise MinilabError(f"{p}: no prompts")
+    return prompts
+
+
+def generations(model, tokenizer, cfg: EvalConfig, stops: list[int]) -> dict[str, Any]:
+    """Greedy and seeded sampled continuations of each prompt."""
+    from minilab.generate import generate_text
+
+    items = []
+    for i, prompt in enumerate(read_prompts(cfg.prompts_file)):
+        kw = dict(max_new_tokens=cfg.max_new_tokens, stop_token_ids=stops)
+        greedy = generate_text(model, tokenizer, prompt, temperature=0.0, **kw)
+        # Seed per prompt (seed + i): adding a prompt does not change the others' samples.
+        sampled = generate_text(model, tokenizer, prompt, temperature=cfg.temperature, top_k=cfg.top_k,
+                                top_p=cfg.top_p, seed=cfg.seed + i, **kw)
+        items.append({"prompt": prompt, "greedy": greedy, "sampled": sampled, "seed": cfg.seed + i})
+    return {"max_new_tokens": cfg.max_new_tokens, "items": items,
+            "sampling": {"seed": cfg.seed, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}}
+
+
+def _output_dir(cfg: EvalConfig, model_dir: Path) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    run_dir = _json(model_dir / "manifest.json").get("run_dir")
+    if run_dir:
+        return Path(run_dir) / "eval"
+    raise ConfigError("required: where to write the report (--output-dir DIR)", key="output_dir")
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate `cfg.model_path`; write the report; return the results (as in results.json)."""
+    from tokenizers import Tokenizer
+
+    from minilab.evaluate import multiple_choice, perplexity, report
+    from minilab.loading import load_model_for_inference, resolve_model_dir
+    from minilab.training import resolve_device
+
+    model_dir = resolve_model_dir(cfg.model_path)
+    out_dir = _output_dir(cfg, model_dir)
+    tok_file = model_dir / "tokenizer.json"
+    if not tok_file.is_file():
+        raise MinilabError(f"{model_dir}: no tokenizer.json (export the model with its tokenizer)")
+    manifest = _json(model_dir / "manifest.json")
+    if cfg.data_dirs:
+        from minilab.data.pack import check_tokenizer_match
+
+        # Scoring data packed with another tokenizer gives meaningless numbers: refuse.
+        check_tokenizer_match(cfg.data_dirs, manifest.get("tokenizer_sha256"))
+    device = resolve_device(cfg.device)
+    model = load_model_for_inference(model_dir, dtype=cfg.dtype, device=device)
+    tokenizer = Tokenizer.from_file(str(tok_file))
+    stops = stop_ids(model_dir, tokenizer)
+    prefix = stops[0] if stops else None  # packed documents follow an eos: texts start the same way
+    mc_cfg = model.config
+    results: dict[str, Any] = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"), "seed": cfg.seed, "config": to_dict(cfg),
+        "model": {"path": str(model_dir), "name": manifest.get("name"), "params": model.num_params(),
+                  "vocab_size": mc_cfg.vocab_size, "max_seq_len": mc_cfg.max_seq_len,
+                  "tokenizer_sha256": manifest.get("tokenizer_sha256")},
+        "perplexity": [], "multiple_choice": [], "generations": None}
+    for d in cfg.data_dirs:
+        r = perplexity.packed_perplexity(model, d, split=cfg.split, max_tokens=cfg.val_tokens,
+                                         batch_size=cfg.batch_size, tokenizer=tokenizer)
+        results["perplexity"].append({"source": f"{d} ({cfg.split})", "kind": "packed", **r})
+        log.info("%s: perplexity %.3f over %d tokens", d, r["perplexity"], r["tokens"])
+    for f in cfg.text_files:
+        r = perplexity.text_perplexity(model, tokenizer, perplexity.read_text_file(f), max_length=cfg.max_length,
+                                       stride=cfg.stride, prefix_id=prefix)
+        results["perplexity"].append({"source": f, "kind": "text", **r})
+        log.info("%s: perplexity %.3f, %.4f bits/byte", f, r["perplexity"], r["bits_per_byte"])
+    for f in cfg.mc_files:
+        r = multiple_choice.evaluate_file(model, tokenizer, f, limit=cfg.limit, seed=cfg.seed, prefix_id=prefix)
+        results["multiple_choice"].append(r)
+        b, a = r["baselines"], r["accuracy"]["per_byte"]
+        log.info("%s: accuracy %.3f [%.3f, %.3f] (per byte; chance %.3f, majority %.3f) on %d items", f,
+                 a["accuracy"], *a["ci95"], b["chance"], b["majority"]["accuracy"], r["n_items"])
+    if cfg.max_new_tokens > 0:
+        results["generations"] = generations(model, tokenizer, cfg, stops)
+    written = report.write_report(out_dir, results, report.find_metrics(model_dir))
+    log.info("report: %s (%d plots)", written["report"], len(written["plots"]))
+    return results
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minilab.cli import add_config_flags, flag
+
+    flag(p, "--model-path", metavar="DIR|NAME", help="model directory or registry name")
+    flag(p, "--data-dirs", nargs="+", metavar="DIR", help="packed datasets (perplexity on their val split)")
+    flag(p, "--output-dir", metavar="DIR", help="report directory (default <run>/eval for pretrained models)")
+    p.add_argument("--text", nargs="+", metavar="FILE", dest="text_files",
+                   help="raw text files (perplexity, bits/byte)")
+    p.add_argument("--mc", nargs="+", metavar="FILE", dest="mc_files", help="multiple-choice JSONL files")
+    p.add_argument("--prompts", metavar="FILE", dest="prompts_file", help="prompts for generations")
+    p.add_argument("--limit", type=int, metavar="N", help="multiple choice: N items drawn at random per file")
+    p.add_argument("--seed", type=int, metavar="S", help="seed of sampling (items and generations)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, mps")
+    add_config_flags(p, "Keys: those of EvalConfig (model_path, data_dirs, text_files, mc_files, stride, ...).")
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """Defaults < --config file < flags given < --set overrides."""
+    data = read_config_file(args.config) if args.config else {}
+    for key in ("model_path", "data_dirs", "output_dir", "text_files", "mc_files", "prompts_file", "limit",
+                "seed", "device"):
+        if getattr(args, key, None) is not None:
+            data[key] = getattr(args, key)
+    source = args.config or "command line"
+    return from_dict(EvalConfig, apply_overrides(data, args.overrides), source=source)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    results = run(cfg)
+    for r in results["perplexity"]:
+        bpb = r.get("bits_per_byte")
+        print(f"{r['source']}: perplexity {r['perplexity']:.3f} over {r['tokens']:,} tokens"
+              + (f", {bpb:.4f} bits/byte" if bpb is not None else ""))
+    for r in results["multiple_choice"]:
+        a, b = r["accuracy"]["per_byte"], r["baselines"]
+        print(f"{r['file']}: accuracy {a['accuracy']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] per byte "
+              f"(chance {b['chance']:.3f}, majority {b['majority']['accuracy']:.3f}), {r['n_items']} items")
+    print(f"report: {Path(_output_dir(cfg, Path(results['model']['path']))) / 'report.md'}")
+    return 0
