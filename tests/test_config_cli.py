@@ -68,13 +68,20 @@ def test_describe_lists_nested_keys_with_help():
     assert rows["name"][0] == "(required)"
 
 
-def test_cli_help_lists_verbs(capsys):
+def test_cli_help_lists_verbs_and_every_verb_has_help(capsys):
+    from minilab.cli import VERBS
+
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for verb in ("arch",):
+    assert {"demo", "arch", "models", "corpus", "tokenizer", "pack", "pretrain", "eval"} <= set(VERBS)
+    for verb in VERBS:
         assert verb in out
+        with pytest.raises(SystemExit) as e:
+            main([verb, "--help"])
+        assert e.value.code == 0, verb
+        assert f"usage: minilab {verb}" in capsys.readouterr().out
 
 
 def test_cli_typo_is_one_line_exit_2():

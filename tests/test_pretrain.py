@@ -134,3 +134,25 @@ def test_dry_run_prints_plan_and_writes_nothing(data, tmp_path, capsys):
     assert cli_main(pretrain_cmd(data, out, 2)[3:] + ["--dry-run"]) == 0
     assert "peak memory" in capsys.readouterr().out
     assert not out.exists()
+
+
+def test_verify_resume_verb_reports_exact_resume(data, tmp_path, capsys):
+    args = pretrain_cmd(data, tmp_path / "unused", 1)[4:]
+    rc = cli_main(["verify-resume", *args, "--steps", "8", "--work-dir", str(tmp_path / "verify")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "exact resume: YES (bitwise, 8 steps compared)" in out
+    assert (tmp_path / "verify" / "interrupted" / "checkpoints" / "step-000004").is_dir()
+
+
+def test_tensorboard_events_written(data, tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(pretrain_cmd(data, out, 2)[3:] + ["--set", "tensorboard=true"]) == 0
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert {"train/loss", "eval/val_loss", "train/mfu"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]

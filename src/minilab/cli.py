@@ -30,6 +30,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("minilab.evaluate.stage",
              "perplexity, bits per byte, multiple choice with baselines, generations and a report"),
     "pretrain": ("minilab.pretrain", "pretrain a model from scratch on packed data (exact resume, torchrun)"),
+    "verify-resume": ("minilab.verify_resume", "prove on your config that a killed run resumes exactly"),
 }
 
 log = logging.getLogger("minilab")

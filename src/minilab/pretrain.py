@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from minilab.training import (
     autocast_context,
     lr_at,
     make_optimizer,
+    matmul_peak_flops,
     resolve_device,
     token_loss_sum,
 )
@@ -71,6 +74,11 @@ class PretrainConfig:
         "help": "dataset label in the registry name; default from the first data dir"})
     register: bool = field(default=True, metadata={"help": "enter the final model into the registry"})
     models_dir: str | None = field(default=None, metadata={"help": "registry root; default models/"})
+    tensorboard: bool = field(default=True, metadata={
+        "help": "also write TensorBoard events to <output_dir>/tensorboard (when tensorboard is installed)"})
+    interrupt_at_step: int | None = field(default=None, metadata={
+        "help": "checkpoint after this step, then SIGKILL the process: simulates a crash "
+                "(verify-resume uses it to prove exact resume on your config)"})
 
     def validate(self) -> None:
         if not self.data_dirs:
@@ -232,7 +240,8 @@ class PretrainRun:
         self.reader = WeightedMixture(cfg.data_dirs, cfg.data_weights, self.seq_len, seed=cfg.seed,
                                       split="train", rank=info.rank, world_size=info.world_size)
         self.stream = batches(iter(self.reader), cfg.batch_size)
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=info.is_main)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=info.is_main,
+                                  tensorboard_dir=self.out / "tensorboard" if cfg.tensorboard else None)
         self.ckpt_dir = self.out / "checkpoints"
         self.step, self.tokens_seen, self.best, self.last_eval = 0, 0, float("inf"), {}
         self.meta = {"config": to_dict(cfg), "model_config": to_dict(model_cfg), "tokenizer_sha256": self.tok_sha,
@@ -315,6 +324,9 @@ class PretrainRun:
         cfg = self.cfg
         self.restore(resume)
         flops_per_token = self.model.flops_per_token(self.seq_len)
+        # MFU's denominator: a matmul peak measured here, in the precision the run computes in.
+        peak = matmul_peak_flops(self.device, torch.bfloat16 if cfg.precision == "bf16" else
+                                 torch.float16 if cfg.precision == "fp16" else torch.float32)
         self.model.train()
         t_last = time.perf_counter()
         with StepProgress(cfg.max_steps, self.step, enabled=self.info.is_main) as bar:
@@ -329,11 +341,14 @@ class PretrainRun:
                 now = time.perf_counter()
                 tok_s = cfg.batch_size * cfg.grad_accum * self.seq_len * self.info.world_size / max(now - t_last, 1e-9)
                 t_last = now
+                mfu = tok_s * flops_per_token / peak
                 self.metrics.write("train", step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr,
-                                   grad_norm=norm, tokens_per_s=tok_s, flops_per_s=tok_s * flops_per_token)
-                bar.update(self.step, loss=loss, tok_s=tok_s)
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+                                   grad_norm=norm, tokens_per_s=tok_s, flops_per_s=tok_s * flops_per_token, mfu=mfu)
+                bar.update(self.step, loss=loss, tok_s=tok_s, mfu=mfu)
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps or self.step == cfg.interrupt_at_step:
                     self.save()
+                if self.step == cfg.interrupt_at_step:
+                    os.kill(os.getpid(), signal.SIGKILL)  # a hard crash, exactly here: nothing else runs
         final_eval = evaluate(self.model, cfg, self.seq_len, self.device)
         self.metrics.write("eval", step=self.step, tokens=self.tokens_seen, **final_eval)
         mix = self.reader.realised_mix()

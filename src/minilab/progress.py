@@ -38,8 +38,11 @@ class StepProgress:
         if self._progress is not None:
             self._progress.__exit__(*exc)
 
-    def update(self, step: int, loss: float | None = None, tok_s: float | None = None, unit: str = "tok/s") -> None:
+    def update(self, step: int, loss: float | None = None, tok_s: float | None = None, unit: str = "tok/s",
+               mfu: float | None = None) -> None:
         rate = f"{tok_s:,.0f} {unit}" if tok_s is not None else ""
+        if mfu is not None:
+            rate += f" MFU {100 * mfu:.1f}%"
         loss_text = f"{loss:.4f}" if loss is not None else "-"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, loss=loss_text, rate=rate)

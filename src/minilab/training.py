@@ -131,12 +131,25 @@ class MetricsLog:
     """Append-only JSON lines (`metrics.jsonl`), one object per event; rank 0 writes.
 
     JSON lines survive a crash (every line is complete or absent) and load with one line of
-    pandas: `pd.read_json(path, lines=True)`.
+    pandas: `pd.read_json(path, lines=True)`. With `tensorboard_dir`, numeric values are also
+    written as TensorBoard scalars (`train/loss`, `eval/val_loss`, ...) against the step.
     """
 
-    def __init__(self, path: str | Path, enabled: bool = True):
+    def __init__(self, path: str | Path, enabled: bool = True, tensorboard_dir: str | Path | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self._tb_dir = tensorboard_dir if enabled else None
+        self._tb = None
+
+    def _tensorboard(self):
+        if self._tb is None and self._tb_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional for library users; metrics.jsonl is always there
+                self._tb_dir = None
+                return None
+            self._tb = SummaryWriter(str(self._tb_dir))
+        return self._tb
 
     def write(self, kind: str, **values) -> None:
         if not self.enabled:
@@ -147,6 +160,12 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        tb = self._tensorboard()
+        if tb is not None and "step" in values:
+            for key, value in values.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    tb.add_scalar(f"{kind}/{key}", value, values["step"])
+            tb.flush()
 
     def truncate_after(self, step: int) -> None:
         """On resume from the checkpoint taken after `step` steps, drop what the killed run logged
