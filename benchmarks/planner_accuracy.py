@@ -1,0 +1,139 @@
+"""Planner accuracy: predicted vs measured peak memory of real training and inference steps.
+
+    python benchmarks/planner_accuracy.py            # all configurations, ~2-3 minutes on 2 cores
+    python benchmarks/planner_accuracy.py --only tiny-full-b4-s256
+
+Every configuration runs in a fresh subprocess (so allocator state and peaks never leak from one
+to the next): import torch and peft, build a tiny warm-up model once (thread pools, autograd),
+then record the resident set (VmRSS), reset the high-water mark (`echo 5 > /proc/self/clear_refs`),
+build the model and run two optimizer steps (or one prefill for inference), and read VmHWM. The
+measured peak is VmHWM - baseline: exactly the memory the model, its data and its steps added.
+The prediction is `plan_memory(...).peak` (the runtime line, already in the baseline, excluded).
+
+For contrast each line also shows what `accelerate estimate-memory`'s approach prints for the
+same model: AutoModel (no LM head) parameters and buffers in fp32, and its "training with Adam"
+row (16 B/param in fp32). Linux only (it reads /proc). One JSON line per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+# name, preset, method, batch, seq, gradient checkpointing
+CONFIGS = [
+    ("tiny-full-b4-s256", "tiny", "full", 4, 256, False),
+    ("tiny-full-b2-s1024", "tiny", "full", 2, 1024, False),
+    ("tiny-full-b4-s256-gc", "tiny", "full", 4, 256, True),
+    ("tiny-lora-b2-s512", "tiny", "lora", 2, 512, False),
+    ("small-full-b2-s256", "small", "full", 2, 256, False),
+    ("small-lora-b2-s256", "small", "lora", 2, 256, False),
+    ("small-infer-b8-s256", "small", "inference", 8, 256, False),
+]
+STEPS = 2
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def child(name: str) -> dict:
+    """Run one configuration in this (fresh) process and return the measurement."""
+    import peft  # noqa: F401 - imported before the baseline, as in a real run
+    import torch
+
+    from minilab.arch import load_architecture
+    from minilab.loading import wrap_lora
+    from minilab.model import KVCache, build_model
+    from minilab.training import accumulate_gradients, make_optimizer
+
+    torch.set_num_threads(2)
+    _, preset, method, b, s, gc = next(c for c in CONFIGS if c[0] == name)
+    cfg = load_architecture(preset, max_seq_len=max(s, 256), gradient_checkpointing=gc)
+    # Warm-up on a toy model: thread pools, autograd engine and allocator arenas exist before the baseline.
+    toy = build_model(load_architecture("micro", vocab_size=256))
+    toy(torch.zeros(1, 8, dtype=torch.long)).sum().backward()
+    del toy
+    baseline = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    x = torch.randint(0, cfg.vocab_size, (b, s))
+    if method == "inference":
+        model.eval()
+        with torch.no_grad():
+            model(x, kv_cache=KVCache(cfg, b, max_len=s))
+    else:
+        if method == "lora":
+            model = wrap_lora(model, {"r": 8})
+        model.train()
+        opt = make_optimizer(model, __import__("minilab.training", fromlist=["OptimConfig"]).OptimConfig(),
+                             torch.device("cpu"))
+        for _ in range(STEPS):
+            accumulate_gradients(model, [(x, x)], "fp32", torch.device("cpu"))
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return {"measured": _status("VmHWM") - baseline, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def predict(name: str) -> dict:
+    from minilab.arch import load_architecture
+    from minilab.model import build_model
+    from minilab.planner import PlanRequest, accelerate_estimate, inspect_model, plan_memory
+
+    _, preset, method, b, s, gc = next(c for c in CONFIGS if c[0] == name)
+    cfg = load_architecture(preset, max_seq_len=max(s, 256))
+    an = inspect_model(build_model(cfg, device="meta"))
+    plan = plan_memory(an, PlanRequest(method=method, batch_size=b, seq_len=s, precision="fp32",
+                                       grad_checkpointing=gc, target="cpu", lora_rank=8))
+    acc = accelerate_estimate(an)
+    return {"params": an.params, "predicted": plan.peak, "phases": plan.phases,
+            "accelerate_weights": acc["fp32"], "accelerate_train": acc["train_adam_fp32"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="+", help="configuration names")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child)))
+        return 0
+    worst = 0.0
+    for name, *_ in CONFIGS:
+        if args.only and name not in args.only:
+            continue
+        out = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "2"})
+        if out.returncode:
+            print(json.dumps({"config": name, "error": out.stderr.strip().splitlines()[-1:]}))
+            continue
+        m = json.loads(out.stdout.strip().splitlines()[-1])
+        p = predict(name)
+        ratio = p["predicted"] / m["measured"]
+        worst = max(worst, abs(ratio - 1))
+        mib = 2**20
+        print(json.dumps({"config": name, "params": p["params"], "measured_mib": round(m["measured"] / mib, 1),
+                          "predicted_mib": round(p["predicted"] / mib, 1), "ratio": round(ratio, 3),
+                          "accelerate_weights_mib": round(p["accelerate_weights"] / mib, 1),
+                          "accelerate_ratio": round(p["accelerate_weights"] / m["measured"], 3),
+                          "accelerate_train_mib": round(p["accelerate_train"] / mib, 1),
+                          "phases_mib": {k: round(v / mib, 1) for k, v in p["phases"].items()},
+                          "seconds": m["seconds"]}), flush=True)
+    print(json.dumps({"worst_abs_error": round(worst, 3), "target": 0.15, "ok": worst <= 0.15}))
+    return 0 if worst <= 0.15 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""The disk plan of a run: everything it downloads and writes, at its peak and after cleanup.
+
+Sizes are exact byte counts of what minilab writes (safetensors = tensor bytes + a small JSON
+header; `optimizer.pt` = AdamW's two fp32 moments, plus the fp32 master weights when the model
+trains in 16-bit) except logs, which are estimated per logged step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from minilab.planner.anatomy import DTYPE_BYTES, Anatomy, weight_bytes
+from minilab.planner.memory import OPTIMIZER_STATE, PlanRequest, lora_params
+
+HEADER = 64 * 1024           # safetensors JSON header, config/tokenizer/meta/rng files: KB range
+LOG_LINE = 220               # one metrics.jsonl line (step, loss, lr, grad norm, throughput ...)
+
+
+@dataclass
+class DiskRequest:
+    steps: int = 1000
+    ckpt_every: int = 100
+    keep_last: int = 2
+    keep_best: bool = True
+    dataset_tokens: int | None = None     # None: steps x batch x seq (one epoch of what the run reads)
+    download: bool = True                 # the base model is fetched into the HF cache first
+    stored_dtype: str | None = None       # dtype of the downloaded weights (config.json)
+
+
+@dataclass
+class DiskLine:
+    key: str
+    label: str
+    bytes: int
+    kept_after_cleanup: bool
+    note: str = ""
+
+
+def _checkpoint_sizes(an: Anatomy, req: PlanRequest) -> tuple[int, int, int]:
+    """(weights part, optimizer part, trainable params) of one checkpoint."""
+    if req.method == "full":
+        trainable = an.params
+        w16 = req.precision in ("bf16", "fp16")
+        weights = an.params * (2 if w16 else 4)
+        optim = int(OPTIMIZER_STATE[req.optimizer] * trainable) + (4 * trainable if w16 else 0)
+    else:
+        trainable = lora_params(an, req.lora_rank, req.lora_targets)
+        weights = 4 * trainable                   # PEFT saves fp32 adapters
+        optim = int(OPTIMIZER_STATE[req.optimizer] * trainable)
+    return weights + HEADER, optim, trainable
+
+
+def plan_disk(an: Anatomy, req: PlanRequest, disk: DiskRequest | None = None) -> dict[str, Any]:
+    """Lines of the disk plan plus `peak_bytes` (everything at once) and `after_cleanup_bytes`."""
+    req, disk = req.resolved(), disk or DiskRequest()
+    lines: list[DiskLine] = []
+    if disk.download and req.method != "inference" or disk.download and disk.stored_dtype:
+        stored = DTYPE_BYTES.get(str(disk.stored_dtype or "bf16").removeprefix("torch."), 2)
+        lines.append(DiskLine("download", "base model download (one format)", an.params * stored + HEADER, True,
+                              "repos shipping .bin + .safetensors take 2-3x with a whole-repo download"))
+    if req.method != "inference":
+        tokens = disk.dataset_tokens or disk.steps * req.batch_size * req.seq_len
+        itemsize = 2 if an.vocab <= 65536 else 4        # minilab pack: uint16 ids when the vocab fits
+        lines.append(DiskLine("packed_data", f"packed data ({tokens:,} tokens)", tokens * itemsize + HEADER, True))
+        weights, optim, trainable = _checkpoint_sizes(an, req)
+        n_ckpt = min(disk.keep_last + (1 if disk.keep_best else 0), max(1, disk.steps // disk.ckpt_every))
+        lines += [DiskLine("checkpoints", f"checkpoints x {n_ckpt}, weights", n_ckpt * weights, False,
+                           f"{weights:,} B each"),
+                  DiskLine("checkpoint_optimizer", f"checkpoints x {n_ckpt}, optimizer state", n_ckpt * optim, False,
+                           "removed by 'minilab cleanup --strip-optimizer'"),
+                  DiskLine("kept_checkpoint", "one checkpoint kept, without optimizer state", weights, True),
+                  DiskLine("logs", "metrics and logs", disk.steps * LOG_LINE, True)]
+        if req.method == "full":
+            lines.append(DiskLine("final", "final model (bf16 safetensors)", weight_bytes(an, "bf16") + HEADER, True))
+        else:
+            lines += [DiskLine("adapters", "adapters (PEFT, fp32)", 4 * trainable + HEADER, True),
+                      DiskLine("merged", "merged model (bf16)", weight_bytes(an, "bf16") + HEADER, True)]
+    lines += [DiskLine("export_int8", "quantized export (int8)", weight_bytes(an, "int8") + HEADER, True),
+              DiskLine("export_nf4", "quantized export (nf4)", weight_bytes(an, "nf4") + HEADER, True)]
+    peak = sum(x.bytes for x in lines if x.key != "kept_checkpoint")
+    after = sum(x.bytes for x in lines if x.kept_after_cleanup)
+    return {"lines": [asdict(x) for x in lines], "peak_bytes": peak, "after_cleanup_bytes": after}
+
+
+def pretrain_disk(params: int, keep_last: int, steps: int, ckpt_every: int, fp32: bool = True) -> int:
+    """Bytes a `minilab pretrain` run writes: (keep_last + best) checkpoints of weights and AdamW
+    state, the final model and logs (its packed data exists already)."""
+    wb = 4 if fp32 else 2
+    n_ckpt = min(keep_last + 1, max(1, steps // ckpt_every) + 1)
+    ckpt = params * wb + 8 * params + HEADER
+    return n_ckpt * ckpt + params * wb + HEADER + steps * LOG_LINE * 2
+
+
+def estimate_pretrain(model: Any, batch_size: int, seq_len: int, precision: str, keep_last: int,
+                      steps: int, ckpt_every: int) -> dict[str, int]:
+    """`{"memory", "disk", "params"}` of a `minilab pretrain` run (its preflight estimate): the
+    planner's full fine-tuning peak (fp32 weights, AdamW, activations per the model's own
+    gradient-checkpointing setting) plus the runtime line, and `pretrain_disk`."""
+    from minilab.planner.anatomy import inspect_model
+    from minilab.planner.memory import plan_memory
+
+    an = inspect_model(model)
+    device = next(model.parameters()).device.type
+    req = PlanRequest(method="full", batch_size=batch_size, seq_len=seq_len,
+                      precision="fp32" if precision == "fp32" else f"{precision}-mixed",
+                      grad_checkpointing=bool(getattr(model.config, "gradient_checkpointing", False)),
+                      target="cuda" if device == "cuda" else "cpu")
+    mem = plan_memory(an, req)
+    return {"memory": mem.total, "disk": pretrain_disk(an.params, keep_last, steps, ckpt_every),
+            "params": an.params}

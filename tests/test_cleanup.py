@@ -1,0 +1,139 @@
+"""cleanup / du / cache: dry runs delete nothing, real runs free exactly what they announced,
+protected checkpoints survive, and the HF cache is handled through huggingface_hub's API."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from minilab import cli
+from minilab.cleanup.runs import apply, plan_cleanup
+from minilab.fsutil import dir_size
+
+
+def make_ckpt(run: Path, step: int, metric: float, complete: bool = True) -> Path:
+    d = run / "checkpoints" / f"step-{step:06d}"
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(b"w" * 1000)
+    (d / "optimizer.pt").write_bytes(b"o" * 2000)
+    (d / "meta.json").write_text(json.dumps({"step": step, "metric": metric}))
+    if complete:
+        (d / "COMPLETE").write_text(f"{step}\n")
+    return d
+
+
+def make_run(root: Path) -> Path:
+    run = root / "run1"
+    for step, metric in ((100, 3.0), (200, 1.0), (300, 2.5), (400, 2.4), (500, 2.3)):
+        make_ckpt(run, step, metric)
+    make_ckpt(run, 600, 2.2, complete=False)                        # interrupted: no COMPLETE
+    (run / "checkpoints" / ".step-000700.tmp").mkdir()
+    (run / "checkpoints" / ".step-000700.tmp" / "x").write_bytes(b"t" * 500)
+    (run / "metrics.jsonl").write_text("{}\n")
+    return run
+
+
+def register_pointing_at(tmp_path: Path, target: Path) -> None:
+    """A registry model whose manifest points at `target` (e.g. the checkpoint it was exported from)."""
+    from minilab.registry import register
+
+    model = tmp_path / "exported"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    register(model, "llama-1K-test-pretrain-v1", params=1000, source_checkpoint=str(target))
+
+
+def test_dry_run_deletes_nothing(tmp_path, capsys):
+    run = make_run(tmp_path / "runs")
+    before = dir_size(tmp_path)
+    assert cli.main(["cleanup", str(tmp_path / "runs"), "--keep-last", "1", "--strip-optimizer"]) == 0
+    out = capsys.readouterr().out
+    assert "would free" in out and "--yes" in out
+    assert dir_size(tmp_path) == before and (run / "checkpoints" / "step-000100").exists()
+
+
+def test_real_run_frees_exactly_the_announced_bytes_and_keeps_protected(tmp_path, capsys):
+    run = make_run(tmp_path / "runs")
+    register_pointing_at(tmp_path, run / "checkpoints" / "step-000100")
+    before = dir_size(tmp_path / "runs")
+    assert cli.main(["cleanup", str(run), "--keep-last", "1", "--json"]) == 0
+    announced = json.loads(capsys.readouterr().out)["bytes"]
+    assert cli.main(["cleanup", str(run), "--keep-last", "1", "--yes", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bytes"] == announced
+    assert before - dir_size(tmp_path / "runs") == announced > 0
+    left = sorted(p.name for p in (run / "checkpoints").iterdir())
+    # 100: registry-referenced; 200: best metric; 500: newest complete. 300, 400, 600, .tmp gone.
+    assert left == ["step-000100", "step-000200", "step-000500"]
+
+
+def test_strip_optimizer_spares_the_resumable_newest(tmp_path):
+    run = make_run(tmp_path / "runs")
+    actions = plan_cleanup(run, keep_last=2, strip_optimizer=True, min_age_hours=0)
+    stripped = {Path(a.path).parent.name for a in actions if a.kind == "strip"}
+    assert stripped == {"step-000200", "step-000400"}
+    freed = apply(actions)
+    assert freed == sum(a.bytes for a in actions)
+    assert (run / "checkpoints" / "step-000500" / "optimizer.pt").exists()
+    assert not (run / "checkpoints" / "step-000400" / "optimizer.pt").exists()
+
+
+def test_failed_runs_are_deleted_only_when_old(tmp_path):
+    failed = tmp_path / "runs" / "crashed"
+    failed.mkdir(parents=True)
+    (failed / "metrics.jsonl").write_text("{}\n")
+    assert plan_cleanup(tmp_path / "runs", min_age_hours=1) == []          # may still be running
+    actions = plan_cleanup(tmp_path / "runs", min_age_hours=0)
+    assert [Path(a.path).name for a in actions] == ["crashed"]
+    apply(actions)
+    assert not failed.exists()
+
+
+def test_du_lists_categories_largest_first(tmp_path, monkeypatch, capsys):
+    make_run(tmp_path / "runs")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "f").write_bytes(b"d" * 10)
+    assert cli.main(["du", str(tmp_path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["category"] for r in rows][:2] == ["runs", "data"]
+
+
+# ---- the HF cache ------------------------------------------------------------------------------
+def fake_repo(hub: Path, repo: str, commit: str, content: bytes, ref: str | None = "main") -> None:
+    """The standard layout: models--org--name/{blobs,snapshots/<commit>,refs}."""
+    base = hub / f"models--{repo.replace('/', '--')}"
+    blob = base / "blobs" / f"{commit[:8]}blob"
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(content)
+    snap = base / "snapshots" / commit
+    snap.mkdir(parents=True)
+    os.symlink(os.path.relpath(blob, snap), snap / "model.safetensors")
+    (base / "refs").mkdir(exist_ok=True)
+    if ref:
+        (base / "refs" / ref).write_text(commit)
+
+
+def test_cache_ls_rm_prune(tmp_path, monkeypatch, capsys):
+    hub = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    fake_repo(hub, "org/big", "a" * 40, b"x" * 5000)
+    fake_repo(hub, "org/big", "b" * 40, b"y" * 3000, ref=None)        # detached: superseded download
+    fake_repo(hub, "org/small", "c" * 40, b"z" * 100)
+    assert cli.main(["cache", "ls", "--json"]) == 0
+    repos = json.loads(capsys.readouterr().out)["repos"]
+    assert [r["repo_id"] for r in repos] == ["org/big", "org/small"]
+
+    assert cli.main(["cache", "prune", "--json"]) == 0                 # dry run
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["revisions"] == ["b" * 40] and plan["bytes"] == 3000 and not plan["applied"]
+    assert (hub / "models--org--big" / "snapshots" / ("b" * 40)).exists()
+    assert cli.main(["cache", "prune", "--yes", "--json"]) == 0
+    capsys.readouterr()
+    assert not (hub / "models--org--big" / "snapshots" / ("b" * 40)).exists()
+
+    assert cli.main(["cache", "rm", "org/small", "--yes", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bytes"] == 100
+    assert not (hub / "models--org--small").exists()
+    assert cli.main(["cache", "rm", "org/nope"]) == 1                   # one-line error
+    assert "not in the cache" in capsys.readouterr().err

@@ -1,0 +1,154 @@
+"""The planner: exact parameter counts against transformers, quantized sizes against bitsandbytes'
+measured layout, the KV cache against the reference doc, the CLI, and the pretrain preflight."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from minilab import cli
+from minilab.arch import load_architecture, preset_names
+from minilab.errors import MinilabError
+from minilab.model import build_model
+from minilab.planner import PlanRequest, build_meta, inspect_model, machine, plan_memory, resolve_model
+from minilab.planner.anatomy import Linear, int8_bytes, nf4_bytes
+
+# Real config.json values of public models (as published on the Hub).
+PUBLIC = {
+    "TinyLlama-1.1B": {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "hidden_size": 2048,
+                       "intermediate_size": 5632, "max_position_embeddings": 2048, "model_type": "llama",
+                       "num_attention_heads": 32, "num_hidden_layers": 22, "num_key_value_heads": 4,
+                       "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                       "torch_dtype": "bfloat16", "vocab_size": 32000},
+    "Mistral-7B-v0.1": {"architectures": ["MistralForCausalLM"], "hidden_act": "silu", "hidden_size": 4096,
+                        "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
+                        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+                        "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096,
+                        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 32000},
+    "phi-2": {"architectures": ["PhiForCausalLM"], "hidden_act": "gelu_new", "hidden_size": 2560,
+              "intermediate_size": 10240, "layer_norm_eps": 1e-05, "max_position_embeddings": 2048,
+              "model_type": "phi", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+              "partial_rotary_factor": 0.4, "qk_layernorm": False, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, "torch_dtype": "float16", "vocab_size": 51200},
+    "gemma-2b": {"architectures": ["GemmaForCausalLM"], "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+                 "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2048, "intermediate_size": 16384,
+                 "max_position_embeddings": 8192, "model_type": "gemma", "num_attention_heads": 8,
+                 "num_hidden_layers": 18, "num_key_value_heads": 1, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,
+                 "torch_dtype": "bfloat16", "vocab_size": 256000},
+    "gpt2": {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "layer_norm_epsilon": 1e-05,
+             "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
+             "vocab_size": 50257},
+    "Qwen2-0.5B": {"architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "hidden_size": 896,
+                   "intermediate_size": 4864, "max_position_embeddings": 131072, "model_type": "qwen2",
+                   "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+                   "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072,
+                   "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_sliding_window": False,
+                   "vocab_size": 151936},
+}
+# Published sizes, as a second check on the configs themselves.
+KNOWN = {"TinyLlama-1.1B": 1_100_048_384, "Mistral-7B-v0.1": 7_241_732_096, "phi-2": 2_779_683_840,
+         "gemma-2b": 2_506_172_416, "gpt2": 124_439_808, "Qwen2-0.5B": 494_032_768}
+
+
+def write_config(tmp_path: Path, name: str) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(PUBLIC[name]))
+    return d
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_param_counts_equal_transformers(tmp_path, name):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = write_config(tmp_path, name)
+    an = inspect_model(build_meta(resolve_model(d / "config.json")))
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d))
+    assert an.params == sum(p.numel() for p in ref.parameters()) == KNOWN[name]
+    assert sum(an.groups.values()) == an.params and an.groups["other"] == 0
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_presets_match_the_model(preset):
+    model = build_model(load_architecture(preset), device="meta")
+    an = inspect_model(build_meta(resolve_model(preset)))
+    assert an.params == model.num_params()
+    assert {k: v for k, v in an.groups.items() if k != "other"} == model.param_groups()
+
+
+def test_quantized_bytes_follow_bitsandbytes():
+    n = 4096 * 4096
+    assert round(nf4_bytes(n, double_quant=True) / n, 5) == 0.51593      # measured, reference 2.5
+    assert nf4_bytes(n, double_quant=False) / n == 0.5625
+    assert round(int8_bytes(Linear("x", 4096, 4096, False, True)) / n, 6) == 1.000977
+
+
+def test_quantization_skips_embeddings_head_and_norms(tmp_path):
+    an = inspect_model(build_meta(resolve_model(write_config(tmp_path, "TinyLlama-1.1B"))))
+    g = an.groups
+    assert an.quantized_numel == g["attention"] + g["mlp"]
+    plan = plan_memory(an, PlanRequest(method="qlora", target="cuda"))
+    upcast = next(x for x in plan.lines if x.key == "upcast")
+    assert upcast.bytes == 4 * (g["embeddings"] + g["head"] + g["norms"])    # PEFT's fp32 upcast
+
+
+def test_kv_cache_tinyllama_2048_is_44_mib(tmp_path):
+    an = inspect_model(build_meta(resolve_model(write_config(tmp_path, "TinyLlama-1.1B"))))
+    plan = plan_memory(an, PlanRequest(method="inference", seq_len=2048, precision="bf16", target="cuda"))
+    kv = next(x for x in plan.lines if x.key == "kv_cache")
+    assert kv.bytes == 44 * 2**20
+
+
+def test_hub_id_from_local_cache_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(MinilabError, match="not in the local Hugging Face cache") as e:
+        resolve_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+    assert "\n" not in str(e.value)
+    snap = tmp_path / "hub" / "models--TinyLlama--TinyLlama-1.1B-Chat-v1.0" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(PUBLIC["TinyLlama-1.1B"]))
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("a" * 40)
+    assert resolve_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0").minilab_config.n_layer == 22
+
+
+def test_training_lines_and_phases():
+    an = inspect_model(build_meta(resolve_model("tiny")))
+    full = plan_memory(an, PlanRequest(method="full", batch_size=4, seq_len=256))
+    keys = {x.key for x in full.lines}
+    assert {"weights", "grads", "optimizer", "activations", "logits", "runtime"} <= keys
+    assert full.peak == max(full.phases.values())
+    gc = plan_memory(an, PlanRequest(method="full", batch_size=4, seq_len=256, grad_checkpointing=True))
+    lora = plan_memory(an, PlanRequest(method="lora", batch_size=4, seq_len=256))
+    assert gc.peak < full.peak and lora.trainable_params < an.params
+    mixed = plan_memory(an, PlanRequest(method="full", precision="bf16", target="cuda"))
+    assert any(x.key == "master" for x in mixed.lines)
+
+
+def test_plan_cli_json_and_compare(tmp_path, capsys):
+    d = write_config(tmp_path, "TinyLlama-1.1B")
+    assert cli.main(["plan", str(d), "--method", "qlora", "--gpu-memory", "8GB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"] == KNOWN["TinyLlama-1.1B"] and out["verdict"]["fits"]
+    assert cli.main(["plan", "--compare", "micro", "tiny", "--method", "full", "--gpu-memory", "64MiB"]) == 0
+    text = capsys.readouterr().out
+    assert "micro" in text and "tiny" in text and "change" in text
+
+
+def test_preflight_refuses_a_run_that_cannot_fit_the_disk(tmp_path, monkeypatch):
+    from minilab import pretrain
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(machine, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    cfg = pretrain.PretrainConfig(data_dirs=["x"], tokenizer_dir="t", output_dir=str(tmp_path / "run"))
+    est = pretrain.estimate_resources(build_model(load_architecture("micro")), cfg, 64)
+    assert set(est) >= {"memory", "disk", "params"}
+    with pytest.raises(MinilabError) as e:
+        pretrain.preflight(est, tmp_path / "run", torch.device("cpu"))
+    assert "not enough disk" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
