@@ -15,7 +15,6 @@ import argparse
 import logging
 import os
 import random
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -37,10 +36,13 @@ from minilab.training import (
     OptimConfig,
     accumulate_gradients,
     autocast_context,
+    find_resume_checkpoint,
     lr_at,
     make_optimizer,
     matmul_peak_flops,
+    optimizer_step,
     resolve_device,
+    set_lr,
     token_loss_sum,
 )
 
@@ -97,50 +99,23 @@ class PretrainConfig:
 
 # ---- preflight (the planner will replace this one function) ------------------------------------
 def estimate_resources(model: Transformer, cfg: PretrainConfig, seq_len: int) -> dict[str, int]:
-    """Rough peak memory and disk of this run, in bytes.
+    """Peak memory and disk of this run, in bytes, from the planner (`minilab.planner`): fp32
+    weights, gradients and AdamW state, activations as the model is configured (gradient
+    checkpointing, batch, sequence), logits and the runtime; disk for (keep_last + best)
+    checkpoints with optimizer state, the final model and logs. See docs/planner.md."""
+    from minilab.planner.disk import estimate_pretrain
 
-    Memory: fp32 weights + grads + AdamW moments (16 B/param), plus activations of a
-    LLaMA block without recomputation, s*b*(12h + 4kv + 8I) 16-bit bytes per layer (Korthikanti
-    et al., adapted; doubled in fp32), plus fp32 logits and their gradient (b*s*V*12).
-    Disk: (keep_last + best) checkpoints of weights and optimizer state, the final model, logs.
-    """
-    mc, P = model.config, model.num_params()
-    b, s = cfg.batch_size, seq_len
-    act_bytes = 2 if cfg.precision != "fp32" else 4
-    per_layer = s * b * (12 * mc.d_model + 4 * mc.n_kv_head * mc.head_dim + 8 * mc.intermediate_size)
-    activations = mc.n_layer * per_layer * act_bytes // 2 + b * s * mc.vocab_size * 12
-    memory = 16 * P + activations
-    ckpt = 4 * P + 8 * P
-    disk = (cfg.keep_last + 1) * ckpt + 4 * P + 16 * 2**20
-    return {"memory": memory, "disk": disk, "params": P}
-
-
-def available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return estimate_pretrain(model, cfg.batch_size, seq_len, cfg.precision, cfg.keep_last,
+                             cfg.max_steps, cfg.ckpt_every)
 
 
 def preflight(est: dict[str, int], output_dir: Path, device: torch.device) -> None:
-    """Stop before the first step if the run cannot fit the free disk or memory."""
-    probe = output_dir if output_dir.exists() else next(p for p in output_dir.parents if p.exists())
-    free_disk = shutil.disk_usage(probe).free
-    if est["disk"] > free_disk:
-        raise MinilabError(f"not enough disk at {probe}: the run writes about {human_bytes(est['disk'])}, "
-                           f"{human_bytes(free_disk)} free; lower keep_last or choose another output_dir")
-    if device.type == "cuda":
-        free_mem, _ = torch.cuda.mem_get_info(device)
-        where = "GPU memory"
-    else:
-        free_mem, where = available_memory(), "RAM"
-    if free_mem is not None and est["memory"] > free_mem:
-        raise MinilabError(f"not enough {where}: the run needs about {human_bytes(est['memory'])}, "
-                           f"{human_bytes(free_mem)} free; lower batch_size (raise grad_accum) or enable "
-                           "model.gradient_checkpointing")
+    """Stop before the first step (and before writing anything) if the run cannot fit the free
+    disk or memory; a one-line error names what to change. Free disk comes from
+    `minilab.planner.machine.disk_usage`, a hook tests replace with a fake."""
+    from minilab.planner.machine import preflight as planner_preflight
+
+    planner_preflight(est, output_dir, device)
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -249,16 +224,10 @@ class PretrainRun:
 
     # ---- resume ---------------------------------------------------------------------------------
     def restore(self, resume: str | None) -> None:
-        from minilab.checkpoint import latest_checkpoint, load_checkpoint
+        from minilab.checkpoint import load_checkpoint
 
-        ckpt = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume) if resume else None
+        ckpt = find_resume_checkpoint(self.ckpt_dir, self.out, resume, self.info.is_main)
         if ckpt is None:
-            if resume and resume != "auto":
-                raise MinilabError(f"--resume {resume}: no such checkpoint")
-            if self.info.is_main and ((self.ckpt_dir.exists() and any(self.ckpt_dir.iterdir()))
-                                      or (self.out / "final").exists()):
-                raise MinilabError(f"{self.out} already holds a run; use --resume auto to continue it "
-                                   "or choose another --output_dir")
             return
         meta = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, restore_rng=True,
                                map_location=self.device)
@@ -283,17 +252,9 @@ class PretrainRun:
                                        normalizer=normalizer,
                                        sync=lambda last: distributed.no_sync(self.train_model, last))
         loss = distributed.all_reduce_sum(loss, info, self.device) / info.world_size
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or float("inf"))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = optimizer_step(self.model, self.optimizer, self.scaler, cfg.optim.grad_clip)
         self.tokens_seen += cfg.batch_size * cfg.grad_accum * self.seq_len * info.world_size
-        return loss, float(norm)
+        return loss, norm
 
     def run_eval(self, bar) -> None:
         self.last_eval = evaluate(self.model, self.cfg, self.seq_len, self.device)
@@ -332,8 +293,7 @@ class PretrainRun:
         with StepProgress(cfg.max_steps, self.step, enabled=self.info.is_main) as bar:
             while self.step < cfg.max_steps:
                 lr = lr_at(self.step, cfg.max_steps, cfg.optim)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(self.optimizer, lr)
                 if self.step % cfg.eval_every == 0:
                     self.run_eval(bar)
                 loss, norm = self.train_step()

@@ -127,6 +127,51 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[tuple[torch.Tenso
     return total, n_tokens
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, grad_clip: float) -> float:
+    """Unscale (fp16), clip the global grad norm of the trainable parameters, step, zero the
+    grads; returns the norm before clipping. Shared so every loop clips and steps alike."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Summed log-probability of each row's target tokens, (B, T, V) x (B, T) -> (B,), in fp32.
+    The quantity DPO compares between policy and reference (positions at ignore_index add 0)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    mask = targets != ignore_index
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+def find_resume_checkpoint(ckpt_dir: Path, out: Path, resume: str | None, is_main: bool = True) -> Path | None:
+    """The checkpoint `--resume auto|PATH` names, or None for a fresh run. A fresh run into a
+    directory that already holds checkpoints or a final model is refused, never overwritten."""
+    from minilab.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(ckpt_dir) if resume == "auto" else Path(resume) if resume else None
+    if ckpt is None:
+        if resume and resume != "auto":
+            raise MinilabError(f"--resume {resume}: no such checkpoint")
+        if is_main and ((ckpt_dir.exists() and any(ckpt_dir.iterdir())) or (out / "final").exists()):
+            raise MinilabError(f"{out} already holds a run; use --resume auto to continue it "
+                               "or choose another --output_dir")
+    return ckpt
+
+
 class MetricsLog:
     """Append-only JSON lines (`metrics.jsonl`), one object per event; rank 0 writes.
 

@@ -35,6 +35,9 @@ class EvalConfig:
         "help": "packed datasets: perplexity on their val split"})
     text_files: list[str] = field(default_factory=list, metadata={
         "help": "raw UTF-8 text files: sliding-window perplexity"})
+    dpo_dirs: list[str] = field(default_factory=list, metadata={
+        "help": "preference datasets (minilab dpo-data): win rate vs the reference, chosen/rejected perplexity"})
+    dpo_beta: float = field(default=0.1, metadata={"help": "beta of the implicit reward for --dpo"})
     mc_files: list[str] = field(default_factory=list, metadata={
         "help": "multiple-choice JSONL files (BoolQ or generic shape)"})
     prompts_file: str | None = field(default=None, metadata={
@@ -116,12 +119,27 @@ def read_prompts(path: str | None) -> list[str]:
     return prompts
 
 
-def generations(model, tokenizer, cfg: EvalConfig, stops: list[int]) -> dict[str, Any]:
-    """Greedy and seeded sampled continuations of each prompt."""
+def chat_formatter(model_dir: Path):
+    """For a chat-tuned model (its manifest records the template it was trained with): a function
+    wrapping a prompt as one user turn plus the generation prompt; None for plain models."""
+    chat = _json(model_dir / "manifest.json").get("chat")
+    jinja = _json(model_dir / "tokenizer_config.json").get("chat_template")
+    if not chat or not isinstance(jinja, str):
+        return None
+    from minilab.finetune.templates import ChatTemplate
+
+    template = ChatTemplate(chat["template"], jinja, chat["end_token"], "",
+                            str(_json(model_dir / "tokenizer_config.json").get("eos_token") or "</s>"))
+    return lambda p: template.render([{"role": "user", "content": p}], add_generation_prompt=True)
+
+
+def generations(model, tokenizer, cfg: EvalConfig, stops: list[int], fmt=None) -> dict[str, Any]:
+    """Greedy and seeded sampled continuations of each prompt (in the chat format with `fmt`)."""
     from minilab.generate import generate_text
 
     items = []
-    for i, prompt in enumerate(read_prompts(cfg.prompts_file)):
+    for i, raw in enumerate(read_prompts(cfg.prompts_file)):
+        prompt = fmt(raw) if fmt is not None else raw
         kw = dict(max_new_tokens=cfg.max_new_tokens, stop_token_ids=stops)
         greedy = generate_text(model, tokenizer, prompt, temperature=0.0, **kw)
         # Seed per prompt (seed + i): adding a prompt does not change the others' samples.
@@ -189,7 +207,12 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         log.info("%s: accuracy %.3f [%.3f, %.3f] (per byte; chance %.3f, majority %.3f) on %d items", f,
                  a["accuracy"], *a["ci95"], b["chance"], b["majority"]["accuracy"], r["n_items"])
     if cfg.max_new_tokens > 0:
-        results["generations"] = generations(model, tokenizer, cfg, stops)
+        results["generations"] = generations(model, tokenizer, cfg, stops, chat_formatter(model_dir))
+    if cfg.dpo_dirs:
+        from minilab.evaluate.preference import preference_eval
+
+        del model  # the policy/reference pair is loaded afresh (adapters kept switchable)
+        results["preference"] = preference_eval(model_dir, cfg.dpo_dirs, beta=cfg.dpo_beta, device=device)
     written = report.write_report(out_dir, results, report.find_metrics(model_dir))
     log.info("report: %s (%d plots)", written["report"], len(written["plots"]))
     return results
@@ -205,6 +228,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", nargs="+", metavar="FILE", dest="text_files",
                    help="raw text files (perplexity, bits/byte)")
     p.add_argument("--mc", nargs="+", metavar="FILE", dest="mc_files", help="multiple-choice JSONL files")
+    p.add_argument("--dpo", nargs="+", metavar="DIR", dest="dpo_dirs",
+                   help="preference datasets: win rate vs the reference, perplexity on chosen vs rejected")
     p.add_argument("--prompts", metavar="FILE", dest="prompts_file", help="prompts for generations")
     p.add_argument("--limit", type=int, metavar="N", help="multiple choice: N items drawn at random per file")
     p.add_argument("--seed", type=int, metavar="S", help="seed of sampling (items and generations)")
@@ -215,7 +240,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """Defaults < --config file < flags given < --set overrides."""
     data = read_config_file(args.config) if args.config else {}
-    for key in ("model_path", "data_dirs", "output_dir", "text_files", "mc_files", "prompts_file", "limit",
+    for key in ("model_path", "data_dirs", "output_dir", "text_files", "mc_files", "dpo_dirs", "prompts_file", "limit",
                 "seed", "device"):
         if getattr(args, key, None) is not None:
             data[key] = getattr(args, key)
@@ -230,6 +255,11 @@ def main(args: argparse.Namespace) -> int:
         bpb = r.get("bits_per_byte")
         print(f"{r['source']}: perplexity {r['perplexity']:.3f} over {r['tokens']:,} tokens"
               + (f", {bpb:.4f} bits/byte" if bpb is not None else ""))
+    for r in results.get("preference", []):
+        ppl = r["perplexity"]
+        print(f"{r['data']}: win rate vs reference {r['win_rate']:.3f} on {r['pairs']} pairs; perplexity chosen "
+              f"{ppl['policy']['chosen']:.2f} / rejected {ppl['policy']['rejected']:.2f} (reference "
+              f"{ppl['reference']['chosen']:.2f} / {ppl['reference']['rejected']:.2f})")
     for r in results["multiple_choice"]:
         a, b = r["accuracy"]["per_byte"], r["baselines"]
         print(f"{r['file']}: accuracy {a['accuracy']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] per byte "

@@ -1,0 +1,296 @@
+"""What the SFT and DPO loops share: the model being tuned, its checkpoints, its eval generations,
+and writing the result into the registry.
+
+`Tuning` is composition, not a base class: each loop (sft.py, dpo.py) owns its steps and calls
+these pieces. Checkpoints hold only the trainable parameters (`TrainableView`) with their
+optimizer state, RNG states and the data position, so a LoRA checkpoint is megabytes, not a copy
+of the frozen base.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from minilab import __version__, distributed
+from minilab.errors import MinilabError
+from minilab.finetune.models import TrainableView, apply_method, load_base, peft_of
+from minilab.training import MetricsLog, OptimConfig, make_optimizer, optimizer_step
+
+log = logging.getLogger("minilab.finetune")
+
+DEFAULT_PROMPTS = ["Hello, how are you?", "What is your favorite book?", "Tell me a joke."]
+
+
+@dataclass
+class LoraSettings:
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    target_modules: list[str] | None = field(default=None, metadata={
+        "help": "module names to adapt; default every attention and MLP projection of the architecture"})
+
+    def as_peft(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout}
+        if self.target_modules:
+            out["target_modules"] = list(self.target_modules)
+        return out
+
+
+@dataclass
+class TuneConfig:
+    """Settings every fine-tuning loop has (SFTConfig and DPOConfig embed these fields)."""
+
+    base_model: str = field(default="", metadata={"help": "registry name, model directory, or hub id"})
+    output_dir: str = field(default="", metadata={"help": "run directory (checkpoints, metrics, final/)"})
+    method: Literal["lora", "qlora", "full"] = field(default="lora", metadata={
+        "help": "lora (adapters), qlora (adapters on a 4-bit NF4 base), full (every weight)"})
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    backend: Literal["auto", "minilab", "transformers"] = field(default="auto", metadata={
+        "help": "auto: Llama models run as minilab models, others through transformers"})
+    dtype: str | None = field(default=None, metadata={"help": "base weights dtype; default as stored"})
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 200
+    eval_every: int = 50
+    eval_batches: int = 4
+    ckpt_every: int = 100
+    keep_last: int = 2
+    seed: int = 1337
+    eval_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS), metadata={
+        "help": "prompts answered (greedy) at every eval, to watch answers improve"})
+    max_new_tokens: int = 32
+    dataset_name: str | None = field(default=None, metadata={"help": "dataset field of the registry name"})
+    register: bool = True
+    models_dir: str | None = None
+
+
+class Tuning:
+    """The model being fine-tuned with its optimizer, checkpoints and output."""
+
+    def __init__(self, cfg: TuneConfig, optim: OptimConfig, info: distributed.DistInfo, device: torch.device):
+        from minilab.registry import read_manifest
+
+        self.cfg, self.optim, self.info, self.device = cfg, optim, info, device
+        self.out = Path(cfg.output_dir)
+        torch.manual_seed(cfg.seed)  # LoRA init: identical on every rank, reproducible
+        self.base = load_base(cfg.base_model, backend=cfg.backend, device=device, dtype=cfg.dtype,
+                              registry_root=cfg.models_dir)
+        self.base_params = sum(p.numel() for p in self.base.model.parameters())
+        self.base_manifest = read_manifest(self.base.path)
+        self.tokenizer_sha = self.base_manifest.get("tokenizer_sha256") or _fingerprint(self.base.tokenizer_dir)
+        self.model = apply_method(self.base, cfg.method, cfg.lora.as_peft(), device)
+        self.peft = peft_of(self.model)
+        self.optimizer = make_optimizer(self.model, optim, device)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.view = TrainableView(self.model)
+        self.train_model = distributed.wrap(self.model, info, device)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=info.is_main)
+        self.ckpt_dir = self.out / "checkpoints"
+        trainable = sum(p.numel() for p in self.view.parameters())
+        log.info("%s fine-tuning of %s (%s backend): %s trainable of %s parameters", cfg.method,
+                 cfg.base_model, self.base.backend, f"{trainable:,}", f"{self.base_params:,}")
+
+    # ---- resources --------------------------------------------------------------------------
+    def preflight(self, seq_len: int) -> dict[str, int]:
+        """Memory and disk estimate, checked by pretrain's preflight (which the planner backs)."""
+        from minilab.pretrain import preflight
+
+        resident = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+        trainable = sum(p.numel() for p in self.view.parameters())
+        config = self.base_config
+
+        def get(*names: str) -> int:
+            return next((int(getattr(config, n)) for n in names if hasattr(config, n)), 0)
+
+        d, L, V = get("d_model", "hidden_size"), get("n_layer", "num_hidden_layers"), get("vocab_size")
+        b = self.cfg.batch_size
+        # Weights as held + grads and AdamW moments of the trainable part (fp32: 12 B/param) +
+        # activations (~34 d bytes per token per layer in 16 bit, doubled in fp32) + fp32 logits.
+        activations = L * b * seq_len * d * 34 * 2 + b * seq_len * V * 12
+        plan = {"memory": resident + 12 * trainable + activations,
+                "disk": (self.cfg.keep_last + 1) * 12 * trainable + 4 * trainable + 16 * 2**20,
+                "params": self.base_params, "trainable": trainable}
+        preflight(plan, self.out, self.device)
+        return plan
+
+    @property
+    def base_config(self) -> Any:
+        inner = self.base.model.inner if hasattr(self.base.model, "inner") else self.base.model
+        return getattr(inner, "config", None)
+
+    # ---- steps and checkpoints -----------------------------------------------------------------
+    def optimizer_step(self) -> float:
+        return optimizer_step(self.model, self.optimizer, self.scaler, self.optim.grad_clip)
+
+    def save(self, step: int, meta: dict[str, Any], metric: float | None) -> None:
+        from minilab.checkpoint import save_checkpoint
+
+        if self.info.is_main:
+            save_checkpoint(self.ckpt_dir, step, model=self.view, optimizer=self.optimizer,
+                            meta={**meta, "tokenizer_sha256": self.tokenizer_sha, "minilab_version": __version__},
+                            keep_last=self.cfg.keep_last, keep_best=True, metric=metric)
+        distributed.barrier(self.info)
+
+    def restore(self, resume: str | None) -> dict[str, Any] | None:
+        from minilab.checkpoint import load_checkpoint
+        from minilab.training import find_resume_checkpoint
+
+        ckpt = find_resume_checkpoint(self.ckpt_dir, self.out, resume, self.info.is_main)
+        if ckpt is None:
+            return None
+        meta = load_checkpoint(ckpt, model=self.view, optimizer=self.optimizer, restore_rng=True,
+                               map_location=self.device)
+        if meta.get("tokenizer_sha256") != self.tokenizer_sha:
+            raise MinilabError(f"{ckpt} was trained with tokenizer {meta.get('tokenizer_sha256')}, not "
+                               f"{self.tokenizer_sha}; resume with the run's own base model")
+        log.info(f"resumed from {ckpt} at step {meta['step']}")
+        return meta
+
+    # ---- eval generations ------------------------------------------------------------------------
+    @torch.no_grad()
+    def answer(self, template, prompts: list[str], max_new_tokens: int) -> list[dict[str, str]]:
+        """Greedy answers to `prompts`, each formatted as a one-turn conversation by `template`;
+        generation stops at the template's end-of-turn token (or eos)."""
+        from tokenizers import Tokenizer
+
+        from minilab.generate import generate
+
+        tok = Tokenizer.from_file(str(self.base.tokenizer_dir / "tokenizer.json"))
+        stops = [t for t in {tok.token_to_id(template.end_token), tok.token_to_id(template.eos_token or "</s>")}
+                 if t is not None]
+        was = self.model.training
+        self.model.eval()
+        out = []
+        for p in prompts:
+            ids = tok.encode(template.render([{"role": "user", "content": p}], add_generation_prompt=True),
+                             add_special_tokens=False).ids
+            if self.base.backend == "minilab":
+                new = generate(self.model, [ids], max_new_tokens=max_new_tokens, stop_token_ids=stops)[0]
+            else:
+                new = self._hf_generate(ids, max_new_tokens, stops)
+            out.append({"prompt": p, "answer": tok.decode(new, skip_special_tokens=True)})
+        self.model.train(was)
+        return out
+
+    def _hf_generate(self, ids: list[int], max_new_tokens: int, stops: list[int]) -> list[int]:
+        inner = self.model.inner
+        x = torch.tensor([ids], device=self.device)
+        y = inner.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                           do_sample=False, eos_token_id=stops, pad_token_id=stops[0] if stops else 0)
+        new = y[0, len(ids):].tolist()
+        return new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
+
+    # ---- output -----------------------------------------------------------------------------------
+    def finish(self, training_type: str, template, data: list[dict[str, Any]], dataset: str,
+               metrics: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+        """Write `<output_dir>/final/` and register it: adapters (PEFT files in adapters/) for
+        LoRA/QLoRA, a full HF model for full fine-tuning; tokenizer with the training template."""
+        from minilab import registry
+        from minilab.fsutil import atomic_dir
+
+        cfg = self.cfg
+        final = self.out / "final"
+        adapters = self.peft is not None
+        with atomic_dir(final, overwrite=True) as tmp:
+            if adapters:
+                self.peft.save_pretrained(str(tmp / "adapters"))
+                _set_adapter_base(tmp / "adapters", self._base_ref())
+            else:
+                self._save_full(tmp)
+            write_chat_tokenizer(self.base.tokenizer_dir, tmp, template)
+        ttype = "lora" if adapters and training_type == "sft" else training_type
+        arch = "llama" if self.base.backend == "minilab" else self.base.model_type
+        fields = dict(training_type=ttype, parent=self._registered_base(),
+                      base_model={"name": cfg.base_model, "path": str(self.base.path.resolve()),
+                                  "fingerprint": self.base_manifest.get("fingerprint") or _dir_fingerprint(
+                                      self.base.path), "backend": self.base.backend,
+                                  "model_type": self.base.model_type},
+                      method=cfg.method, chat={"template": template.name, "end_token": template.end_token},
+                      data=data, tokenizer_sha256=_fingerprint(final), config=config, metrics=metrics,
+                      params=self.base_params, run_dir=str(self.out.resolve()))
+        name = None
+        if cfg.register:
+            name = registry.make_name(arch, self.base_params, dataset, ttype, root=cfg.models_dir)
+            registry.write_manifest(final, name=name, **fields)
+            registry.register(final, name, root=cfg.models_dir, link=True)
+        else:
+            registry.write_manifest(final, name=None, **fields)
+        return {"final_dir": str(final), "name": name}
+
+    def _save_full(self, tmp: Path) -> None:
+        from minilab.hf import save_hf_dir
+
+        if self.base.backend == "minilab":
+            save_hf_dir(self.model, tmp, overwrite=True)
+        else:
+            self.model.inner.save_pretrained(str(tmp))
+
+    def _registered_base(self) -> str | None:
+        name = self.base_manifest.get("name")
+        return name if isinstance(name, str) else None
+
+    def _base_ref(self) -> str:
+        """How adapter_config.json names the base: registry name, else hub id, else absolute path."""
+        if self._registered_base():
+            return self._registered_base()
+        given = Path(self.cfg.base_model).expanduser()
+        return str(given.resolve()) if given.exists() else self.cfg.base_model
+
+
+def _set_adapter_base(adapters: Path, base: str) -> None:
+    from minilab.fsutil import write_json_atomic
+
+    path = adapters / "adapter_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = base
+    write_json_atomic(path, cfg)
+
+
+def write_chat_tokenizer(tokenizer_dir: Path, out: Path, template) -> None:
+    """Copy the tokenizer files; its chat_template becomes the training template and the
+    generation config stops at both eos and the end-of-turn token."""
+    from tokenizers import Tokenizer
+
+    from minilab.fsutil import write_json_atomic
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_dir / name).is_file() and not (out / name).is_file():
+            shutil.copy2(tokenizer_dir / name, out / name)
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    cfg["chat_template"] = template.jinja
+    write_json_atomic(cfg_path, cfg)
+    (out / "chat_template.jinja").unlink(missing_ok=True)  # would shadow the config's template
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    stops = [t for t in dict.fromkeys([tok.token_to_id(template.eos_token or "</s>"),
+                                       tok.token_to_id(template.end_token)]) if t is not None]
+    gen_path = out / "generation_config.json"
+    gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
+    gen["eos_token_id"] = stops
+    write_json_atomic(gen_path, gen)
+
+
+def _fingerprint(tokenizer_dir: Path) -> str:
+    from minilab.data.tokenizer import tokenizer_fingerprint
+
+    return tokenizer_fingerprint(tokenizer_dir)
+
+
+def _dir_fingerprint(path: Path) -> str:
+    """sha256 over the weight and config files of an unregistered base (its identity)."""
+    import hashlib
+
+    from minilab.fsutil import sha256_file
+
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
+    text = "".join(f"{sha256_file(p)}  {p.name}\n" for p in files)
+    return hashlib.sha256(text.encode()).hexdigest()

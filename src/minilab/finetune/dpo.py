@@ -1,0 +1,316 @@
+"""`minilab dpo`: Direct Preference Optimization (sigmoid loss) with LoRA, QLoRA or full weights.
+
+    minilab dpo --base-model llama-2.3M-demo-lora-v1 --data-dirs data/dpo/demo --output-dir runs/dpo
+
+Loss (Rafailov et al. 2023; trl's "sigmoid"): with summed answer log-probs under the policy
+(pi) and the reference (ref),  loss = -log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))).
+The implicit rewards are beta * (pi - ref); metrics report their margin and how often the
+chosen answer's reward is higher (reward accuracy), plus the policy's log-probs.
+
+The reference is the base itself with the adapters switched off (`PeftModel.disable_adapter()`):
+one copy of the weights in memory, not two. `precompute_ref` scores every training pair under
+the reference once before training (saved in the run directory, so a resume reuses it); full
+fine-tuning needs it, since no adapter can be switched off there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minilab import distributed
+from minilab.config import to_dict
+from minilab.errors import ConfigError
+from minilab.finetune.common import TuneConfig, Tuning
+from minilab.training import OptimConfig, autocast_context, lr_at, sequence_logprobs, set_lr
+
+log = logging.getLogger("minilab.dpo")
+
+
+@dataclass
+class DPOConfig(TuneConfig):
+    data_dirs: list[str] = field(default_factory=list, metadata={"help": "datasets from `minilab dpo-data`"})
+    data_weights: list[float] | None = None
+    beta: float = field(default=0.1, metadata={"help": "strength of the KL anchor to the reference"})
+    precompute_ref: bool = field(default=False, metadata={
+        "help": "score the training pairs under the reference once, before training"})
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=0.0, warmup_frac=0.1))
+
+    def validate(self) -> None:
+        for key in ("base_model", "output_dir", "data_dirs"):
+            if not getattr(self, key):
+                raise ConfigError("required", key=key)
+        if self.beta <= 0:
+            raise ConfigError("must be positive", key="beta")
+        for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "ckpt_every", "keep_last"):
+            if getattr(self, key) <= 0:
+                raise ConfigError("must be positive", key=key)
+
+
+def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, beta: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair sigmoid DPO loss and the chosen/rejected implicit rewards (detached), each (B,)."""
+    logits = (pi_c - pi_r) - (ref_c - ref_r)
+    loss = -F.logsigmoid(beta * logits)
+    return loss, beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
+
+
+def pair_logps(model, chosen: list, rejected: list, pad_id: int, precision: str, device) -> tuple:
+    """Summed answer log-probs of chosen and rejected rows in one forward pass: (B,), (B,)."""
+    from minilab.finetune.rows import collate
+
+    x, y = collate(chosen + rejected, pad_id)
+    with autocast_context(precision, device):
+        logits = model(x.to(device))
+    logps = sequence_logprobs(logits, y.to(device))
+    return logps[: len(chosen)], logps[len(chosen):]
+
+
+def reference_context(model, peft_model):
+    """Forward passes inside run under the reference: the adapters switched off."""
+    return peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
+
+
+def run(cfg: DPOConfig, resume: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+    from minilab.training import resolve_device
+
+    info, device = distributed.init(resolve_device(cfg.device))
+    try:
+        job = DPORun(cfg, info, device)
+        return {"plan": job.plan} if dry_run else job.fit(resume)
+    finally:
+        distributed.shutdown()
+
+
+class DPORun:
+    """One DPO run: setup -> restore -> (train_step, run_eval, save)* -> finish."""
+
+    def __init__(self, cfg: DPOConfig, info: distributed.DistInfo, device: torch.device):
+        from minilab.finetune.rows import Rows, WeightedSampler
+        from minilab.finetune.sft import load_datasets, pad_id_of
+
+        if cfg.method == "full" and not cfg.precompute_ref:
+            raise ConfigError("full fine-tuning has no adapters to switch off for the reference; "
+                              "set precompute_ref=true", key="precompute_ref")
+        self.cfg, self.info, self.device = cfg, info, device
+        self.tune = Tuning(cfg, cfg.optim, info, device)
+        self.manifests, self.template = load_datasets(cfg.data_dirs, self.tune.tokenizer_sha, kind="dpo_data")
+        self.train = [(Rows(d, "train.chosen"), Rows(d, "train.rejected")) for d in cfg.data_dirs]
+        self.val = [(Rows(d, "val.chosen"), Rows(d, "val.rejected")) for d in cfg.data_dirs]
+        self.sampler = WeightedSampler([len(c) for c, _ in self.train], cfg.data_weights, cfg.seed,
+                                       info.rank, info.world_size)
+        self.pad_id = pad_id_of(self.tune.base.tokenizer_dir)
+        self.plan = self.tune.preflight(2 * max(int(m["max_len"]) for m in self.manifests))
+        self.ref: list[np.ndarray] | None = None
+        self.step, self.best, self.last_eval = 0, float("inf"), {}
+
+    # ---- reference log-probs ----------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, pairs, idx: list[int], reference: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.tune.model
+        ctx = reference_context(model, self.tune.peft) if reference else contextlib.nullcontext()
+        with ctx:
+            return pair_logps(model, [pairs[0][i] for i in idx], [pairs[1][i] for i in idx], self.pad_id,
+                              self.cfg.precision, self.device)
+
+    def precompute_reference(self) -> None:
+        """Reference log-probs of every training pair, (n, 2) per dataset, saved once per run."""
+        path = self.tune.out / "reference_logps.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                self.ref = [z[f"d{i}"] for i in range(len(self.train))]
+            return
+        was = self.tune.model.training
+        self.tune.model.eval()  # no dropout in the reference
+        self.ref = []
+        for pairs in self.train:
+            out = np.zeros((len(pairs[0]), 2), dtype=np.float64)
+            for a in range(0, len(pairs[0]), self.cfg.batch_size):
+                idx = list(range(a, min(a + self.cfg.batch_size, len(pairs[0]))))
+                c, r = self.score(pairs, idx, reference=True)
+                out[idx, 0], out[idx, 1] = c.double().cpu().numpy(), r.double().cpu().numpy()
+            self.ref.append(out)
+        self.tune.model.train(was)
+        if self.info.is_main:
+            from minilab.fsutil import atomic_path
+
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **{f"d{i}": a for i, a in enumerate(self.ref)})
+        distributed.barrier(self.info)
+
+    # ---- resume / step ------------------------------------------------------------------------------
+    def restore(self, resume: str | None) -> None:
+        meta = self.tune.restore(resume)
+        if meta is None:
+            return
+        self.sampler.load_state_dict(meta["data_state"])
+        self.step, self.best = meta["step"], meta["best_val_loss"]
+        self.last_eval = {"val_loss": meta["val_loss"]} if meta.get("val_loss") is not None else {}
+        self.tune.metrics.truncate_after(self.step)
+
+    def micro_batch(self) -> list[tuple[int, int]]:
+        return [self.sampler.next() for _ in range(self.cfg.batch_size)]
+
+    def batch_stats(self, picks: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair loss (with grad) and metrics of one micro-batch of (dataset, row) picks."""
+        cfg, model = self.cfg, self.tune.model
+        by_d: dict[int, list[int]] = {}
+        for d, i in picks:
+            by_d.setdefault(d, []).append(i)
+        parts = []
+        for d, idx in by_d.items():
+            pi_c, pi_r = pair_logps(self.tune.train_model, [self.train[d][0][i] for i in idx],
+                                    [self.train[d][1][i] for i in idx], self.pad_id, cfg.precision, self.device)
+            if self.ref is not None:
+                ref = torch.as_tensor(self.ref[d][idx], dtype=torch.float32, device=self.device)
+                ref_c, ref_r = ref[:, 0], ref[:, 1]
+            else:
+                was = model.training
+                model.eval()  # the reference without dropout, as when precomputed
+                ref_c, ref_r = self.score(self.train[d], idx, reference=True)
+                model.train(was)
+            parts.append((pi_c, pi_r, ref_c, ref_r))
+        pi_c, pi_r, ref_c, ref_r = (torch.cat(t) for t in zip(*parts, strict=True))
+        loss, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta)
+        return loss, {"chosen_rewards": rc, "rejected_rewards": rr, "logps_chosen": pi_c.detach(),
+                      "logps_rejected": pi_r.detach()}
+
+    def train_step(self) -> tuple[dict[str, float], float]:
+        cfg, tune, info = self.cfg, self.tune, self.info
+        n_pairs = cfg.batch_size * cfg.grad_accum
+        stats: list[dict[str, torch.Tensor]] = []
+        total = 0.0
+        for k in range(cfg.grad_accum):
+            with distributed.no_sync(tune.train_model, k == cfg.grad_accum - 1):
+                loss, s = self.batch_stats(self.micro_batch())
+                scaled = loss.sum() / n_pairs  # the mean over every pair of the step
+                (tune.scaler.scale(scaled) if tune.scaler is not None else scaled).backward()
+            total += scaled.item()
+            stats.append(s)
+        norm = tune.optimizer_step()
+        merged = {k: torch.cat([s[k] for s in stats]) for k in stats[0]}
+        metrics = summarize(torch.tensor([total]), merged)
+        metrics["loss"] = distributed.all_reduce_sum(total, info, self.device) / info.world_size
+        return metrics, norm
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """DPO metrics on every dataset's val pairs (reference from the switched-off adapters, or
+        recomputed; for precomputed full fine-tuning the val reference is the starting weights' score
+        stored alongside)."""
+        model = self.tune.model
+        was = model.training
+        model.eval()
+        losses, parts = [], []
+        for pairs in self.val:
+            for a in range(0, min(len(pairs[0]), self.cfg.eval_batches * self.cfg.batch_size), self.cfg.batch_size):
+                idx = list(range(a, min(a + self.cfg.batch_size, len(pairs[0]))))
+                pi_c, pi_r = self.score(pairs, idx, reference=False)
+                ref_c, ref_r = self.val_reference(pairs, idx)
+                loss, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, self.cfg.beta)
+                losses.append(loss)
+                parts.append({"chosen_rewards": rc, "rejected_rewards": rr, "logps_chosen": pi_c,
+                              "logps_rejected": pi_r})
+        model.train(was)
+        if not parts:
+            return {}
+        merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        out = summarize(torch.cat(losses), merged)
+        return {f"val_{k}": v for k, v in out.items()} | {"val_loss": out["loss"]}
+
+    def val_reference(self, pairs, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tune.peft is not None:
+            return self.score(pairs, idx, reference=True)
+        key = id(pairs)
+        cache = self.__dict__.setdefault("_val_ref", {})
+        if key not in cache:  # full fine-tuning: the starting weights' scores, taken at the first eval
+            cache[key] = self.score(pairs, list(range(len(pairs[0]))), reference=False)
+        c, r = cache[key]
+        return c[idx], r[idx]
+
+    def run_eval(self, bar) -> None:
+        self.last_eval = self.evaluate()
+        if "val_loss" in self.last_eval:
+            self.best = min(self.best, self.last_eval["val_loss"])
+        self.tune.metrics.write("eval", step=self.step, epochs=self.sampler.epochs(), **self.last_eval)
+        if self.info.is_main and self.last_eval:
+            e = self.last_eval
+            bar.note(f"step {self.step}: val loss {e['val_loss']:.4f}, reward accuracy "
+                     f"{e['val_reward_accuracy']:.3f}, margin {e['val_reward_margin']:.4f}")
+
+    def save(self) -> None:
+        val = self.last_eval.get("val_loss")
+        self.tune.save(self.step, {"config": to_dict(self.cfg), "tokens_seen": 0,
+                                   "data_state": self.sampler.state_dict(), "best_val_loss": self.best,
+                                   "val_loss": val}, metric=val)
+
+    def fit(self, resume: str | None) -> dict[str, Any]:
+        from minilab.finetune.sft import data_records
+        from minilab.progress import StepProgress
+
+        cfg = self.cfg
+        self.restore(resume)
+        if cfg.precompute_ref:
+            self.precompute_reference()
+        self.tune.model.train()
+        with StepProgress(cfg.max_steps, self.step, description="dpo", enabled=self.info.is_main) as bar:
+            while self.step < cfg.max_steps:
+                lr = lr_at(self.step, cfg.max_steps, cfg.optim)
+                set_lr(self.tune.optimizer, lr)
+                if self.step % cfg.eval_every == 0:
+                    self.run_eval(bar)
+                t0 = time.perf_counter()
+                metrics, norm = self.train_step()
+                self.step += 1
+                pairs_s = cfg.batch_size * cfg.grad_accum / max(time.perf_counter() - t0, 1e-9)
+                self.tune.metrics.write("train", step=self.step, lr=lr, grad_norm=norm, pairs_per_s=pairs_s,
+                                        **metrics)
+                bar.update(self.step, loss=metrics["loss"], tok_s=pairs_s, unit="pairs/s")
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+                    self.save()
+        self.run_eval(bar)
+        if not self.info.is_main:
+            return {"final_dir": None, "name": None, **self.last_eval}
+        dataset = cfg.dataset_name or Path(cfg.data_dirs[0]).name
+        result = self.tune.finish("dpo", self.template, data_records(cfg.data_dirs), dataset,
+                                  {**self.last_eval, "steps": self.step, "beta": cfg.beta}, to_dict(cfg))
+        return {**result, **self.last_eval}
+
+
+def summarize(loss: torch.Tensor, s: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean loss, reward margin and accuracy, chosen/rejected rewards and log-probs."""
+    margin = s["chosen_rewards"] - s["rejected_rewards"]
+    return {"loss": float(loss.float().mean()), "reward_margin": float(margin.mean()),
+            "reward_accuracy": float((margin > 0).float().mean()),
+            "rewards_chosen": float(s["chosen_rewards"].mean()),
+            "rewards_rejected": float(s["rejected_rewards"].mean()),
+            "logps_chosen": float(s["logps_chosen"].mean()), "logps_rejected": float(s["logps_rejected"].mean())}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minilab.finetune.sft import add_tune_arguments
+
+    add_tune_arguments(p)
+    p.add_argument("--beta", type=float, help="DPO beta (default 0.1)")
+    from minilab.cli import flag
+
+    flag(p, "--precompute-ref", action="store_true", help="score the reference once before training")
+
+
+def main(args: argparse.Namespace) -> int:
+    from minilab.data.cliargs import config_from_args
+    from minilab.finetune.sft import print_result
+
+    cfg = config_from_args(DPOConfig, args, {k: getattr(args, k, None) for k in (
+        "base_model", "data_dirs", "data_weights", "output_dir", "method", "max_steps", "beta", "precompute_ref")})
+    print_result(run(cfg, resume=args.resume, dry_run=args.dry_run), args.dry_run)
+    return 0

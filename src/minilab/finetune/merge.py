@@ -1,0 +1,109 @@
+"""`minilab merge MODEL_WITH_ADAPTERS`: bake LoRA/QLoRA adapters into a full-weight registry model.
+
+    minilab merge llama-2.3M-demo-lora-v1            # -> llama-2.3M-demo-merged-v1
+
+The base is always loaded in full precision (as stored, or `--dtype`), and the adapters are
+added to those weights: adapters trained with QLoRA on a 4-bit NF4 copy are merged onto the
+original weights, never onto the quantized ones (re-rounding them to 4 bits would add the
+quantization error to every merged weight).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minilab.errors import MinilabError
+
+log = logging.getLogger("minilab.merge")
+
+
+def merge(model: str, *, output_dir: str | None = None, dtype: str | None = None, register: bool = True,
+          models_dir: str | None = None) -> dict[str, Any]:
+    """Merge the adapters of `model` (registry name or directory) and write a full model."""
+    from minilab import registry
+    from minilab.finetune.common import write_chat_tokenizer
+    from minilab.finetune.templates import ChatTemplate
+    from minilab.hf import save_hf_dir
+    from minilab.loading import load_model_for_inference, resolve_model_dir
+
+    src = resolve_model_dir(model, models_dir)
+    if not (src / "adapters" / "adapter_config.json").is_file() and not (src / "adapter_config.json").is_file():
+        raise MinilabError(f"{src}: no adapters to merge (expected adapters/adapter_config.json)")
+    manifest = registry.read_manifest(src)
+    base = manifest.get("base_model") or {}
+    if base.get("backend") == "transformers":
+        return _merge_transformers(src, manifest, output_dir, dtype, register, models_dir)
+    merged = load_model_for_inference(src, dtype=dtype, device="cpu", registry_root=models_dir)
+    out = Path(output_dir) if output_dir else src.parent / f"{src.name}-merged"
+    save_hf_dir(merged, out, tokenizer_dir=src, overwrite=output_dir is None and out.exists())
+    chat = manifest.get("chat") or {}
+    if chat:  # keep the chat template and the end-of-turn stop of the adapted model
+        cfg = registry._read_json(src / "tokenizer_config.json")
+        write_chat_tokenizer(src, out, ChatTemplate(chat["template"], cfg.get("chat_template", ""),
+                                                    chat["end_token"], "", str(cfg.get("eos_token") or "</s>")))
+    return _register(out, src, manifest, merged.num_params(), "llama", register, models_dir)
+
+
+def _merge_transformers(src: Path, manifest: dict[str, Any], output_dir: str | None, dtype: str | None,
+                        register: bool, models_dir: str | None) -> dict[str, Any]:
+    """Adapters on a model that only transformers runs: merge through peft on the HF model."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = manifest["base_model"]
+    hf = AutoModelForCausalLM.from_pretrained(base["path"], dtype=getattr(torch, dtype) if dtype else torch.float32)
+    merged = PeftModel.from_pretrained(hf, str(src / "adapters")).merge_and_unload()
+    out = Path(output_dir) if output_dir else src.parent / f"{src.name}-merged"
+    merged.save_pretrained(str(out))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (src / f).is_file():
+            shutil.copy2(src / f, out / f)
+    n = sum(p.numel() for p in merged.parameters())
+    return _register(out, src, manifest, n, base.get("model_type") or "hf", register, models_dir)
+
+
+def _register(out: Path, src: Path, manifest: dict[str, Any], params: int, arch: str, register: bool,
+              models_dir: str | None) -> dict[str, Any]:
+    from minilab import registry
+
+    fields = dict(training_type="merged", parent=manifest.get("name"), base_model=manifest.get("base_model"),
+                  method=manifest.get("method"), chat=manifest.get("chat"), data=manifest.get("data", []),
+                  tokenizer_sha256=manifest.get("tokenizer_sha256"), metrics=manifest.get("metrics", {}),
+                  params=params, merged_from=str(src.resolve()),
+                  merge={"onto": "full-precision base", "quantized_training": manifest.get("method") == "qlora"})
+    name = None
+    if register:
+        dataset = manifest.get("dataset") or "merged"
+        name = registry.make_name(arch, params, dataset, "merged", root=models_dir)
+        registry.write_manifest(out, name=name, **fields)
+        registry.register(out, name, root=models_dir, link=True)
+    else:
+        registry.write_manifest(out, name=None, **fields)
+    log.info("merged %s -> %s", src, out)
+    return {"final_dir": str(out), "name": name}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minilab.cli import flag
+
+    p.add_argument("model", metavar="MODEL_WITH_ADAPTERS", help="registry name or directory with adapters/")
+    flag(p, "--output-dir", metavar="DIR", help="where to write the merged model (default beside the source)")
+    p.add_argument("--dtype", help="weights dtype of the merged model (default: the base's)")
+    flag(p, "--no-register", action="store_true", help="do not enter the result into the registry")
+    flag(p, "--models-dir", metavar="DIR", help="registry root")
+
+
+def main(args: argparse.Namespace) -> int:
+    r = merge(args.model, output_dir=args.output_dir, dtype=args.dtype, register=not args.no_register,
+              models_dir=args.models_dir)
+    print(f"merged model: {r['final_dir']}")
+    if r["name"]:
+        print(f"registry name: {r['name']}")
+    return 0

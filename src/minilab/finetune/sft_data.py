@@ -1,0 +1,336 @@
+"""`minilab sft-data`: conversations -> templated, tokenized rows with loss masks and a manifest.
+
+    minilab sft-data --source data/chats.jsonl --tokenizer-dir tokenizers/tiny \\
+        --output-dir data/sft/chats [--template chatml|instruct|chat|alpaca|model] [--max-len 512]
+
+Accepted record shapes (JSONL, JSON list, or a Hugging Face dataset id through `datasets`):
+Alpaca `{instruction, input, output}`; OpenAI `{messages: [{role, content}]}`; ShareGPT
+`{conversations: [{from, value}]}`; OASST1 message trees, flat (`message_id`, `parent_id`,
+`role`, `text`, `rank`) or nested (`{prompt: {text, role, replies: [...]}}`), from which the
+top-ranked path is kept. `--source demo` uses the built-in chatterbot conversations.
+
+Labels are -100 everywhere except assistant tokens and their end-of-turn token. Examples longer
+than `max_len` are truncated (kept while a trained token remains) or dropped, and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from minilab.errors import ConfigError, MinilabError
+from minilab.fsutil import atomic_dir, sha256_file, write_json_atomic, write_text_atomic
+
+log = logging.getLogger("minilab.sft_data")
+
+_ROLE_ALIASES = {"human": "user", "user": "user", "prompter": "user", "gpt": "assistant", "assistant": "assistant",
+                 "bot": "assistant", "chatgpt": "assistant", "model": "assistant", "system": "system"}
+
+
+@dataclass
+class SFTDataConfig:
+    """How to turn conversations into fine-tuning rows."""
+
+    sources: list[str] = field(default_factory=list, metadata={
+        "help": "JSONL/JSON files, Hugging Face dataset ids, or 'demo' (built-in conversations)"})
+    tokenizer_dir: str = field(default="", metadata={"help": "the model's tokenizer directory"})
+    output_dir: str = field(default="", metadata={"help": "where to write the rows and manifest.json"})
+    template: str = field(default="chatml", metadata={"help": "chatml, instruct, chat, alpaca, or model"})
+    max_len: int = field(default=512, metadata={"help": "tokens per example (or per packed row)"})
+    overflow: Literal["truncate", "drop"] = field(default="truncate", metadata={
+        "help": "over-long examples: truncate (keep the start) or drop"})
+    pack: bool = field(default=False, metadata={"help": "pack several short examples into one row"})
+    val_fraction: float = field(default=0.05, metadata={"help": "fraction of examples held out"})
+    split: str = field(default="train", metadata={"help": "dataset split for Hugging Face dataset ids"})
+    limit: int | None = field(default=None, metadata={"help": "use at most this many examples per source"})
+    seed: int = 1234
+    force: bool = field(default=False, metadata={"help": "replace an existing output directory"})
+
+    def validate(self) -> None:
+        for key in ("sources", "tokenizer_dir", "output_dir"):
+            if not getattr(self, key):
+                raise ConfigError("required", key=key)
+        if self.max_len < 8:
+            raise ConfigError("must be at least 8", key="max_len")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError("must be within [0, 1)", key="val_fraction")
+
+
+# ---- reading records ------------------------------------------------------------------------
+def iter_records(source: str, split: str = "train") -> Iterator[dict[str, Any]]:
+    """Dicts from a JSONL or JSON file, or rows of a Hugging Face dataset (id or local path)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            yield from json.loads(text)
+            return
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise MinilabError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+        return
+    if path.exists() or source.startswith((".", "/")):
+        raise MinilabError(f"{source}: not a JSONL/JSON file")
+    try:
+        import datasets  # optional: pip install 'minilab[hf]'
+    except ImportError:
+        raise MinilabError(f"{source}: not a file; reading Hugging Face dataset ids needs the 'datasets' "
+                           "package (pip install 'minilab[hf]')") from None
+    try:
+        yield from datasets.load_dataset(source, split=split)  # respects HF_HOME / HF_DATASETS_CACHE
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; one line for the user
+        raise MinilabError(f"cannot load dataset '{source}': {str(e).splitlines()[0]}") from None
+
+
+def _role(raw: Any) -> str:
+    role = _ROLE_ALIASES.get(str(raw).lower())
+    if role is None:
+        raise MinilabError(f"unknown role {raw!r}")
+    return role
+
+
+def to_messages(rec: dict[str, Any]) -> list[dict[str, str]]:
+    """One record in any supported shape (except flat OASST, see `oasst_paths`) as messages."""
+    from minilab.finetune.templates import validate_messages
+
+    if "messages" in rec:
+        return validate_messages([{"role": _role(m.get("role")), "content": m.get("content")}
+                                  for m in rec["messages"]])
+    if "conversations" in rec:
+        return validate_messages([{"role": _role(m.get("from", m.get("role"))),
+                                   "content": m.get("value", m.get("content"))} for m in rec["conversations"]])
+    if "instruction" in rec and "output" in rec:
+        user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+        return validate_messages([{"role": "user", "content": user},
+                                  {"role": "assistant", "content": rec["output"]}])
+    if isinstance(rec.get("prompt"), dict) and "replies" in rec["prompt"]:
+        return oasst_nested_path(rec["prompt"])
+    if "prompt" in rec and ("response" in rec or "completion" in rec):
+        return validate_messages([{"role": "user", "content": rec["prompt"]},
+                                  {"role": "assistant", "content": rec.get("response", rec.get("completion"))}])
+    raise MinilabError(f"unrecognised record shape (keys {sorted(rec)[:6]}); expected messages, "
+                       "conversations, instruction/output, or an OASST tree")
+
+
+def _best(replies: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The top-ranked reply (rank 0 is best; unranked replies come last; ties keep file order)."""
+    if not replies:
+        return None
+    return min(replies, key=lambda r: (r.get("rank") is None, r.get("rank") or 0))
+
+
+def _trim_to_assistant(path: list[dict[str, str]]) -> list[dict[str, str]]:
+    while path and path[-1]["role"] != "assistant":
+        path.pop()
+    if not path:
+        raise MinilabError("OASST tree without an assistant reply")
+    return path
+
+
+def oasst_nested_path(node: dict[str, Any]) -> list[dict[str, str]]:
+    """Top-ranked path through a nested OASST tree (the `*.trees.jsonl` export)."""
+    path = []
+    while node is not None:
+        if not node.get("deleted"):
+            path.append({"role": _role(node.get("role")), "content": str(node.get("text", ""))})
+        node = _best(node.get("replies") or [])
+    return _trim_to_assistant(path)
+
+
+def oasst_paths(records: list[dict[str, Any]]) -> Iterator[list[dict[str, str]]]:
+    """Top-ranked path of every tree in flat OASST messages (`message_id`, `parent_id`, ...)."""
+    children: dict[Any, list[dict[str, Any]]] = {}
+    for r in records:
+        if not r.get("deleted"):
+            children.setdefault(r.get("parent_id"), []).append(r)
+    for root in children.get(None, []):
+        node, path = root, []
+        while node is not None:
+            path.append({"role": _role(node.get("role")), "content": str(node.get("text", ""))})
+            node = _best(children.get(node["message_id"], []))
+        try:
+            yield _trim_to_assistant(path)
+        except MinilabError:
+            continue
+
+
+def conversations(source: str, split: str, limit: int | None, bad: Counter) -> Iterator[list[dict[str, str]]]:
+    """Conversations of one source as messages; malformed records are counted in `bad`."""
+    if source == "demo":
+        from minilab.finetune.demo_data import demo_conversations
+
+        records: Iterator[dict[str, Any]] = iter(demo_conversations())
+    else:
+        records = iter_records(source, split)
+    first = next(records, None)
+    if first is None:
+        return
+    if "message_id" in first and "parent_id" in first:  # flat OASST: needs the whole tree first
+        convs: Iterator[list[dict[str, str]]] = oasst_paths([first, *records])
+    else:
+        convs = _converted(itertools.chain([first], records), bad)
+    for n, conv in enumerate(convs):
+        if limit is not None and n >= limit:
+            return
+        yield conv
+
+
+def _converted(records: Iterator[Any], bad: Counter) -> Iterator[list[dict[str, str]]]:
+    for rec in records:
+        yield from _one(rec, bad)
+
+
+def _one(rec: Any, bad: Counter):
+    try:
+        if not isinstance(rec, dict):
+            raise MinilabError("not an object")
+        yield to_messages(rec)
+    except MinilabError as e:
+        bad[str(e).split(" (")[0][:60]] += 1
+
+
+# ---- building rows ----------------------------------------------------------------------------
+def fit_length(ids: list[int], mask: list[bool], max_len: int, overflow: str) -> tuple[list, list] | None:
+    """The example within `max_len` tokens, or None when it must be dropped."""
+    if len(ids) > max_len:
+        if overflow == "drop":
+            return None
+        ids, mask = ids[:max_len], mask[:max_len]
+    # A row needs a trained token after position 0 (position 0 is never a target).
+    return (ids, mask) if any(mask[1:]) else None
+
+
+def pack_rows(rows: list[tuple[list[int], list[bool]]], max_len: int) -> list[tuple[list[int], list[bool]]]:
+    """Greedy packing of consecutive examples into rows of at most `max_len` tokens. Attention
+    spans the examples in a row (the model takes no block mask): cheap, and at worst a little
+    noise from the previous example's context."""
+    out: list[tuple[list[int], list[bool]]] = []
+    ids: list[int] = []
+    mask: list[bool] = []
+    for a, m in rows:
+        if ids and len(ids) + len(a) > max_len:
+            out.append((ids, mask))
+            ids, mask = [], []
+        ids, mask = ids + a, mask + m
+    if ids:
+        out.append((ids, mask))
+    return out
+
+
+def run(cfg: SFTDataConfig) -> dict[str, Any]:
+    """Write the SFT dataset described by `cfg`; returns its manifest."""
+    from tokenizers import Tokenizer
+
+    from minilab.data.tokenizer import tokenizer_fingerprint
+    from minilab.finetune.rows import write_rows
+    from minilab.finetune.templates import encode_conversation, resolve_template
+
+    out = Path(cfg.output_dir)
+    if out.exists() and not cfg.force:
+        raise MinilabError(f"{out} already exists; pass --force to replace it")
+    template = resolve_template(cfg.template, cfg.tokenizer_dir)
+    tok = Tokenizer.from_file(str(Path(cfg.tokenizer_dir) / "tokenizer.json"))
+    counts: Counter = Counter()
+    bad: Counter = Counter()
+    examples: list[tuple[list[int], list[bool]]] = []
+    samples: list[str] = []
+    for source in cfg.sources:
+        for messages in conversations(source, cfg.split, cfg.limit, bad):
+            counts["read"] += 1
+            if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+                counts["dropped_no_assistant"] += 1
+                continue
+            ids, mask = encode_conversation(tok, template, messages)
+            fitted = fit_length(ids, mask, cfg.max_len, cfg.overflow)
+            if fitted is None:
+                # too long under "drop"; under "truncate", nothing trained was left in the window
+                drop_long = cfg.overflow == "drop" and len(ids) > cfg.max_len
+                counts["dropped_too_long" if drop_long else "dropped_no_target"] += 1
+                continue
+            counts["truncated"] += len(ids) > cfg.max_len
+            examples.append(fitted)
+            if len(samples) < 3:
+                samples.append(template.render(messages))
+    counts["invalid"] = sum(bad.values())
+    if not examples:
+        raise MinilabError(f"no usable examples in {', '.join(cfg.sources)} ({dict(counts)})")
+    rng = random.Random(cfg.seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    n_val = int(round(cfg.val_fraction * len(examples))) if len(examples) > 1 else 0
+    splits = {"val": [examples[i] for i in order[:n_val]], "train": [examples[i] for i in order[n_val:]]}
+    if cfg.pack:
+        splits = {k: pack_rows(v, cfg.max_len) for k, v in splits.items()}
+    with atomic_dir(out, overwrite=cfg.force) as tmp:
+        stats = {k: write_rows(tmp, k, v, tok.get_vocab_size()) for k, v in splits.items()}
+        manifest = {"kind": "minilab.sft_data", "tokenizer_sha256": tokenizer_fingerprint(cfg.tokenizer_dir),
+                    "tokenizer_dir": str(Path(cfg.tokenizer_dir).resolve()),
+                    "template": {"name": template.name, "jinja": template.jinja, "end_token": template.end_token},
+                    "counts": {"examples_kept": len(examples), **counts}, "invalid_reasons": dict(bad),
+                    "max_len": cfg.max_len, "overflow": cfg.overflow, "pack": cfg.pack, "seed": cfg.seed,
+                    "sources": [_source_info(s) for s in cfg.sources], "splits": stats}
+        write_json_atomic(tmp / "manifest.json", manifest)
+        write_text_atomic(tmp / "DATACARD.md", _card(manifest, samples))
+    log.info("sft data %s: %d train rows, %d val rows (%s)", out, stats["train"]["rows"], stats["val"]["rows"],
+             dict(counts))
+    return manifest
+
+
+def _source_info(source: str) -> dict[str, Any]:
+    path = Path(source)
+    if path.is_file():
+        return {"source": str(path.resolve()), "sha256": sha256_file(path)}
+    if source == "demo":
+        from minilab.finetune.demo_data import provenance
+
+        return {"source": "demo", **provenance()}
+    return {"source": source, "kind": "huggingface dataset"}
+
+
+def _card(m: dict[str, Any], samples: list[str]) -> str:
+    lines = ["# SFT data", "", f"- template: `{m['template']['name']}` (end of turn `{m['template']['end_token']}`)",
+             f"- tokenizer sha256: `{m['tokenizer_sha256']}`", f"- counts: {json.dumps(m['counts'])}",
+             f"- splits: {json.dumps(m['splits'])}", "", "## Sources", ""]
+    lines += [f"- {json.dumps(s)}" for s in m["sources"]]
+    lines += ["", "## Examples as trained (templated)", ""]
+    for s in samples:
+        lines += ["```", s.replace("```", "ʼʼʼ"), "```", ""]
+    return "\n".join(lines)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minilab.cli import add_config_flags, flag
+
+    p.add_argument("--source", dest="sources", nargs="+", metavar="FILE|ID|demo", help="conversation sources")
+    flag(p, "--tokenizer-dir", metavar="DIR", help="the model's tokenizer (a model directory works too)")
+    flag(p, "--output-dir", metavar="DIR", help="output directory")
+    p.add_argument("--template", help="chatml (default), instruct, chat, alpaca, model")
+    flag(p, "--max-len", type=int, metavar="N", help="tokens per example (default 512)")
+    p.add_argument("--overflow", choices=["truncate", "drop"], help="over-long examples (default truncate)")
+    p.add_argument("--pack", action="store_true", help="pack short examples together")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N examples per source")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    add_config_flags(p, "Keys: those of SFTDataConfig.")
+
+
+def main(args: argparse.Namespace) -> int:
+    from minilab.data.cliargs import config_from_args
+
+    cfg = config_from_args(SFTDataConfig, args, {k: getattr(args, k) for k in (
+        "sources", "tokenizer_dir", "output_dir", "template", "max_len", "overflow", "pack", "limit", "force")})
+    m = run(cfg)
+    print(f"sft data written to {cfg.output_dir}: {m['splits']['train']['rows']} train rows, "
+          f"{m['splits']['val']['rows']} val rows; counts {json.dumps(m['counts'])}")
+    return 0

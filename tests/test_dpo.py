@@ -1,0 +1,75 @@
+"""DPO: the sigmoid loss against hand values, training on a small fixed set (reward accuracy on the
+training pairs > 0.9, loss < log 2) with one model copy in memory, precomputed reference
+log-probs, and `minilab eval --dpo`."""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import pytest
+import torch
+from finetune_fixtures import make_base, run_job, tune_cfg
+
+from minilab.finetune.dpo import DPOConfig, DPORun, dpo_loss
+from minilab.finetune.dpo_data import DPODataConfig, to_triplet
+from minilab.finetune.dpo_data import run as dpo_data_run
+from minilab.model import Transformer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    models = root / "registry"
+    b = make_base(root, models)
+    data = root / "pairs"
+    m = dpo_data_run(DPODataConfig(sources=["demo"], tokenizer_dir=str(b["base"]), output_dir=str(data),
+                                   template="chatml", max_len=96, limit=60, val_fraction=0.2))
+    return {**b, "data": data, "models": models, "manifest": m}
+
+
+def test_loss_and_shapes():
+    loss, rc, rr = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]),
+                            beta=0.1)
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.2))))
+    assert rc.item() == pytest.approx(0.1) and rr.item() == pytest.approx(-0.1)
+    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+    assert to_triplet(hh) == ([{"role": "user", "content": "hi"}], "hello", "go away")
+    orca = {"system": "s", "question": "q", "chosen": "c", "rejected": "r"}
+    assert to_triplet(orca)[0][0] == {"role": "system", "content": "s"}
+
+
+def test_dpo_learns_the_training_pairs(setup, tmp_path):
+    assert setup["manifest"]["constructed"] and setup["manifest"]["counts"]["pairs_kept"] >= 16
+    cfg = tune_cfg(DPOConfig, setup["name"], [setup["data"]], tmp_path / "run", max_steps=80,
+                   models_dir=str(setup["models"]), batch_size=8)
+    job = run_job(DPORun, cfg)
+    # One model copy: a single Transformer instance holds the weights (the reference is the
+    # same module with the adapters switched off).
+    gc.collect()
+    assert sum(type(o) is Transformer for o in gc.get_objects()) == 1
+    chosen, rejected = job.train[0]
+    idx = list(range(len(chosen)))
+    job.tune.model.eval()
+    pi_c, pi_r = job.score(job.train[0], idx, reference=False)
+    ref_c, ref_r = job.score(job.train[0], idx, reference=True)
+    loss, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, 0.1)
+    acc = (rc > rr).float().mean().item()
+    print(f"DPO on {len(idx)} training pairs: reward accuracy {acc:.3f}, loss {loss.mean().item():.4f}")
+    assert acc > 0.9 and loss.mean().item() < math.log(2)
+    assert job.result["name"].endswith("-dpo-v1")
+    # precompute_ref gives the same reference log-probs as the switched-off adapters.
+    job.precompute_reference()
+    assert torch.allclose(torch.as_tensor(job.ref[0][:, 0], dtype=torch.float32), ref_c, atol=1e-4)
+
+
+def test_eval_dpo(setup, tmp_path):
+    from minilab.evaluate.preference import preference_eval
+
+    cfg = tune_cfg(DPOConfig, setup["name"], [setup["data"]], tmp_path / "run", max_steps=8,
+                   models_dir=str(setup["models"]), precompute_ref=True)
+    job = run_job(DPORun, cfg)
+    r = preference_eval(job.result["final_dir"], [str(setup["data"])], registry_root=str(setup["models"]))[0]
+    assert r["pairs"] > 0 and 0 <= r["win_rate"] <= 1
+    assert set(r["perplexity"]) == {"policy", "reference"}
+    assert r["perplexity"]["policy"]["chosen"] > 1

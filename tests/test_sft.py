@@ -1,0 +1,141 @@
+"""SFT with LoRA (acceptance: frozen base bitwise, merged == base + adapter, PEFT interop), exact
+resume, QLoRA on the CPU, full fine-tuning and a transformers-backed base."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from finetune_fixtures import TINY, make_base, make_sft_data, run_job, tune_cfg
+from safetensors.torch import load_file
+
+from minilab.finetune.sft import SFTConfig, SFTRun
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    models = root / "registry"
+    b = make_base(root, models)
+    data = make_sft_data(b["base"], root / "sft-data")
+    return {**b, "data": data, "models": models}
+
+
+def _cfg(setup, out, **kw):
+    return tune_cfg(SFTConfig, setup["name"], [setup["data"]], out, models_dir=str(setup["models"]), **kw)
+
+
+def test_lora_acceptance(setup, tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from minilab import registry
+    from minilab.loading import load_model_for_inference
+
+    before = load_file(str(setup["base"] / "model.safetensors"))
+    job = run_job(SFTRun, _cfg(setup, tmp_path / "run"))
+    final = tmp_path / "run" / "final"
+    assert (final / "adapters" / "adapter_config.json").is_file()
+    assert (final / "adapters" / "adapter_model.safetensors").is_file()
+    manifest = registry.read_manifest(final)
+    assert manifest["name"].endswith("-lora-v1") and manifest["parent"] == setup["name"]
+    assert manifest["base_model"]["fingerprint"] == registry.read_manifest(setup["base"])["fingerprint"]
+    # Every base weight bitwise unchanged, in memory and on disk.
+    state = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+             for k, v in job.tune.model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(state[k], v) for k, v in before.items())
+    after = load_file(str(setup["base"] / "model.safetensors"))
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    adapters = load_file(str(final / "adapters" / "adapter_model.safetensors"))
+    assert all(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # B starts at zero
+    x = torch.randint(0, TINY["vocab_size"], (2, 20))
+    model = job.tune.model.eval()
+    with torch.no_grad():
+        ours = model(x)
+        merged = load_model_for_inference(manifest["name"], registry_root=setup["models"])(x)
+        print(f"merged vs base+adapter: max |diff| {(merged - ours).abs().max().item():.2e}")
+        assert (merged - ours).abs().max().item() <= 1e-5
+        hf = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(setup["base"]), str(final / "adapters"))
+        print(f"PEFT on HF base vs ours: max |diff| {(hf(input_ids=x).logits - ours).abs().max().item():.2e}")
+        assert (hf(input_ids=x).logits - ours).abs().max().item() <= 1e-4
+    # The model's tokenizer carries the training template and stops at its end of turn.
+    gen = json.loads((final / "generation_config.json").read_text())
+    assert len(gen["eos_token_id"]) == 2
+    assert "<|im_start|>" in json.loads((final / "tokenizer_config.json").read_text())["chat_template"]
+
+
+def _train_losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def test_resume_is_exact(setup, tmp_path):
+    kw = dict(max_steps=6, ckpt_every=3, keep_last=5, register=False, lora={"r": 4, "dropout": 0.1})
+    from minilab.finetune.common import LoraSettings
+
+    kw["lora"] = LoraSettings(r=4, dropout=0.1)
+    run_job(SFTRun, _cfg(setup, tmp_path / "a", **kw))
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000003", tmp_path / "b" / "checkpoints" / "step-000003")
+    run_job(SFTRun, _cfg(setup, tmp_path / "b", **kw), resume="auto")
+    a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
+    assert sorted(b) == [4, 5, 6] and all(a[s] == b[s] for s in b)
+    wa = load_file(str(tmp_path / "a" / "final" / "adapters" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "final" / "adapters" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # Checkpoints hold the adapters only, not the frozen base.
+    ckpt = load_file(str(tmp_path / "a" / "checkpoints" / "step-000003" / "model.safetensors"))
+    assert ckpt and all("lora_" in k for k in ckpt)
+
+
+def test_qlora_trains_on_cpu(setup, tmp_path):
+    import bitsandbytes as bnb
+
+    from minilab.finetune.merge import merge
+    from minilab.loading import load_model_for_inference
+
+    cfg = _cfg(setup, tmp_path / "q", method="qlora", max_steps=4)
+    from minilab import distributed
+
+    info, device = distributed.init(torch.device("cpu"))
+    job = SFTRun(cfg, info, device)
+    quantized = {n: m.weight.data.clone() for n, m in job.tune.model.named_modules()
+                 if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(quantized) == 2 * 7
+    job.fit(None)
+    now = {n: m.weight.data for n, m in job.tune.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert all(torch.equal(now[n], q) for n, q in quantized.items())  # 4-bit base untouched
+    final = tmp_path / "q" / "final"
+    adapters = load_file(str(final / "adapters" / "adapter_model.safetensors"))
+    assert all(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)
+    # Merge: onto the full-precision base, equal to base + adapters computed in full precision.
+    out = merge(str(final), output_dir=str(tmp_path / "merged"), models_dir=str(setup["models"]))
+    assert out["name"].endswith("-merged-v1")
+    x = torch.randint(0, TINY["vocab_size"], (1, 16))
+    with torch.no_grad():
+        full = load_model_for_inference(final, registry_root=setup["models"])(x)
+        merged = load_model_for_inference(out["final_dir"])(x)
+    assert (merged - full).abs().max().item() <= 1e-5
+
+
+def test_full_finetune_and_transformers_backend(setup, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minilab import registry
+
+    job = run_job(SFTRun, _cfg(setup, tmp_path / "full", method="full", max_steps=2))
+    assert registry.read_manifest(job.result["final_dir"])["training_type"] == "sft"
+    # A base that transformers runs (tests use a tiny random Llama saved locally; hub ids take this path).
+    hf_dir = tmp_path / "hf"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=96)
+                     ).save_pretrained(hf_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(setup["base"] / f, hf_dir / f)
+    job = run_job(SFTRun, tune_cfg(SFTConfig, hf_dir, [setup["data"]], tmp_path / "hfrun", backend="transformers",
+                                   max_steps=2, register=False))
+    assert job.tune.base.backend == "transformers"
+    assert (tmp_path / "hfrun" / "final" / "adapters" / "adapter_model.safetensors").is_file()

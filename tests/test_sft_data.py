@@ -1,0 +1,86 @@
+"""`minilab sft-data`: the loss mask token by token, record shapes, OASST top-ranked path,
+truncate/drop counts, the manifest's tokenizer fingerprint and the blocking mismatch error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fixtures import make_packed
+from tokenizers import Tokenizer
+
+from minilab.errors import TokenizerMismatchError
+from minilab.finetune.rows import Rows, check_data_tokenizer, collate
+from minilab.finetune.sft_data import SFTDataConfig, oasst_paths, run, to_messages
+from minilab.finetune.templates import IGNORE, encode_conversation, labels_from_mask, resolve_template
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return make_packed(tmp_path_factory.mktemp("sftdata"), n_docs=60)["tokenizer"]
+
+
+def test_mask_token_by_token(tok_dir):
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    msgs = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "the cat"},
+            {"role": "assistant", "content": "sat"}, {"role": "user", "content": "dog"},
+            {"role": "assistant", "content": "ran far"}]
+    ids, mask = encode_conversation(tok, resolve_template("chatml"), msgs)
+    labels = labels_from_mask(ids, mask)
+    # Expected by hand: the ChatML text split into its pieces; only assistant text + <|im_end|> trained.
+    def enc(text):
+        return tok.encode(text, add_special_tokens=False).ids
+    end = tok.token_to_id("<|im_end|>")
+    pieces = [("<|im_start|>system\nbe kind<|im_end|>\n<|im_start|>user\nthe cat<|im_end|>\n"
+               "<|im_start|>assistant\n", False), ("sat", True), ("<|im_end|>", True), ("\n", False),
+              ("<|im_start|>user\ndog<|im_end|>\n<|im_start|>assistant\n", False), ("ran far", True),
+              ("<|im_end|>", True), ("\n", False)]
+    expected = []
+    for text, trained in pieces:
+        expected += [(t, t if trained else IGNORE) for t in enc(text)]
+    assert list(zip(ids, labels, strict=True)) == expected
+    assert [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE].count(end) == 2
+    # Batching shifts: target t is token t+1 where trained.
+    import numpy as np
+    x, y = collate([(np.array(ids), np.array(mask))], pad_id=0)
+    assert y[0].tolist() == labels[1:] and x[0].tolist() == ids[:-1]
+
+
+def test_record_shapes_and_oasst():
+    a = to_messages({"instruction": "Add", "input": "1 and 2", "output": "3"})
+    assert a == [{"role": "user", "content": "Add\n\n1 and 2"}, {"role": "assistant", "content": "3"}]
+    s = to_messages({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]})
+    assert [m["role"] for m in s] == ["user", "assistant"]
+    flat = [{"message_id": "r", "parent_id": None, "role": "prompter", "text": "Q"},
+            {"message_id": "a1", "parent_id": "r", "role": "assistant", "text": "worse", "rank": 1},
+            {"message_id": "a0", "parent_id": "r", "role": "assistant", "text": "best", "rank": 0},
+            {"message_id": "f", "parent_id": "a0", "role": "prompter", "text": "more?"}]
+    assert list(oasst_paths(flat)) == [[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "best"}]]
+    nested = {"prompt": {"text": "Q", "role": "prompter", "replies": [
+        {"text": "b", "role": "assistant", "rank": 1, "replies": []},
+        {"text": "a", "role": "assistant", "rank": 0, "replies": []}]}}
+    assert to_messages(nested)[-1]["content"] == "a"
+
+
+def test_overflow_counts_manifest_and_mismatch(tok_dir, tmp_path):
+    src = tmp_path / "chats.jsonl"
+    long = " ".join(["cat sat on the mat"] * 40)
+    recs = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the cat"}]},
+            {"messages": [{"role": "user", "content": "tell"}, {"role": "assistant", "content": long}]},
+            {"instruction": "x", "output": "y"}, {"bogus": 1}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    drop = run(SFTDataConfig(sources=[str(src)], tokenizer_dir=str(tok_dir), output_dir=str(tmp_path / "d"),
+                             max_len=80, overflow="drop", val_fraction=0))
+    assert drop["counts"]["dropped_too_long"] == 1 and drop["counts"]["invalid"] == 1
+    assert drop["counts"]["examples_kept"] == 2
+    trunc = run(SFTDataConfig(sources=[str(src)], tokenizer_dir=str(tok_dir), output_dir=str(tmp_path / "t"),
+                              max_len=80, overflow="truncate", val_fraction=0, template="instruct"))
+    assert trunc["counts"]["truncated"] == 1 and trunc["counts"]["examples_kept"] == 3
+    assert len(Rows(tmp_path / "t", "train")) == 3 and trunc["splits"]["train"]["max_row_tokens"] <= 80
+    packed = run(SFTDataConfig(sources=[str(src)], tokenizer_dir=str(tok_dir), output_dir=str(tmp_path / "p"),
+                               max_len=400, pack=True, val_fraction=0))
+    assert packed["splits"]["train"]["rows"] < packed["counts"]["examples_kept"]
+    from minilab.data.tokenizer import tokenizer_fingerprint
+    assert trunc["tokenizer_sha256"] == tokenizer_fingerprint(tok_dir)
+    with pytest.raises(TokenizerMismatchError, match="Tokenizer mismatch"):
+        check_data_tokenizer([str(tmp_path / "t")], "sft_data", "0" * 64)
