@@ -27,9 +27,23 @@ VERBS: dict[str, tuple[str, str]] = {
     "corpus": ("minilab.data.corpus", "clean, filter and deduplicate raw text into corpus shards"),
     "tokenizer": ("minilab.data.tokenizer", "train (or adopt) a tokenizer and fingerprint it"),
     "pack": ("minilab.data.pack", "tokenize a corpus into packed train/val token files"),
+    "plan": ("minilab.planner.cli", "will it fit: params, weights, RAM/VRAM and disk plans, with a verdict"),
+    "cleanup": ("minilab.cleanup.runs", "free disk: prune checkpoints, strip optimizer state, drop failed runs"),
+    "du": ("minilab.cleanup.du", "disk used by minilab data, runs, models and the HF cache, largest first"),
+    "cache": ("minilab.cleanup.cache", "list, remove and prune the Hugging Face hub cache (dry run by default)"),
     "eval": ("minilab.evaluate.stage",
              "perplexity, bits per byte, multiple choice with baselines, generations and a report"),
     "pretrain": ("minilab.pretrain", "pretrain a model from scratch on packed data (exact resume, torchrun)"),
+    "sft-data": ("minilab.finetune.sft_data", "template and tokenize conversations for SFT (loss masks, manifest)"),
+    "sft": ("minilab.finetune.sft", "supervised fine-tuning: LoRA (default), QLoRA or full; exact resume"),
+    "dpo-data": ("minilab.finetune.dpo_data", "template and tokenize preference pairs for DPO"),
+    "dpo": ("minilab.finetune.dpo", "preference tuning with DPO; the reference is the base with adapters off"),
+    "merge": ("minilab.finetune.merge", "merge LoRA/QLoRA adapters into a full-weight registry model"),
+    "generate": ("minilab.inference", "generate text from prompts (KV cache, sampling, stop strings, --int8)"),
+    "chat": ("minilab.chat", "chat with a model in the terminal (history, the model's chat template)"),
+    "serve": ("minilab.serve", "OpenAI-compatible HTTP API and web chat page (FastAPI + uvicorn)"),
+    "export": ("minilab.export.gguf", "export a model as GGUF (llama.cpp, Ollama) or a transformers directory"),
+    "quantize": ("minilab.export.quantize", "write an int8 copy of a model into the registry (…-int8-vN)"),
     "verify-resume": ("minilab.verify_resume", "prove on your config that a killed run resumes exactly"),
 }
 
@@ -51,15 +65,19 @@ def add_config_flags(parser: argparse.ArgumentParser, config_help: str = "") -> 
                        help="override one config key, dotted (e.g. --set train.lr=3e-4); repeatable")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `verb`'s module is imported (all of them when None), so `minilab --help`
+    and each verb start fast instead of importing every stage's libraries."""
     parser = argparse.ArgumentParser(
         prog="minilab",
         description="Train, fine-tune, evaluate and serve small language models on modest hardware.",
         epilog="Run 'minilab VERB --help' for a verb's options.")
     parser.add_argument("--version", action="version", version=f"minilab {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for verb, (module_name, help_text) in VERBS.items():
-        p = sub.add_parser(verb, help=help_text, description=help_text)
+    for name, (module_name, help_text) in VERBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if verb is not None and name != verb:
+            continue  # listed in the top-level help, its options parsed only when it runs
         flag(p, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
              help="logging verbosity; 'debug' also shows tracebacks")
         module = importlib.import_module(module_name)
@@ -68,12 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _chosen_verb(argv: list[str]) -> str:
+    """The verb is the first positional argument (the top level has only --help/--version); ''
+    when there is none or it is unknown: then no module is needed, argparse reports the rest."""
+    first = next((a for a in argv if not a.startswith("-")), "")
+    return first if first in VERBS else ""
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), format="%(message)s", stream=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_chosen_verb(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "verb", None):
         parser.print_help()

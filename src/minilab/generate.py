@@ -19,11 +19,14 @@ Design choices (why):
 - A stop token (eos or any of `stop_token_ids`) ends that prompt's generation and is not
   included in the output. Output holds only the new tokens, never the prompt.
 - The total length (prompt + new tokens) never exceeds `model.config.max_seq_len`.
+- **Streaming**: `stream_generate` yields one prompt's tokens as they are decoded (the same tokens
+  `generate` returns); `TextStream` turns them into text deltas and applies stop strings. The
+  server, `minilab generate` and `minilab chat` all decode through these two.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -103,31 +106,75 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
     return param.device, param.dtype
 
 
-@torch.no_grad()
-def _generate_one(model: torch.nn.Module, prompt: list[int], max_new: int, stop: set[int], use_cache: bool,
-                  generator: torch.Generator | None, pick: dict[str, Any]) -> list[int]:
-    """New tokens for one prompt (stop token excluded)."""
-    device, dtype = _model_device_dtype(model)
-    out: list[int] = []
+def _stream_one(model: torch.nn.Module, prompt: list[int], max_new: int, stop: set[int], use_cache: bool,
+                generator: torch.Generator | None, pick: dict[str, Any]) -> Iterator[int]:
+    """New tokens for one prompt, one at a time (a stop token ends the stream and is not yielded).
+
+    A caller may stop iterating at any time (a stop string matched, a client went away): nothing
+    more is computed, the cache is simply dropped.
+    """
     if max_new <= 0:
-        return out
+        return
+    device, dtype = _model_device_dtype(model)
     cache = KVCache(model.config, 1, max_len=len(prompt) + max_new, dtype=dtype, device=device) \
         if use_cache else None
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)                    # (1, T)
-    logits = model(ids, kv_cache=cache)[0, -1]                                       # (V,) prefill
+    seen = list(prompt)
+    with torch.no_grad():  # not a decorator: a generator is resumed outside the decorated call
+        ids = torch.tensor([prompt], dtype=torch.long, device=device)                    # (1, T)
+        logits = model(ids, kv_cache=cache)[0, -1]                                       # (V,) prefill
     for step in range(max_new):
-        tok = next_token(logits, prompt + out, generator=generator, **pick)
+        tok = next_token(logits, seen, generator=generator, **pick)
         if tok in stop:
-            break
-        out.append(tok)
+            return
+        seen.append(tok)
+        yield tok
         if step == max_new - 1:
-            break  # the last token needs no forward pass
-        if cache is not None:
-            logits = model(torch.tensor([[tok]], device=device), kv_cache=cache)[0, -1]     # (V,)
-        else:  # recompute the whole sequence (reference path, and models without a cache)
-            full = torch.tensor([prompt + out], dtype=torch.long, device=device)
-            logits = model(full)[0, -1]
-    return out
+            return  # the last token needs no forward pass
+        with torch.no_grad():
+            if cache is not None:
+                logits = model(torch.tensor([[tok]], device=device), kv_cache=cache)[0, -1]  # (V,)
+            else:  # recompute the whole sequence (reference path, and models without a cache)
+                logits = model(torch.tensor([seen], dtype=torch.long, device=device))[0, -1]
+
+
+def _check_sampling(temperature: float, top_p: float | None, repetition_penalty: float) -> None:
+    if temperature < 0:
+        raise MinilabError(f"temperature must be ≥ 0, got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise MinilabError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise MinilabError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+def _make_generator(seed: int | None) -> torch.Generator:
+    generator = torch.Generator()
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()  # fresh entropy for this call only; the global RNG stays untouched
+    return generator
+
+
+def _budget(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> int:
+    """New tokens allowed for `prompt`: max_new_tokens, capped so the total fits max_seq_len."""
+    max_len = model.config.max_seq_len
+    if len(prompt) >= max_len:
+        raise MinilabError(f"prompt of {len(prompt)} tokens leaves no room to generate "
+                           f"(max_seq_len {max_len}); shorten it")
+    return min(max_new_tokens, max_len - len(prompt))
+
+
+def stream_generate(model: torch.nn.Module, prompt: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                    stop_token_ids: Iterable[int] = (), seed: int | None = None) -> Iterator[int]:
+    """New token ids of one prompt as they are decoded: the same tokens `generate` returns for it
+    with the same arguments. The model must already be in eval mode (this never toggles it, so
+    several streams may share one model from different threads)."""
+    _check_sampling(temperature, top_p, repetition_penalty)
+    ids = _as_prompts([prompt])[0]
+    pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    return _stream_one(model, ids, _budget(model, ids, max_new_tokens), set(stop_token_ids), True,
+                       _make_generator(seed), pick)
 
 
 def generate(model: torch.nn.Module, input_ids: Sequence[Sequence[int]] | torch.Tensor, *, max_new_tokens: int,
@@ -138,30 +185,17 @@ def generate(model: torch.nn.Module, input_ids: Sequence[Sequence[int]] | torch.
     is not included). `temperature=0` is greedy; `seed` makes sampling reproducible (a local
     generator, the global RNG is untouched). Prompts may differ in length; see the module docstring.
     """
-    if temperature < 0:
-        raise MinilabError(f"temperature must be ≥ 0, got {temperature}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise MinilabError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
-        raise MinilabError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    _check_sampling(temperature, top_p, repetition_penalty)
     prompts = _as_prompts(input_ids)
-    max_len = model.config.max_seq_len
-    generator = torch.Generator()
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()  # fresh entropy for this call only; the global RNG stays untouched
+    generator = _make_generator(seed)
     pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     was_training = model.training
     model.eval()
     try:
         results = []
         for prompt in prompts:
-            if len(prompt) >= max_len:
-                raise MinilabError(f"prompt of {len(prompt)} tokens leaves no room to generate "
-                                   f"(max_seq_len {max_len}); shorten it")
-            budget = min(max_new_tokens, max_len - len(prompt))
-            results.append(_generate_one(model, prompt, budget, set(stop_token_ids), kv_cache, generator, pick))
+            budget = _budget(model, prompt, max_new_tokens)
+            results.append(list(_stream_one(model, prompt, budget, set(stop_token_ids), kv_cache, generator, pick)))
         return results
     finally:
         model.train(was_training)
@@ -205,3 +239,79 @@ def generate_text(model: torch.nn.Module, tokenizer: Any, prompt: str, *, add_sp
     kw.setdefault("max_new_tokens", 64)
     ids = encode(tokenizer, prompt, add_special_tokens)
     return decode(tokenizer, generate(model, [ids], **kw)[0])
+
+
+# ---- streaming text and stop strings --------------------------------------------------------------
+class TextStream:
+    """Turns token ids into text deltas as they arrive, and finds stop strings.
+
+        stream = TextStream(tokenizer, stop=["\\nUser:"])
+        for tok in stream_generate(...):
+            delta = stream.push(tok)      # text safe to show now ("" while held back)
+            if stream.stopped:
+                break
+        delta += stream.finish()          # whatever was held back, cut at a stop string
+
+    Why it is not `decode([tok])` per token: byte-level BPE splits a multi-byte character over
+    several tokens (decoding one alone gives U+FFFD), and SentencePiece-style decoders drop a
+    leading space when a slice is decoded alone. So each step decodes the window of ids from
+    `_prefix` on and emits only what it adds to the window's previous decoding (TGI's offsets).
+    Text that could be the start of a stop string is held back until it is ruled out, so a
+    client never sees a stop string or a piece of one; the concatenated deltas equal the final
+    text exactly.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""        # everything decoded so far (emitted + held)
+        self.emitted = 0      # characters of `text` handed out
+        self.stopped = False  # a stop string matched; `text` is cut before it
+        self._prefix = self._read = 0
+
+    def push(self, token_id: int) -> str:
+        """Add one token; the text that can be shown now."""
+        if self.stopped:
+            return ""
+        self.ids.append(int(token_id))
+        before = decode(self.tokenizer, self.ids[self._prefix:self._read])
+        after = decode(self.tokenizer, self.ids[self._prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # an incomplete character: wait for its next byte
+        self.text += after[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The held-back rest once generation has ended (an incomplete character included, as
+        decoding the whole output would show it)."""
+        if not self.stopped and self._read < len(self.ids):
+            before = decode(self.tokenizer, self.ids[self._prefix:self._read])
+            self.text += decode(self.tokenizer, self.ids[self._prefix:])[len(before):]
+            self._prefix = self._read = len(self.ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if not self.stopped:
+            # A match may start in the held-back text, so search from the earliest unreleased char.
+            start = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
+            hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+            if hits:
+                self.text, self.stopped = self.text[:min(hits)], True
+        end = len(self.text)
+        if not (final or self.stopped):
+            end -= self._partial_stop_len()
+        out = self.text[self.emitted:end]
+        self.emitted = max(self.emitted, end)
+        return out
+
+    def _partial_stop_len(self) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:n]):
+                    best = n
+                    break
+        return best

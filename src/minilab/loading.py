@@ -70,11 +70,22 @@ def _adapter_base(path: Path) -> str:
                        "adapter_config.json, or load the base and pass adapter_dir=)")
 
 
+def _has_base(adapters: Path) -> bool:
+    return bool(read_config_file(adapters / "adapter_config.json").get("base_model_name_or_path"))
+
+
 def _load_base(path_or_name: str | Path, dtype: torch.dtype | str | None, device: torch.device | str | None,
                registry_root: str | Path | None) -> tuple[Transformer, Path, Path | None]:
     """(base model, its directory, adapters the directory implies). An adapter-only directory
     (a registered LoRA result) stands for its base model with these adapters."""
     path = resolve_model_dir(path_or_name, registry_root)
+    if not (path / "config.json").is_file() and (path / "adapters" / "adapter_config.json").is_file():
+        # A registered LoRA result: adapters in adapters/, base named there or in the manifest.
+        base_name = _adapter_base(path / "adapters") if _has_base(path / "adapters") else _adapter_base(path)
+        base, base_path, inner = _load_base(base_name, dtype, device, registry_root)
+        if inner is not None:
+            base = _attach_adapters(base, inner, trainable=False).merge_and_unload()
+        return base, base_path, path / "adapters"
     if not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
         base_name = _adapter_base(path)
         if Path(base_name).expanduser().resolve() == path.resolve():
@@ -84,6 +95,10 @@ def _load_base(path_or_name: str | Path, dtype: torch.dtype | str | None, device
             base = _attach_adapters(base, inner, trainable=False).merge_and_unload()
         return base, base_path, path
     cfg, weights_dir = _model_config(path)
+    from minilab.export.quantize import is_int8_dir, load_int8_dir  # `minilab quantize --int8` output
+
+    if is_int8_dir(path):
+        return load_int8_dir(cfg, path, device=device), path, None
     return load_weights_dir(cfg, weights_dir, dtype=dtype, device=device), path, None
 
 

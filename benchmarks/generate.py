@@ -1,0 +1,159 @@
+"""Benchmark generation: our KV-cache decoding vs transformers' `generate`, and the server under load.
+
+    python benchmarks/generate.py [--shapes micro tiny] [--new-tokens 128] [--threads 1] [--clients 1 8 32]
+
+For each architecture preset: build it with random weights, export it with `save_hf_dir`, load the
+export both with minilab and with `transformers.AutoModelForCausalLM`, then one after the other in
+this process time batch-1 greedy decoding of a 16-token prompt for `--new-tokens` tokens (min and
+max new tokens forced equal, so both produce exactly the same number; the token ids are compared
+too). Then `minilab serve`'s app runs on loopback and 1, 8 and 32 concurrent streaming clients
+each send `--requests-per-client` chat requests: throughput in tokens/s and requests/s, and p50/p99
+of request latency and of time to first token. One JSON line per measurement on stdout, a summary
+with the ratio at the end. Random weights: decoding speed does not depend on what was learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from minilab.arch import load_architecture
+    from minilab.generate import generate
+    from minilab.hf import save_hf_dir
+    from minilab.loading import load_model_for_inference
+    from minilab.model import build_model
+
+    cfg = load_architecture(shape)
+    torch.manual_seed(0)
+    save_hf_dir(build_model(cfg), root / shape)
+    ours = load_model_for_inference(str(root / shape), dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(root / shape, dtype=torch.float32).eval()
+    prompt = torch.randint(10, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+
+    def run_ours():
+        return generate(ours, prompt, max_new_tokens=new_tokens)[0]
+
+    def run_hf():
+        with torch.no_grad():
+            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+        return out[0, 16:].tolist()
+
+    same = run_ours() == run_hf()  # also a warm-up of both
+    t_ours, t_hf = _median_time(run_ours, repeats), _median_time(run_hf, repeats)
+    return {"bench": "decode_batch1", "shape": shape, "params": ours.num_params(), "prompt": 16,
+            "new_tokens": new_tokens, "threads": torch.get_num_threads(), "same_tokens": same,
+            "minilab_tok_s": round(new_tokens / t_ours, 1), "transformers_tok_s": round(new_tokens / t_hf, 1),
+            "ratio": round(t_hf / t_ours, 2)}
+
+
+async def _client_load(url: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
+    import httpx
+
+    latencies, ttft, tokens = [], [], 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+        async def one_client(c: int) -> None:
+            nonlocal tokens
+            for i in range(per_client):
+                body = {"model": model, "messages": [{"role": "user", "content": f"story {c} {i}"}],
+                        "max_tokens": max_tokens, "temperature": 0.8, "seed": c * 1000 + i, "stream": True,
+                        "stream_options": {"include_usage": True}}
+                t0 = time.perf_counter()
+                first = None
+                async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        chunk = json.loads(line[6:])
+                        if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                            first = time.perf_counter() - t0
+                        if chunk.get("usage"):
+                            tokens += chunk["usage"]["completion_tokens"]
+                latencies.append(time.perf_counter() - t0)
+                ttft.append(first if first is not None else latencies[-1])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client(c) for c in range(clients)))
+        wall = time.perf_counter() - t0
+
+    def pct(xs: list[float], q: int) -> float:
+        return round(statistics.quantiles(xs, n=100)[q - 1] * 1000, 1) if len(xs) > 1 else round(xs[0] * 1000, 1)
+
+    return {"requests": len(latencies), "wall_s": round(wall, 2), "tok_s": round(tokens / wall, 1),
+            "req_s": round(len(latencies) / wall, 2), "latency_p50_ms": pct(latencies, 50),
+            "latency_p99_ms": pct(latencies, 99), "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99)}
+
+
+def bench_server(root: Path, clients_list: list[int], per_client: int, max_tokens: int, concurrency: int) -> list:
+    from inference_fixtures import make_model_dir
+
+    from minilab.inference import Engine
+    from minilab.serve.app import create_app, running_server
+
+    engine = Engine.load(str(make_model_dir(root / "served", max_seq_len=256)))
+    rows = []
+    for clients in clients_list:
+        app = create_app(engine, max_concurrency=concurrency, max_queue=max(64, clients))
+        with running_server(app) as url:
+            res = asyncio.run(_client_load(url, engine.name, clients, per_client, max_tokens))
+        rows.append({"bench": "server_stream", "clients": clients, "max_concurrency": concurrency,
+                     "max_tokens": max_tokens, **res})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["micro", "tiny"])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for both (the small-model default)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--requests-per-client", type=int, default=4)
+    ap.add_argument("--server-max-tokens", type=int, default=32)
+    ap.add_argument("--max-concurrency", type=int, default=4)
+    ap.add_argument("--skip-server", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    summary = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes:
+            row = bench_decode(shape, args.new_tokens, args.repeats, Path(tmp))
+            print(json.dumps(row), flush=True)
+            summary[f"{shape}_ratio_vs_transformers"] = row["ratio"]
+        if not args.skip_server:
+            for row in bench_server(Path(tmp), args.clients, args.requests_per_client, args.server_max_tokens,
+                                    args.max_concurrency):
+                print(json.dumps(row), flush=True)
+    print(json.dumps({"bench": "summary", **summary}))
+    for shape in args.shapes:
+        print(f"{shape}: minilab is {summary[f'{shape}_ratio_vs_transformers']}x transformers' batch-1 tokens/s",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Export (`minilab export`: HF directory, GGUF) and quantization (`minilab quantize`)."""

@@ -1,0 +1,236 @@
+"""GGUF export through llama.cpp's own `gguf` package, and the `minilab export` verb.
+
+    minilab export my-model --format gguf --output my-model.gguf [--outtype f16]
+    minilab export my-model --adapter adapters/run1 --format hf --output merged/
+
+What goes in the file (architecture `llama`, as llama.cpp's `convert_hf_to_gguf.py` writes it):
+- the hyperparameters (`llama.*`: context, widths, heads, RMSNorm eps, RoPE base, key/value
+  lengths, RoPE scaling: `linear` as type + factor, `llama3` as a `rope_freqs` tensor);
+- the tokenizer: byte-level BPE as `tokenizer.ggml.model = gpt2` with the GPT-2 pre-tokenizer, the
+  vocabulary in id order with token types (special tokens CONTROL), the merges, bos/eos/unk/pad
+  and the end-of-turn token (`eot_token_id`), and the chat template, so `llama-cli -cnv` and
+  Ollama chat with the model's own format;
+- the tensors under llama.cpp's names (`blk.N.attn_q.weight`, ...). A tied head is not written:
+  llama.cpp uses `token_embd` as the output when `output.weight` is absent.
+
+**Q and K are permuted.** Our weights (like transformers') use the rotate-half RoPE layout, where
+a head's dimension i is paired with i + hd/2. llama.cpp's LLAMA RoPE rotates adjacent pairs
+(2i, 2i+1), the layout of Meta's original checkpoints. `permute_qk` reorders each head's output
+rows from the first layout to the second: exactly llama.cpp's `LlamaModel.permute`
+(reshape(n_head, 2, hd/2, in) -> swapaxes(1, 2) -> reshape). `tests/test_export.py` checks
+it by running the GGUF tensors through an independent numpy forward pass with adjacent-pair RoPE
+and comparing the logits with ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minilab.errors import MinilabError
+
+log = logging.getLogger("minilab.export")
+
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "minilab_tokenizer.json",
+                   "chat_template.jinja")
+_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Rotate-half (HF) row layout -> adjacent-pair (llama.cpp / Meta) layout, per head. w: (n_head*hd, in)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of `permute_qk`."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(name: str) -> str:
+    """llama.cpp's tensor name for one of ours (`model.layers.3.mlp.up_proj.weight` -> `blk.3.ffn_up.weight`)."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    parts = name.split(".")
+    if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in _LAYER_NAMES:
+        return f"blk.{parts[2]}.{_LAYER_NAMES['.'.join(parts[3:])]}"
+    raise MinilabError(f"no GGUF name for tensor {name}")
+
+
+def gguf_tensors(model: Any, outtype: str = "f32") -> dict[str, np.ndarray]:
+    """llama.cpp name -> array, Q/K permuted; matrices in `outtype`, norms always f32."""
+    cfg = model.config
+    out: dict[str, np.ndarray] = {}
+    for name, t in model.state_dict().items():
+        if cfg.tie_embeddings and name == "lm_head.weight":
+            continue
+        a = t.detach().float().cpu().numpy()
+        if name.endswith("q_proj.weight"):
+            a = permute_qk(a, cfg.n_head)
+        elif name.endswith("k_proj.weight"):
+            a = permute_qk(a, cfg.n_kv_head)
+        if outtype == "f16" and a.ndim == 2:
+            a = a.astype(np.float16)
+        out[gguf_name(name)] = np.ascontiguousarray(a)
+    if (cfg.rope_scaling or {}).get("rope_type") == "llama3":
+        from minilab.model import rope_inv_freq
+
+        plain = rope_inv_freq(cfg.replace(rope_scaling=None))
+        out["rope_freqs.weight"] = (plain / rope_inv_freq(cfg)).float().numpy()  # llama.cpp divides by these
+    return out
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def tokenizer_metadata(model_dir: Path, vocab_size: int) -> dict[str, Any]:
+    """Vocabulary, token types, merges, special ids and chat template of a byte-level BPE tokenizer."""
+    from gguf import TokenType
+
+    tok_json = _read_json(model_dir / "tokenizer.json")
+    if not tok_json:
+        raise MinilabError(f"{model_dir}: no tokenizer.json to put in the GGUF file")
+    bpe, pre = tok_json.get("model", {}), tok_json.get("pre_tokenizer") or {}
+    if bpe.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) \
+            or tok_json.get("normalizer"):
+        raise MinilabError(f"{model_dir}: GGUF export supports byte-level BPE tokenizers with the GPT-2 "
+                           f"pre-tokenizer and no normalizer (this one: model {bpe.get('type')}, pre-tokenizer "
+                           f"{pre.get('type')}); llama.cpp would tokenize others differently")
+    id_to_tok = {i: t for t, i in bpe["vocab"].items()}
+    added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
+    for i, a in added.items():
+        id_to_tok[i] = a["content"]
+    tokens, types = [], []
+    for i in range(vocab_size):  # a model vocab padded beyond the tokenizer gets unused placeholders
+        if i in id_to_tok:
+            tokens.append(id_to_tok[i])
+            a = added.get(i)
+            types.append(TokenType.CONTROL if a and a.get("special") else
+                         TokenType.USER_DEFINED if a else TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
+    cfg = _read_json(model_dir / "tokenizer_config.json")
+    meta = _read_json(model_dir / "minilab_tokenizer.json")
+    ids = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        name = cfg.get(key)
+        name = name.get("content") if isinstance(name, dict) else name
+        if name is not None and name in tokens:
+            ids[key] = tokens.index(name)
+    eot = meta.get("chat_end_token") or ("<|im_end|>" if "<|im_end|>" in tokens else None)
+    if eot in tokens:
+        ids["eot_token"] = tokens.index(eot)
+    return {"tokens": tokens, "types": types, "merges": merges, "ids": ids,
+            "chat_template": cfg.get("chat_template"),
+            "add_bos": bool(cfg.get("add_bos_token", False)), "add_eos": bool(cfg.get("add_eos_token", False))}
+
+
+def write_gguf(model: Any, model_dir: Path, out: Path, *, name: str, outtype: str = "f32") -> Path:
+    """Write `model` (its tokenizer read from `model_dir`) as a llama.cpp GGUF file, atomically."""
+    import gguf
+
+    from minilab.fsutil import atomic_path
+
+    if outtype not in ("f32", "f16"):
+        raise MinilabError(f"--outtype must be f32 or f16, got {outtype!r}")
+    cfg = model.config
+    tok = tokenizer_metadata(model_dir, cfg.vocab_size)
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        w.add_name(name)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.d_model)
+        w.add_block_count(cfg.n_layer)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.n_head)
+        w.add_head_count_kv(cfg.n_kv_head)
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(float(cfg.rope_theta))
+        w.add_layer_norm_rms_eps(float(cfg.norm_eps))
+        scaling = cfg.rope_scaling or {}
+        if scaling.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(scaling["factor"]))
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tok["tokens"])
+        w.add_token_types(tok["types"])
+        w.add_token_merges(tok["merges"])
+        for key, tid in tok["ids"].items():
+            getattr(w, f"add_{key}_id")(tid)
+        w.add_add_bos_token(tok["add_bos"])
+        w.add_add_eos_token(tok["add_eos"])
+        if tok["chat_template"]:
+            w.add_chat_template(tok["chat_template"])
+        for tname, array in gguf_tensors(model, outtype).items():
+            w.add_tensor(tname, array)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return out
+
+
+# ---- the `export` verb ---------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minilab.cli import flag
+
+    p.add_argument("model", metavar="MODEL", help="registry name or model directory")
+    p.add_argument("--format", choices=["gguf", "hf"], required=True,
+                   help="gguf: one llama.cpp/Ollama file; hf: a transformers LlamaForCausalLM directory")
+    p.add_argument("--output", "-o", required=True, help="output file (gguf) or directory (hf)")
+    p.add_argument("--adapter", metavar="DIR", help="PEFT adapters merged into the weights first")
+    p.add_argument("--outtype", choices=["f32", "f16"], default="f32", help="gguf: weight matrices' type")
+    p.add_argument("--dtype", default=None, help="hf: weights dtype (float32, bfloat16, float16; default as stored)")
+    flag(p, "--force", action="store_true", help="replace an existing output")
+
+
+def main(args: argparse.Namespace) -> int:
+    from minilab.fsutil import dir_size, human_bytes
+    from minilab.loading import load_model_for_inference, resolve_model_dir
+
+    src = resolve_model_dir(args.model)
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise MinilabError(f"{out} already exists (pass --force to replace it)")
+    model = load_model_for_inference(args.model, adapter_dir=args.adapter)
+    if getattr(model, "quantization", None):
+        raise MinilabError(f"{args.model} is an int8 model; export its float parent instead")
+    if args.format == "gguf":
+        name = src.resolve().name if Path(args.model).exists() else args.model
+        write_gguf(model, src, out, name=name, outtype=args.outtype)
+        size = out.stat().st_size
+    else:
+        from minilab.hf import save_hf_dir
+
+        with tempfile.TemporaryDirectory() as tmp:  # the tokenizer files only, not the registry manifest
+            tok_dir = Path(tmp)
+            for f in TOKENIZER_FILES:
+                if (src / f).is_file():
+                    shutil.copy2(src / f, tok_dir / f)
+            save_hf_dir(model, out, tokenizer_dir=tok_dir if any(tok_dir.iterdir()) else None, dtype=args.dtype,
+                        overwrite=args.force)
+        size = dir_size(out)
+    print(f"{out} ({args.format}, {human_bytes(size)})")
+    return 0

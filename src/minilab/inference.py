@@ -1,0 +1,338 @@
+"""One loaded model ready to answer: weights, tokenizer, chat format, stop tokens; and `minilab generate`.
+
+    engine = Engine.load("llama-2M-tiny-sft-v1", adapter_dir=None, quantize="int8")
+    for delta in engine.stream(engine.chat_prompt(messages), SamplingParams(max_tokens=64)):
+        print(delta.text, end="")
+
+`generate`, `chat` and `serve` all go through an `Engine`, so a prompt gets the same tokens and the
+same text whichever verb asks. The chat format comes from the tokenizer's own `chat_template`
+(rendered with Jinja2's sandbox, as transformers does, without importing transformers, which takes
+seconds); its end-of-turn token is `chat_end_token` from minilab_tokenizer.json, else one the
+template visibly writes. A model without a template or an end-of-turn token still works: the
+`warnings` name the fallback so a server can say it at startup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minilab.errors import MinilabError
+from minilab.generate import TextStream, encode, stream_generate, tokenizer_stop_ids
+from minilab.loading import load_model_for_inference, resolve_model_dir
+
+log = logging.getLogger("minilab.inference")
+
+# Used when a tokenizer has no chat template: a plain transcript any base model can continue.
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}")
+FALLBACK_STOP = ["\nUser:", "\nSystem:"]  # the transcript's next turn marks the end of a reply
+_END_OF_TURN_NAMES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+@dataclass
+class SamplingParams:
+    """How to decode one request (OpenAI's names where OpenAI has one)."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Delta:
+    """A piece of a reply: new text, tokens generated so far, and the finish reason on the last one."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None  # "stop" (stop token or string) or "length"
+
+
+class ChatFormat:
+    """Messages -> prompt text with the tokenizer's chat template (or the fallback)."""
+
+    def __init__(self, template: str | None, special: dict[str, str]):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:  # templates call this on bad input (HF convention)
+            raise MinilabError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        self.is_fallback = not template
+        self.source = template or FALLBACK_TEMPLATE
+        self.template = env.from_string(self.source)
+        self.special = special
+
+    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                    **self.special)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise MinilabError(f"{path} is not valid JSON: {e}") from None
+
+
+def _token_name(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def load_tokenizer(model_dir: Path, _depth: int = 0):
+    """(`tokenizers.Tokenizer`, its directory) stored with a model; an adapter-only directory
+    (a registered LoRA result) uses its base model's tokenizer."""
+    from tokenizers import Tokenizer
+
+    for d in (model_dir, model_dir / "tokenizer", model_dir / "adapters"):
+        if (d / "tokenizer.json").is_file():
+            return Tokenizer.from_file(str(d / "tokenizer.json")), d
+    base = (_read_json(model_dir / "adapter_config.json").get("base_model_name_or_path")
+            or _read_json(model_dir / "adapters" / "adapter_config.json").get("base_model_name_or_path")
+            or _read_json(model_dir / "manifest.json").get("parent"))
+    if base and _depth < 4:
+        return load_tokenizer(resolve_model_dir(base), _depth + 1)
+    raise MinilabError(f"{model_dir}: no tokenizer.json (export the model with its tokenizer directory)")
+
+
+class Engine:
+    """A model, its tokenizer and chat format; `stream` turns a prompt into text deltas."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, name: str, tokenizer_dir: Path | None = None):
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        self.context_length = int(model.config.max_seq_len)
+        self.warnings: list[str] = []
+        tok_cfg = _read_json(tokenizer_dir / "tokenizer_config.json") if tokenizer_dir else {}
+        meta = _read_json(tokenizer_dir / "minilab_tokenizer.json") if tokenizer_dir else {}
+        template = tok_cfg.get("chat_template")
+        if not template and tokenizer_dir is not None and (tokenizer_dir / "chat_template.jinja").is_file():
+            template = (tokenizer_dir / "chat_template.jinja").read_text(encoding="utf-8")
+        if isinstance(template, list):  # HF allows named templates; use the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        special = {k: _token_name(tok_cfg.get(k)) or "" for k in ("bos_token", "eos_token")}
+        self.chat = ChatFormat(template, special)
+        self.stop_ids = tokenizer_stop_ids(tokenizer)
+        self.chat_stop: list[str] = []
+        self.end_of_turn = self._end_of_turn(meta.get("chat_end_token"))
+        if self.chat.is_fallback:
+            self.chat_stop = list(FALLBACK_STOP)
+            self.warnings.append("the tokenizer has no chat_template: chat uses the fallback plain transcript "
+                                 "format 'User: ...\\nAssistant:' and stops replies at '\\nUser:'")
+        elif self.end_of_turn is None:
+            self.warnings.append("the chat template has no end-of-turn token in the vocabulary: replies stop only "
+                                 f"at eos ({special['eos_token'] or 'none known'}) or max_tokens (fallback)")
+        if self.end_of_turn is not None and self.end_of_turn not in self.stop_ids:
+            self.stop_ids.append(self.end_of_turn)
+
+    def _end_of_turn(self, recorded: str | None) -> int | None:
+        names = [recorded] if recorded else []
+        names += [n for n in _END_OF_TURN_NAMES if not self.chat.is_fallback and n in self.chat.source]
+        for n in names:
+            tid = self.tokenizer.token_to_id(n)
+            if tid is not None:
+                return tid
+        return None
+
+    @classmethod
+    def load(cls, path_or_name: str, *, adapter_dir: str | None = None, quantize: str | None = None,
+             dtype: str | None = None, device: str | None = None) -> Engine:
+        """Load a registry name or model directory (+ adapters, merged), optionally quantized."""
+        model_dir = resolve_model_dir(path_or_name)
+        model = load_model_for_inference(path_or_name, adapter_dir=adapter_dir, dtype=dtype, device=device)
+        if quantize:
+            from minilab.export.quantize import quantize_model
+
+            model = quantize_model(model, quantize)
+        tokenizer, tok_dir = load_tokenizer(model_dir)
+        if tokenizer.get_vocab_size() > model.config.vocab_size:
+            raise MinilabError(f"{model_dir}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+                               f"{model.config.vocab_size}: not this model's tokenizer")
+        name = path_or_name if not Path(path_or_name).exists() else Path(path_or_name).resolve().name
+        return cls(model, tokenizer, name, tok_dir)
+
+    # ---- prompts ----------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return encode(self.tokenizer, text)
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of the conversation with the assistant's turn opened."""
+        return self.encode(self.chat.render(messages, add_generation_prompt=True))
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the weights (quantized packed weights included)."""
+        from minilab.export.quantize import model_bytes
+
+        return model_bytes(self.model)
+
+    # ---- decoding ---------------------------------------------------------------------------
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams, *, chat: bool = False,
+               cancelled: Callable[[], bool] | None = None) -> Iterator[Delta]:
+        """Text deltas of the reply to `prompt_ids`; the last one carries the finish reason.
+        `cancelled()` is asked before each token: True ends the stream quietly (no last delta)."""
+        stop = list(params.stop) + (self.chat_stop if chat else [])
+        text = TextStream(self.tokenizer, stop)
+        budget = min(params.max_tokens, self.context_length - len(prompt_ids))
+        tokens = stream_generate(self.model, list(prompt_ids), max_new_tokens=params.max_tokens,
+                                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                                 repetition_penalty=params.repetition_penalty, stop_token_ids=self.stop_ids,
+                                 seed=params.seed)
+        n = 0
+        try:
+            for tok in tokens:
+                if cancelled is not None and cancelled():
+                    return
+                n += 1
+                piece = text.push(tok)
+                if text.stopped:
+                    break
+                if piece:
+                    yield Delta(piece, n)
+        finally:
+            tokens.close()  # stops the decoder at once, whoever ends the stream
+        reason = "length" if n >= budget and not text.stopped else "stop"
+        yield Delta(text.finish(), n, reason)
+
+    def complete(self, prompt_ids: Sequence[int], params: SamplingParams, *,
+                 chat: bool = False) -> tuple[str, int, str]:
+        """(text, completion tokens, finish reason) of a whole reply."""
+        parts, n, reason = [], 0, "stop"
+        for d in self.stream(prompt_ids, params, chat=chat):
+            parts.append(d.text)
+            n, reason = d.completion_tokens, d.finish_reason or reason
+        return "".join(parts), n, reason
+
+
+# ---- CLI: shared flags and the `generate` verb ----------------------------------------------------
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """MODEL, --adapter and the quantization flags (generate, chat, serve)."""
+    from minilab.cli import flag
+
+    p.add_argument("model", metavar="MODEL", help="registry name or model directory")
+    p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory, merged into the weights at load")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--int8", dest="quantize", action="store_const", const="int8",
+                   help="int8 dynamic quantization of the linear layers (CPU, torch)")
+    flag(q, "--load-in-8bit", dest="quantize", action="store_const", const="bnb8",
+         help="8-bit linear layers through bitsandbytes (must be installed)")
+    flag(q, "--load-in-4bit", dest="quantize", action="store_const", const="nf4",
+         help="4-bit NF4 linear layers through bitsandbytes (must be installed)")
+    p.add_argument("--dtype", default=None, help="weights dtype: float32, bfloat16, float16 (default: as stored)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: 1 for models under 50M parameters, else torch's default)")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    from minilab.cli import flag
+
+    g = p.add_argument_group("sampling")
+    flag(g, "--max-tokens", type=int, default=max_tokens, help="most new tokens per reply")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    flag(g, "--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    flag(g, "--top-p", type=float, default=None, help="nucleus sampling mass")
+    flag(g, "--repetition-penalty", type=float, default=1.0, help="CTRL penalty on seen tokens (>1 discourages)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string; repeatable")
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    if args.max_tokens < 1:
+        raise MinilabError(f"--max-tokens must be ≥ 1, got {args.max_tokens}")
+    if args.temperature < 0:
+        raise MinilabError(f"--temperature must be ≥ 0, got {args.temperature}")
+    stop = [s.encode().decode("unicode_escape") for s in args.stop]  # so --stop '\n' means a newline
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=stop, seed=args.seed)
+
+
+def set_threads(model: torch.nn.Module, threads: int | None) -> int:
+    """Set torch's CPU threads for decoding and return the count. Why 1 by default for small models:
+    one decoding step of a small model is a few tiny matmuls, too short to split across threads,
+    so a second thread only adds synchronisation (measured here: 2 threads were 5x slower than 1
+    on a busy 2-core machine); a server gets its parallelism from concurrent requests instead."""
+    if threads is None:
+        n_params = sum(p.numel() for p in model.parameters())
+        threads = 1 if n_params < 50_000_000 else torch.get_num_threads()
+    if threads < 1:
+        raise MinilabError(f"--threads must be ≥ 1, got {threads}")
+    torch.set_num_threads(threads)
+    return threads
+
+
+def engine_from_args(args: argparse.Namespace) -> Engine:
+    t0 = time.perf_counter()
+    engine = Engine.load(args.model, adapter_dir=args.adapter, quantize=args.quantize, dtype=args.dtype,
+                         device=args.device)
+    set_threads(engine.model, getattr(args, "threads", None))
+    for w in engine.warnings:
+        log.warning("warning: %s", w)
+    from minilab.fsutil import human_bytes
+
+    log.info("loaded %s in %.1fs: weights %s%s", engine.name, time.perf_counter() - t0,
+             human_bytes(engine.memory_bytes()), f" ({args.quantize})" if args.quantize else "")
+    return engine
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minilab.cli import flag
+
+    add_model_flags(p)
+    p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for several prompts")
+    flag(p, "--prompts-file", metavar="FILE", help="one prompt per line ('-' reads stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    add_sampling_flags(p)
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        src = sys.stdin if args.prompts_file == "-" else open(args.prompts_file, encoding="utf-8")  # noqa: SIM115
+        with src:
+            prompts += [line.rstrip("\n").replace("\\n", "\n") for line in src if line.strip()]
+    if not prompts:
+        raise MinilabError("give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def main(args: argparse.Namespace) -> int:
+    prompts = _prompts(args)
+    params = sampling_from_args(args)
+    engine = engine_from_args(args)
+    for text in prompts:
+        ids = engine.chat_prompt([{"role": "user", "content": text}]) if args.chat else engine.encode(text)
+        if not ids:
+            raise MinilabError("the prompt encodes to no tokens")
+        if len(ids) >= engine.context_length:
+            raise MinilabError(f"prompt of {len(ids)} tokens does not fit the context ({engine.context_length})")
+        t0, parts, last = time.perf_counter(), [], Delta("", 0)
+        for d in engine.stream(ids, params, chat=args.chat):
+            parts.append(d.text)
+            last = d
+            if not args.json:
+                print(d.text, end="", flush=True)
+        secs = time.perf_counter() - t0
+        if args.json:
+            print(json.dumps({"prompt": text, "text": "".join(parts), "prompt_tokens": len(ids),
+                              "completion_tokens": last.completion_tokens, "finish_reason": last.finish_reason,
+                              "seconds": round(secs, 4)}))
+        else:
+            print()
+            log.info("[%d tokens, %.1f tokens/s, finish: %s]", last.completion_tokens,
+                     last.completion_tokens / max(secs, 1e-9), last.finish_reason)
+    return 0

@@ -1,0 +1,70 @@
+"""`minilab serve MODEL`: an OpenAI-compatible HTTP API and a web chat page (see `app.py`).
+
+    minilab serve my-model                        # http://127.0.0.1:8000/ (chat page), /v1/...
+    minilab serve my-model --host 0.0.0.0 --api-key "$KEY"
+
+Binding anything but loopback without an API key is refused unless `--allow-remote` says so:
+a model server open to the network answers (and costs compute for) anyone who finds it.
+The key may also come from $MINILAB_API_KEY, which keeps it out of the process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import socket
+
+from minilab.errors import MinilabError
+
+log = logging.getLogger("minilab.serve")
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` only ever resolves to loopback addresses (localhost, 127.x, ::1)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minilab.cli import flag
+    from minilab.inference import add_model_flags
+
+    add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    flag(p, "--api-key", default=os.environ.get("MINILAB_API_KEY"),
+         help="require 'Authorization: Bearer KEY' on /v1 (default: $MINILAB_API_KEY, else none)")
+    flag(p, "--allow-remote", action="store_true",
+         help="allow a non-loopback --host without an API key (anyone who can reach it can use it)")
+    flag(p, "--max-concurrency", type=int, default=4, help="requests decoded at the same time (worker threads)")
+    flag(p, "--max-queue", type=int, default=64, help="requests waiting for a worker; more get HTTP 429")
+    flag(p, "--max-body-bytes", type=int, default=1 << 20, help="largest request body (HTTP 413 beyond)")
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from minilab.inference import engine_from_args
+    from minilab.serve.app import create_app
+
+    if not is_loopback(args.host) and not args.api_key and not args.allow_remote:
+        raise MinilabError(f"refusing to serve on {args.host} without an API key: pass --api-key KEY (or set "
+                           "MINILAB_API_KEY), or --allow-remote to serve it open to the network anyway")
+    if args.max_concurrency < 1 or args.max_queue < 0:
+        raise MinilabError("--max-concurrency must be ≥ 1 and --max-queue ≥ 0")
+    engine = engine_from_args(args)
+    app = create_app(engine, api_key=args.api_key, max_concurrency=args.max_concurrency,
+                     max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+    log.info("serving %s on http://%s:%d/ (chat page), OpenAI API under /v1%s", engine.name, args.host, args.port,
+             "" if args.api_key else " (no API key)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0

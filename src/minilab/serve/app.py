@@ -1,0 +1,346 @@
+"""The FastAPI app behind `minilab serve`: OpenAI-compatible endpoints, a request queue, the chat page.
+
+    app = create_app(Engine.load("my-model"), api_key=None, max_concurrency=4, max_queue=64)
+    with running_server(app) as url:          # uvicorn on 127.0.0.1 and a free port, in a thread
+        ...
+
+How requests are served (why):
+- **Decoding runs in a pool of `max_concurrency` worker threads**, never on the event loop, so
+  the loop keeps accepting, streaming and answering /health while models compute. Torch releases
+  the GIL inside its kernels, so workers overlap. Each request decodes alone with its own KV cache
+  (see `minilab.generate`): a request's tokens never depend on what else is being served.
+- **Admission is counted, not queued in memory without bound**: at most `max_concurrency` run and
+  `max_queue` wait for a worker; one more gets 429 at once, before any work is done.
+- **Workers hand tokens to the loop through an asyncio queue**, so a slow reader delays only its
+  own connection, never a worker. A client that goes away cancels its stream: the response
+  generator's `finally` sets the request's cancel flag, which the worker checks before every
+  token, and the worker slot is freed within one token's time.
+- Validation happens before admission, in OpenAI's order of concerns: auth (401), body size
+  (413), JSON (400), schema (422), model name (404), prompt length vs context (413), max_tokens (422).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from minilab.inference import Delta, Engine, SamplingParams
+from minilab.serve import protocol as p
+
+log = logging.getLogger("minilab.serve")
+_END = object()
+
+
+class Scheduler:
+    """Worker threads plus admission control and counters (what /health reports)."""
+
+    def __init__(self, max_concurrency: int, max_queue: int):
+        if max_concurrency < 1 or max_queue < 0:
+            raise ValueError("max_concurrency must be ≥ 1 and max_queue ≥ 0")
+        self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        self.executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="minilab-generate")
+        self.lock = threading.Lock()
+        self.admitted = self.running = 0
+        self.counts = {"completed": 0, "cancelled": 0, "rejected": 0, "failed": 0, "tokens": 0}
+        self.cancels: set[threading.Event] = set()
+
+    def admit(self) -> None:
+        with self.lock:
+            if self.admitted >= self.max_concurrency + self.max_queue:
+                self.counts["rejected"] += 1
+                raise p.ApiError(429, f"server busy: {self.max_concurrency} requests running and "
+                                      f"{self.max_queue} queued; retry later", type="rate_limit_error",
+                                 code="queue_full")
+            self.admitted += 1
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return {"running": self.running, "queued": self.admitted - self.running,
+                    "max_concurrency": self.max_concurrency, "max_queue": self.max_queue, **self.counts}
+
+    def start(self, engine: Engine, ids: list[int], params: SamplingParams, chat: bool) -> AsyncIterator[Delta]:
+        """Admit one request (429 when full) and start decoding it on a worker thread at once;
+        returns its deltas. Admission and the worker start here, not on first iteration, so the
+        counts stay right even if the response is never read."""
+        self.admit()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def put(item: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed under us: server shutting down
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            outcome = "cancelled"
+            with self.lock:
+                self.running += 1
+            try:
+                if cancel.is_set():
+                    return
+                for d in engine.stream(ids, params, chat=chat, cancelled=cancel.is_set):
+                    put(d)
+                    if d.finish_reason is not None:
+                        outcome = "completed"
+                        with self.lock:
+                            self.counts["tokens"] += d.completion_tokens
+            except Exception as e:  # surfaces as a 500 on this request only
+                outcome = "failed"
+                log.exception("generation failed")
+                put(e)
+            finally:
+                with self.lock:
+                    self.running -= 1
+                    self.admitted -= 1
+                    self.counts[outcome] += 1
+                    self.cancels.discard(cancel)
+                put(_END)
+
+        with self.lock:
+            self.cancels.add(cancel)
+        try:
+            self.executor.submit(work)
+        except RuntimeError:  # executor shut down
+            with self.lock:
+                self.admitted -= 1
+                self.cancels.discard(cancel)
+            raise p.ApiError(503, "server shutting down", type="server_error") from None
+        return self._drain(queue, cancel)
+
+    @staticmethod
+    async def _drain(queue: asyncio.Queue, cancel: threading.Event) -> AsyncIterator[Delta]:
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancel.set()  # client gone or done: the worker stops before its next token
+
+    def shutdown(self) -> None:
+        with self.lock:
+            for c in self.cancels:
+                c.set()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+# ---- request handling -----------------------------------------------------------------------------
+async def _read_json(request: Request, max_body: int) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_body:
+        raise p.ApiError(413, f"request body of {length} bytes exceeds the limit of {max_body}",
+                         code="request_too_large")
+    body = await request.body()
+    if len(body) > max_body:
+        raise p.ApiError(413, f"request body exceeds the limit of {max_body} bytes", code="request_too_large")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise p.ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from None
+
+
+def _check_model(engine: Engine, name: str) -> None:
+    if name != engine.name:
+        raise p.ApiError(404, f"The model '{name}' does not exist; this server serves '{engine.name}'",
+                         param="model", code="model_not_found")
+
+
+def _budget(engine: Engine, n_prompt: int, requested: int | None) -> int:
+    """max_tokens to use: 413 when the prompt fills the context, 422 when max_tokens cannot fit it."""
+    ctx = engine.context_length
+    if n_prompt == 0:
+        raise p.ApiError(422, "the prompt is empty", param="prompt", code="invalid_value")
+    if n_prompt >= ctx:
+        raise p.ApiError(413, f"the prompt has {n_prompt} tokens; this model's context is {ctx} tokens "
+                              "(including the reply)", param="messages", code="context_length_exceeded")
+    if requested is not None and requested > ctx - n_prompt:
+        raise p.ApiError(422, f"max_tokens {requested} is out of range: the prompt has {n_prompt} tokens and the "
+                              f"context {ctx}, so at most {ctx - n_prompt} new tokens fit",
+                         param="max_tokens", code="invalid_value")
+    return requested if requested is not None else ctx - n_prompt
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, max_concurrency: int = 4, max_queue: int = 64,
+               max_body_bytes: int = 1 << 20):
+    """The FastAPI application serving `engine`. Workers stop when the app shuts down."""
+    sched = Scheduler(max_concurrency, max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        for w in engine.warnings:
+            log.warning("warning: %s", w)
+        yield
+        sched.shutdown()
+
+    app = FastAPI(title="minilab", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.scheduler, app.state.engine = sched, engine
+    page = resources.files("minilab.serve").joinpath("page.html").read_text(encoding="utf-8")
+    started = int(time.time())
+
+    @app.exception_handler(p.ApiError)
+    async def _api_error(_request: Request, exc: p.ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(p.ApiError(exc.status_code, str(exc.detail), code=code).body(),
+                            status_code=exc.status_code)
+
+    def auth(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if given != f"Bearer {api_key}":
+            raise p.ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
+                             type="authentication_error", code="invalid_api_key")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": engine.name, "context_length": engine.context_length,
+                "auth": api_key is not None, "warnings": engine.warnings, **sched.stats()}
+
+    def model_card() -> dict[str, Any]:
+        return {"id": engine.name, "object": "model", "created": started, "owned_by": "minilab"}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        auth(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request) -> dict[str, Any]:
+        auth(request)
+        _check_model(engine, name)
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        auth(request)
+        req = p.parse(p.ChatRequest, await _read_json(request, max_body_bytes))
+        _check_model(engine, req.model)
+        ids = engine.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
+        params = req.sampling(_budget(engine, len(ids), req.max_completion_tokens or req.max_tokens))
+        deltas = sched.start(engine, ids, params, chat=True)
+        rid = p.new_id("chatcmpl")
+        if req.stream:
+            return StreamingResponse(_chat_events(rid, req, deltas, len(ids)), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text, n, finish = await _collect(deltas)
+        return p.chat_response(rid, engine.name, text, finish, len(ids), n)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        auth(request)
+        req = p.parse(p.CompletionRequest, await _read_json(request, max_body_bytes))
+        _check_model(engine, req.model)
+        prompt = req.prompt[0] if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) \
+            else req.prompt
+        ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if any(not 0 <= t < engine.model.config.vocab_size for t in ids):
+            raise p.ApiError(422, "prompt token ids out of the vocabulary", param="prompt", code="invalid_value")
+        params = req.sampling(_budget(engine, len(ids), req.max_tokens))
+        deltas = sched.start(engine, ids, params, chat=False)
+        rid, created = p.new_id("cmpl"), int(time.time())
+        echo = prompt if req.echo and isinstance(prompt, str) else ""
+        if req.stream:
+            return StreamingResponse(_completion_events(rid, created, req, deltas, len(ids), echo),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text, n, finish = await _collect(deltas)
+        return p.completion_response(rid, engine.name, echo + text, finish, created, p.usage(len(ids), n))
+
+    async def _chat_events(rid: str, req: p.ChatRequest, deltas: AsyncIterator[Delta], n_prompt: int):
+        created, with_usage = int(time.time()), req.wants_usage_chunk()
+        last = Delta("", 0)
+        try:
+            yield _sse(p.chat_chunk(rid, engine.name, created, {"role": "assistant", "content": ""}, None,
+                                    with_usage))
+            async for d in deltas:
+                last = d
+                if d.text:
+                    yield _sse(p.chat_chunk(rid, engine.name, created, {"content": d.text}, None, with_usage))
+            yield _sse(p.chat_chunk(rid, engine.name, created, {}, last.finish_reason or "stop", with_usage))
+            if with_usage:
+                yield _sse(p.usage_chunk(rid, engine.name, created, "chat.completion.chunk",
+                                         p.usage(n_prompt, last.completion_tokens)))
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # headers are sent: report the failure inside the stream, as OpenAI does
+            yield _sse(p.ApiError(500, f"generation failed: {e}", type="server_error").body())
+        finally:
+            await deltas.aclose()  # client gone: cancels the worker
+
+    async def _completion_events(rid: str, created: int, req: p.CompletionRequest, deltas: AsyncIterator[Delta],
+                                 n_prompt: int, echo: str):
+        last = Delta("", 0)
+        try:
+            if echo:
+                yield _sse(p.completion_response(rid, engine.name, echo, None, created, None))
+            async for d in deltas:
+                last = d
+                yield _sse(p.completion_response(rid, engine.name, d.text, d.finish_reason, created, None))
+            if req.wants_usage_chunk():
+                yield _sse(p.usage_chunk(rid, engine.name, created, "text_completion",
+                                         p.usage(n_prompt, last.completion_tokens)))
+            yield "data: [DONE]\n\n"
+        except Exception as e:
+            yield _sse(p.ApiError(500, f"generation failed: {e}", type="server_error").body())
+        finally:
+            await deltas.aclose()
+
+    return app
+
+
+async def _collect(deltas: AsyncIterator[Delta]) -> tuple[str, int, str]:
+    parts, n, finish = [], 0, "stop"
+    async for d in deltas:
+        parts.append(d.text)
+        n, finish = d.completion_tokens, d.finish_reason or finish
+    return "".join(parts), n, finish
+
+
+@contextlib.contextmanager
+def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> Iterator[str]:
+    """Run `app` under uvicorn in a background thread; yields its base URL. `port=0` picks a free
+    port (the socket is bound here, so there is no race with another process)."""
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="minilab-uvicorn")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        bound = sock.getsockname()
+        yield f"http://{'[' + host + ']' if family == socket.AF_INET6 else host}:{bound[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()

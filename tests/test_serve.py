@@ -1,0 +1,215 @@
+"""`minilab serve`: the acceptance test with the official `openai` client, OpenAI-style errors while the
+server keeps serving, the queue (429), a disconnected stream stopping its generation, a bounded load
+test (200 requests, 32 clients) and the remote-bind guard. Servers run on 127.0.0.1 and a free port."""
+
+import asyncio
+import copy
+import json
+import statistics
+import time
+
+import httpx
+import pytest
+import torch
+from inference_fixtures import shared_model_dir
+
+from minilab.inference import Engine, SamplingParams
+from minilab.serve.app import create_app, running_server
+
+KEY = "sk-test-key"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # what `minilab serve` picks for small models
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.load(str(shared_model_dir()))
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with running_server(create_app(engine, api_key=KEY, max_concurrency=4, max_queue=64)) as url:
+        yield url
+
+
+def slow(engine: Engine, delay: float) -> Engine:
+    """The same engine, sleeping `delay` seconds per token and never meeting a stop token: it keeps
+    a worker busy for exactly max_tokens x delay unless cancelled."""
+    e = copy.copy(engine)
+    e.stop_ids = []
+
+    def stream(ids, params, chat=False, cancelled=None):
+        def pace():  # asked before every token
+            time.sleep(delay)
+            return cancelled is not None and cancelled()
+        yield from Engine.stream(e, ids, params, chat=chat, cancelled=pace)
+
+    e.stream = stream
+    return e
+
+
+def test_openai_client_acceptance(server, engine):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list()] == [engine.name]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat sat on"}]
+    resp = client.chat.completions.create(model=engine.name, messages=messages, temperature=0, max_tokens=24)
+    text = resp.choices[0].message.content
+    ids = engine.chat_prompt(messages)
+    assert (text, resp.usage.completion_tokens, resp.choices[0].finish_reason) == \
+        engine.complete(ids, SamplingParams(max_tokens=24), chat=True)
+    assert resp.usage.prompt_tokens == len(ids) and resp.usage.total_tokens == len(ids) + resp.usage.completion_tokens
+    # streamed: chunks reassemble to the non-streamed greedy text; finish reason and usage at the end
+    chunks = list(client.chat.completions.create(model=engine.name, messages=messages, temperature=0, max_tokens=24,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == resp.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == resp.usage.completion_tokens
+    # completion, and its stream
+    comp = client.completions.create(model=engine.name, prompt="the cat", temperature=0, max_tokens=10)
+    expect = engine.complete(engine.encode("the cat"), SamplingParams(max_tokens=10))
+    assert (comp.choices[0].text, comp.usage.completion_tokens, comp.choices[0].finish_reason) == expect
+    streamed = client.completions.create(model=engine.name, prompt="the cat", temperature=0, max_tokens=10, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expect[0]
+    # seeded sampling reproduces
+    kw = dict(model=engine.name, messages=messages, temperature=1.0, top_p=0.9, max_tokens=16, seed=11)
+    a, b = (client.chat.completions.create(**kw).choices[0].message.content for _ in range(2))
+    assert a == b
+
+
+def _expect_status(exc_type, status, fn):
+    with pytest.raises(exc_type) as info:
+        fn()
+    assert info.value.status_code == status
+    body = info.value.response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+    return body["error"]
+
+
+def test_bad_requests_get_openai_errors_and_server_keeps_serving(server, engine):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+    msgs = [{"role": "user", "content": "hi"}]
+
+    def still_serving():
+        r = client.chat.completions.create(model=engine.name, messages=msgs, temperature=0, max_tokens=3)
+        assert r.choices[0].finish_reason in ("stop", "length")
+
+    r = httpx.post(f"{server}/v1/chat/completions", content=b'{"model": "x", "messages": [',
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    still_serving()
+    bad_key = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    _expect_status(openai.AuthenticationError, 401, lambda: bad_key.models.list())
+    still_serving()
+    err = _expect_status(openai.NotFoundError, 404, lambda: client.chat.completions.create(
+        model="no-such-model", messages=msgs))
+    assert err["code"] == "model_not_found"
+    long = " ".join(["the cat sat on a mat"] * 200)
+    err = _expect_status(openai.APIStatusError, 413, lambda: client.chat.completions.create(
+        model=engine.name, messages=[{"role": "user", "content": long}]))
+    assert err["code"] == "context_length_exceeded"
+    still_serving()
+    for bad in ({"max_tokens": 0}, {"max_tokens": 10_000}, {"temperature": -0.5}, {"top_p": 0}, {"n": 2}):
+        err = _expect_status(openai.UnprocessableEntityError, 422, lambda bad=bad: client.chat.completions.create(
+            model=engine.name, messages=msgs, **bad))
+        assert err["param"] in bad
+    _expect_status(openai.UnprocessableEntityError, 422, lambda: client.completions.create(
+        model=engine.name, prompt="x", max_tokens=-1))
+    r = httpx.post(f"{server}/v1/completions", content=b"x" * (2 << 20), headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 413
+    assert httpx.get(f"{server}/v1/nothing-here").status_code == 404
+    still_serving()
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok" and health["failed"] == 0
+
+
+def test_raw_sse_chunk_format(server, engine):
+    body = {"model": engine.name, "messages": [{"role": "user", "content": "rain"}], "stream": True,
+            "temperature": 0, "max_tokens": 8}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and chunks[-1]["choices"][0]["delta"] == {}
+
+
+def test_full_queue_gets_429_and_a_disconnected_stream_stops(engine):
+    app = create_app(slow(engine, 0.02), max_concurrency=1, max_queue=0)
+    body = {"model": engine.name, "prompt": "the", "stream": True, "temperature": 0, "max_tokens": 100}
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=body) as first:
+            assert first.status_code == 200
+            next(first.iter_lines())  # it is generating now
+            r = http.post("/v1/completions", json={**body, "stream": False})
+            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        # the client closed its stream: the worker stops long before 100 tokens x 20 ms
+        deadline = time.monotonic() + 1.5
+        while (h := http.get("/health").json())["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert h["running"] == 0 and h["cancelled"] == 1 and h["rejected"] == 1
+        assert h["tokens"] == 0  # the cancelled request never finished
+        r = http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_load_200_requests_from_32_clients(engine, record_property):
+    """Bounded load on loopback: every request answered in full, no error; p50/p99 recorded."""
+    app = create_app(engine, max_concurrency=4, max_queue=64)
+
+    async def run(url: str) -> list[float]:
+        sem, latencies = asyncio.Semaphore(32), []
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+            async def one(i: int) -> None:
+                async with sem:
+                    t0 = time.perf_counter()
+                    body = {"model": engine.name, "messages": [{"role": "user", "content": f"the cat {i}"}],
+                            "max_tokens": 8, "temperature": 0.8, "seed": i, "stream": i % 2 == 0}
+                    r = await http.post("/v1/chat/completions", json=body)
+                    assert r.status_code == 200, r.text
+                    if body["stream"]:
+                        assert r.text.rstrip().endswith("data: [DONE]")
+                    else:
+                        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+                    latencies.append(time.perf_counter() - t0)
+            await asyncio.gather(*(one(i) for i in range(200)))
+        return latencies
+
+    with running_server(app) as url:
+        t0 = time.perf_counter()
+        lat = asyncio.run(run(url))
+        wall = time.perf_counter() - t0
+        health = httpx.get(f"{url}/health").json()
+    assert len(lat) == 200 and health["completed"] == 200 and health["failed"] == health["rejected"] == 0
+    q = statistics.quantiles(lat, n=100)
+    record_property("load_p50_s", round(q[49], 4))
+    record_property("load_p99_s", round(q[98], 4))
+    print(f"\nload: 200 requests / 32 clients in {wall:.2f}s, p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms")
+
+
+def test_startup_warning_and_remote_guard(engine, caplog, capsys, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from minilab.cli import main as cli
+
+    e = copy.copy(engine)
+    e.warnings = ["the tokenizer has no chat_template: chat uses the fallback plain transcript format"]
+    with caplog.at_level("WARNING", logger="minilab.serve"), TestClient(create_app(e)) as client:
+        assert client.get("/health").json()["warnings"] == e.warnings
+        assert "<title>minilab chat</title>" in client.get("/").text
+    assert "fallback plain transcript" in caplog.text
+    assert cli(["serve", str(tmp_path / "not-loaded"), "--host", "0.0.0.0"]) == 1
+    assert "without an API key" in capsys.readouterr().err
