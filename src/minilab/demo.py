@@ -68,6 +68,10 @@ def main(args: argparse.Namespace) -> int:
     result = pretrain_micro(tok_dir, packed_dir, run_dir, models_dir, args.max_steps)
     timings["pretrain"] = time.perf_counter() - t
 
+    t = _stage("eval: perplexity and bits per byte on held-out text, generations, report with plots")
+    report = evaluate_demo(run_dir, packed_dir, work)
+    timings["eval"] = time.perf_counter() - t
+
     t = _stage("check: transformers loads the export and gives the same logits")
     max_diff = parity_check(run_dir / "final")
     timings["check"] = time.perf_counter() - t
@@ -79,6 +83,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"  validation loss {result['val_loss']:.3f} nats/token vs unigram entropy {unigram:.3f} "
           f"(a model that learned nothing but word frequencies)")
     print(f"  transformers parity: max |logits difference| {max_diff:.2e}")
+    print(f"  eval report: {report}")
     print(f"  model: {run_dir / 'final'}  registry name: {result['name']}")
     print(f"  list the registry: minilab models list --models-dir {models_dir}")
     return 0
@@ -99,6 +104,24 @@ def pretrain_micro(tok_dir: Path, packed_dir: Path, run_dir: Path, models_dir: P
                          ckpt_every=max(1, max_steps // 4), optim=OptimConfig(lr=2e-3), dataset_name="default",
                          precision="fp32", models_dir=str(models_dir))
     return run(cfg, resume="auto")
+
+
+PROMPTS = ["It is a truth universally acknowledged", "Mr. Darcy said that", "The weather at Bath was",
+           "She could not help thinking"]
+
+
+def evaluate_demo(run_dir: Path, packed_dir: Path, work: Path) -> Path:
+    """`minilab eval` on the demo model; returns the path of its report.md."""
+    from minilab.evaluate.stage import EvalConfig
+    from minilab.evaluate.stage import run as run_eval
+    from minilab.fsutil import write_text_atomic
+
+    prompts = work / "data" / "demo-prompts.txt"
+    write_text_atomic(prompts, "\n".join(PROMPTS) + "\n")
+    out = run_dir / "eval"
+    run_eval(EvalConfig(model_path=str(run_dir / "final"), output_dir=str(out), data_dirs=[str(packed_dir)],
+                        prompts_file=str(prompts), max_new_tokens=32))
+    return out / "report.md"
 
 
 def parity_check(model_dir: Path) -> float:
