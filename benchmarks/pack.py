@@ -55,10 +55,12 @@ def raw_encode(corpus: Path, tok_path: str, workers: int, batch: int) -> tuple[i
 
 
 def peak_rss_mb(args: list[str]) -> float:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run(args, check=True, capture_output=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(after, before) / 1024  # ru_maxrss is KiB on Linux; max over children so far
+    """Peak RSS (MiB) of the command and its workers, measured in a fresh wrapper process: this
+    process's RUSAGE_CHILDREN is a max over every child so far, so it could not report a smaller peak."""
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe, *args], check=True, capture_output=True, text=True)
+    return int(out.stdout.strip()) / 1024  # ru_maxrss is KiB on Linux
 
 
 def main() -> None:
@@ -83,7 +85,9 @@ def main() -> None:
               "raw_encode_tokens_per_s": round(n_raw / t_raw), "pack_tokens_per_s": round(n_pack / t_pack),
               "pack_overhead_pct": round(100 * (t_pack / t_raw - 1), 1)}
     if a.memory:
-        big = make_corpus(root / "corpus10", a.docs * 10, seed=1)
+        # Same word distribution (same seed), 10x the documents: a corpus with another vocabulary would
+        # measure the tokenizer's word cache on unseen words, not pack's growth with input size.
+        big = make_corpus(root / "corpus10", a.docs * 10, seed=0)
         rss = {}
         for name, c in (("1x", corpus), ("10x", big)):
             rss[name] = peak_rss_mb([sys.executable, "-m", "minilab", "pack", "--corpus-dir", str(c),
