@@ -21,7 +21,8 @@ from minilab.errors import MinilabError
 
 # verb -> (module, one-line help). Modules are imported only when their verb runs or --help lists them.
 VERBS: dict[str, tuple[str, str]] = {
-    "demo": ("minilab.demo", "run the built-in end-to-end demo on a CPU (the README's main job)"),
+    "run": ("minilab.recipe.runner", "run a recipe: the whole pipeline, stages cached by fingerprint, resumable"),
+    "demo": ("minilab.demo", "run the built-in end-to-end demo on a CPU (the shipped recipe 'demo')"),
     "arch": ("minilab.arch", "list architecture presets with their true parameter counts and costs"),
     "models": ("minilab.registry", "list, show and remove models in the registry"),
     "corpus": ("minilab.data.corpus", "clean, filter and deduplicate raw text into corpus shards"),

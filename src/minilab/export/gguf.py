@@ -206,31 +206,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--force", action="store_true", help="replace an existing output")
 
 
-def main(args: argparse.Namespace) -> int:
-    from minilab.fsutil import dir_size, human_bytes
+def export_model(model_ref: str, fmt: str, output: str | Path, *, adapter: str | None = None, outtype: str = "f32",
+                 dtype: str | None = None, force: bool = False, registry_root: str | None = None) -> tuple[Path, int]:
+    """Export `model_ref` (registry name or directory) as one GGUF file or a transformers
+    directory at `output`; returns (path, bytes written)."""
+    from minilab.fsutil import dir_size
     from minilab.loading import load_model_for_inference, resolve_model_dir
 
-    src = resolve_model_dir(args.model)
-    out = Path(args.output)
-    if out.exists() and not args.force:
+    src = resolve_model_dir(model_ref, registry_root)
+    out = Path(output)
+    if out.exists() and not force:
         raise MinilabError(f"{out} already exists (pass --force to replace it)")
-    model = load_model_for_inference(args.model, adapter_dir=args.adapter)
+    model = load_model_for_inference(model_ref, adapter_dir=adapter, registry_root=registry_root)
     if getattr(model, "quantization", None):
-        raise MinilabError(f"{args.model} is an int8 model; export its float parent instead")
-    if args.format == "gguf":
-        name = src.resolve().name if Path(args.model).exists() else args.model
-        write_gguf(model, src, out, name=name, outtype=args.outtype)
-        size = out.stat().st_size
-    else:
-        from minilab.hf import save_hf_dir
+        raise MinilabError(f"{model_ref} is an int8 model; export its float parent instead")
+    if fmt == "gguf":
+        name = src.resolve().name if Path(model_ref).exists() else model_ref
+        write_gguf(model, src, out, name=name, outtype=outtype)
+        return out, out.stat().st_size
+    from minilab.hf import save_hf_dir
 
-        with tempfile.TemporaryDirectory() as tmp:  # the tokenizer files only, not the registry manifest
-            tok_dir = Path(tmp)
-            for f in TOKENIZER_FILES:
-                if (src / f).is_file():
-                    shutil.copy2(src / f, tok_dir / f)
-            save_hf_dir(model, out, tokenizer_dir=tok_dir if any(tok_dir.iterdir()) else None, dtype=args.dtype,
-                        overwrite=args.force)
-        size = dir_size(out)
+    with tempfile.TemporaryDirectory() as tmp:  # the tokenizer files only, not the registry manifest
+        tok_dir = Path(tmp)
+        for f in TOKENIZER_FILES:
+            if (src / f).is_file():
+                shutil.copy2(src / f, tok_dir / f)
+        save_hf_dir(model, out, tokenizer_dir=tok_dir if any(tok_dir.iterdir()) else None, dtype=dtype,
+                    overwrite=force)
+    return out, dir_size(out)
+
+
+def main(args: argparse.Namespace) -> int:
+    from minilab.fsutil import human_bytes
+
+    out, size = export_model(args.model, args.format, args.output, adapter=args.adapter, outtype=args.outtype,
+                             dtype=args.dtype, force=args.force)
     print(f"{out} ({args.format}, {human_bytes(size)})")
     return 0

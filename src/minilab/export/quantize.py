@@ -227,8 +227,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def quantize_to_registry(model_ref: str, *, adapter: str | None = None, name: str | None = None,
-                         root: str | None = None) -> tuple[str, Path]:
-    """Quantize `model_ref` to int8 and register it; returns (name, directory)."""
+                         root: str | None = None, output_dir: str | Path | None = None) -> tuple[str, Path]:
+    """Quantize `model_ref` to int8 and register it; returns (name, directory). The model is
+    copied into the registry root, or written to `output_dir` and registered there (linked)."""
     from minilab import registry
     from minilab.loading import load_model_for_inference, resolve_model_dir
 
@@ -243,12 +244,16 @@ def quantize_to_registry(model_ref: str, *, adapter: str | None = None, name: st
     if name is None:
         dataset = parent.get("dataset") or "custom"
         name = registry.make_name(parent.get("architecture") or "llama", params, dataset, "int8", root)
+    keep = {k: parent[k] for k in ("tokenizer_sha256", "data", "model_config", "dataset", "architecture")
+            if k in parent}
+    fields = dict(parent=parent_name, params=params, adapter=str(adapter) if adapter else None,
+                  quantization="int8", **keep)
+    if output_dir is not None:
+        out = save_int8_dir(model, src, Path(output_dir))
+        return name, registry.register(out, name, root=root, link=True, **fields)
     with tempfile.TemporaryDirectory() as tmp:
         out = save_int8_dir(model, src, Path(tmp) / "int8")
-        keep = {k: parent[k] for k in ("tokenizer_sha256", "data", "model_config", "dataset", "architecture")
-                if k in parent}
-        dest = registry.register(out, name, root=root, link=False, parent=parent_name, params=params,
-                                 adapter=str(adapter) if adapter else None, quantization="int8", **keep)
+        dest = registry.register(out, name, root=root, link=False, **fields)
     return name, dest
 
 

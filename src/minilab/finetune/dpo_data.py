@@ -15,6 +15,7 @@ with its end-of-turn token trained); empty fields, chosen == rejected and pairs 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -34,7 +35,8 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 @dataclass
 class DPODataConfig:
     sources: list[str] = field(default_factory=list, metadata={"help": "JSONL/JSON files, dataset ids, or 'demo'"})
-    tokenizer_dir: str = field(default="", metadata={"help": "the policy model's tokenizer (or model directory)"})
+    tokenizer_dir: str = field(default="", metadata={
+        "help": "the policy model's tokenizer: its folder, a registry name, or a hub id in the HF cache"})
     output_dir: str = field(default="", metadata={"help": "where to write the pairs"})
     template: str = field(default="model", metadata={
         "help": "model (the tokenizer's own template, e.g. the SFT model's), chatml, instruct, chat, alpaca"})
@@ -103,6 +105,9 @@ def run(cfg: DPODataConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     if out.exists() and not cfg.force:
         raise MinilabError(f"{out} already exists; pass --force to replace it")
+    from minilab.finetune.models import resolve_tokenizer_dir
+
+    cfg = dataclasses.replace(cfg, tokenizer_dir=str(resolve_tokenizer_dir(cfg.tokenizer_dir)))
     template = resolve_template(cfg.template, cfg.tokenizer_dir)
     tok = Tokenizer.from_file(str(Path(cfg.tokenizer_dir) / "tokenizer.json"))
     counts: Counter = Counter()

@@ -84,6 +84,18 @@ def resolve_base_dir(name: str, registry_root: str | None = None) -> tuple[Path,
         return Path(path), "hub"
 
 
+def resolve_tokenizer_dir(ref: str, registry_root: str | None = None) -> Path:
+    """A folder holding tokenizer.json: `ref` itself, a registry model's folder, or a hub model's
+    snapshot in the Hugging Face cache (HF_HOME), so data for a hub model needs no path digging."""
+    p = Path(ref).expanduser()
+    if (p / "tokenizer.json").is_file():
+        return p
+    path, _how = resolve_base_dir(ref, registry_root)
+    if not (path / "tokenizer.json").is_file():
+        raise MinilabError(f"{ref}: no tokenizer.json in {path} (give the model or tokenizer folder)")
+    return path
+
+
 def model_type_of(path: Path) -> str:
     cfg = path / "config.json"
     if cfg.is_file():

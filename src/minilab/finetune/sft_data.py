@@ -16,6 +16,7 @@ than `max_len` are truncated (kept while a trained token remains) or dropped, an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -41,7 +42,8 @@ class SFTDataConfig:
 
     sources: list[str] = field(default_factory=list, metadata={
         "help": "JSONL/JSON files, Hugging Face dataset ids, or 'demo' (built-in conversations)"})
-    tokenizer_dir: str = field(default="", metadata={"help": "the model's tokenizer directory"})
+    tokenizer_dir: str = field(default="", metadata={
+        "help": "the model's tokenizer: its folder, a registry name, or a hub id in the HF cache"})
     output_dir: str = field(default="", metadata={"help": "where to write the rows and manifest.json"})
     template: str = field(default="chatml", metadata={"help": "chatml, instruct, chat, alpaca, or model"})
     max_len: int = field(default=512, metadata={"help": "tokens per example (or per packed row)"})
@@ -239,6 +241,9 @@ def run(cfg: SFTDataConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     if out.exists() and not cfg.force:
         raise MinilabError(f"{out} already exists; pass --force to replace it")
+    from minilab.finetune.models import resolve_tokenizer_dir
+
+    cfg = dataclasses.replace(cfg, tokenizer_dir=str(resolve_tokenizer_dir(cfg.tokenizer_dir)))
     template = resolve_template(cfg.template, cfg.tokenizer_dir)
     tok = Tokenizer.from_file(str(Path(cfg.tokenizer_dir) / "tokenizer.json"))
     counts: Counter = Counter()

@@ -93,10 +93,11 @@ def pretrain_disk(params: int, keep_last: int, steps: int, ckpt_every: int, fp32
 
 
 def estimate_pretrain(model: Any, batch_size: int, seq_len: int, precision: str, keep_last: int,
-                      steps: int, ckpt_every: int) -> dict[str, int]:
+                      steps: int, ckpt_every: int, target: str | None = None) -> dict[str, int]:
     """`{"memory", "disk", "params"}` of a `minilab pretrain` run (its preflight estimate): the
     planner's full fine-tuning peak (fp32 weights, AdamW, activations per the model's own
-    gradient-checkpointing setting) plus the runtime line, and `pretrain_disk`."""
+    gradient-checkpointing setting) plus the runtime line, and `pretrain_disk`. `target` (cpu or
+    cuda) defaults to where the model's parameters are."""
     from minilab.planner.anatomy import inspect_model
     from minilab.planner.memory import plan_memory
 
@@ -105,7 +106,7 @@ def estimate_pretrain(model: Any, batch_size: int, seq_len: int, precision: str,
     req = PlanRequest(method="full", batch_size=batch_size, seq_len=seq_len,
                       precision="fp32" if precision == "fp32" else f"{precision}-mixed",
                       grad_checkpointing=bool(getattr(model.config, "gradient_checkpointing", False)),
-                      target="cuda" if device == "cuda" else "cpu")
+                      target=target or ("cuda" if device == "cuda" else "cpu"))
     mem = plan_memory(an, req)
     return {"memory": mem.total, "disk": pretrain_disk(an.params, keep_last, steps, ckpt_every),
             "params": an.params}
