@@ -5,6 +5,7 @@ Layout of one checkpoint, `RUN_DIR/step-000500/`:
     model.safetensors   weights (tied tensors stored once; the dropped alias is in the metadata)
     optimizer.pt        optimizer.state_dict(), torch.save'd, loadable with weights_only=True
     scheduler.pt        scheduler.state_dict(), likewise (only when a scheduler is given)
+    scaler.pt           GradScaler.state_dict() of fp16 runs (loss scale and growth tracker)
     rng.json            Python, NumPy, torch CPU and CUDA generator states (JSON, restored bitwise)
     meta.json           step, model config, the caller's meta (resolved run config, tokens_seen,
                         data position, tokenizer sha256, ...), versions, wall time, metric
@@ -224,7 +225,7 @@ def apply_retention(run_dir: str | os.PathLike, keep_last: int | None, keep_best
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                     meta: dict[str, Any], keep_last: int | None = None, keep_best: bool = False,
-                    metric: float | None = None) -> Path:
+                    metric: float | None = None, scaler: Any = None) -> Path:
     """Write `run_dir/step-{step:06d}/` atomically and return its path.
 
     `meta` is the caller's record (fully resolved run config, tokens_seen, data position,
@@ -256,6 +257,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:  # fp16: without it a resumed run restarts the loss scale at 2**16
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
         write_json_atomic(tmp / "rng.json", capture_rng_state())
         record["save_seconds"] = round(time.perf_counter() - started, 3)
         write_json_atomic(tmp / "meta.json", record)
@@ -282,7 +285,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                    restore_rng: bool = True, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+                    restore_rng: bool = True, map_location: str | torch.device = "cpu",
+                    scaler: Any = None) -> dict[str, Any]:
     """Load a checkpoint (or a run directory's latest) into the given objects; return its meta.
 
     The returned dict is meta.json plus `path` (the checkpoint directory) and `rng` (the saved
@@ -298,6 +302,8 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
         if not (path / fname).is_file():
             raise MinilabError(f"checkpoint {path} has no {fname} to resume from")
         obj.load_state_dict(torch.load(path / fname, map_location=map_location, weights_only=True))
+    if scaler is not None and (path / "scaler.pt").is_file():  # absent: the run was not fp16 before
+        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     rng_file = path / "rng.json"
     if rng_file.is_file():
         meta["rng"] = json.loads(rng_file.read_text(encoding="utf-8"))

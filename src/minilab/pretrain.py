@@ -230,7 +230,7 @@ class PretrainRun:
         if ckpt is None:
             return
         meta = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, restore_rng=True,
-                               map_location=self.device)
+                               map_location=self.device, scaler=self.scaler)
         if meta.get("tokenizer_sha256") != self.tok_sha:
             raise MinilabError(f"{ckpt} was trained with tokenizer {meta.get('tokenizer_sha256')}, "
                                f"not {self.tok_sha}; resume with the run's own tokenizer")
@@ -275,7 +275,7 @@ class PretrainRun:
             save_checkpoint(self.ckpt_dir, self.step, model=self.model, optimizer=self.optimizer,
                             meta={**self.meta, "tokens_seen": self.tokens_seen, "data_state": self.reader.state_dict(),
                                   "best_val_loss": self.best, "val_loss": val},
-                            keep_last=self.cfg.keep_last, keep_best=True, metric=val)
+                            keep_last=self.cfg.keep_last, keep_best=True, metric=val, scaler=self.scaler)
         distributed.barrier(self.info)
 
     # ---- the loop ---------------------------------------------------------------------------------

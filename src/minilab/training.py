@@ -228,8 +228,14 @@ class MetricsLog:
         write_text_atomic(self.path, "".join(k + "\n" for k in keep))
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
-    """Measured peak of one square matmul (FLOP/s), the denominator of MFU on this machine."""
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None) -> float:
+    """Measured peak of one square matmul (FLOP/s), the denominator of MFU on this machine.
+
+    Default size 1024 on CPUs and 4096 on CUDA: a 1024 x 1024 product is only 64 output tiles of
+    128 x 128, fewer than the SMs of a data-centre GPU (132 on an H100), so it measures a fraction of
+    the peak and would overstate MFU."""
+    if n is None:
+        n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):

@@ -82,8 +82,10 @@ class Tuning:
         self.cfg, self.optim, self.info, self.device = cfg, optim, info, device
         self.out = Path(cfg.output_dir)
         torch.manual_seed(cfg.seed)  # LoRA init: identical on every rank, reproducible
-        self.base = load_base(cfg.base_model, backend=cfg.backend, device=device, dtype=cfg.dtype,
-                              registry_root=cfg.models_dir)
+        # QLoRA loads the full-precision base into host memory: only its 4-bit layers and the rest
+        # go to the device (apply_method), so the GPU never holds the base in full precision.
+        self.base = load_base(cfg.base_model, backend=cfg.backend, dtype=cfg.dtype, registry_root=cfg.models_dir,
+                              device=torch.device("cpu") if cfg.method == "qlora" else device)
         self.base_params = sum(p.numel() for p in self.base.model.parameters())
         self.base_manifest = read_manifest(self.base.path)
         self.tokenizer_sha = self.base_manifest.get("tokenizer_sha256") or _fingerprint(self.base.tokenizer_dir)
@@ -137,7 +139,7 @@ class Tuning:
         if self.info.is_main:
             save_checkpoint(self.ckpt_dir, step, model=self.view, optimizer=self.optimizer,
                             meta={**meta, "tokenizer_sha256": self.tokenizer_sha, "minilab_version": __version__},
-                            keep_last=self.cfg.keep_last, keep_best=True, metric=metric)
+                            keep_last=self.cfg.keep_last, keep_best=True, metric=metric, scaler=self.scaler)
         distributed.barrier(self.info)
 
     def restore(self, resume: str | None) -> dict[str, Any] | None:
@@ -148,7 +150,7 @@ class Tuning:
         if ckpt is None:
             return None
         meta = load_checkpoint(ckpt, model=self.view, optimizer=self.optimizer, restore_rng=True,
-                               map_location=self.device)
+                               map_location=self.device, scaler=self.scaler)
         if meta.get("tokenizer_sha256") != self.tokenizer_sha:
             raise MinilabError(f"{ckpt} was trained with tokenizer {meta.get('tokenizer_sha256')}, not "
                                f"{self.tokenizer_sha}; resume with the run's own base model")

@@ -206,6 +206,8 @@ def apply_method(base: BaseModel, method: str, lora: dict[str, Any], device: tor
         n = quantize_4bit(target, settings["target_modules"], device)
         log.info("QLoRA: %d linear layers quantized to NF4 (double quantization)", n)
     peft_model = wrap_lora(target, settings)
+    if method == "qlora":
+        peft_model.to(device)  # the unquantized rest (embeddings, norms, head), loaded on the CPU
     if isinstance(base.model, LogitsOnly):
         base.model.inner = peft_model
         return base.model
