@@ -15,7 +15,6 @@ import argparse
 import json
 import multiprocessing as mp
 import random
-import resource
 import subprocess
 import sys
 import tempfile

@@ -163,7 +163,9 @@ def _generations_md(gens: dict[str, Any]) -> list[str]:
              f"Greedy, and sampled with seed {s['seed']}, temperature {s['temperature']}, top-k {s['top_k']}, "
              f"top-p {s['top_p']}; at most {gens['max_new_tokens']} new tokens.", ""]
     for g in gens["items"]:
-        lines += [f"**Prompt:** `{g['prompt']}`", "", f"- greedy: {g['greedy']!r}", f"- sampled: {g['sampled']!r}", ""]
+        end = {True: " (ended at a stop token)", False: " (ran to the token limit)"}.get(g.get("greedy_stopped"), "")
+        lines += [f"**Prompt:** `{g['prompt']}`", "", f"- greedy{end}: {g['greedy']!r}", f"- sampled: {g['sampled']!r}",
+                  ""]
     return lines
 
 

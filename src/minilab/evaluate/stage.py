@@ -135,17 +135,20 @@ def chat_formatter(model_dir: Path):
 
 def generations(model, tokenizer, cfg: EvalConfig, stops: list[int], fmt=None) -> dict[str, Any]:
     """Greedy and seeded sampled continuations of each prompt (in the chat format with `fmt`)."""
-    from minilab.generate import generate_text
+    from minilab.generate import generate, generate_text
 
     items = []
     for i, raw in enumerate(read_prompts(cfg.prompts_file)):
         prompt = fmt(raw) if fmt is not None else raw
         kw = dict(max_new_tokens=cfg.max_new_tokens, stop_token_ids=stops)
         greedy = generate_text(model, tokenizer, prompt, temperature=0.0, **kw)
+        # Did the greedy answer end on a stop token (eos / end of turn) before the token budget?
+        ids = generate(model, [tokenizer.encode(prompt, add_special_tokens=False).ids], temperature=0.0, **kw)[0]
         # Seed per prompt (seed + i): adding a prompt does not change the others' samples.
         sampled = generate_text(model, tokenizer, prompt, temperature=cfg.temperature, top_k=cfg.top_k,
                                 top_p=cfg.top_p, seed=cfg.seed + i, **kw)
-        items.append({"prompt": prompt, "greedy": greedy, "sampled": sampled, "seed": cfg.seed + i})
+        items.append({"prompt": prompt, "greedy": greedy, "greedy_stopped": len(ids) < cfg.max_new_tokens,
+                      "sampled": sampled, "seed": cfg.seed + i})
     return {"max_new_tokens": cfg.max_new_tokens, "items": items,
             "sampling": {"seed": cfg.seed, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}}
 

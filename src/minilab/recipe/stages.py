@@ -246,12 +246,17 @@ def metric(kind: str, result: dict[str, Any], cfg: Any) -> str:
                 win = pref.get("win_rate") if isinstance(pref, dict) else None
                 if win is not None:
                     parts.append(f"win rate {win:.3f}")
+            items = (r.get("generations") or {}).get("items") or []
+            if items and not parts:
+                stopped = sum(bool(it.get("greedy_stopped")) for it in items)
+                parts.append(f"{stopped}/{len(items)} greedy answers end at a stop token")
             return ", ".join(parts) or "report written"
-        if kind in ("sft-data", "dpo-data"):
+        if kind == "sft-data":
             sp = r["splits"]
-            unit = "rows" if kind == "sft-data" else "pairs"
-            n = {s: v.get("rows", v.get("pairs", 0)) for s, v in sp.items()}
-            return f"{n.get('train', 0):,} train / {n.get('val', 0):,} val {unit}"
+            return f"{sp['train']['rows']:,} train / {sp['val']['rows']:,} val rows"
+        if kind == "dpo-data":
+            sp = r["splits"]
+            return f"{sp['train']['chosen']['rows']:,} train / {sp['val']['chosen']['rows']:,} val pairs"
         if kind == "sft":
             return f"val loss {r['val_loss']:.3f}" + (f" ({r['name']})" if r.get("name") else "")
         if kind == "dpo":
