@@ -1,5 +1,6 @@
-"""Pretraining through the real CLI: exact resume after SIGKILL, torchrun with 2 gloo processes,
-the final model in the registry, and the refusals (tokenizer mismatch, occupied output dir)."""
+"""Pretraining through the real CLI: exact resume after SIGKILL, torchrun with 2 gloo processes
+(DDP, and FSDP with its resume), the final model in the registry, and the refusals (tokenizer
+mismatch, occupied output dir)."""
 
 from __future__ import annotations
 
@@ -93,6 +94,97 @@ def test_two_gloo_processes_match_one(data, tmp_path):
         assert abs(l1[step] - l2[step]) <= 1e-4, (step, l1[step], l2[step])
     a, b = final_weights(one), final_weights(two)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+
+
+
+# ---- FSDP (parallel: fsdp): the same run sharded over 2 gloo processes -----------------------------
+FSDP_STEPS = 6
+FSDP_RUN = ["--set", "ckpt_every=3", "--set", "keep_last=5"]
+# 2 ranks x 1 sequence x 2 micro-batches: the same global batch as one process with batch_size=4,
+# and accumulation exercises FSDP's skipped reduce-scatter (set_requires_gradient_sync).
+FSDP_RANKS = ["--set", "parallel=fsdp", "--set", "batch_size=1", "--set", "grad_accum=2"]
+
+
+def torchrun(cmd, **kw):
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    return subprocess.run([exe, "--standalone", "--nproc_per_node=2", "-m", *cmd[2:]], env=env(),
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def train_norms(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["grad_norm"] for r in records if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data, tmp_path_factory):
+    """An uninterrupted 2-process FSDP run, shared by the tests below."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    proc = torchrun(pretrain_cmd(data, out, FSDP_STEPS, *FSDP_RUN, *FSDP_RANKS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp_two_gloo_processes_match_one(data, fsdp_run, tmp_path):
+    from minilab.checkpoint import load_checkpoint, read_model_weights
+    from minilab.config import from_dict
+    from minilab.model import ModelConfig, build_model
+    from minilab.training import OptimConfig, make_optimizer
+
+    one = tmp_path / "one"
+    assert cli_main(pretrain_cmd(data, one, FSDP_STEPS, *FSDP_RUN, "--set", "batch_size=4")[3:]) == 0
+    l1, l2 = train_losses(one), train_losses(fsdp_run)
+    assert sorted(l2) == list(range(1, FSDP_STEPS + 1))
+    assert max(abs(l1[s] - l2[s]) for s in l1) <= 1e-4, (l1, l2)
+    # Clipping acts (norm > grad_clip 1.0) on the global norm of the sharded gradients.
+    n1, n2 = train_norms(one), train_norms(fsdp_run)
+    assert min(n1.values()) > 1.0 and max(abs(n1[s] - n2[s]) / n1[s] for s in n1) <= 1e-4, (n1, n2)
+    # final/: the full weights, as one process writes them.
+    a, b = final_weights(one), final_weights(fsdp_run)
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+
+    # A checkpoint saved under FSDP is the one-process format: full weights (tied head stored
+    # once), optimizer.state_dict() numbered by parameter; it loads into a plain model + AdamW.
+    c1, c2 = one / "checkpoints" / "step-000003", fsdp_run / "checkpoints" / "step-000003"
+    w1, w2 = read_model_weights(c1 / "model.safetensors"), read_model_weights(c2 / "model.safetensors")
+    assert load_file(str(c2 / "model.safetensors")).keys() == load_file(str(c1 / "model.safetensors")).keys()
+    model = build_model(from_dict(ModelConfig, json.loads((c2 / "meta.json").read_text())["model_config"]))
+    optimizer = make_optimizer(model, OptimConfig(), torch.device("cpu"))
+    load_checkpoint(c2, model=model, optimizer=optimizer, restore_rng=False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert max((model.state_dict()[k] - w1[k]).abs().max().item() for k in w1) <= 1e-4
+    assert all(torch.equal(model.state_dict()[k], w2[k]) for k in w2)
+    o1, o2 = torch.load(c1 / "optimizer.pt", weights_only=True), optimizer.state_dict()
+    assert o1["param_groups"] == o2["param_groups"] and o1["state"].keys() == o2["state"].keys()
+    assert max((o1["state"][i][k] - o2["state"][i][k]).abs().max().item()
+               for i in o1["state"] for k in o1["state"][i]) <= 1e-4
+
+
+@pytest.mark.slow
+def test_fsdp_sigkill_and_resume_is_bitwise_exact(data, fsdp_run, tmp_path):
+    run = tmp_path / "killed"
+    killed = torchrun(pretrain_cmd(data, run, FSDP_STEPS, *FSDP_RUN, *FSDP_RANKS, "--set", "interrupt_at_step=3"))
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
+    assert (run / "checkpoints" / "step-000003" / "COMPLETE").is_file() and not (run / "final").exists()
+    resumed = torchrun(pretrain_cmd(data, run, FSDP_STEPS, *FSDP_RUN, *FSDP_RANKS, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    ref_losses, run_losses = train_losses(fsdp_run), train_losses(run)
+    assert sorted(run_losses) == list(range(1, FSDP_STEPS + 1))
+    assert run_losses == ref_losses  # bitwise
+    a, b = final_weights(fsdp_run), final_weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+
+def test_fsdp_config_refusals(data, tmp_path, capsys):
+    base = pretrain_cmd(data, tmp_path / "run", 2)[3:]
+    assert cli_main(base + ["--set", "parallel=fsdp", "--set", "precision=fp16"]) == 2
+    assert "fp16 grad scaling is not supported with fsdp" in capsys.readouterr().err
+    assert cli_main(base + ["--set", "parallel=zero"]) == 2
+    assert "key 'parallel': must be one of 'ddp', 'fsdp'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_final_model_is_registered_with_lineage(data, tmp_path, monkeypatch, capsys):

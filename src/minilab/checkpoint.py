@@ -102,10 +102,20 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def _dedupe_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _dedupe_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """State dict with each shared storage kept once under its FIRST name (so with tied
     embeddings `model.embed_tokens.weight` stays and `lm_head.weight` goes, as in HF files),
-    plus {dropped alias: kept name} for the file metadata."""
+    plus {dropped alias: kept name} for the file metadata.
+
+    `state` is a full state dict gathered from a sharded (FSDP) `model`, whose tied entries are
+    separate copies: there the aliases come from the module's shared parameters instead."""
+    if state is not None:
+        first: dict[int, str] = {}
+        aliases = {name: first.setdefault(id(p), name)
+                   for name, p in model.named_parameters(remove_duplicate=False)}
+        aliases = {name: kept for name, kept in aliases.items() if name != kept}
+        return {k: t.detach().contiguous() for k, t in state.items() if k not in aliases}, aliases
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -119,23 +129,40 @@ def _dedupe_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     return tensors, aliases
 
 
-def save_model_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the model's weights to a safetensors file, tied tensors once."""
-    tensors, aliases = _dedupe_state_dict(_unwrap(model))
+def save_model_weights(model: nn.Module, path: str | os.PathLike,
+                       state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the model's weights (or `state`, its full state dict gathered from FSDP) to a
+    safetensors file, tied tensors once."""
+    tensors, aliases = _dedupe_state_dict(_unwrap(model), state)
     meta = {"format": "pt", **{f"alias:{k}": v for k, v in aliases.items()}}
     safetensors.torch.save_file(tensors, str(path), metadata=meta)
 
 
-def load_model_weights(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
-    """Load a file written by `save_model_weights` into `model` (strict: every key must match)."""
-    model = _unwrap(model)
+def read_model_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The full state dict in a file written by `save_model_weights`, tied names restored."""
     state = safetensors.torch.load_file(str(path), device=str(device))
     with safetensors.safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     for key, value in meta.items():
         if key.startswith("alias:") and value in state:
             state[key.removeprefix("alias:")] = state[value]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    return state
+
+
+def load_model_weights(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    """Load a file written by `save_model_weights` into `model` (strict: every key must match).
+    An FSDP-sharded model (every rank calls this) keeps its own shard of the full weights."""
+    from minilab import distributed
+
+    model = _unwrap(model)
+    if distributed.is_fsdp(model):
+        state = read_model_weights(path)
+        names = set(model.state_dict())
+        missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
+        if not missing and not unexpected:
+            distributed.load_full_model_state(model, state)
+    else:
+        missing, unexpected = model.load_state_dict(read_model_weights(path, device), strict=False)
     if missing or unexpected:
         raise MinilabError(f"checkpoint {path} does not fit this model: missing {missing[:3]}"
                            f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
@@ -225,8 +252,14 @@ def apply_retention(run_dir: str | os.PathLike, keep_last: int | None, keep_best
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                     meta: dict[str, Any], keep_last: int | None = None, keep_best: bool = False,
-                    metric: float | None = None, scaler: Any = None) -> Path:
+                    metric: float | None = None, scaler: Any = None,
+                    model_state: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write `run_dir/step-{step:06d}/` atomically and return its path.
+
+    `model_state`/`optimizer_state` are the full state dicts of an FSDP-sharded model and its
+    optimizer (`distributed.full_state`), written instead of `model.state_dict()` and
+    `optimizer.state_dict()`, in the same format.
 
     `meta` is the caller's record (fully resolved run config, tokens_seen, data position,
     tokenizer_sha256, ...); step, model config, versions, wall time and metric are added here.
@@ -252,9 +285,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
     }
     started = time.perf_counter()
     with atomic_dir(target, overwrite=True) as tmp:
-        save_model_weights(inner, tmp / "model.safetensors")
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_model_weights(inner, tmp / "model.safetensors", model_state)
+        if optimizer is not None or optimizer_state is not None:
+            torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                       tmp / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:  # fp16: without it a resumed run restarts the loss scale at 2**16
@@ -288,10 +322,14 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
                     restore_rng: bool = True, map_location: str | torch.device = "cpu",
                     scaler: Any = None) -> dict[str, Any]:
     """Load a checkpoint (or a run directory's latest) into the given objects; return its meta.
+    With an FSDP-sharded `model` every rank calls this and keeps its shard of the weights and of
+    the optimizer state (from a checkpoint of any run: one process, DDP or FSDP).
 
     The returned dict is meta.json plus `path` (the checkpoint directory) and `rng` (the saved
     generator states, for callers that restore them later with `restore_rng_state`).
     """
+    from minilab import distributed
+
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     if model is not None:
@@ -301,6 +339,10 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
             continue
         if not (path / fname).is_file():
             raise MinilabError(f"checkpoint {path} has no {fname} to resume from")
+        if obj is optimizer and model is not None and distributed.is_fsdp(_unwrap(model)):
+            state = torch.load(path / fname, map_location="cpu", weights_only=True)
+            distributed.load_full_optimizer_state(_unwrap(model), optimizer, state)
+            continue
         obj.load_state_dict(torch.load(path / fname, map_location=map_location, weights_only=True))
     if scaler is not None and (path / "scaler.pt").is_file():  # absent: the run was not fp16 before
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))

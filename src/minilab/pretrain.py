@@ -67,6 +67,10 @@ class PretrainConfig:
         "help": "fp32, bf16 autocast (CPU or CUDA), fp16 autocast with grad scaling (CUDA)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    parallel: Literal["ddp", "fsdp"] = field(default="ddp", metadata={
+        "help": "under torchrun: ddp (a whole model per rank, gradients all-reduced) or fsdp (FSDP2: "
+                "weights, gradients and AdamW state sharded over the ranks, for models that do not fit "
+                "one device; same updates, same checkpoint format); one process ignores it"})
     eval_every: int = field(default=50, metadata={"help": "steps between validation evals"})
     eval_batches: int = field(default=8, metadata={"help": "validation micro-batches per eval"})
     ckpt_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
@@ -95,6 +99,9 @@ class PretrainConfig:
         for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "ckpt_every", "keep_last"):
             if getattr(self, key) <= 0:
                 raise ConfigError("must be positive", key=key)
+        if self.parallel == "fsdp" and self.precision == "fp16":
+            # GradScaler's inf check would see only this rank's gradient shard: ranks could disagree.
+            raise ConfigError("fp16 grad scaling is not supported with fsdp; use bf16", key="precision")
 
 
 # ---- preflight (the planner will replace this one function) ------------------------------------
@@ -208,9 +215,10 @@ class PretrainRun:
         log.info(f"model: {cfg.arch}, {n:,} params ({format_params(n)}); plan: ~{human_bytes(self.plan['memory'])} "
                  f"peak memory, ~{human_bytes(self.plan['disk'])} disk; {info.world_size} process(es) on {device}")
         preflight(self.plan, self.out, device)
+        # Wrap first: FSDP replaces the parameters with sharded ones, which the optimizer must hold.
+        wrapped = distributed.wrap(self.model, info, device, cfg.parallel)
         self.optimizer = make_optimizer(self.model, cfg.optim, device)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-        wrapped = distributed.wrap(self.model, info, device)
         self.train_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.reader = WeightedMixture(cfg.data_dirs, cfg.data_weights, self.seq_len, seed=cfg.seed,
                                       split="train", rank=info.rank, world_size=info.world_size)
@@ -245,7 +253,7 @@ class PretrainRun:
         cfg, info = self.cfg, self.info
         micro = [next(self.stream) for _ in range(cfg.grad_accum)]
         local = sum(int(y.numel()) for _, y in micro)
-        # DDP averages gradients over ranks; dividing by (global tokens / ranks) makes the
+        # DDP and FSDP average gradients over ranks; dividing by (global tokens / ranks) makes the
         # result the mean over every token of the global batch, as one process would compute.
         normalizer = distributed.all_reduce_sum(local, info, self.device) / info.world_size
         loss, _ = accumulate_gradients(self.train_model, micro, cfg.precision, self.device, self.scaler,
@@ -270,13 +278,29 @@ class PretrainRun:
     def save(self) -> None:
         from minilab.checkpoint import save_checkpoint
 
+        # FSDP: every rank takes part in gathering the full state; rank 0 writes it in the usual format.
+        model_state, optim_state = (distributed.full_state(self.model, self.optimizer)
+                                    if distributed.is_fsdp(self.model) else (None, None))
         if self.info.is_main:
             val = self.last_eval.get("val_loss")
             save_checkpoint(self.ckpt_dir, self.step, model=self.model, optimizer=self.optimizer,
                             meta={**self.meta, "tokens_seen": self.tokens_seen, "data_state": self.reader.state_dict(),
                                   "best_val_loss": self.best, "val_loss": val},
-                            keep_last=self.cfg.keep_last, keep_best=True, metric=val, scaler=self.scaler)
+                            keep_last=self.cfg.keep_last, keep_best=True, metric=val, scaler=self.scaler,
+                            model_state=model_state, optimizer_state=optim_state)
         distributed.barrier(self.info)
+
+    def export_model(self) -> Transformer | None:
+        """The model `finish` writes: the trained one, or under FSDP a plain copy with the full
+        weights gathered from every rank (None on ranks other than 0)."""
+        if not distributed.is_fsdp(self.model):
+            return self.model
+        weights, _ = distributed.full_state(self.model)
+        if not self.info.is_main:
+            return None
+        full = build_model(self.model.config, device="cpu")
+        full.load_state_dict(weights)
+        return full
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self, resume: str | None) -> dict:
@@ -312,9 +336,10 @@ class PretrainRun:
         final_eval = evaluate(self.model, cfg, self.seq_len, self.device)
         self.metrics.write("eval", step=self.step, tokens=self.tokens_seen, **final_eval)
         mix = self.reader.realised_mix()
+        model = self.export_model()
         if not self.info.is_main:
             return {"final_dir": None, "name": None, **final_eval}
-        return finish(self.model, cfg, self.out, self.meta, final_eval, mix, self.tokens_seen)
+        return finish(model, cfg, self.out, self.meta, final_eval, mix, self.tokens_seen)
 
 
 def finish(model: Transformer, cfg: PretrainConfig, out: Path, run_meta: dict, final_eval: dict,
