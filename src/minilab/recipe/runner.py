@@ -210,6 +210,9 @@ class Runner:
         d = self.recipe.stage_dir(s.name)
         if d.exists():
             shutil.rmtree(d)
+        # What a killed atomic write left beside it (a temporary or a half-replaced old copy).
+        for leftover in [*d.parent.glob(f".{s.name}.*.tmp"), *d.parent.glob(f".{s.name}.old-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def final_model(self) -> str | None:
         """What to chat with: the recipe's `final_model`, else the last model-making stage's output
