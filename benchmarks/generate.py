@@ -49,7 +49,8 @@ def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path) -> dict:
     cfg = load_architecture(shape)
     torch.manual_seed(0)
     save_hf_dir(build_model(cfg), root / shape)
-    ours = load_model_for_inference(str(root / shape), dtype="float32")
+    # as `Engine.load` (minilab generate / chat / serve) prepares it: weights stored (in, out)
+    ours = load_model_for_inference(str(root / shape), dtype="float32").use_decode_layout()
     hf = AutoModelForCausalLM.from_pretrained(root / shape, dtype=torch.float32).eval()
     prompt = torch.randint(10, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
 

@@ -122,3 +122,47 @@ def test_greedy_matches_transformers_generate(model, tmp_path):
             out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                               do_sample=False, max_new_tokens=10, min_new_tokens=10, pad_token_id=0)
         assert generate(model, [prompt], max_new_tokens=10)[0] == out[0, len(prompt):].tolist()
+
+
+def test_batched_greedy_equals_one_by_one(model):
+    """Prompts of different lengths decoded together (left padding, per-row positions, masked pad
+    slots) give exactly the tokens each prompt gets alone; rows stop independently."""
+    prompts = PROMPTS + [[7, 7], list(range(1, 30))]
+    alone = [generate(model, [p], max_new_tokens=12)[0] for p in prompts]
+    assert generate(model, prompts, max_new_tokens=12) == alone
+    assert generate(model, prompts, max_new_tokens=12, batch_size=2) == alone
+    stop = alone[0][3]
+    assert generate(model, prompts, max_new_tokens=12, stop_token_ids=[stop]) == \
+        [a[:a.index(stop)] if stop in a else a for a in alone]
+    penalised = [generate(model, [p], max_new_tokens=12, repetition_penalty=3.0)[0] for p in prompts]
+    assert generate(model, prompts, max_new_tokens=12, repetition_penalty=3.0) == penalised
+    # a row near max_seq_len gets a smaller budget than the others and leaves the batch early
+    long = list(range(1, 61))
+    out = generate(model, [PROMPTS[1], long], max_new_tokens=12)
+    assert out == [alone[1], generate(model, [long], max_new_tokens=12)[0]] and len(out[1]) == 4
+
+
+def test_batched_sampling_reproducible_and_single_prompt_unchanged(model):
+    from minilab.generate import stream_generate
+
+    kw = dict(max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    assert generate(model, PROMPTS, **kw) == generate(model, PROMPTS, **kw)
+    assert generate(model, [PROMPTS[2]], **kw)[0] == list(stream_generate(model, PROMPTS[2], **kw))
+
+
+def test_generate_texts_stop_strings_end_rows_independently(model):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from minilab.generate import generate_texts
+
+    words = ["</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 2)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()
+    prompts = ["w3 w7 w9", "w1", "w20 w21 w22 w23 w24"]
+    full = generate_texts(model, tok, prompts, max_new_tokens=10, stop_token_ids=[])
+    assert full == [tok.decode(ids) for ids in generate(model, [tok.encode(p).ids for p in prompts],
+                                                          max_new_tokens=10)]
+    cut_at = full[0].split()[2]
+    stopped = generate_texts(model, tok, prompts, max_new_tokens=10, stop_token_ids=[], stop=[cut_at])
+    assert stopped == [f[:f.index(cut_at)] if cut_at in f else f for f in full]

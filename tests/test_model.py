@@ -121,3 +121,106 @@ def test_invalid_architecture_is_a_config_error():
 def test_format_params():
     assert [format_params(n) for n in (1_812_352, 23_000_000, 124_439_808, 1_100_048_384, 950)] == \
         ["1.8M", "23M", "124M", "1.1B", "950"]
+
+
+@pytest.fixture
+def bf16_matmul():
+    """Set minilab.model.BF16_MATMUL for one test."""
+    import minilab.model as M
+
+    old = M.BF16_MATMUL
+    yield lambda mode: setattr(M, "BF16_MATMUL", mode)
+    M.BF16_MATMUL = old
+
+
+def test_emulated_bf16_linear_is_a_bf16_gemm(bf16_matmul):
+    """On CPUs without a bf16 GEMM the model multiplies bf16 operands with fp32 kernels: the result
+    is torch's bf16 GEMM (fp32 accumulation) up to one bf16 rounding, gradients included."""
+    from minilab.model import _BF16Linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 17, 64, generator=g, requires_grad=True)
+    w = torch.randn(48, 64, generator=g, requires_grad=True)
+    up = torch.randn(3, 17, 48, generator=g).bfloat16()
+    out = _BF16Linear.apply(x, w)
+    out.backward(up)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.linear(x2, w2)
+    ref.backward(up)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert x.grad.dtype == w.grad.dtype == torch.float32
+    for a, b in ((out, ref), (x.grad, x2.grad), (w.grad, w2.grad)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-3)
+
+
+def test_bf16_training_step_emulated_equals_native(bf16_matmul):
+    from minilab.training import accumulate_gradients
+
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(**SMALL, n_kv_head=2))
+    x, y = torch.randint(0, 211, (2, 32)), torch.randint(0, 211, (2, 32))
+    results = {}
+    for mode in ("native", "emulate", "fp32"):
+        bf16_matmul(mode)
+        m.zero_grad()
+        loss, _ = accumulate_gradients(m, [(x, y)], "fp32" if mode == "fp32" else "bf16", torch.device("cpu"))
+        results[mode] = loss, [p.grad.clone() for p in m.parameters()]
+    (l_nat, g_nat), (l_emu, g_emu), (l_32, g_32) = results["native"], results["emulate"], results["fp32"]
+    assert l_emu == pytest.approx(l_nat, rel=1e-3) and l_emu == pytest.approx(l_32, rel=1e-2)
+    for a, b, c in zip(g_nat, g_emu, g_32, strict=True):
+        # the two bf16 paths differ by rounding noise, less than either differs from fp32 (x 2)
+        assert (a - b).norm() <= 2 * (a - c).norm() + 1e-6 and (a - b).norm() <= 0.05 * c.norm()
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_forward_is_bitwise_the_module_forward(n_kv_head, dtype):
+    """The lean inference forward that generation uses computes exactly the module forward's
+    logits: prefill, chunks, single tokens, a left-padded batch, both weight layouts."""
+    from minilab.model import CachedForward
+
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(**SMALL, n_kv_head=n_kv_head)).to(dtype).eval()
+    x = torch.randint(0, 211, (3, 20))
+    for layout in (False, True):
+        if layout:
+            m.use_decode_layout()
+            assert not m.model.layers[0].self_attn.q_proj.weight.is_contiguous()
+        fast = CachedForward.of(m)
+        for pad in (None, [0, 5, 11]):
+            a, b = (KVCache(m.config, 3, 32, dtype, pad=pad) for _ in range(2))
+            with torch.inference_mode():
+                for i, j in ((0, 12), (12, 13), (13, 16), (16, 17)):
+                    assert torch.equal(m(x[:, i:j], kv_cache=a), fast(x[:, i:j], b))
+                    assert a.pos == b.pos == j
+                assert torch.equal(m(x[:, 17:20], kv_cache=a, logits_to_keep=1), fast(x[:, 17:20], b, logits_to_keep=1))
+
+
+def test_cached_forward_only_for_plain_models():
+    from minilab.model import CachedForward
+
+    m = build_model(ModelConfig(**SMALL)).eval()
+    fast = CachedForward.of(m)
+    with pytest.raises(RuntimeError, match="inference"):
+        fast(torch.zeros(1, 2, dtype=torch.long), KVCache(m.config, 1))
+    m.model.layers[1].mlp.up_proj = torch.nn.Sequential(m.model.layers[1].mlp.up_proj)  # a wrapped layer
+    assert CachedForward.of(m) is None
+
+
+def test_decode_layout_keeps_values_and_export(tmp_path):
+    from minilab.hf import load_hf_dir, save_hf_dir
+
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(**SMALL)).eval()
+    x = torch.randint(0, 211, (2, 16))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        ref = m(x)
+        m.use_decode_layout()
+        torch.testing.assert_close(m(x), ref, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    save_hf_dir(m, tmp_path / "hf")
+    back = load_hf_dir(tmp_path / "hf")
+    assert all(torch.equal(before[k], v) for k, v in back.state_dict().items())

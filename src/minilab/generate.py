@@ -4,16 +4,19 @@
     text = generate_text(model, tokenizer, "Once upon a time", max_new_tokens=40)
 
 Design choices (why):
-- **One prompt at a time.** Our `KVCache` has one position counter shared by the whole batch,
-  so prompts of different lengths would need left padding plus an attention mask that the
-  model does not take. Decoding each prompt alone with its own cache is exactly correct, and
-  on the small models minilab targets the per-token cost is dominated by Python overhead
-  anyway. Results therefore never depend on what else is in the batch.
-- **Prefill once, then one token per step**: the prompt goes through the model in one forward
-  pass that fills the cache; every later step feeds only the newest token (B=1, T=1).
+- **Prompts are decoded together** (up to `batch_size` rows): shorter prompts are left-padded and
+  our `KVCache` gives every row its own positions and masks its pad slots, so a row's tokens are
+  those it gets alone (greedy output equals one-by-one output; only float summation order differs).
+  A row leaves the batch as soon as it finishes (stop token, budget, or `finish(row)` from the
+  caller, e.g. a stop string): the cache is compacted, nothing more is computed for it. Models
+  that do not take a padded cache (test stubs, other wrappers) are decoded one prompt at a time.
+- **Prefill once, then one token per step**: the prompts go through the model in one forward
+  pass that fills the preallocated cache (written in place, RoPE tables built once per cache);
+  every later step feeds only the newest token of each row (T=1), under `torch.inference_mode`.
 - **A local `torch.Generator`** seeded from `seed` draws every sample, so generation is
-  reproducible and never touches (or is disturbed by) the global RNG. Prompts are decoded in
-  order with the same generator, so a batch is reproducible as a whole.
+  reproducible and never touches (or is disturbed by) the global RNG. Each step draws the rows'
+  samples in row order from that one generator, so a batch is reproducible as a whole (a single
+  prompt draws exactly as `stream_generate` does).
 - Logits are processed in transformers' order: repetition penalty -> temperature -> top-k ->
   top-p -> sample. `temperature == 0` is greedy (argmax after the repetition penalty).
 - A stop token (eos or any of `stop_token_ids`) ends that prompt's generation and is not
@@ -32,7 +35,7 @@ from typing import Any
 import torch
 
 from minilab.errors import MinilabError
-from minilab.model import KVCache
+from minilab.model import CachedForward, KVCache
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen_ids: Sequence[int] | torch.Tensor,
@@ -72,20 +75,49 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def next_token(logits: torch.Tensor, seen: Sequence[int], *, temperature: float, top_k: int | None,
-               top_p: float | None, repetition_penalty: float, generator: torch.Generator | None) -> int:
-    """Pick the next token from one position's logits (V,)."""
-    logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
-    if temperature <= 0.0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    probs = logits.softmax(dim=-1)
-    # multinomial on CPU with a CPU generator: reproducible whatever device the model is on.
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+def _penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """`apply_repetition_penalty` for a batch, with the seen tokens as a (B, V) boolean mask."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+class _Sampler:
+    """Next tokens of a batch from its (B, V) logits: repetition penalty -> temperature -> top-k ->
+    top-p -> sample (or argmax when greedy), each row as `apply_repetition_penalty`, `top_k_filter`
+    and `top_p_filter` treat it alone."""
+
+    def __init__(self, prompts: list[list[int]], *, temperature: float, top_k: int | None, top_p: float | None,
+                 repetition_penalty: float, generator: torch.Generator | None):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.penalty, self.generator = repetition_penalty, generator
+        self.prompts = prompts if repetition_penalty != 1.0 else None
+        self.seen: torch.Tensor | None = None  # (B, V) tokens of each row so far, built on first use
+
+    def __call__(self, logits: torch.Tensor) -> list[int]:
+        logits = logits.float()
+        if self.prompts is not None:
+            if self.seen is None:
+                self.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+                for i, p in enumerate(self.prompts):
+                    self.seen[i, p] = True
+            logits = _penalise(logits, self.seen, self.penalty)
+        if self.temperature <= 0.0:
+            return logits.argmax(dim=-1).tolist()
+        logits = logits / self.temperature
+        if self.top_k is not None:
+            logits = top_k_filter(logits, self.top_k)
+        if self.top_p is not None:
+            logits = top_p_filter(logits, self.top_p)
+        probs = logits.softmax(dim=-1).cpu()
+        # multinomial on CPU with a CPU generator, row by row: reproducible whatever the device.
+        return [int(torch.multinomial(row, 1, generator=self.generator)) for row in probs]
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        if self.seen is not None:
+            self.seen[torch.arange(len(tokens), device=self.seen.device), tokens] = True
+
+    def select(self, keep: torch.Tensor) -> None:
+        if self.seen is not None:
+            self.seen = self.seen.index_select(0, keep)
 
 
 def _as_prompts(input_ids: Sequence[Sequence[int]] | torch.Tensor) -> list[list[int]]:
@@ -106,35 +138,82 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
     return param.device, param.dtype
 
 
-def _stream_one(model: torch.nn.Module, prompt: list[int], max_new: int, stop: set[int], use_cache: bool,
-                generator: torch.Generator | None, pick: dict[str, Any]) -> Iterator[int]:
-    """New tokens for one prompt, one at a time (a stop token ends the stream and is not yielded).
+def _takes_padded_cache(model: torch.nn.Module) -> bool:
+    """Our Transformer (also under a PEFT wrapper, which forwards attribute lookups) decodes a
+    left-padded batch; anything else is given one prompt at a time."""
+    return bool(getattr(model, "supports_padded_kv_cache", False))
 
-    A caller may stop iterating at any time (a stop string matched, a client went away): nothing
-    more is computed, the cache is simply dropped.
+
+class BatchDecoder:
+    """Decodes several prompts together; iterate for (row, token) as each token is decoded.
+
+    Rows are the indices of `prompts`. A row ends at a stop token (not yielded), at its budget, or
+    when the caller says `finish(row)` (a stop string matched, a client went away); it then leaves
+    the batch before the next step. Breaking off the iteration stops everything at once.
     """
-    if max_new <= 0:
-        return
-    device, dtype = _model_device_dtype(model)
-    cache = KVCache(model.config, 1, max_len=len(prompt) + max_new, dtype=dtype, device=device) \
-        if use_cache else None
-    seen = list(prompt)
-    with torch.no_grad():  # not a decorator: a generator is resumed outside the decorated call
-        ids = torch.tensor([prompt], dtype=torch.long, device=device)                    # (1, T)
-        logits = model(ids, kv_cache=cache)[0, -1]                                       # (V,) prefill
-    for step in range(max_new):
-        tok = next_token(logits, seen, generator=generator, **pick)
-        if tok in stop:
+
+    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], budgets: list[int], stop: set[int],
+                 generator: torch.Generator | None, pick: dict[str, Any], use_cache: bool = True):
+        if len(prompts) > 1 and not (use_cache and _takes_padded_cache(model)):
+            raise ValueError("this model decodes one prompt at a time")
+        self.model, self.prompts, self.budgets, self.stop = model, prompts, budgets, stop
+        self.generator, self.pick, self.use_cache = generator, pick, use_cache
+        self.finished: set[int] = set()
+
+    def finish(self, row: int) -> None:
+        self.finished.add(row)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        model = self.model
+        rows = [r for r in range(len(self.prompts)) if self.budgets[r] > 0]
+        if not rows:
             return
-        seen.append(tok)
-        yield tok
-        if step == max_new - 1:
-            return  # the last token needs no forward pass
-        with torch.no_grad():
-            if cache is not None:
-                logits = model(torch.tensor([[tok]], device=device), kv_cache=cache)[0, -1]  # (V,)
-            else:  # recompute the whole sequence (reference path, and models without a cache)
-                logits = model(torch.tensor([seen], dtype=torch.long, device=device))[0, -1]
+        device, dtype = _model_device_dtype(model)
+        prompts = [self.prompts[r] for r in rows]
+        width = max(map(len, prompts))
+        pad = [width - len(p) for p in prompts]
+        cache = KVCache(model.config, len(rows), max_len=width + max(self.budgets[r] for r in rows),
+                        dtype=dtype, device=device, pad=pad) if self.use_cache else None
+        sampler = _Sampler(prompts, generator=self.generator, **self.pick)
+        seqs = [list(p) for p in prompts]  # only for the no-cache reference path
+        produced = dict.fromkeys(rows, 0)
+        fast = CachedForward.of(model) if cache is not None else None
+
+        def forward(ids: torch.Tensor, last: bool = False) -> torch.Tensor:
+            if fast is not None:
+                return fast(ids, cache, logits_to_keep=1)[:, -1]
+            keep = {"logits_to_keep": 1} if last and _takes_padded_cache(model) else {}
+            return model(ids, kv_cache=cache, **keep)[:, -1]
+
+        with torch.inference_mode():  # not a decorator: a generator is resumed outside the decorated call
+            ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts, strict=True)], device=device)  # (B, T)
+            logits = forward(ids, last=True)                                             # (B, V) prefill
+        while True:
+            tokens = sampler(logits)
+            keep = []
+            for j, (r, tok) in enumerate(zip(rows, tokens, strict=True)):
+                if tok in self.stop or r in self.finished:
+                    continue
+                yield r, tok
+                produced[r] += 1
+                if produced[r] < self.budgets[r] and r not in self.finished:  # the last token needs no forward
+                    keep.append(j)
+            if not keep:
+                return
+            if len(keep) < len(rows):  # finished rows leave the batch
+                index = torch.tensor(keep, device=device)
+                rows, tokens = [rows[j] for j in keep], [tokens[j] for j in keep]
+                sampler.select(index)
+                if cache is not None:
+                    cache.select(index)
+            new = torch.tensor(tokens, device=device)
+            sampler.observe(new)
+            with torch.inference_mode():
+                if cache is not None:
+                    logits = forward(new[:, None])                                       # (B, V)
+                else:  # recompute the whole sequence (reference path, and models without a cache)
+                    seqs[0].append(tokens[0])
+                    logits = model(torch.tensor(seqs, dtype=torch.long, device=device))[:, -1]
 
 
 def _check_sampling(temperature: float, top_p: float | None, repetition_penalty: float) -> None:
@@ -164,6 +243,11 @@ def _budget(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> i
     return min(max_new_tokens, max_len - len(prompt))
 
 
+def _batches(model: torch.nn.Module, n: int, batch_size: int, use_cache: bool) -> list[range]:
+    size = max(1, batch_size) if use_cache and _takes_padded_cache(model) else 1
+    return [range(i, min(n, i + size)) for i in range(0, n, size)]
+
+
 def stream_generate(model: torch.nn.Module, prompt: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                     stop_token_ids: Iterable[int] = (), seed: int | None = None) -> Iterator[int]:
@@ -173,29 +257,36 @@ def stream_generate(model: torch.nn.Module, prompt: Sequence[int], *, max_new_to
     _check_sampling(temperature, top_p, repetition_penalty)
     ids = _as_prompts([prompt])[0]
     pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
-    return _stream_one(model, ids, _budget(model, ids, max_new_tokens), set(stop_token_ids), True,
-                       _make_generator(seed), pick)
+    decoder = BatchDecoder(model, [ids], [_budget(model, ids, max_new_tokens)], set(stop_token_ids),
+                           _make_generator(seed), pick)
+    return (tok for _, tok in decoder)
 
 
 def generate(model: torch.nn.Module, input_ids: Sequence[Sequence[int]] | torch.Tensor, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, stop_token_ids: Iterable[int] = (), seed: int | None = None,
-             kv_cache: bool = True) -> list[list[int]]:
+             kv_cache: bool = True, batch_size: int = 16) -> list[list[int]]:
     """New token ids for each prompt (the prompt itself is not repeated; a stop token ends a row and
     is not included). `temperature=0` is greedy; `seed` makes sampling reproducible (a local
-    generator, the global RNG is untouched). Prompts may differ in length; see the module docstring.
+    generator, the global RNG is untouched). Prompts may differ in length; up to `batch_size` are
+    decoded together (see the module docstring). `kv_cache=False` recomputes every step, one prompt
+    at a time (the reference path).
     """
     _check_sampling(temperature, top_p, repetition_penalty)
     prompts = _as_prompts(input_ids)
+    budgets = [_budget(model, p, max_new_tokens) for p in prompts]
     generator = _make_generator(seed)
     pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    stop = set(stop_token_ids)
     was_training = model.training
     model.eval()
     try:
-        results = []
-        for prompt in prompts:
-            budget = _budget(model, prompt, max_new_tokens)
-            results.append(list(_stream_one(model, prompt, budget, set(stop_token_ids), kv_cache, generator, pick)))
+        results: list[list[int]] = [[] for _ in prompts]
+        for batch in _batches(model, len(prompts), batch_size, kv_cache):
+            decoder = BatchDecoder(model, [prompts[i] for i in batch], [budgets[i] for i in batch], stop,
+                                   generator, pick, use_cache=kv_cache)
+            for row, tok in decoder:
+                results[batch[row]].append(tok)
         return results
     finally:
         model.train(was_training)
@@ -239,6 +330,39 @@ def generate_text(model: torch.nn.Module, tokenizer: Any, prompt: str, *, add_sp
     kw.setdefault("max_new_tokens", 64)
     ids = encode(tokenizer, prompt, add_special_tokens)
     return decode(tokenizer, generate(model, [ids], **kw)[0])
+
+
+def generate_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *, stop: Sequence[str] = (),
+                   add_special_tokens: bool = False, max_new_tokens: int = 64,
+                   stop_token_ids: Iterable[int] | None = None, seed: int | None = None, batch_size: int = 16,
+                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   repetition_penalty: float = 1.0) -> list[str]:
+    """Continuations of several prompts, decoded together (see `generate`); each row ends on its own
+    at a stop token (default: the tokenizer's eos-like tokens), its budget, or a stop string, which
+    is cut from the text (`TextStream`), and then leaves the batch."""
+    _check_sampling(temperature, top_p, repetition_penalty)
+    ids = _as_prompts([encode(tokenizer, p, add_special_tokens) for p in prompts])
+    budgets = [_budget(model, p, max_new_tokens) for p in ids]
+    stop_ids = set(tokenizer_stop_ids(tokenizer) if stop_token_ids is None else stop_token_ids)
+    pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    generator = _make_generator(seed)
+    streams = [TextStream(tokenizer, stop) for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in _batches(model, len(ids), batch_size, True):
+            decoder = BatchDecoder(model, [ids[i] for i in batch], [budgets[i] for i in batch], stop_ids,
+                                   generator, pick)
+            for row, tok in decoder:
+                stream = streams[batch[row]]
+                stream.push(tok)
+                if stream.stopped:
+                    decoder.finish(row)
+    finally:
+        model.train(was_training)
+    for stream in streams:
+        stream.finish()
+    return [stream.text for stream in streams]
 
 
 # ---- streaming text and stop strings --------------------------------------------------------------
