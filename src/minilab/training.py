@@ -233,20 +233,27 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, 
 
     Default size 1024 on CPUs and 4096 on CUDA: a 1024 x 1024 product is only 64 output tiles of
     128 x 128, fewer than the SMs of a data-centre GPU (132 on an H100), so it measures a fraction of
-    the peak and would overstate MFU."""
+    the peak and would overstate MFU. bf16 on a CPU without a bf16 GEMM is timed the way the model
+    multiplies there (`model.emulate_bf16`: fp32 kernels), not torch's reference kernel (~1 GFLOP/s)."""
+    from minilab.model import emulate_bf16, linear_w
+
     if n is None:
         n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def mm():
+        return linear_w(a, b) if emulate else a @ b
+    emulate = dtype is torch.bfloat16 and emulate_bf16(a, n)
     for _ in range(2):
-        a @ b
+        mm()
     reps, best = 5, float("inf")
     for _ in range(3):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(reps):
-            a @ b
+            mm()
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, (time.perf_counter() - t0) / reps)
