@@ -204,6 +204,16 @@ def test_final_model_is_registered_with_lineage(data, tmp_path, monkeypatch, cap
     listed = json.loads(capsys.readouterr().out)
     assert [m["name"] for m in listed] == [name]
 
+    # Extending the finished run: final/ gets new weights and a new version; the old name, whose
+    # weights are gone, is dropped instead of left pointing at the changed files.
+    rc = cli_main(pretrain_cmd(data, out, 5)[3:-2] + ["--set", "register=true", "--set", f"models_dir={models}",
+                                                     "--resume", "auto"])
+    assert rc == 0
+    name2 = capsys.readouterr().out.split("registry name: ")[1].split()[0]
+    assert name2.endswith("-pretrain-v2")
+    assert cli_main(["models", "list", "--models-dir", str(models), "--json"]) == 0
+    assert [m["name"] for m in json.loads(capsys.readouterr().out)] == [name2]
+
 
 def test_refuses_occupied_output_and_tokenizer_mismatch(data, tmp_path, capsys):
     out = tmp_path / "run"

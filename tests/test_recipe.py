@@ -95,6 +95,10 @@ def test_cached_rerun_and_a_changed_sft_setting_reruns_only_downstream(tmp_path,
     third = states(tmp_path)
     changed = {k for k in third if third[k]["run_id"] != first[k]["run_id"]}
     assert changed == {"sft", "merge", "export"}
+    # The rerun models got new versions; the replaced ones' names are gone, none was reused.
+    names = set(json.loads((tmp_path / "models" / "registry.json").read_text())["models"])
+    assert third["sft"]["registered"][0].endswith("-lora-v2") and first["sft"]["registered"][0] not in names
+    assert names == {third[k]["registered"][0] for k in ("pretrain", "sft", "merge")}
     capsys.readouterr()
 
     # --force reruns a stage and its dependents; --until stops after a stage.

@@ -342,6 +342,11 @@ class PretrainRun:
         return finish(model, cfg, self.out, self.meta, final_eval, mix, self.tokens_seen)
 
 
+def dataset_name(cfg: PretrainConfig) -> str:
+    """The registry name's dataset field: the corpus the first dataset was packed from."""
+    return cfg.dataset_name or Path(packed_manifest(cfg.data_dirs[0])["corpus_dir"]).name
+
+
 def finish(model: Transformer, cfg: PretrainConfig, out: Path, run_meta: dict, final_eval: dict,
            realised_mix: dict, tokens_seen: int) -> dict:
     """Write `<out>/final/` (HF format + manifest) and enter it into the registry."""
@@ -349,19 +354,20 @@ def finish(model: Transformer, cfg: PretrainConfig, out: Path, run_meta: dict, f
     from minilab.fsutil import sha256_file
     from minilab.hf import save_hf_dir
 
+    name = None
+    if cfg.register:
+        # Named before the old entry goes, so a version number is never reused for other weights.
+        name = registry.make_name("llama", model.num_params(), dataset_name(cfg), "pretrain", root=cfg.models_dir)
+        registry.release_path(out / "final", cfg.models_dir)  # an extended run: the old name's weights go
     final = save_hf_dir(model, out / "final", tokenizer_dir=cfg.tokenizer_dir, overwrite=True)
     data = [{"path": str(Path(d).resolve()), "manifest_sha256": sha256_file(Path(d) / "manifest.json"),
              "corpus_dir": packed_manifest(d)["corpus_dir"],
              "corpus_manifest_sha256": packed_manifest(d)["corpus_manifest_sha256"]} for d in cfg.data_dirs]
-    # The registry name's dataset field: the corpus the first dataset was packed from.
-    dataset = cfg.dataset_name or Path(packed_manifest(cfg.data_dirs[0])["corpus_dir"]).name
     fields = dict(training_type="pretrain", parent=None, data=data, tokenizer_sha256=run_meta["tokenizer_sha256"],
                   config=run_meta["config"], model_config=run_meta["model_config"],
                   metrics={**final_eval, "tokens_seen": tokens_seen, "realised_mix": realised_mix},
                   params=model.num_params(), run_dir=str(out.resolve()))
-    name = None
     if cfg.register:
-        name = registry.make_name("llama", model.num_params(), dataset, "pretrain", root=cfg.models_dir)
         registry.write_manifest(final, name=name, **fields)
         registry.register(final, name, root=cfg.models_dir, link=True)
     else:

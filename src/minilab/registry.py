@@ -35,6 +35,7 @@ import difflib
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import shutil
@@ -51,6 +52,7 @@ from minilab.model import format_params
 
 TRAINING_TYPES = ("pretrain", "sft", "lora", "dpo", "merged", "ft", "int8")
 INDEX = "registry.json"
+log = logging.getLogger("minilab.registry")
 MANIFEST = "manifest.json"
 ENV_VAR = "MINILAB_MODELS_DIR"
 _FIELD_RE = re.compile(r"^[a-z0-9][a-z0-9_.]*$")
@@ -375,6 +377,27 @@ def register(model_dir: str | os.PathLike, name: str | None = None, *, root: str
                        "registered": datetime.now(UTC).isoformat(timespec="seconds")}
         _write_index(root_path, index)
     return dest
+
+
+def release_path(model_dir: str | os.PathLike, root: str | os.PathLike | None = None) -> list[str]:
+    """Drop the linked entries that point at `model_dir` (files kept): a run about to overwrite its
+    `final/` with new weights (a finished run extended with more steps) must not leave an old
+    name describing weights that are gone. Returns the names dropped."""
+    src = Path(model_dir)
+    root_path = models_root(root)
+    if not (root_path / INDEX).is_file():
+        return []
+    with _locked(root_path):
+        entries = _entries(root_path)
+        names = [n for n, e in entries.items() if e.get("linked") and e["path"].resolve() == src.resolve()]
+        if names:
+            index = _read_index(root_path)
+            for n in names:
+                index.pop(n, None)
+            _write_index(root_path, index)
+    for n in names:
+        log.warning("%s was registered as %s; its weights are being replaced, so that name is dropped", src, n)
+    return names
 
 
 def list_models(root: str | os.PathLike | None = None) -> list[dict[str, Any]]:

@@ -249,6 +249,7 @@ def quantize_to_registry(model_ref: str, *, adapter: str | None = None, name: st
     fields = dict(parent=parent_name, params=params, adapter=str(adapter) if adapter else None,
                   quantization="int8", **keep)
     if output_dir is not None:
+        registry.release_path(output_dir, root)  # quantized again into the same folder: the old name goes
         out = save_int8_dir(model, src, Path(output_dir))
         return name, registry.register(out, name, root=root, link=True, **fields)
     with tempfile.TemporaryDirectory() as tmp:

@@ -202,6 +202,13 @@ class Tuning:
         cfg = self.cfg
         final = self.out / "final"
         adapters = self.peft is not None
+        ttype = "lora" if adapters and training_type == "sft" else training_type
+        arch = "llama" if self.base.backend == "minilab" else self.base.model_type
+        name = None
+        if cfg.register:
+            # Named before the old entry goes, so a version number is never reused for other weights.
+            name = registry.make_name(arch, self.base_params, dataset, ttype, root=cfg.models_dir)
+            registry.release_path(final, cfg.models_dir)  # an extended run: the old name's weights go
         with atomic_dir(final, overwrite=True) as tmp:
             if adapters:
                 self.peft.save_pretrained(str(tmp / "adapters"))
@@ -209,8 +216,6 @@ class Tuning:
             else:
                 self._save_full(tmp)
             write_chat_tokenizer(self.base.tokenizer_dir, tmp, template)
-        ttype = "lora" if adapters and training_type == "sft" else training_type
-        arch = "llama" if self.base.backend == "minilab" else self.base.model_type
         fields = dict(training_type=ttype, parent=self._registered_base(),
                       base_model={"name": cfg.base_model, "path": str(self.base.path.resolve()),
                                   "fingerprint": self.base_manifest.get("fingerprint") or _dir_fingerprint(
@@ -219,9 +224,7 @@ class Tuning:
                       method=cfg.method, chat={"template": template.name, "end_token": template.end_token},
                       data=data, tokenizer_sha256=_fingerprint(final), config=config, metrics=metrics,
                       params=self.base_params, run_dir=str(self.out.resolve()))
-        name = None
         if cfg.register:
-            name = registry.make_name(arch, self.base_params, dataset, ttype, root=cfg.models_dir)
             registry.write_manifest(final, name=name, **fields)
             registry.register(final, name, root=cfg.models_dir, link=True)
         else:

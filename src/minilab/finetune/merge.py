@@ -82,6 +82,7 @@ def _register(out: Path, src: Path, manifest: dict[str, Any], params: int, arch:
     if register:
         dataset = manifest.get("dataset") or "merged"
         name = registry.make_name(arch, params, dataset, "merged", root=models_dir)
+        registry.release_path(out, models_dir)  # merged again into the same folder: the old name goes
         registry.write_manifest(out, name=name, **fields)
         registry.register(out, name, root=models_dir, link=True)
     else:

@@ -163,12 +163,14 @@ class Runner:
             n += 1
             print(f"\n== [{n}/{len(todo)}] {s.name} ({s.kind}): {'resuming' if step.action == 'resume' else 'running'}"
                   f" — {step.reason}", flush=True)
+            prev = self.state(s.name) or {}
+            stale = [*prev.get("registered", []), *prev.get("stale_names", [])]
             if step.action == "run":
                 self._wipe(s)
             t0 = time.perf_counter()
             started = datetime.now(UTC).isoformat(timespec="seconds")
             base = {"kind": s.kind, "fingerprint": step.fingerprint, "config": step.fp_config,
-                    "upstream_runs": self._upstream_runs(s), "started": started}
+                    "upstream_runs": self._upstream_runs(s), "started": started, "stale_names": stale}
             self.write_state(s.name, {**base, "status": "running"})
             try:
                 cfg, _ = build_config(self.recipe, s, self._lookup, str(self.recipe.path))
@@ -180,6 +182,8 @@ class Runner:
                                          for x in steps[steps.index(step) + 1:]]
                 raise
             wall = time.perf_counter() - t0
+            self._drop_names([n for n in stale if n not in _registered(result)])
+            base["stale_names"] = []
             line = metric(s.kind, result, cfg)
             self.write_state(s.name, {**base, "status": "done", "run_id": uuid.uuid4().hex, "wall_s": round(wall, 2),
                                       "finished": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -199,14 +203,17 @@ class Runner:
             return names[0]
         return placeholder(self.recipe, ref, attr)
 
-    def _wipe(self, s: Stage) -> None:
-        """Before a fresh run: remove the stage's folder and the registry names its last run made."""
+    def _drop_names(self, names: list[str]) -> None:
+        """Remove registry names whose model a rerun replaced. Done after the new model is
+        registered, so its version number is new (a name never comes back for other weights)."""
         from minilab import registry
 
-        prev = self.state(s.name) or {}
-        for name in prev.get("registered") or []:
+        for name in names:
             with contextlib.suppress(MinilabError, OSError):
                 registry.remove_model(name, self.recipe.models_dir)
+
+    def _wipe(self, s: Stage) -> None:
+        """Before a fresh run: remove the stage's folder (its registry names go once the new run is done)."""
         d = self.recipe.stage_dir(s.name)
         if d.exists():
             shutil.rmtree(d)
