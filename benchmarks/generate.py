@@ -6,10 +6,13 @@ For each architecture preset: build it with random weights, export it with `save
 export both with minilab and with `transformers.AutoModelForCausalLM`, then one after the other in
 this process time batch-1 greedy decoding of a 16-token prompt for `--new-tokens` tokens (min and
 max new tokens forced equal, so both produce exactly the same number; the token ids are compared
-too). Then `minilab serve`'s app runs on loopback and 1, 8 and 32 concurrent streaming clients
-each send `--requests-per-client` chat requests: throughput in tokens/s and requests/s, and p50/p99
-of request latency and of time to first token. One JSON line per measurement on stdout, a summary
-with the ratio at the end. Random weights: decoding speed does not depend on what was learned.
+too). Then `--batch` prompts of different lengths (4 to 46 tokens) decoded together (left padding)
+against the same prompts one by one and against transformers' batched `generate` (left padding,
+attention mask). Then `minilab serve`'s app runs on loopback and 1, 8 and 32 concurrent streaming
+clients each send `--requests-per-client` chat requests: throughput in tokens/s and requests/s, and
+p50/p99 of request latency and of time to first token. One JSON line per measurement on stdout, a
+summary with the ratios at the end. Random weights: decoding speed does not depend on what was
+learned. Our model is loaded as `Engine.load` prepares it (`use_decode_layout`).
 """
 
 from __future__ import annotations
@@ -69,6 +72,45 @@ def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path) -> dict:
             "new_tokens": new_tokens, "threads": torch.get_num_threads(), "same_tokens": same,
             "minilab_tok_s": round(new_tokens / t_ours, 1), "transformers_tok_s": round(new_tokens / t_hf, 1),
             "ratio": round(t_hf / t_ours, 2)}
+
+
+def bench_batched(shape: str, new_tokens: int, batch: int, repeats: int, root: Path) -> dict:
+    """Several prompts of different lengths at once (the export of `bench_decode` is reused)."""
+    from transformers import AutoModelForCausalLM
+
+    from minilab.arch import load_architecture
+    from minilab.generate import generate
+    from minilab.loading import load_model_for_inference
+
+    cfg = load_architecture(shape)
+    ours = load_model_for_inference(str(root / shape), dtype="float32").use_decode_layout()
+    hf = AutoModelForCausalLM.from_pretrained(root / shape, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(10, cfg.vocab_size, (4 + 6 * (i % 8),), generator=g).tolist() for i in range(batch)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def run_hf():
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, pad_token_id=0)
+        return out[:, width:].tolist()
+
+    together = generate(ours, prompts, max_new_tokens=new_tokens, batch_size=batch)
+    same = together == generate(ours, prompts, max_new_tokens=new_tokens, batch_size=1)
+    same_hf = together == run_hf()
+    times = {name: _median_time(fn, repeats) for name, fn in (
+        ("batched", lambda: generate(ours, prompts, max_new_tokens=new_tokens, batch_size=batch)),
+        ("one_by_one", lambda: generate(ours, prompts, max_new_tokens=new_tokens, batch_size=1)),
+        ("transformers", run_hf))}
+    n = batch * new_tokens
+    return {"bench": "decode_batched", "shape": shape, "batch": batch, "prompt_lengths": [len(p) for p in prompts],
+            "new_tokens": new_tokens, "threads": torch.get_num_threads(), "batched_equals_one_by_one": same,
+            "same_tokens_as_transformers": same_hf, "minilab_batched_tok_s": round(n / times["batched"], 1),
+            "minilab_one_by_one_tok_s": round(n / times["one_by_one"], 1),
+            "transformers_batched_tok_s": round(n / times["transformers"], 1),
+            "ratio_vs_transformers": round(times["transformers"] / times["batched"], 2)}
 
 
 async def _client_load(url: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
@@ -137,6 +179,7 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--server-max-tokens", type=int, default=32)
     ap.add_argument("--max-concurrency", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8, help="prompts decoded together in the batched row (0 skips it)")
     ap.add_argument("--skip-server", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,6 +189,10 @@ def main() -> None:
             row = bench_decode(shape, args.new_tokens, args.repeats, Path(tmp))
             print(json.dumps(row), flush=True)
             summary[f"{shape}_ratio_vs_transformers"] = row["ratio"]
+            if args.batch > 0:
+                row = bench_batched(shape, args.new_tokens, args.batch, args.repeats, Path(tmp))
+                print(json.dumps(row), flush=True)
+                summary[f"{shape}_batched_ratio_vs_transformers"] = row["ratio_vs_transformers"]
         if not args.skip_server:
             for row in bench_server(Path(tmp), args.clients, args.requests_per_client, args.server_max_tokens,
                                     args.max_concurrency):

@@ -186,7 +186,8 @@ def test_cached_forward_is_bitwise_the_module_forward(n_kv_head, dtype):
     for layout in (False, True):
         if layout:
             m.use_decode_layout()
-            assert not m.model.layers[0].self_attn.q_proj.weight.is_contiguous()
+            # fp32 weights only: torch's bf16 CPU kernel is slower in the transposed layout
+            assert m.model.layers[0].self_attn.q_proj.weight.is_contiguous() == (dtype is torch.bfloat16)
         fast = CachedForward.of(m)
         for pad in (None, [0, 5, 11]):
             a, b = (KVCache(m.config, 3, 32, dtype, pad=pad) for _ in range(2))
