@@ -31,13 +31,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
+def _median_times(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function, the runs interleaved (a, b, a, b, ...) so that a load change
+    on a shared machine falls on both sides of a ratio rather than on one."""
+    times: dict = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path) -> dict:
@@ -67,7 +70,8 @@ def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path) -> dict:
         return out[0, 16:].tolist()
 
     same = run_ours() == run_hf()  # also a warm-up of both
-    t_ours, t_hf = _median_time(run_ours, repeats), _median_time(run_hf, repeats)
+    t = _median_times({"ours": run_ours, "hf": run_hf}, repeats)
+    t_ours, t_hf = t["ours"], t["hf"]
     return {"bench": "decode_batch1", "shape": shape, "params": ours.num_params(), "prompt": 16,
             "new_tokens": new_tokens, "threads": torch.get_num_threads(), "same_tokens": same,
             "minilab_tok_s": round(new_tokens / t_ours, 1), "transformers_tok_s": round(new_tokens / t_hf, 1),
@@ -100,10 +104,9 @@ def bench_batched(shape: str, new_tokens: int, batch: int, repeats: int, root: P
     together = generate(ours, prompts, max_new_tokens=new_tokens, batch_size=batch)
     same = together == generate(ours, prompts, max_new_tokens=new_tokens, batch_size=1)
     same_hf = together == run_hf()
-    times = {name: _median_time(fn, repeats) for name, fn in (
-        ("batched", lambda: generate(ours, prompts, max_new_tokens=new_tokens, batch_size=batch)),
-        ("one_by_one", lambda: generate(ours, prompts, max_new_tokens=new_tokens, batch_size=1)),
-        ("transformers", run_hf))}
+    times = _median_times({"batched": lambda: generate(ours, prompts, max_new_tokens=new_tokens, batch_size=batch),
+                           "one_by_one": lambda: generate(ours, prompts, max_new_tokens=new_tokens, batch_size=1),
+                           "transformers": run_hf}, repeats)
     n = batch * new_tokens
     return {"bench": "decode_batched", "shape": shape, "batch": batch, "prompt_lengths": [len(p) for p in prompts],
             "new_tokens": new_tokens, "threads": torch.get_num_threads(), "batched_equals_one_by_one": same,
@@ -173,7 +176,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["micro", "tiny"])
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs of each side, interleaved; medians")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both (the small-model default)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests-per-client", type=int, default=4)

@@ -556,10 +556,14 @@ class CachedForward:
         # fp32: torch.mm itself; otherwise through linear_w, for its bf16 GEMM emulation
         self.mm = torch.mm if fp32 else (lambda x, w_t: linear_w(x, w_t.t()))
         self.rms = self._rms_fp32 if fp32 else (lambda x, w: rms_norm(x, w, self.shape[3]))
+        # 0-dim fp32 tensors, not Python numbers: an in-place op with a Python number first converts it
+        # to a tensor (three more dispatches), and the fp32 values are the ones the kernel would use
+        self._width = torch.tensor(float(cfg.d_model), device=self.norm.device)
+        self._eps = torch.tensor(cfg.norm_eps, dtype=torch.float32, device=self.norm.device)
 
     def _rms_fp32(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # = F.rms_norm in fp32, bit for bit: mean is sum / n on CPU (tested)
-        return weight * (x * x.pow(2).sum(-1, keepdim=True).div_(x.shape[-1]).add_(self.shape[3]).rsqrt_())
+        return weight * (x * (x * x).sum(-1, keepdim=True).div_(self._width).add_(self._eps).rsqrt_())
 
     @staticmethod
     def of(model: nn.Module) -> CachedForward | None:
