@@ -189,6 +189,9 @@ def test_cached_forward_is_bitwise_the_module_forward(n_kv_head, dtype):
             # fp32 weights only: torch's bf16 CPU kernel is slower in the transposed layout
             assert m.model.layers[0].self_attn.q_proj.weight.is_contiguous() == (dtype is torch.bfloat16)
         fast = CachedForward.of(m)
+        # q|k|v and gate|up as one product each: fp32 in the decode layout (their weights joined)
+        joined = layout and dtype is torch.float32
+        assert all(isinstance(w, torch.Tensor) == joined for layer in fast.layers for w in (layer[1], layer[4]))
         for pad in (None, [0, 5, 11]):
             a, b = (KVCache(m.config, 3, 32, dtype, pad=pad) for _ in range(2))
             with torch.inference_mode():

@@ -419,13 +419,29 @@ class Transformer(nn.Module):
         """Store each plain fp32 linear weight of a CPU model transposed, (in, out) contiguous: same
         Parameter, shape, name and values, now a transposed view. The vector-matrix products of
         decoding then read the weight row after row, 1.3-3x faster on CPU (the large head most).
+        A block's q, k, v weights share one (in, q+k+v) tensor and gate, up one (in, 2 * inter), each
+        weight a column range of it, so `CachedForward` computes them with one product each: fewer,
+        longer reads of memory (the per-token cost of a model larger than the CPU's caches).
         Not bf16 weights: torch's bf16 CPU kernel is 3x slower in that layout. For inference-only
         models (`Engine` does it); export (`save_hf_dir`) writes the same files."""
+
+        def decodable(w: torch.Tensor) -> bool:
+            return w.device.type == "cpu" and w.dtype is torch.float32 and w.dim() == 2 and w.is_contiguous()
+
         with torch.no_grad():
+            for block in self.model.layers:
+                a, m = block.self_attn, block.mlp
+                for group in ((a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)):
+                    if all(map(is_plain_linear, group)) and all(decodable(lin.weight) for lin in group):
+                        fused = torch.cat([lin.weight.t() for lin in group], dim=1)  # (in, sum of outs)
+                        start = 0
+                        for lin in group:
+                            n = lin.weight.shape[0]
+                            lin.weight.data = fused[:, start:start + n].t()
+                            start += n
             for module in self.modules():
                 w = module.weight if type(module) is nn.Linear else None
-                if w is not None and w.device.type == "cpu" and w.dtype is torch.float32 and w.dim() == 2 \
-                        and w.is_contiguous():
+                if w is not None and decodable(w):
                     w.data = w.data.t().contiguous().t()
         return self
 
@@ -527,13 +543,28 @@ class Transformer(nn.Module):
         }
 
 
+def joined(*layers: nn.Linear) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The layers' weights as (in, out) views; one (in, sum of outs) view where they are consecutive
+    column ranges of one tensor (as `use_decode_layout` stores q|k|v and gate|up), else a tuple."""
+    parts = [lin.weight.t() for lin in layers]
+    first, total = parts[0], sum(p.shape[1] for p in parts)
+    offset = first.storage_offset()
+    for p in parts:
+        if p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or p.stride() != (total, 1) \
+                or p.storage_offset() != offset:
+            return tuple(parts)
+        offset += p.shape[1]
+    return first.as_strided((first.shape[0], total), (total, 1))
+
+
 class CachedForward:
     """`Transformer.forward` with a KVCache, as plain tensor ops over the model's own weights.
 
     Why: a decoding step of a minilab-sized model is ~150 small ops (~900 counting what composite
     ops dispatch), and module calls, attribute lookups and wrappers cost a third of the step. This
     computes the same values with fewer dispatches: activations kept 2-D (tokens, width), each
-    projection one `mm` on the transposed weight (what F.linear calls), RMSNorm as its five
+    projection one `mm` on the transposed weight (what F.linear calls; q|k|v and gate|up one `mm`
+    each where `use_decode_layout` joined them, q and k rotated together), RMSNorm as its five
     primitive ops (what F.rms_norm runs, without the composite's wrappers). The logits are bitwise
     those of `model(ids, kv_cache=cache)` (tested). Only for inference (no autograd, no autocast) of
     a plain model: `of` returns None when a projection is not a bias-free nn.Linear (LoRA-wrapped,
@@ -546,13 +577,13 @@ class CachedForward:
         self.shape = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
         self.embed, self.norm = model.model.embed_tokens.weight, model.model.norm.weight
         self.head = model.lm_head.weight.t()                                            # (C, vocab)
-        self.layers = []  # per block: norm weights and each projection's weight as (in, out)
+        self.layers = []  # per block: norm weights and the projections as (in, out): q|k|v and gate|up joined
         for block in model.model.layers:
             a, m = block.self_attn, block.mlp
-            self.layers.append((block.input_layernorm.weight, a.q_proj.weight.t(), a.k_proj.weight.t(),
-                                a.v_proj.weight.t(), a.o_proj.weight.t(), block.post_attention_layernorm.weight,
-                                m.gate_proj.weight.t(), m.up_proj.weight.t(), m.down_proj.weight.t()))
-        fp32 = all(w.dtype is torch.float32 for w in self.layers[0] + (self.head,))
+            self.layers.append((block.input_layernorm.weight, joined(a.q_proj, a.k_proj, a.v_proj),
+                                a.o_proj.weight.t(), block.post_attention_layernorm.weight,
+                                joined(m.gate_proj, m.up_proj), m.down_proj.weight.t()))
+        fp32 = all(w.dtype is torch.float32 for w in (self.layers[0][2], self.head))
         # fp32: torch.mm itself; otherwise through linear_w, for its bf16 GEMM emulation
         self.mm = torch.mm if fp32 else (lambda x, w_t: linear_w(x, w_t.t()))
         self.rms = self._rms_fp32 if fp32 else (lambda x, w: rms_norm(x, w, self.shape[3]))
@@ -564,6 +595,10 @@ class CachedForward:
     def _rms_fp32(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # = F.rms_norm in fp32, bit for bit: mean is sum / n on CPU (tested)
         return weight * (x * (x * x).sum(-1, keepdim=True).div_(self._width).add_(self._eps).rsqrt_())
+
+    def project(self, h: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """h @ [w1 | w2 | ...]: one product for a joined weight, else one each, concatenated."""
+        return self.mm(h, w) if isinstance(w, torch.Tensor) else torch.cat([self.mm(h, p) for p in w], dim=1)
 
     @staticmethod
     def of(model: nn.Module) -> CachedForward | None:
@@ -595,19 +630,21 @@ class CachedForward:
             def heads(t, h): return t.view(B, h, 1, hd)
         else:
             def heads(t, h): return t.view(B, T, h, hd).transpose(1, 2)
-        for i, (n1, wq, wk, wv, wo, n2, wg, wu, wd) in enumerate(self.layers):
+        inter = self.config.intermediate_size
+        for i, (n1, wqkv, wo, n2, wgu, wd) in enumerate(self.layers):
             h = rms(x, n1)
-            q = apply_rope(heads(mm(h, wq), nh), cos, sin)                              # (B, nh, T, hd)
-            k = apply_rope(heads(mm(h, wk), nkv), cos, sin)                             # (B, nkv, T, hd)
-            k, v = cache.update(i, k, heads(mm(h, wv), nkv))                            # (B, nkv, S, hd)
+            qkv = heads(self.project(h, wqkv), nh + 2 * nkv)                           # (B, nh+2nkv, T, hd)
+            qk = apply_rope(qkv[:, :nh + nkv], cos, sin)                               # q and k rotated at once
+            k, v = cache.update(i, qk[:, nh:], qkv[:, nh + nkv:])                      # (B, nkv, S, hd)
+            q = qk[:, :nh]
             if mask is not None:
                 y = attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
             else:
                 y = attention(q, k, v, is_causal=causal, enable_gqa=gqa)
             y = y.view(N, nh * hd) if T == 1 else y.transpose(1, 2).reshape(N, nh * hd)
             x = x + mm(y, wo)
-            h = rms(x, n2)
-            x = x + mm(F.silu(mm(h, wg)) * mm(h, wu), wd)
+            gu = self.project(rms(x, n2), wgu)
+            x = x + mm(F.silu(gu[:, :inter]) * gu[:, inter:], wd)
         cache.advance(T)
         if 0 < logits_to_keep < T:
             x = x.view(B, T, -1)[:, -logits_to_keep:].reshape(B * logits_to_keep, -1)
