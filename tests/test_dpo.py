@@ -73,3 +73,35 @@ def test_eval_dpo(setup, tmp_path):
     assert r["pairs"] > 0 and 0 <= r["win_rate"] <= 1
     assert set(r["perplexity"]) == {"policy", "reference"}
     assert r["perplexity"]["policy"]["chosen"] > 1
+
+
+def _evals(run_dir):
+    import json
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if r["kind"] == "eval"}
+
+
+def test_full_dpo_resume_validates_against_the_starting_weights(setup, tmp_path):
+    """Full-weight DPO (precomputed reference): the val reference is the starting weights' score
+    even after a resume, so the resumed run's val metrics equal the uninterrupted run's; every
+    checkpoint's val loss is the eval of its own step."""
+    import shutil
+
+    from minilab.checkpoint import read_meta
+
+    kw = dict(method="full", precompute_ref=True, max_steps=6, ckpt_every=3, eval_every=3, keep_last=5,
+              register=False, models_dir=str(setup["models"]))
+    run_job(DPORun, tune_cfg(DPOConfig, setup["name"], [setup["data"]], tmp_path / "a", **kw))
+    a = _evals(tmp_path / "a")
+    assert sorted(a) == [0, 3, 6]
+    assert a[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the start
+    for step in (3, 6):
+        assert read_meta(tmp_path / "a" / "checkpoints" / f"step-00000{step}")["metric"] == a[step]["val_loss"]
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000003", tmp_path / "b" / "checkpoints" / "step-000003")
+    shutil.copy(tmp_path / "a" / "reference_logps.npz", tmp_path / "b")
+    run_job(DPORun, tune_cfg(DPOConfig, setup["name"], [setup["data"]], tmp_path / "b", **kw), resume="auto")
+    b = _evals(tmp_path / "b")
+    assert sorted(b) == [6] and b[6]["val_loss"] == a[6]["val_loss"]
+    assert b[6]["val_reward_margin"] == a[6]["val_reward_margin"]

@@ -75,6 +75,22 @@ def test_sigkill_and_resume_is_bitwise_exact(data, tmp_path):
     assert run_losses == ref_losses  # bitwise: float equality of every step's loss
     a, b = final_weights(ref), final_weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_checkpoint_metrics_are_their_own(ref, eval_every=10)
+
+
+def assert_checkpoint_metrics_are_their_own(run_dir: Path, eval_every: int) -> None:
+    """Each checkpoint's val loss is the eval of its own step (None between evals), so the best
+    checkpoint kept by retention is the best evaluated one, not a neighbour of it."""
+    from minilab.checkpoint import list_checkpoints, read_meta
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["val_loss"] for r in records if r["kind"] == "eval"}
+    assert sorted(evals) == list(range(0, max(evals) + 1, eval_every))  # baseline at 0, then every eval_every
+    kept = {int(p.name.split("-")[1]): read_meta(p)["metric"] for p in list_checkpoints(run_dir / "checkpoints")}
+    assert all(metric == evals.get(step) for step, metric in kept.items()), (kept, evals)
+    ckpt_evals = {s: v for s, v in evals.items() if s > 0}  # every eval step here also saved a checkpoint
+    best_step = min(ckpt_evals, key=ckpt_evals.get)
+    assert best_step in kept
 
 
 def test_two_gloo_processes_match_one(data, tmp_path):

@@ -1,9 +1,10 @@
 """`minilab pretrain`: train a minilab model from scratch on packed token data.
 
-The loop reads top to bottom: LR for this step -> eval (and best-checkpoint bookkeeping) ->
-micro-batches with token-normalised gradient accumulation -> clip -> AdamW step -> log ->
-checkpoint. Everything that makes a run reproducible (data position, RNG states, optimizer
-and LR schedule) is in each checkpoint, so `--resume auto` continues bitwise-identically on CPU.
+The loop reads top to bottom: LR for this step -> micro-batches with token-normalised gradient
+accumulation -> clip -> AdamW step -> log -> eval -> checkpoint. The eval runs before the save
+of the same step, so every checkpoint's val loss (the best-checkpoint metric) is its own.
+Everything that makes a run reproducible (data position, RNG states, optimizer and LR schedule)
+is in each checkpoint, so `--resume auto` continues bitwise-identically on CPU.
 
 The final model is written to `<output_dir>/final/` as a standard HF directory with a
 `manifest.json`, and entered into the registry under a convention-following name.
@@ -36,6 +37,8 @@ from minilab.training import (
     OptimConfig,
     accumulate_gradients,
     autocast_context,
+    checkpoint_val_meta,
+    eval_due,
     find_resume_checkpoint,
     lr_at,
     make_optimizer,
@@ -227,6 +230,7 @@ class PretrainRun:
                                   tensorboard_dir=self.out / "tensorboard" if cfg.tensorboard else None)
         self.ckpt_dir = self.out / "checkpoints"
         self.step, self.tokens_seen, self.best, self.last_eval = 0, 0, float("inf"), {}
+        self.eval_step = -1  # the step self.last_eval measured
         self.meta = {"config": to_dict(cfg), "model_config": to_dict(model_cfg), "tokenizer_sha256": self.tok_sha,
                      "minilab_version": __version__, "seq_len": self.seq_len, "world_size": info.world_size}
 
@@ -245,6 +249,7 @@ class PretrainRun:
         self.reader.load_state_dict(meta["data_state"])
         self.step, self.tokens_seen, self.best = meta["step"], meta["tokens_seen"], meta["best_val_loss"]
         self.last_eval = {"val_loss": meta["val_loss"]} if meta.get("val_loss") is not None else {}
+        self.eval_step = meta.get("val_step", -1)
         self.metrics.truncate_after(self.step)
         log.info(f"resumed from {ckpt} at step {self.step}")
 
@@ -265,12 +270,14 @@ class PretrainRun:
         return loss, norm
 
     def run_eval(self, bar) -> None:
+        """Validate the current weights, log it, and note it under the progress bar (if any)."""
         self.last_eval = evaluate(self.model, self.cfg, self.seq_len, self.device)
+        self.eval_step = self.step
         self.best = min(self.best, self.last_eval["val_loss"])
         epochs = {Path(d).name: round(self.tokens_seen * float(p) / max(1, n), 4)
                   for (d, n), p in zip(dataset_tokens(self.cfg.data_dirs).items(), self.reader.probs, strict=True)}
         self.metrics.write("eval", step=self.step, tokens=self.tokens_seen, epochs=epochs, **self.last_eval)
-        if self.info.is_main:
+        if self.info.is_main and bar is not None:
             bar.note(f"step {self.step}: val loss {self.last_eval['val_loss']:.4f}, "
                      f"ppl {self.last_eval['val_ppl']:.2f}, {100 * self.step / self.cfg.max_steps:.0f}% done, "
                      f"epochs {epochs}")
@@ -282,11 +289,11 @@ class PretrainRun:
         model_state, optim_state = (distributed.full_state(self.model, self.optimizer)
                                     if distributed.is_fsdp(self.model) else (None, None))
         if self.info.is_main:
-            val = self.last_eval.get("val_loss")
+            val = checkpoint_val_meta(self.last_eval, self.eval_step, self.step, self.best)
             save_checkpoint(self.ckpt_dir, self.step, model=self.model, optimizer=self.optimizer,
                             meta={**self.meta, "tokens_seen": self.tokens_seen, "data_state": self.reader.state_dict(),
-                                  "best_val_loss": self.best, "val_loss": val},
-                            keep_last=self.cfg.keep_last, keep_best=True, metric=val, scaler=self.scaler,
+                                  **val},
+                            keep_last=self.cfg.keep_last, keep_best=True, metric=val["val_loss"], scaler=self.scaler,
                             model_state=model_state, optimizer_state=optim_state)
         distributed.barrier(self.info)
 
@@ -315,11 +322,11 @@ class PretrainRun:
         self.model.train()
         t_last = time.perf_counter()
         with StepProgress(cfg.max_steps, self.step, enabled=self.info.is_main) as bar:
+            if self.step == 0:
+                self.run_eval(bar)  # the untrained baseline
             while self.step < cfg.max_steps:
                 lr = lr_at(self.step, cfg.max_steps, cfg.optim)
                 set_lr(self.optimizer, lr)
-                if self.step % cfg.eval_every == 0:
-                    self.run_eval(bar)
                 loss, norm = self.train_step()
                 self.step += 1
                 now = time.perf_counter()
@@ -329,12 +336,15 @@ class PretrainRun:
                 self.metrics.write("train", step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr,
                                    grad_norm=norm, tokens_per_s=tok_s, flops_per_s=tok_s * flops_per_token, mfu=mfu)
                 bar.update(self.step, loss=loss, tok_s=tok_s, mfu=mfu)
+                if eval_due(self.step, cfg.eval_every, cfg.max_steps):
+                    self.run_eval(bar)
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps or self.step == cfg.interrupt_at_step:
                     self.save()
                 if self.step == cfg.interrupt_at_step:
                     os.kill(os.getpid(), signal.SIGKILL)  # a hard crash, exactly here: nothing else runs
-        final_eval = evaluate(self.model, cfg, self.seq_len, self.device)
-        self.metrics.write("eval", step=self.step, tokens=self.tokens_seen, **final_eval)
+        if self.eval_step != self.step or "val_ppl" not in self.last_eval:  # e.g. resumed at the end
+            self.run_eval(None)
+        final_eval = dict(self.last_eval)
         mix = self.reader.realised_mix()
         model = self.export_model()
         if not self.info.is_main:

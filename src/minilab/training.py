@@ -56,6 +56,21 @@ def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+def eval_due(step: int, eval_every: int, max_steps: int) -> bool:
+    """Whether validation follows optimizer step `step` (steps done so far): every `eval_every`
+    steps and after the last. It runs before that step's checkpoint is saved, so the checkpoint
+    carries the val loss of its own weights (see `checkpoint_val_meta`)."""
+    return step % eval_every == 0 or step == max_steps
+
+
+def checkpoint_val_meta(last_eval: dict, eval_step: int, step: int, best: float) -> dict:
+    """The val fields of a checkpoint's meta at `step`. Its val loss (also the retention metric
+    that keeps the best checkpoint) only when `last_eval` measured these very weights; a checkpoint
+    between evals gets none, and can never be ranked by a neighbour's loss."""
+    val = last_eval.get("val_loss") if eval_step == step else None
+    return {"best_val_loss": best, "val_loss": val, "val_step": step if val is not None else -1}
+
+
 def make_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on 2-D+ weights except embeddings; none on norms and embeddings.
 

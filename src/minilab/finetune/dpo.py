@@ -29,9 +29,17 @@ import torch.nn.functional as F
 
 from minilab import distributed
 from minilab.config import to_dict
-from minilab.errors import ConfigError
+from minilab.errors import ConfigError, MinilabError
 from minilab.finetune.common import TuneConfig, Tuning
-from minilab.training import OptimConfig, autocast_context, lr_at, sequence_logprobs, set_lr
+from minilab.training import (
+    OptimConfig,
+    autocast_context,
+    checkpoint_val_meta,
+    eval_due,
+    lr_at,
+    sequence_logprobs,
+    set_lr,
+)
 
 log = logging.getLogger("minilab.dpo")
 
@@ -110,8 +118,10 @@ class DPORun:
                                        info.rank, info.world_size)
         self.pad_id = pad_id_of(self.tune.base.tokenizer_dir)
         self.plan = self.tune.preflight(2 * max(int(m["max_len"]) for m in self.manifests))
-        self.ref: list[np.ndarray] | None = None
+        self.ref: list[np.ndarray] | None = None  # precomputed reference log-probs, train and val
+        self.ref_val: list[np.ndarray] | None = None
         self.step, self.best, self.last_eval = 0, float("inf"), {}
+        self.eval_step = -1  # the step self.last_eval measured
 
     # ---- reference log-probs ----------------------------------------------------------------------
     @torch.no_grad()
@@ -123,29 +133,38 @@ class DPORun:
                               self.cfg.precision, self.device)
 
     def precompute_reference(self) -> None:
-        """Reference log-probs of every training pair, (n, 2) per dataset, saved once per run."""
+        """Reference log-probs of every training pair and every val pair, (n, 2) per dataset, saved
+        once per run (a resumed run must not score its val pairs under its trained weights)."""
         path = self.tune.out / "reference_logps.npz"
         if path.is_file():
             with np.load(path, allow_pickle=False) as z:
+                if any(f"v{i}" not in z for i in range(len(self.val))):
+                    raise MinilabError(f"{path}: no val reference in it (an older minilab wrote it); "
+                                       f"start this DPO run again in a new output_dir")
                 self.ref = [z[f"d{i}"] for i in range(len(self.train))]
+                self.ref_val = [z[f"v{i}"] for i in range(len(self.val))]
             return
         was = self.tune.model.training
         self.tune.model.eval()  # no dropout in the reference
-        self.ref = []
-        for pairs in self.train:
-            out = np.zeros((len(pairs[0]), 2), dtype=np.float64)
-            for a in range(0, len(pairs[0]), self.cfg.batch_size):
-                idx = list(range(a, min(a + self.cfg.batch_size, len(pairs[0]))))
-                c, r = self.score(pairs, idx, reference=True)
-                out[idx, 0], out[idx, 1] = c.double().cpu().numpy(), r.double().cpu().numpy()
-            self.ref.append(out)
+        self.ref = [self.score_all(pairs) for pairs in self.train]
+        self.ref_val = [self.score_all(pairs) for pairs in self.val]
         self.tune.model.train(was)
         if self.info.is_main:
             from minilab.fsutil import atomic_path
 
+            arrays = {f"d{i}": a for i, a in enumerate(self.ref)} | {f"v{i}": a for i, a in enumerate(self.ref_val)}
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, **{f"d{i}": a for i, a in enumerate(self.ref)})
+                np.savez(f, **arrays)
         distributed.barrier(self.info)
+
+    def score_all(self, pairs) -> np.ndarray:
+        """(chosen, rejected) reference log-probs of every pair, (n, 2) float64."""
+        out = np.zeros((len(pairs[0]), 2), dtype=np.float64)
+        for a in range(0, len(pairs[0]), self.cfg.batch_size):
+            idx = list(range(a, min(a + self.cfg.batch_size, len(pairs[0]))))
+            c, r = self.score(pairs, idx, reference=True)
+            out[idx, 0], out[idx, 1] = c.double().cpu().numpy(), r.double().cpu().numpy()
+        return out
 
     # ---- resume / step ------------------------------------------------------------------------------
     def restore(self, resume: str | None) -> None:
@@ -155,6 +174,7 @@ class DPORun:
         self.sampler.load_state_dict(meta["data_state"])
         self.step, self.best = meta["step"], meta["best_val_loss"]
         self.last_eval = {"val_loss": meta["val_loss"]} if meta.get("val_loss") is not None else {}
+        self.eval_step = meta.get("val_step", -1)
         self.tune.metrics.truncate_after(self.step)
 
     def micro_batch(self) -> list[tuple[int, int]]:
@@ -204,18 +224,16 @@ class DPORun:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """DPO metrics on every dataset's val pairs (reference from the switched-off adapters, or
-        recomputed; for precomputed full fine-tuning the val reference is the starting weights' score
-        stored alongside)."""
+        """DPO metrics on every dataset's val pairs (reference: see `val_reference`)."""
         model = self.tune.model
         was = model.training
         model.eval()
         losses, parts = [], []
-        for pairs in self.val:
+        for d, pairs in enumerate(self.val):
             for a in range(0, min(len(pairs[0]), self.cfg.eval_batches * self.cfg.batch_size), self.cfg.batch_size):
                 idx = list(range(a, min(a + self.cfg.batch_size, len(pairs[0]))))
                 pi_c, pi_r = self.score(pairs, idx, reference=False)
-                ref_c, ref_r = self.val_reference(pairs, idx)
+                ref_c, ref_r = self.val_reference(d, idx)
                 loss, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, self.cfg.beta)
                 losses.append(loss)
                 parts.append({"chosen_rewards": rc, "rejected_rewards": rr, "logps_chosen": pi_c,
@@ -227,31 +245,31 @@ class DPORun:
         out = summarize(torch.cat(losses), merged)
         return {f"val_{k}": v for k, v in out.items()} | {"val_loss": out["loss"]}
 
-    def val_reference(self, pairs, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.tune.peft is not None:
-            return self.score(pairs, idx, reference=True)
-        key = id(pairs)
-        cache = self.__dict__.setdefault("_val_ref", {})
-        if key not in cache:  # full fine-tuning: the starting weights' scores, taken at the first eval
-            cache[key] = self.score(pairs, list(range(len(pairs[0]))), reference=False)
-        c, r = cache[key]
-        return c[idx], r[idx]
+    def val_reference(self, d: int, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs of val pairs `idx` of dataset `d`: the adapters switched off, or
+        (full fine-tuning) the starting weights' scores precomputed with the training pairs'."""
+        if self.ref_val is None:
+            return self.score(self.val[d], idx, reference=True)
+        ref = torch.as_tensor(self.ref_val[d][idx], dtype=torch.float32, device=self.device)
+        return ref[:, 0], ref[:, 1]
 
     def run_eval(self, bar) -> None:
+        """Validate the current weights, log it, and note it under the progress bar (if any)."""
         self.last_eval = self.evaluate()
+        self.eval_step = self.step
         if "val_loss" in self.last_eval:
             self.best = min(self.best, self.last_eval["val_loss"])
         self.tune.metrics.write("eval", step=self.step, epochs=self.sampler.epochs(), **self.last_eval)
-        if self.info.is_main and self.last_eval:
+        if self.info.is_main and self.last_eval and bar is not None:
             e = self.last_eval
             bar.note(f"step {self.step}: val loss {e['val_loss']:.4f}, reward accuracy "
                      f"{e['val_reward_accuracy']:.3f}, margin {e['val_reward_margin']:.4f}")
 
     def save(self) -> None:
-        val = self.last_eval.get("val_loss")
+        val = checkpoint_val_meta(self.last_eval, self.eval_step, self.step, self.best)
         self.tune.save(self.step, {"config": to_dict(self.cfg), "tokens_seen": 0,
-                                   "data_state": self.sampler.state_dict(), "best_val_loss": self.best,
-                                   "val_loss": val}, metric=val)
+                                   "data_state": self.sampler.state_dict(), **val},
+                       metric=val["val_loss"])
 
     def fit(self, resume: str | None) -> dict[str, Any]:
         from minilab.finetune.sft import data_records
@@ -263,11 +281,11 @@ class DPORun:
             self.precompute_reference()
         self.tune.model.train()
         with StepProgress(cfg.max_steps, self.step, description="dpo", enabled=self.info.is_main) as bar:
+            if self.step == 0:
+                self.run_eval(bar)  # the starting point
             while self.step < cfg.max_steps:
                 lr = lr_at(self.step, cfg.max_steps, cfg.optim)
                 set_lr(self.tune.optimizer, lr)
-                if self.step % cfg.eval_every == 0:
-                    self.run_eval(bar)
                 t0 = time.perf_counter()
                 metrics, norm = self.train_step()
                 self.step += 1
@@ -275,9 +293,12 @@ class DPORun:
                 self.tune.metrics.write("train", step=self.step, lr=lr, grad_norm=norm, pairs_per_s=pairs_s,
                                         **metrics)
                 bar.update(self.step, loss=metrics["loss"], tok_s=pairs_s, unit="pairs/s")
+                if eval_due(self.step, cfg.eval_every, cfg.max_steps):
+                    self.run_eval(bar)
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
                     self.save()
-        self.run_eval(bar)
+        if self.eval_step != self.step or "val_loss" not in self.last_eval:  # e.g. resumed at the end
+            self.run_eval(None)
         if not self.info.is_main:
             return {"final_dir": None, "name": None, **self.last_eval}
         dataset = cfg.dataset_name or Path(cfg.data_dirs[0]).name

@@ -30,7 +30,16 @@ from minilab import distributed
 from minilab.config import to_dict
 from minilab.errors import ConfigError, MinilabError
 from minilab.finetune.common import TuneConfig, Tuning
-from minilab.training import OptimConfig, accumulate_gradients, autocast_context, lr_at, set_lr, token_loss_sum
+from minilab.training import (
+    OptimConfig,
+    accumulate_gradients,
+    autocast_context,
+    checkpoint_val_meta,
+    eval_due,
+    lr_at,
+    set_lr,
+    token_loss_sum,
+)
 
 log = logging.getLogger("minilab.sft")
 
@@ -121,6 +130,7 @@ class SFTRun:
         self.seq_len = max(int(m["max_len"]) for m in self.manifests)
         self.plan = self.tune.preflight(self.seq_len)
         self.step, self.tokens_seen, self.best, self.last_eval = 0, 0, float("inf"), {}
+        self.eval_step = -1  # the step self.last_eval measured
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         from minilab.finetune.rows import collate
@@ -136,6 +146,7 @@ class SFTRun:
         self.sampler.load_state_dict(meta["data_state"])
         self.step, self.tokens_seen, self.best = meta["step"], meta["tokens_seen"], meta["best_val_loss"]
         self.last_eval = {"val_loss": meta["val_loss"]} if meta.get("val_loss") is not None else {}
+        self.eval_step = meta.get("val_step", -1)
         self.tune.metrics.truncate_after(self.step)
 
     # ---- one optimizer step ---------------------------------------------------------------------
@@ -179,7 +190,9 @@ class SFTRun:
         return {"val_loss": total / n, "val_ppl": float(np.exp(min(total / n, 50)))}
 
     def run_eval(self, bar) -> None:
+        """Validate the current weights, log it, and note it under the progress bar (if any)."""
         self.last_eval = self.evaluate()
+        self.eval_step = self.step
         if "val_loss" in self.last_eval:
             self.best = min(self.best, self.last_eval["val_loss"])
         answers = self.tune.answer(self.template, self.cfg.eval_prompts, self.cfg.max_new_tokens) \
@@ -188,17 +201,17 @@ class SFTRun:
                                 **self.last_eval)
         if answers:
             self.tune.metrics.write("generations", step=self.step, items=answers)
-        if self.info.is_main:
+        if self.info.is_main and bar is not None:
             loss = self.last_eval.get("val_loss")
             bar.note(f"step {self.step}: val loss {loss:.4f}" if loss is not None else f"step {self.step}")
             for a in answers[:3]:
                 bar.note(f"  {a['prompt']!r} -> {a['answer']!r}")
 
     def save(self) -> None:
-        val = self.last_eval.get("val_loss")
+        val = checkpoint_val_meta(self.last_eval, self.eval_step, self.step, self.best)
         self.tune.save(self.step, {"config": to_dict(self.cfg), "tokens_seen": self.tokens_seen,
-                                   "data_state": self.sampler.state_dict(), "best_val_loss": self.best,
-                                   "val_loss": val}, metric=val)
+                                   "data_state": self.sampler.state_dict(), **val},
+                       metric=val["val_loss"])
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self, resume: str | None) -> dict[str, Any]:
@@ -209,11 +222,11 @@ class SFTRun:
         self.tune.model.train()
         t_last = time.perf_counter()
         with StepProgress(cfg.max_steps, self.step, description="sft", enabled=self.info.is_main) as bar:
+            if self.step == 0:
+                self.run_eval(bar)  # the starting point
             while self.step < cfg.max_steps:
                 lr = lr_at(self.step, cfg.max_steps, cfg.optim)
                 set_lr(self.tune.optimizer, lr)
-                if self.step % cfg.eval_every == 0:
-                    self.run_eval(bar)
                 before = self.tokens_seen
                 loss, norm = self.train_step()
                 self.step += 1
@@ -223,9 +236,12 @@ class SFTRun:
                 self.tune.metrics.write("train", step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr,
                                         grad_norm=norm, tokens_per_s=tok_s)
                 bar.update(self.step, loss=loss, tok_s=tok_s)
+                if eval_due(self.step, cfg.eval_every, cfg.max_steps):
+                    self.run_eval(bar)
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
                     self.save()
-        self.run_eval(bar)
+        if self.eval_step != self.step or "val_loss" not in self.last_eval:  # e.g. resumed at the end
+            self.run_eval(None)
         if not self.info.is_main:
             return {"final_dir": None, "name": None, **self.last_eval}
         dataset = cfg.dataset_name or Path(cfg.data_dirs[0]).name
