@@ -84,3 +84,41 @@ def test_overflow_counts_manifest_and_mismatch(tok_dir, tmp_path):
     assert trunc["tokenizer_sha256"] == tokenizer_fingerprint(tok_dir)
     with pytest.raises(TokenizerMismatchError, match="Tokenizer mismatch"):
         check_data_tokenizer([str(tmp_path / "t")], "sft_data", "0" * 64)
+
+
+_TRICKY = ["plain", "a ``` inside", "```\nline of its own\n```", "````python\nfour\n````", "ends in `", "x\r```\ry"]
+
+
+def _fences(markdown: str) -> list[str]:
+    from markdown_it import MarkdownIt
+
+    return [t.content for t in MarkdownIt("commonmark").parse(markdown) if t.type == "fence"]
+
+
+@pytest.mark.parametrize("text", _TRICKY)
+def test_code_fence_holds_any_text_verbatim(text):
+    from minilab.data.datacard import code_fence
+
+    assert _fences(f"before\n\n{code_fence(text, 'text')}\n\nafter `x`\n") == [text.replace("\r", "\n") + "\n"]
+
+
+def test_data_cards_show_examples_verbatim_in_closed_fences():
+    """SFT/DPO/corpus DATACARD.md examples are what was trained on, character for character: a
+    backtick run in an example neither ends its block early nor is rewritten (was: ``` -> ʼʼʼ)."""
+    from minilab.data.datacard import render_datacard
+    from minilab.finetune import dpo_data, sft_data
+
+    m = {"template": {"name": "chatml", "end_token": "<|im_end|>"}, "tokenizer_sha256": "ab", "counts": {},
+         "splits": {}, "sources": [], "constructed": False}
+    texts = [t for t in _TRICKY if "\r" not in t]
+    assert _fences(sft_data._card(m, texts)) == [t + "\n" for t in texts]
+    samples = [{"prompt": [{"role": "user", "content": t}], "chosen": t + "`", "rejected": "no"} for t in texts]
+    [block] = _fences(dpo_data._card(m, samples))
+    assert [json.loads(line) for line in block.splitlines()] == samples
+    corpus = {"name": "c", "minilab_version": "0", "created": "now", "seconds": 1, "documents_read": 2,
+              "documents_kept": 0, "characters_kept": 0, "approx_tokens": 0, "shards": [], "rejects": {},
+              "sources": [], "dropped": {"too_short": len(texts)},
+              "config": {"compression": "none", "fix_encoding": True, "quality": {},
+                         "dedup": {"exact": True, "near": False, "threshold": 0.8, "num_perm": 8, "shingle_words": 5}}}
+    card = render_datacard(corpus, {"too_short": [{"where": "f:1", "text": t} for t in texts]})
+    assert _fences(card) == [t + "\n" for t in texts]

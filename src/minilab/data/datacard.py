@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from minilab.fsutil import write_text_atomic
 
 
-def _fence(text: str) -> str:
-    return "```text\n" + text.replace("```", "'''") + "\n```"
+def code_fence(text: str, info: str = "") -> str:
+    """`text` verbatim as a fenced code block: the fence is one backtick longer than the longest run
+    of backticks in `text` (at least three), so no line of `text` can close it (CommonMark), and the
+    block is always closed."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return f"{fence}{info}\n{text}{'' if text.endswith(chr(10)) else chr(10)}{fence}"
 
 
 def render_datacard(m: dict[str, Any], examples: dict[str, list[dict[str, str]]]) -> str:
@@ -52,7 +57,7 @@ def render_datacard(m: dict[str, Any], examples: dict[str, list[dict[str, str]]]
     for reason, n in m["dropped"].items():
         lines += [f"### {reason}: {n:,}", ""]
         for ex in examples.get(reason, []):
-            lines += [f"From `{ex['where']}`:", "", _fence(ex["text"]), ""]
+            lines += [f"From `{ex['where']}`:", "", code_fence(ex["text"], "text"), ""]
     return "\n".join(lines) + "\n"
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minilab.data.datacard import code_fence
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import atomic_dir, write_json_atomic, write_text_atomic
 
@@ -176,7 +177,7 @@ def _card(m: dict[str, Any], samples: list[dict[str, Any]]) -> str:
                   "first third (field `constructed` of each sample). They teach the model to",
                   "answer the question asked and to finish its answer, nothing more.", ""]
     lines += ["## Sources", ""] + [f"- {json.dumps(s)}" for s in m["sources"]] + ["", "## Samples", ""]
-    lines += ["```json", *[json.dumps(s, ensure_ascii=False) for s in samples], "```", ""]
+    lines += [code_fence("\n".join(json.dumps(s, ensure_ascii=False) for s in samples), "json"), ""]
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from minilab.data.datacard import code_fence
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import atomic_dir, sha256_file, write_json_atomic, write_text_atomic
 
@@ -309,8 +310,7 @@ def _card(m: dict[str, Any], samples: list[str]) -> str:
              f"- splits: {json.dumps(m['splits'])}", "", "## Sources", ""]
     lines += [f"- {json.dumps(s)}" for s in m["sources"]]
     lines += ["", "## Examples as trained (templated)", ""]
-    for s in samples:
-        lines += ["```", s.replace("```", "ʼʼʼ"), "```", ""]
+    lines += [line for s in samples for line in (code_fence(s), "")]
     return "\n".join(lines)
 
 
