@@ -253,3 +253,35 @@ def test_cli_bad_jsonl_is_one_line_error(run_dir, tmp_path, capsys):
     assert rc != 0
     assert err.count("\n") == 1 and f"{bad}:2: invalid JSON" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_eval_accepts_pretrain_data_after_the_chat_template_changed(run_dir, tmp_path, capsys):
+    """Fine-tuning that sets another chat template changes the tokenizer's fingerprint but no token
+    id: the model can still be scored on the data it was pretrained on. Another vocabulary cannot."""
+    import shutil
+
+    from minilab.data.tokenizer import tokenizer_fingerprint
+    from minilab.registry import write_manifest
+
+    model = tmp_path / "instruct"
+    shutil.copytree(run_dir / "run" / "final", model)
+    cfg_path = model / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    cfg_path.write_text(json.dumps(cfg))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    assert tokenizer_fingerprint(model) != tokenizer_fingerprint(run_dir / "tok")
+    write_manifest(model, tokenizer_sha256=tokenizer_fingerprint(model))
+    args = ["eval", "--model-path", str(model), "--data_dirs", str(run_dir / "packed"), "--set", "max_new_tokens=2"]
+    assert cli_main([*args, "--output_dir", str(tmp_path / "ok")]) == 0
+    assert json.loads((tmp_path / "ok" / "results.json").read_text())["perplexity"][0]["tokens"] > 0
+
+    tok = json.loads((model / "tokenizer.json").read_text())  # one merge less: other token ids
+    tok["model"]["merges"] = tok["model"]["merges"][:-1]
+    (model / "tokenizer.json").write_text(json.dumps(tok))
+    write_manifest(model, tokenizer_sha256=tokenizer_fingerprint(model))
+    capsys.readouterr()
+    assert cli_main([*args, "--output_dir", str(tmp_path / "refused")]) != 0
+    err = capsys.readouterr().err
+    assert "Tokenizer mismatch" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "refused").exists()

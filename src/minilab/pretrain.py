@@ -200,12 +200,12 @@ class PretrainRun:
     def __init__(self, cfg: PretrainConfig, info: distributed.DistInfo, device: torch.device):
         from minilab.data.mixture import WeightedMixture
         from minilab.data.pack import check_tokenizer_match
-        from minilab.data.tokenizer import tokenizer_fingerprint
+        from minilab.data.tokenizer import encoding_fingerprint, tokenizer_fingerprint
 
         self.cfg, self.info, self.device = cfg, info, device
         self.out = Path(cfg.output_dir)
         self.tok_sha = tokenizer_fingerprint(cfg.tokenizer_dir)
-        check_tokenizer_match(cfg.data_dirs, self.tok_sha)
+        check_tokenizer_match(cfg.data_dirs, self.tok_sha, encoding_fingerprint(cfg.tokenizer_dir))
         self.seq_len = cfg.seq_len or int(packed_manifest(cfg.data_dirs[0])["seq_len"])
         model_cfg = build_run_model(cfg, tokenizer_vocab_size(cfg.tokenizer_dir), self.seq_len)
         # The same seed on every rank: identical initial weights without a broadcast.

@@ -63,25 +63,34 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-def check_tokenizer_match(packed_dirs: Iterable[str | Path], tokenizer_sha256: str | None) -> str:
+def check_tokenizer_match(packed_dirs: Iterable[str | Path], tokenizer_sha256: str | None,
+                          encoding_sha256: str | None = None) -> str:
     """Refuse packed data made with another tokenizer; returns the shared fingerprint.
 
     Every directory must carry the same tokenizer fingerprint, equal to `tokenizer_sha256`
     when one is given. A mismatch means token ids would be read with the wrong vocabulary
-    (loss ~10 instead of ~4), so it is a blocking `TokenizerMismatchError`.
+    (loss ~10 instead of ~4), so it is a blocking `TokenizerMismatchError`. Tokenizers that
+    differ only in their chat template encode alike: data whose recorded encoding fingerprint
+    equals `encoding_sha256` (or the first directory's) is accepted.
     """
     from minilab.data.shards import load_manifest
 
     expected, expected_from = tokenizer_sha256, "the tokenizer in use"
+    expected_encoding = encoding_sha256
     for d in packed_dirs:
-        got = load_manifest(d, "packed")["tokenizer_sha256"]
+        manifest = load_manifest(d, "packed")
+        got, got_encoding = manifest["tokenizer_sha256"], manifest.get("tokenizer_encoding_sha256")
         if expected is None:
             expected, expected_from = got, str(d)
-        elif got != expected:
+            expected_encoding = expected_encoding or got_encoding
+        elif got != expected and not (got_encoding and got_encoding == expected_encoding):
             raise TokenizerMismatchError(
                 f"Tokenizer mismatch between datasets: {d} was packed with tokenizer {got} but "
                 f"{expected_from} has {expected}; re-pack it with that tokenizer "
                 f"(minilab pack --tokenizer-dir ... --output-dir {d} --force)")
+        elif got != expected:
+            log.info("%s: packed with a tokenizer that differs from %s only in its chat template "
+                     "(the same token ids)", d, expected_from)
     if expected is None:
         raise MinilabError("no packed datasets given")
     return expected
@@ -181,7 +190,7 @@ def _write_splits(tmp: Path, cfg: PackConfig, eos_id: int, dtype, n_docs: int) -
 def run(cfg: PackConfig) -> dict[str, Any]:
     """Pack `cfg.corpus_dir` with `cfg.tokenizer_dir`; returns the written manifest."""
     from minilab.data.shards import manifest_hash, verify_corpus
-    from minilab.data.tokenizer import read_tokenizer_meta
+    from minilab.data.tokenizer import encoding_fingerprint, read_tokenizer_meta
 
     out = Path(cfg.output_dir)
     if out.exists() and not cfg.force:
@@ -212,6 +221,7 @@ def run(cfg: PackConfig) -> dict[str, Any]:
                       "idx_sha256": sha256_file(tmp / f"{s}.idx")} for s in SPLITS}
         manifest = {
             "kind": "minilab.packed", "tokenizer_sha256": tok_meta["sha256"],
+            "tokenizer_encoding_sha256": encoding_fingerprint(cfg.tokenizer_dir),
             "tokenizer_dir": str(cfg.tokenizer_dir), "vocab_size": vocab, "eos_id": eos_id,
             "corpus_dir": str(cfg.corpus_dir), "corpus_manifest_sha256": manifest_hash(cfg.corpus_dir),
             "dtype": dtype.__name__, "seq_len": cfg.seq_len, "seed": cfg.seed,

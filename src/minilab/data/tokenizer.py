@@ -9,6 +9,10 @@ The fingerprint is a SHA-256 over the tokenizer's *content* (the canonical JSON 
 normaliser, pre-tokeniser and special tokens, and the chat template), never its path or a
 timestamp, so the same tokenizer copied elsewhere keeps its identity. Every later manifest
 records it; `pack` and the mixture reader refuse data packed with a different one.
+
+The *encoding* fingerprint is the same hash without the chat template: what decides the token
+ids of a text. Packed data records both, so a model whose template changed in SFT (same
+vocabulary, same ids) can still be scored on the data it was pretrained on.
 """
 
 from __future__ import annotations
@@ -79,8 +83,9 @@ class TokenizerConfig:
         return list(dict.fromkeys(tokens))  # de-duplicated, order kept: ids 0.. are stable
 
 
-def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
-    """SHA-256 of a tokenizer directory's content (canonical JSON; independent of path and time)."""
+def tokenizer_fingerprint(tokenizer_dir: str | Path, encoding_only: bool = False) -> str:
+    """SHA-256 of a tokenizer directory's content (canonical JSON; independent of path and time).
+    `encoding_only` leaves the chat template out (see `encoding_fingerprint`)."""
     tokenizer_dir = Path(tokenizer_dir)
     path = tokenizer_dir / "tokenizer.json"
     if not path.is_file():
@@ -89,12 +94,19 @@ def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
     cfg_path = tokenizer_dir / "tokenizer_config.json"
     if cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        content["config"] = {k: cfg[k] for k in _FINGERPRINT_KEYS if k in cfg}
+        content["config"] = {k: cfg[k] for k in _FINGERPRINT_KEYS
+                             if k in cfg and not (encoding_only and k == "chat_template")}
     jinja = tokenizer_dir / "chat_template.jinja"  # transformers 5 may store the template here
-    if jinja.is_file():
+    if jinja.is_file() and not encoding_only:
         content["chat_template_file"] = jinja.read_text(encoding="utf-8")
     canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def encoding_fingerprint(tokenizer_dir: str | Path) -> str:
+    """The fingerprint of what maps text to token ids (vocabulary, merges, normaliser, special
+    tokens), without the chat template: equal for two tokenizers that encode every text alike."""
+    return tokenizer_fingerprint(tokenizer_dir, encoding_only=True)
 
 
 def read_tokenizer_meta(tokenizer_dir: str | Path) -> dict[str, Any]:
@@ -201,7 +213,8 @@ def run(cfg: TokenizerConfig) -> dict[str, Any]:
             write_json_atomic(tmp / "special_tokens_map.json", special_map)
             meta = {"source": "trained", "type": cfg.type, "vocab_size": tok.get_vocab_size(),
                     "requested_vocab_size": cfg.vocab_size, "sample_chars": cfg.sample_chars, **provenance}
-        meta = {"sha256": tokenizer_fingerprint(tmp), **meta, "eos_token": cfg.eos_token,
+        meta = {"sha256": tokenizer_fingerprint(tmp), "encoding_sha256": encoding_fingerprint(tmp), **meta,
+                "eos_token": cfg.eos_token,
                 "chat_end_token": CHAT_END}
         write_json_atomic(tmp / META, meta)
     log.info("tokenizer %s: vocab %d, sha256 %s", out, meta["vocab_size"], meta["sha256"])

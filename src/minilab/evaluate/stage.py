@@ -178,9 +178,11 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     manifest = _json(model_dir / "manifest.json")
     if cfg.data_dirs:
         from minilab.data.pack import check_tokenizer_match
+        from minilab.data.tokenizer import encoding_fingerprint
 
-        # Scoring data packed with another tokenizer gives meaningless numbers: refuse.
-        check_tokenizer_match(cfg.data_dirs, manifest.get("tokenizer_sha256"))
+        # Scoring data packed with another tokenizer gives meaningless numbers: refuse. A chat
+        # template set by fine-tuning changes no token id, so the data it was pretrained on still fits.
+        check_tokenizer_match(cfg.data_dirs, manifest.get("tokenizer_sha256"), encoding_fingerprint(model_dir))
     device = resolve_device(cfg.device)
     model = load_model_for_inference(model_dir, dtype=cfg.dtype, device=device)
     tokenizer = Tokenizer.from_file(str(tok_file))
