@@ -213,3 +213,33 @@ def test_startup_warning_and_remote_guard(engine, caplog, capsys, tmp_path):
     assert "fallback plain transcript" in caplog.text
     assert cli(["serve", str(tmp_path / "not-loaded"), "--host", "0.0.0.0"]) == 1
     assert "without an API key" in capsys.readouterr().err
+
+
+def test_serve_port_0_logs_the_port_it_bound(engine, monkeypatch, caplog):
+    """`minilab serve --port 0` names the free port it got (was: 'on http://127.0.0.1:0/')."""
+    import threading
+
+    import uvicorn
+
+    from minilab.cli import main as cli
+
+    monkeypatch.setattr("minilab.inference.engine_from_args", lambda args: engine)
+    real_run, seen = uvicorn.Server.run, {}
+
+    def run(self, sockets=None):  # serve for real, ask /health on the bound port, then stop
+        thread = threading.Thread(target=real_run, args=(self, sockets), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not self.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.01)
+        seen["port"] = (sockets[0] if sockets else self.servers[0].sockets[0]).getsockname()[1]
+        seen["health"] = httpx.get(f"http://127.0.0.1:{seen['port']}/health").status_code
+        self.should_exit = True
+        thread.join(timeout=15)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    with caplog.at_level("INFO", logger="minilab.serve"):
+        assert cli(["serve", "any-model", "--port", "0", "--log-level", "warning"]) == 0
+    assert seen["port"] != 0 and seen["health"] == 200
+    assert f"on http://127.0.0.1:{seen['port']}/ (chat page)" in caplog.text

@@ -34,6 +34,25 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), as uvicorn binds one; `port=0` picks a free port, which
+    `getsockname()` then tells (binding here is how the real port is known before serving)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as e:
+        sock.close()
+        raise MinilabError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    return sock
+
+
+def base_url(host: str, sock: socket.socket) -> str:
+    """http://HOST:PORT for `host` as given and the port `sock` actually bound (IPv6 in brackets)."""
+    host = host.strip("[]")
+    return f"http://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from minilab.cli import flag
     from minilab.inference import add_model_flags
@@ -64,7 +83,12 @@ def main(args: argparse.Namespace) -> int:
     engine = engine_from_args(args)
     app = create_app(engine, api_key=args.api_key, max_concurrency=args.max_concurrency,
                      max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
-    log.info("serving %s on http://%s:%d/ (chat page), OpenAI API under /v1%s", engine.name, args.host, args.port,
-             "" if args.api_key else " (no API key)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    sock = bind_socket(args.host, args.port)  # bound here: with --port 0 the log names the port chosen
+    try:
+        log.info("serving %s on %s/ (chat page), OpenAI API under /v1%s", engine.name, base_url(args.host, sock),
+                 "" if args.api_key else " (no API key)")
+        server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

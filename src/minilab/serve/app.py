@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -325,10 +324,9 @@ def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, log_level: 
     port (the socket is bound here, so there is no race with another process)."""
     import uvicorn
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    from minilab.serve import base_url, bind_socket
+
+    sock = bind_socket(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="minilab-uvicorn")
     thread.start()
@@ -338,8 +336,7 @@ def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, log_level: 
             raise RuntimeError("the server did not start")
         time.sleep(0.01)
     try:
-        bound = sock.getsockname()
-        yield f"http://{'[' + host + ']' if family == socket.AF_INET6 else host}:{bound[1]}"
+        yield base_url(host, sock)
     finally:
         server.should_exit = True
         thread.join(timeout=15)
