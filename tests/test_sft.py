@@ -11,6 +11,7 @@ import torch
 from finetune_fixtures import TINY, make_base, make_sft_data, run_job, tune_cfg
 from safetensors.torch import load_file
 
+from minilab.cli import main as cli
 from minilab.finetune.sft import SFTConfig, SFTRun
 
 
@@ -139,3 +140,26 @@ def test_full_finetune_and_transformers_backend(setup, tmp_path):
                                    max_steps=2, register=False))
     assert job.tune.base.backend == "transformers"
     assert (tmp_path / "hfrun" / "final" / "adapters" / "adapter_model.safetensors").is_file()
+    # merge --force replaces an existing --output-dir whole (peft's save_pretrained wrote into it, keeping old files)
+    (tmp_path / "hfmerged").mkdir()
+    (tmp_path / "hfmerged" / "stale.bin").write_text("old")
+    assert cli(["merge", str(tmp_path / "hfrun" / "final"), "--output-dir", str(tmp_path / "hfmerged"), "--force",
+                "--no-register"]) == 0
+    assert (tmp_path / "hfmerged" / "config.json").is_file() and not (tmp_path / "hfmerged" / "stale.bin").exists()
+
+
+def test_merge_into_an_existing_output_dir_names_the_cli_flag(setup, tmp_path, capsys):
+    """`minilab merge --output-dir X` with X present: the error names --force (was: 'pass
+    overwrite=True', a Python argument), leaves X alone, and --force replaces it."""
+    run_job(SFTRun, _cfg(setup, tmp_path / "run", max_steps=1))
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["merge", str(tmp_path / "run" / "final"), "--output-dir", str(out), "--models-dir", str(setup["models"])]
+    assert cli(args) == 1
+    err = capsys.readouterr().err
+    assert f"{out} already exists; pass --force to replace it" in err and "overwrite" not in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert cli([*args, "--force"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert f"merged model: {out}" in capsys.readouterr().out

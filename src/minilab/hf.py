@@ -235,7 +235,7 @@ def save_hf_dir(model: Transformer, out_dir: str | Path, *, tokenizer_dir: str |
                         "(merge LoRA adapters first with merge_and_unload())")
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise MinilabError(f"{out}: already exists (pass overwrite=True to replace it)")
+        raise MinilabError(f"{out} already exists; pass --force to replace it, or choose another output directory")
     cfg = model.config
     target = resolve_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}

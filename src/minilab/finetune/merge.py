@@ -23,8 +23,11 @@ log = logging.getLogger("minilab.merge")
 
 
 def merge(model: str, *, output_dir: str | None = None, dtype: str | None = None, register: bool = True,
-          models_dir: str | None = None) -> dict[str, Any]:
-    """Merge the adapters of `model` (registry name or directory) and write a full model."""
+          models_dir: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Merge the adapters of `model` (registry name or directory) and write a full model.
+
+    The default output (beside the source) is replaced by a new merge; an `output_dir` that
+    exists only with `force`."""
     from minilab import registry
     from minilab.finetune.common import write_chat_tokenizer
     from minilab.finetune.templates import ChatTemplate
@@ -34,13 +37,15 @@ def merge(model: str, *, output_dir: str | None = None, dtype: str | None = None
     src = resolve_model_dir(model, models_dir)
     if not (src / "adapters" / "adapter_config.json").is_file() and not (src / "adapter_config.json").is_file():
         raise MinilabError(f"{src}: no adapters to merge (expected adapters/adapter_config.json)")
+    out = Path(output_dir) if output_dir else src.parent / f"{src.name}-merged"
+    if output_dir and out.exists() and not force:
+        raise MinilabError(f"{out} already exists; pass --force to replace it, or choose another --output-dir")
     manifest = registry.read_manifest(src)
     base = manifest.get("base_model") or {}
     if base.get("backend") == "transformers":
-        return _merge_transformers(src, manifest, output_dir, dtype, register, models_dir)
+        return _merge_transformers(src, manifest, out, dtype, register, models_dir)
     merged = load_model_for_inference(src, dtype=dtype, device="cpu", registry_root=models_dir)
-    out = Path(output_dir) if output_dir else src.parent / f"{src.name}-merged"
-    save_hf_dir(merged, out, tokenizer_dir=src, overwrite=output_dir is None and out.exists())
+    save_hf_dir(merged, out, tokenizer_dir=src, overwrite=True)  # an existing `out` was allowed above
     chat = manifest.get("chat") or {}
     if chat:  # keep the chat template and the end-of-turn stop of the adapted model
         cfg = registry._read_json(src / "tokenizer_config.json")
@@ -49,7 +54,7 @@ def merge(model: str, *, output_dir: str | None = None, dtype: str | None = None
     return _register(out, src, manifest, merged.num_params(), "llama", register, models_dir)
 
 
-def _merge_transformers(src: Path, manifest: dict[str, Any], output_dir: str | None, dtype: str | None,
+def _merge_transformers(src: Path, manifest: dict[str, Any], out: Path, dtype: str | None,
                         register: bool, models_dir: str | None) -> dict[str, Any]:
     """Adapters on a model that only transformers runs: merge through peft on the HF model."""
     import shutil
@@ -57,14 +62,16 @@ def _merge_transformers(src: Path, manifest: dict[str, Any], output_dir: str | N
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from minilab.fsutil import atomic_dir
+
     base = manifest["base_model"]
     hf = AutoModelForCausalLM.from_pretrained(base["path"], dtype=getattr(torch, dtype) if dtype else torch.float32)
     merged = PeftModel.from_pretrained(hf, str(src / "adapters")).merge_and_unload()
-    out = Path(output_dir) if output_dir else src.parent / f"{src.name}-merged"
-    merged.save_pretrained(str(out))
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        if (src / f).is_file():
-            shutil.copy2(src / f, out / f)
+    with atomic_dir(out, overwrite=True) as tmp:  # replaced whole: no file of an older merge stays
+        merged.save_pretrained(str(tmp))
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            if (src / f).is_file():
+                shutil.copy2(src / f, tmp / f)
     n = sum(p.numel() for p in merged.parameters())
     return _register(out, src, manifest, n, base.get("model_type") or "hf", register, models_dir)
 
@@ -97,13 +104,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_WITH_ADAPTERS", help="registry name or directory with adapters/")
     flag(p, "--output-dir", metavar="DIR", help="where to write the merged model (default beside the source)")
     p.add_argument("--dtype", help="weights dtype of the merged model (default: the base's)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output-dir")
     flag(p, "--no-register", action="store_true", help="do not enter the result into the registry")
     flag(p, "--models-dir", metavar="DIR", help="registry root")
 
 
 def main(args: argparse.Namespace) -> int:
     r = merge(args.model, output_dir=args.output_dir, dtype=args.dtype, register=not args.no_register,
-              models_dir=args.models_dir)
+              models_dir=args.models_dir, force=args.force)
     print(f"merged model: {r['final_dir']}")
     if r["name"]:
         print(f"registry name: {r['name']}")
