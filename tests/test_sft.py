@@ -105,6 +105,8 @@ def test_qlora_trains_on_cpu(setup, tmp_path):
     quantized = {n: m.weight.data.clone() for n, m in job.tune.model.named_modules()
                  if isinstance(m, bnb.nn.Linear4bit)}
     assert len(quantized) == 2 * 7
+    # QLoRA checkpoints activations by default (as PEFT's prepare_model_for_kbit_training), as planned
+    assert job.tune.grad_checkpointing and job.tune.peft.get_base_model().config.gradient_checkpointing
     job.fit(None)
     now = {n: m.weight.data for n, m in job.tune.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert all(torch.equal(now[n], q) for n, q in quantized.items())  # 4-bit base untouched
@@ -146,6 +148,32 @@ def test_full_finetune_and_transformers_backend(setup, tmp_path):
     assert cli(["merge", str(tmp_path / "hfrun" / "final"), "--output-dir", str(tmp_path / "hfmerged"), "--force",
                 "--no-register"]) == 0
     assert (tmp_path / "hfmerged" / "config.json").is_file() and not (tmp_path / "hfmerged" / "stale.bin").exists()
+
+
+def test_gradient_checkpointing_same_losses_less_planned_memory(setup, tmp_path):
+    """LoRA with gradient checkpointing trains to the same losses (the recomputed forward is the
+    same arithmetic) and the preflight, the planner's estimate, counts fewer activation bytes."""
+    kw = dict(max_steps=3, register=False, batch_size=8)
+    plain = run_job(SFTRun, _cfg(setup, tmp_path / "plain", **kw))
+    ckpt = run_job(SFTRun, _cfg(setup, tmp_path / "ckpt", gradient_checkpointing=True, **kw))
+    assert not plain.tune.grad_checkpointing and ckpt.tune.grad_checkpointing
+    a, b = _train_losses(tmp_path / "plain"), _train_losses(tmp_path / "ckpt")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert all(a[s] == pytest.approx(b[s], rel=1e-6) for s in a)
+    assert ckpt.plan["memory"] < plain.plan["memory"]
+    assert plain.plan["trainable"] == plain.plan["planned_trainable"]  # the planner counts the same adapters
+
+
+def test_preflight_refuses_what_does_not_fit_before_writing(setup, tmp_path, monkeypatch):
+    from minilab.errors import MinilabError
+    from minilab.planner import machine
+
+    monkeypatch.setattr(machine, "available_ram", lambda: 64 * 2**20)
+    with pytest.raises(MinilabError) as e:
+        run_job(SFTRun, _cfg(setup, tmp_path / "run"))
+    msg = str(e.value)
+    assert msg.startswith("not enough RAM") and "gradient_checkpointing=true" in msg and "\n" not in msg
+    assert not (tmp_path / "run").exists()
 
 
 def test_merge_into_an_existing_output_dir_names_the_cli_flag(setup, tmp_path, capsys):

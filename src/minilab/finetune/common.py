@@ -20,7 +20,15 @@ import torch
 
 from minilab import __version__, distributed
 from minilab.errors import MinilabError
-from minilab.finetune.models import TrainableView, apply_method, load_base, peft_of
+from minilab.finetune.models import (
+    TrainableView,
+    apply_method,
+    default_targets,
+    enable_gradient_checkpointing,
+    load_base,
+    peft_of,
+    peft_target,
+)
 from minilab.training import MetricsLog, OptimConfig, make_optimizer, optimizer_step
 
 log = logging.getLogger("minilab.finetune")
@@ -55,7 +63,11 @@ class TuneConfig:
     backend: Literal["auto", "minilab", "transformers"] = field(default="auto", metadata={
         "help": "auto: Llama models run as minilab models, others through transformers"})
     dtype: str | None = field(default=None, metadata={"help": "base weights dtype; default as stored"})
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={
+        "help": "fp32, or bf16/fp16 autocast (pure 16-bit when the base weights are 16-bit: see dtype)"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "recompute each block's activations in backward (less memory, ~30% slower); "
+                "default: on for qlora (as PEFT's prepare_model_for_kbit_training), off otherwise"})
     device: str = "auto"
     batch_size: int = 8
     grad_accum: int = 1
@@ -73,10 +85,25 @@ class TuneConfig:
     models_dir: str | None = None
 
 
+def planner_settings(cfg: TuneConfig, base16: bool, model_type: str,
+                     grad_checkpointing: bool | None = None) -> dict[str, Any]:
+    """The planner's view of a fine-tuning config (`estimate_finetune`'s method, precision, LoRA
+    and checkpointing arguments): autocast is the planner's "-mixed" unless the base weights are
+    16-bit themselves; LoRA targets as the run resolves them (None: every linear)."""
+    targets = cfg.lora.target_modules or default_targets(model_type)
+    if grad_checkpointing is None:
+        grad_checkpointing = cfg.method == "qlora" if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
+    return {"method": cfg.method,
+            "precision": cfg.precision if cfg.precision == "fp32" or base16 else f"{cfg.precision}-mixed",
+            "lora_rank": cfg.lora.r, "lora_targets": None if targets == "all-linear" else list(targets),
+            "grad_checkpointing": grad_checkpointing}
+
+
 class Tuning:
     """The model being fine-tuned with its optimizer, checkpoints and output."""
 
     def __init__(self, cfg: TuneConfig, optim: OptimConfig, info: distributed.DistInfo, device: torch.device):
+        from minilab.planner.anatomy import inspect_model
         from minilab.registry import read_manifest
 
         self.cfg, self.optim, self.info, self.device = cfg, optim, info, device
@@ -87,6 +114,10 @@ class Tuning:
         self.base = load_base(cfg.base_model, backend=cfg.backend, dtype=cfg.dtype, registry_root=cfg.models_dir,
                               device=torch.device("cpu") if cfg.method == "qlora" else device)
         self.base_params = sum(p.numel() for p in self.base.model.parameters())
+        self.anatomy = inspect_model(peft_target(self.base))  # for the planner, before any adapter
+        self.grad_checkpointing = planner_settings(cfg, False, self.base.model_type)["grad_checkpointing"]
+        if self.grad_checkpointing:
+            enable_gradient_checkpointing(self.base)
         self.base_manifest = read_manifest(self.base.path)
         self.tokenizer_sha = self.base_manifest.get("tokenizer_sha256") or _fingerprint(self.base.tokenizer_dir)
         self.model = apply_method(self.base, cfg.method, cfg.lora.as_peft(), device)
@@ -102,32 +133,23 @@ class Tuning:
                  cfg.base_model, self.base.backend, f"{trainable:,}", f"{self.base_params:,}")
 
     # ---- resources --------------------------------------------------------------------------
-    def preflight(self, seq_len: int) -> dict[str, int]:
-        """Memory and disk estimate, checked by pretrain's preflight (which the planner backs)."""
-        from minilab.pretrain import preflight
+    def preflight(self, seq_len: int, rows_per_example: int = 1) -> dict[str, int]:
+        """Check the planner's memory and disk estimate against what is free before anything is
+        written (a one-line error otherwise). `rows_per_example`: DPO runs chosen and rejected."""
+        from minilab.planner.disk import estimate_finetune
+        from minilab.planner.machine import preflight
 
         resident = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
         trainable = sum(p.numel() for p in self.view.parameters())
-        config = self.base_config
-
-        def get(*names: str) -> int:
-            return next((int(getattr(config, n)) for n in names if hasattr(config, n)), 0)
-
-        d, L, V = get("d_model", "hidden_size"), get("n_layer", "num_hidden_layers"), get("vocab_size")
-        b = self.cfg.batch_size
-        # Weights as held + grads and AdamW moments of the trainable part (fp32: 12 B/param) +
-        # activations (~34 d bytes per token per layer in 16 bit, doubled in fp32) + fp32 logits.
-        activations = L * b * seq_len * d * 34 * 2 + b * seq_len * V * 12
-        plan = {"memory": resident + 12 * trainable + activations,
-                "disk": (self.cfg.keep_last + 1) * 12 * trainable + 4 * trainable + 16 * 2**20,
-                "params": self.base_params, "trainable": trainable}
-        preflight(plan, self.out, self.device)
+        base16 = any(p.dtype in (torch.bfloat16, torch.float16) for p in self.base.model.parameters())
+        plan = estimate_finetune(
+            self.anatomy, batch_size=self.cfg.batch_size * rows_per_example, seq_len=seq_len,
+            keep_last=self.cfg.keep_last, target=self.device.type, weights_held=resident, trainable=trainable,
+            final_bytes=4 * trainable if self.cfg.method != "full" else resident,
+            **planner_settings(self.cfg, base16, self.base.model_type, self.grad_checkpointing))
+        preflight(plan, self.out, self.device,
+                  hint="lower batch_size (raise grad_accum) or set gradient_checkpointing=true")
         return plan
-
-    @property
-    def base_config(self) -> Any:
-        inner = self.base.model.inner if hasattr(self.base.model, "inner") else self.base.model
-        return getattr(inner, "config", None)
 
     # ---- steps and checkpoints -----------------------------------------------------------------
     def optimizer_step(self) -> float:

@@ -117,7 +117,7 @@ class DPORun:
         self.sampler = WeightedSampler([len(c) for c, _ in self.train], cfg.data_weights, cfg.seed,
                                        info.rank, info.world_size)
         self.pad_id = pad_id_of(self.tune.base.tokenizer_dir)
-        self.plan = self.tune.preflight(2 * max(int(m["max_len"]) for m in self.manifests))
+        self.plan = self.tune.preflight(max(int(m["max_len"]) for m in self.manifests), rows_per_example=2)
         self.ref: list[np.ndarray] | None = None  # precomputed reference log-probs, train and val
         self.ref_val: list[np.ndarray] | None = None
         self.step, self.best, self.last_eval = 0, float("inf"), {}

@@ -151,6 +151,21 @@ def peft_target(base: BaseModel) -> nn.Module:
     return base.model.inner if isinstance(base.model, LogitsOnly) else base.model
 
 
+def enable_gradient_checkpointing(base: BaseModel) -> None:
+    """Recompute each decoder block's activations during backward instead of keeping them. Works
+    with frozen bases and adapters: non-reentrant checkpointing needs no input that requires grad."""
+    from minilab.model import Transformer
+
+    model = peft_target(base)
+    if isinstance(model, Transformer):
+        model.config.gradient_checkpointing = True
+    elif getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing; "
+                          "set gradient_checkpointing=false", key="gradient_checkpointing")
+
+
 def default_targets(model_type: str) -> list[str] | str:
     return LORA_TARGETS_BY_ARCH.get(model_type, "all-linear")
 

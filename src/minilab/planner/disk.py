@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from minilab.planner.anatomy import DTYPE_BYTES, Anatomy, weight_bytes
-from minilab.planner.memory import OPTIMIZER_STATE, PlanRequest, lora_params
+from minilab.planner.memory import OPTIMIZER_STATE, PlanRequest, lora_params, plan_memory
 
 HEADER = 64 * 1024           # safetensors JSON header, config/tokenizer/meta/rng files: KB range
 LOG_LINE = 220               # one metrics.jsonl line (step, loss, lr, grad norm, throughput ...)
@@ -99,7 +99,6 @@ def estimate_pretrain(model: Any, batch_size: int, seq_len: int, precision: str,
     gradient-checkpointing setting) plus the runtime line, and `pretrain_disk`. `target` (cpu or
     cuda) defaults to where the model's parameters are."""
     from minilab.planner.anatomy import inspect_model
-    from minilab.planner.memory import plan_memory
 
     an = inspect_model(model)
     device = next(model.parameters()).device.type
@@ -110,3 +109,33 @@ def estimate_pretrain(model: Any, batch_size: int, seq_len: int, precision: str,
     mem = plan_memory(an, req)
     return {"memory": mem.total, "disk": pretrain_disk(an.params, keep_last, steps, ckpt_every),
             "params": an.params}
+
+
+def finetune_disk(trainable: int, keep_last: int, final_bytes: int) -> int:
+    """Bytes a `minilab sft`/`dpo` run writes: (keep_last + best) checkpoints of the trainable
+    weights with their AdamW state (fp32: 12 B a parameter), the final model or adapters, logs."""
+    return (keep_last + 1) * (12 * trainable + HEADER) + final_bytes + HEADER + 16 * 2**20
+
+
+def estimate_finetune(an: Any, *, method: str, batch_size: int, seq_len: int, precision: str,
+                      lora_rank: int, lora_targets: list[str] | None, grad_checkpointing: bool, keep_last: int,
+                      target: str, weights_held: int | None = None, trainable: int | None = None,
+                      final_bytes: int | None = None) -> dict[str, int]:
+    """`{"memory", "disk", ...}` of a fine-tuning run (its preflight estimate, and the recipe's):
+    the planner's peak for `method` (gradients, AdamW state, activations with or without
+    checkpointing, logits, QLoRA's dequantized temporaries, LoRA temporaries) plus the runtime
+    line. A loaded run knows better than the planner what its weights hold: `weights_held`
+    replaces the planner's weight lines, `trainable` and `final_bytes` its counts. `an` is the
+    anatomy of the base before adapters; `precision` as in `PlanRequest`."""
+    req = PlanRequest(method=method, batch_size=batch_size, seq_len=seq_len, precision=precision,
+                      grad_checkpointing=grad_checkpointing, lora_rank=lora_rank, lora_targets=lora_targets,
+                      target=target)
+    mem = plan_memory(an, req)
+    memory = mem.total
+    if weights_held is not None:
+        memory += weights_held - sum(line.bytes for line in mem.lines if line.key in ("weights", "upcast"))
+    trainable = mem.trainable_params if trainable is None else trainable
+    if final_bytes is None:
+        final_bytes = 4 * trainable if method != "full" else 4 * an.params
+    return {"memory": memory, "disk": finetune_disk(trainable, keep_last, final_bytes),
+            "params": an.params, "trainable": trainable, "planned_trainable": mem.trainable_params}

@@ -130,8 +130,10 @@ def verdict_line(v: dict[str, Any]) -> str:
 
 
 # ---- preflight (training stages) ------------------------------------------------------------------
-def preflight(est: dict[str, int], output_dir: str | Path, device: torch.device) -> None:
-    """Stop before a run writes anything if it cannot fit the free disk or memory (one line)."""
+def preflight(est: dict[str, int], output_dir: str | Path, device: torch.device,
+              hint: str = "lower batch_size (raise grad_accum) or enable model.gradient_checkpointing") -> None:
+    """Stop before a run writes anything if it cannot fit the free disk or memory (one line
+    ending with `hint`, what to change)."""
     probe, free = free_disk(output_dir)
     if est["disk"] > free:
         raise MinilabError(f"not enough disk at {probe}: the run writes about {human_bytes(est['disk'])}, "
@@ -142,5 +144,4 @@ def preflight(est: dict[str, int], output_dir: str | Path, device: torch.device)
         free_mem, where = available_ram(), "RAM"
     if free_mem is not None and est["memory"] > free_mem:
         raise MinilabError(f"not enough {where}: the run needs about {human_bytes(est['memory'])}, "
-                           f"{human_bytes(free_mem)} free; lower batch_size (raise grad_accum) or enable "
-                           "model.gradient_checkpointing")
+                           f"{human_bytes(free_mem)} free; {hint}")

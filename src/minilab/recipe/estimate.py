@@ -45,6 +45,21 @@ def _packed_seq_len(recipe: Recipe, packed_dir: str) -> int:
     return 1024
 
 
+def _finetune_seq_len(recipe: Recipe, data_dirs: list[str]) -> int:
+    """The longest row of SFT/DPO data (what the run pads its batches to): from the datasets'
+    manifests once they exist, else from the recipe stages that will write them."""
+    lengths = []
+    for d in data_dirs:
+        m = Path(d) / "manifest.json"
+        if m.is_file():
+            lengths.append(int(json.loads(m.read_text(encoding="utf-8")).get("max_len", 512)))
+            continue
+        stage = next((s for s in recipe.stages if s.kind in ("sft-data", "dpo-data")
+                      and str(recipe.stage_dir(s.name)) == str(d)), None)
+        lengths.append(int(stage.config.get("max_len", 512)) if stage is not None else 512)
+    return max(lengths, default=512)
+
+
 def _meta_model(recipe: Recipe, ref: str, cfgs: dict[str, Any]):
     """The model a stage reads (an upstream pretrain's output, or any model the planner resolves), on meta."""
     from minilab.model import build_model
@@ -113,26 +128,19 @@ def stage_estimate(recipe: Recipe, s, cfg: Any, cfgs: dict[str, Any]) -> dict[st
         return {"disk": est["disk"], "memory": est["memory"], "device": _target(cfg.device),
                 "note": f"{est['params'] / 1e6:.1f} M params"}
     if kind in ("sft", "dpo"):
-        from minilab.planner.disk import DiskRequest, plan_disk
-        from minilab.planner.memory import PlanRequest, plan_memory
+        from minilab.finetune.common import planner_settings
+        from minilab.planner.disk import estimate_finetune
 
         model = _meta_model(recipe, cfg.base_model, cfgs)
         if model is None:
             return {"disk": None, "memory": None, "note": "base model unknown"}
         an = inspect_model(model)
         target = _target(cfg.device)
-        precision = cfg.precision if cfg.precision != "fp32" else "fp32"
-        if cfg.method == "full" and precision != "fp32":
-            precision = f"{precision}-mixed"
-        seq = 512
-        req = PlanRequest(method=cfg.method, batch_size=cfg.batch_size * (2 if kind == "dpo" else 1), seq_len=seq,
-                          precision=precision, lora_rank=cfg.lora.r, target=target)
-        mem = plan_memory(an, req).total
-        disk = plan_disk(an, req, DiskRequest(steps=cfg.max_steps, ckpt_every=cfg.ckpt_every,
-                                              keep_last=cfg.keep_last, download=False, dataset_tokens=0))
-        keys = ("checkpoints", "checkpoint_optimizer", "logs", "adapters", "final")
-        written = sum(line["bytes"] for line in disk["lines"] if line["key"] in keys)
-        return {"disk": written, "memory": mem, "device": target,
+        seq = _finetune_seq_len(recipe, cfg.data_dirs)
+        settings = planner_settings(cfg, base16=False, model_type=getattr(model.config, "model_type", "llama"))
+        est = estimate_finetune(an, batch_size=cfg.batch_size * (2 if kind == "dpo" else 1), seq_len=seq,
+                                keep_last=cfg.keep_last, target=target, **settings)
+        return {"disk": est["disk"], "memory": est["memory"], "device": target,
                 "note": f"{cfg.method}, base {an.params / 1e6:.1f} M params"}
     if kind in ("merge", "export", "quantize"):
         model = _meta_model(recipe, cfg.model, cfgs)
