@@ -104,6 +104,7 @@ def test_two_gloo_processes_match_one(data, tmp_path):
     proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", *cmd[2:]], env=env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("final model: ") == 1 and "final model: None" not in proc.stdout  # rank 0 only
     l1, l2 = train_losses(one), train_losses(two)
     assert sorted(l2) == list(range(1, steps + 1))
     for step in l1:
@@ -111,6 +112,19 @@ def test_two_gloo_processes_match_one(data, tmp_path):
     a, b = final_weights(one), final_weights(two)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
 
+
+
+@pytest.mark.parametrize("rank_result, printed", [
+    ({"final_dir": "/runs/a/final", "name": "llama-1M-x-pretrain-v1"},
+     "final model: /runs/a/final\nregistry name: llama-1M-x-pretrain-v1\n"),
+    ({"final_dir": None, "name": None}, ""),  # what a rank other than 0 gets back under torchrun
+])
+def test_only_the_rank_with_the_model_prints_the_summary(monkeypatch, capsys, rank_result, printed):
+    """Was: rank 1 printed 'final model: None' after rank 0's summary."""
+    monkeypatch.setattr("minilab.pretrain.run", lambda cfg, resume=None, dry_run=False: rank_result)
+    assert cli_main(["pretrain", "--data_dirs", "d", "--tokenizer_dir", "t", "--output_dir", "o",
+                     "--max_steps", "1"]) == 0
+    assert capsys.readouterr().out == printed
 
 
 # ---- FSDP (parallel: fsdp): the same run sharded over 2 gloo processes -----------------------------

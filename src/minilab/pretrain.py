@@ -415,6 +415,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"params {plan['params']:,}; peak memory ~{human_bytes(plan['memory'])}; "
               f"disk ~{human_bytes(plan['disk'])}")
         return 0
+    if result["final_dir"] is None:  # a rank other than 0 under torchrun: rank 0 wrote and reports the model
+        return 0
     print(f"final model: {result['final_dir']}")
     if result.get("name"):
         print(f"registry name: {result['name']}")
