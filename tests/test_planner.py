@@ -152,3 +152,26 @@ def test_preflight_refuses_a_run_that_cannot_fit_the_disk(tmp_path, monkeypatch)
         pretrain.preflight(est, tmp_path / "run", torch.device("cpu"))
     assert "not enough disk" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_fsdp_estimate_is_one_ranks_share():
+    """Under FSDP the preflight plans one rank: the training state divided over the ranks, plus
+    what every rank holds whole (activations, logits, runtime, the gathered root and blocks)."""
+    from minilab.planner.disk import estimate_pretrain
+
+    model = build_meta(resolve_model("tiny"))
+    an = inspect_model(model)
+    kw = dict(batch_size=4, seq_len=256, precision="fp32", keep_last=2, steps=100, ckpt_every=50)
+    one = estimate_pretrain(model, **kw)
+    mem = plan_memory(an, PlanRequest(method="full", batch_size=4, seq_len=256, target="cpu"))
+    assert one["memory"] == mem.total
+    lines = {x.key: x.bytes for x in mem.lines}
+    state = sum(lines.get(k, 0) for k in ("weights", "grads", "optimizer", "step_tmp"))
+    two, four = (estimate_pretrain(model, **kw, shards=n)["memory"] for n in (2, 4))
+    assert one["memory"] > two > four
+    assert two - four == pytest.approx(state / 2 - state / 4, abs=2)  # only the sharded part shrinks
+    root = an.groups["embeddings"] + an.groups["head"]
+    block = (an.params - root) / an.n_layer
+    whole = lines["activations"] + lines["logits"] + mem.runtime + 4 * (root + 3 * block)
+    assert four == pytest.approx(whole + state / 4, abs=2)
+    assert estimate_pretrain(model, **kw, shards=2)["disk"] == one["disk"]  # rank 0 writes full checkpoints

@@ -108,15 +108,17 @@ class PretrainConfig:
 
 
 # ---- preflight (the planner will replace this one function) ------------------------------------
-def estimate_resources(model: Transformer, cfg: PretrainConfig, seq_len: int) -> dict[str, int]:
+def estimate_resources(model: Transformer, cfg: PretrainConfig, seq_len: int, world_size: int = 1) -> dict[str, int]:
     """Peak memory and disk of this run, in bytes, from the planner (`minilab.planner`): fp32
     weights, gradients and AdamW state, activations as the model is configured (gradient
     checkpointing, batch, sequence), logits and the runtime; disk for (keep_last + best)
-    checkpoints with optimizer state, the final model and logs. See docs/planner.md."""
+    checkpoints with optimizer state, the final model and logs. Under FSDP, one rank's share
+    (`minilab.planner.disk.fsdp_memory`). See docs/planner.md."""
     from minilab.planner.disk import estimate_pretrain
 
+    shards = world_size if cfg.parallel == "fsdp" else 1
     return estimate_pretrain(model, cfg.batch_size, seq_len, cfg.precision, cfg.keep_last,
-                             cfg.max_steps, cfg.ckpt_every)
+                             cfg.max_steps, cfg.ckpt_every, shards=shards)
 
 
 def preflight(est: dict[str, int], output_dir: Path, device: torch.device) -> None:
@@ -213,7 +215,7 @@ class PretrainRun:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.model = build_model(model_cfg, device=device)
-        self.plan = estimate_resources(self.model, cfg, self.seq_len)
+        self.plan = estimate_resources(self.model, cfg, self.seq_len, info.world_size)
         n = self.model.num_params()
         log.info(f"model: {cfg.arch}, {n:,} params ({format_params(n)}); plan: ~{human_bytes(self.plan['memory'])} "
                  f"peak memory, ~{human_bytes(self.plan['disk'])} disk; {info.world_size} process(es) on {device}")

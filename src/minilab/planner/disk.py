@@ -93,11 +93,12 @@ def pretrain_disk(params: int, keep_last: int, steps: int, ckpt_every: int, fp32
 
 
 def estimate_pretrain(model: Any, batch_size: int, seq_len: int, precision: str, keep_last: int,
-                      steps: int, ckpt_every: int, target: str | None = None) -> dict[str, int]:
+                      steps: int, ckpt_every: int, target: str | None = None, shards: int = 1) -> dict[str, int]:
     """`{"memory", "disk", "params"}` of a `minilab pretrain` run (its preflight estimate): the
     planner's full fine-tuning peak (fp32 weights, AdamW, activations per the model's own
     gradient-checkpointing setting) plus the runtime line, and `pretrain_disk`. `target` (cpu or
-    cuda) defaults to where the model's parameters are."""
+    cuda) defaults to where the model's parameters are. `shards` > 1: the memory of one FSDP
+    rank (`fsdp_memory`)."""
     from minilab.planner.anatomy import inspect_model
 
     an = inspect_model(model)
@@ -107,8 +108,27 @@ def estimate_pretrain(model: Any, batch_size: int, seq_len: int, precision: str,
                       grad_checkpointing=bool(getattr(model.config, "gradient_checkpointing", False)),
                       target=target or ("cuda" if device == "cuda" else "cpu"))
     mem = plan_memory(an, req)
-    return {"memory": mem.total, "disk": pretrain_disk(an.params, keep_last, steps, ckpt_every),
+    memory = mem.total if shards <= 1 else fsdp_memory(an, mem, shards)
+    return {"memory": memory, "disk": pretrain_disk(an.params, keep_last, steps, ckpt_every),
             "params": an.params}
+
+
+def fsdp_memory(an: Anatomy, mem: Any, shards: int) -> int:
+    """Peak memory of one rank when FSDP2 shards the model as `distributed.wrap` does (one unit per
+    block, the root last) over `shards` ranks. Weights, gradients, AdamW state and the fp32 master
+    are split over the ranks; unsplit are the activations and logits (each rank's own batch), the
+    root unit's parameters (embeddings, final norm, head: gathered for the whole forward and
+    backward, as FSDP2 keeps the root unresharded after forward), two blocks gathered at once
+    (the running one and the prefetched next) and one block's unsharded gradients before their
+    reduce-scatter. Not calibrated against a measured FSDP run (no multi-GPU machine here)."""
+    by_key = {line.key: line.bytes for line in mem.lines}
+    state = sum(by_key.get(k, 0) for k in ("weights", "grads", "optimizer", "master", "step_tmp", "autocast"))
+    wbytes = by_key.get("weights", 0) / max(1, an.params)  # bytes per weight as held
+    root = an.groups["embeddings"] + an.groups["head"]
+    block = (an.params - root) / max(1, an.n_layer)
+    gathered = wbytes * (root + 2 * block) + 4 * block
+    work = by_key.get("activations", 0) + by_key.get("logits", 0)
+    return int(state / shards + gathered + work + mem.runtime)
 
 
 def finetune_disk(trainable: int, keep_last: int, final_bytes: int) -> int:
