@@ -152,6 +152,32 @@ def test_mixture_determinism_resume_and_ranks(built, tmp_path):
         WeightedMixture(dirs, weights, seq_len=16, seed=9).load_state_dict(state)
 
 
+def test_pretrain_data_weights_help_says_what_the_mixture_does(built, tmp_path):
+    """Weights are normalised sampling probabilities, equal by default whatever the sizes (the help
+    said 'default proportional to their sizes', SFT's rule, which pretraining's reader does not follow)."""
+    import dataclasses
+
+    from minilab.pretrain import PretrainConfig
+
+    small = tmp_path / "small"
+    pack_run(PackConfig(corpus_dir=str(make_corpus(tmp_path / "corpus", n_docs=8, seed=1)),
+                        tokenizer_dir=str(built / "tok"), output_dir=str(small), seq_len=16, val_fraction=0.1,
+                        workers=1))
+    dirs = [built / "packed", small]
+    mix = WeightedMixture(dirs, None, seq_len=16, seed=0)
+    assert mix.n_windows[0] > 4 * mix.n_windows[1]
+    assert mix.probs.tolist() == [0.5, 0.5]  # the default: equal, not by size
+    assert WeightedMixture(dirs, [3, 1], seq_len=16, seed=0).probs.tolist() == [0.75, 0.25]  # divided by the sum
+    for _ in range(4 * mix.n_windows[1]):
+        next(mix)
+    report = mix.realised_mix()
+    assert abs(report[str(small)]["share"] - 0.5) < 0.15 and report[str(small)]["epochs"] > 1  # reread
+    assert WeightedMixture(dirs, [1, 0], seq_len=16, seed=0).probs.tolist() == [1.0, 0.0]
+    help_text = {f.name: f.metadata.get("help") for f in dataclasses.fields(PretrainConfig)}["data_weights"]
+    assert "default equal weights" in help_text and "divided by their sum" in help_text
+    assert "proportional to their sizes" not in help_text
+
+
 def test_cli_pack_and_tokenizer(built, tmp_path, capsys):
     rc = cli_main(["tokenizer", "--corpus_dir", str(built / "corpus"), "--vocab-size", "300",
                    "--output-dir", str(tmp_path / "t")])

@@ -56,7 +56,10 @@ log = logging.getLogger("minilab.pretrain")
 class PretrainConfig:
     data_dirs: list[str] = field(default_factory=list, metadata={"help": "packed datasets (minilab pack)"})
     data_weights: list[float] | None = field(default=None, metadata={
-        "help": "sampling weight per dataset; default proportional to their sizes"})
+        "help": "one weight per data_dirs entry, >= 0, divided by their sum: each training (and validation) "
+                "window comes from dataset i with probability w_i / sum(w), whatever the datasets' sizes (one that "
+                "runs out starts another shuffled epoch; 0 leaves a dataset out); default equal weights, not "
+                "proportional to size"})
     tokenizer_dir: str = field(default="", metadata={"help": "the tokenizer the data was packed with"})
     output_dir: str = field(default="", metadata={"help": "run directory (checkpoints, metrics, final/)"})
     arch: str = field(default="micro", metadata={"help": "architecture preset name or JSON file"})
