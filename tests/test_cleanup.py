@@ -137,3 +137,25 @@ def test_cache_ls_rm_prune(tmp_path, monkeypatch, capsys):
     assert not (hub / "models--org--small").exists()
     assert cli.main(["cache", "rm", "org/nope"]) == 1                   # one-line error
     assert "not in the cache" in capsys.readouterr().err
+
+
+def test_du_reports_the_cache_where_the_default_corpus_is_cached(tmp_path, monkeypatch, capsys):
+    """Without $MINILAB_CACHE the corpus is cached under ~/.cache/minilab; du looked in ROOT/.cache."""
+    from minilab.data import default_corpus
+
+    monkeypatch.delenv("MINILAB_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    novels = default_corpus.cache_dir()
+    novels.mkdir(parents=True)
+    (novels / "emma.txt").write_bytes(b"e" * 1234)
+    (tmp_path / "project").mkdir()
+    assert cli.main(["du", str(tmp_path / "project"), "--json"]) == 0
+    rows = {r["category"]: r for r in json.loads(capsys.readouterr().out)}
+    cache = rows["minilab cache"]
+    assert cache["path"] == str(tmp_path / "home" / ".cache" / "minilab")
+    assert novels.is_relative_to(cache["path"]) and cache["bytes"] == 1234
+    assert cache["largest"] == [{"name": "default-corpus", "bytes": 1234}]
+    monkeypatch.setenv("MINILAB_CACHE", str(tmp_path / "elsewhere"))  # the variable moves both alike
+    assert default_corpus.cache_dir().is_relative_to(tmp_path / "elsewhere")
+    assert cli.main(["du", str(tmp_path / "project"), "--json"]) == 0
+    assert "minilab cache" not in {r["category"] for r in json.loads(capsys.readouterr().out)}  # nothing there yet

@@ -68,6 +68,12 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cache_root() -> Path:
+    """minilab's own cache: `$MINILAB_CACHE`, else `~/.cache/minilab` (read at call time). What is
+    cached there (the built-in corpus) and what `minilab du` reports both come from here."""
+    return Path(os.environ.get("MINILAB_CACHE") or Path.home() / ".cache" / "minilab").expanduser()
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

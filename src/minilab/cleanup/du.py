@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from minilab.fsutil import dir_size, human_bytes
+from minilab.fsutil import cache_root, dir_size, human_bytes
 from minilab.planner.resolve import hf_cache_dir
 
 
@@ -17,10 +17,8 @@ def categories(root: str | os.PathLike = ".", models_dir: str | None = None) -> 
     from minilab.registry import models_root
 
     base = Path(root)
-    cache = os.environ.get("MINILAB_CACHE")
-    cats = [("data", base / "data"), ("tokenizers", base / "tokenizers"), ("runs", base / "runs"),
-            ("models", models_root(models_dir)), ("minilab cache", Path(cache) if cache else base / ".cache")]
-    return cats
+    return [("data", base / "data"), ("tokenizers", base / "tokenizers"), ("runs", base / "runs"),
+            ("models", models_root(models_dir)), ("minilab cache", cache_root())]  # where the corpus is cached
 
 
 def usage(root: str | os.PathLike = ".", models_dir: str | None = None, top: int = 5) -> list[dict[str, Any]]:

@@ -41,8 +41,9 @@ _CHAPTER = re.compile(r"^\s*chapter\s+([0-9]+|[ivxlc]+)\b", re.IGNORECASE)
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MINILAB_CACHE") or Path.home() / ".cache" / "minilab"
-    return Path(root) / "default-corpus" / "janeaustenr"
+    from minilab.fsutil import cache_root
+
+    return cache_root() / "default-corpus" / "janeaustenr"
 
 
 def _ar_members(data: bytes) -> dict[str, bytes]:
