@@ -68,6 +68,23 @@ def test_describe_lists_nested_keys_with_help():
     assert rows["name"][0] == "(required)"
 
 
+@dataclass
+class Tuned:
+    train: Train = field(default_factory=lambda: Train(lr=2e-5, precision="bf16"))
+    plain: Train = field(default_factory=Train)
+
+
+def test_describe_shows_a_nested_field_s_own_default_not_its_class_defaults():
+    """Was: `train.lr` showed Train's class default 0.0003 although Tuned() runs with 2e-05."""
+    rows = {k: d for k, d, _ in describe(Tuned)}
+    assert rows == {"train.lr": "2e-05", "train.steps": "100", "train.precision": "'bf16'",
+                    "plain.lr": "0.0003", "plain.steps": "100", "plain.precision": "'fp32'"}
+    from minilab.finetune.sft import SFTConfig
+
+    sft = {k: d for k, d, _ in describe(SFTConfig)}
+    assert sft["optim.lr"] == repr(SFTConfig().optim.lr) == "0.0002"
+
+
 def test_cli_help_lists_verbs_and_every_verb_has_help(capsys):
     from minilab.cli import VERBS
 

@@ -229,19 +229,23 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every field, for `--help` epilogs and docs."""
+def describe(cls: type, prefix: str = "", instance: Any = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field, for `--help` epilogs and docs. The default is
+    the one a run gets: a nested dataclass's keys show the values of the field's own default
+    (SFTConfig's `optim` factory gives lr 2e-4, not OptimConfig's class default 1e-3)."""
     rows = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows += describe(tp, f"{prefix}{f.name}.")
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
+        if instance is not None:
+            has, value = True, getattr(instance, f.name)
+        elif f.default is not dataclasses.MISSING:
+            has, value = True, f.default
         elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
+            has, value = True, f.default_factory()
         else:
-            default = "(required)"
-        rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "")))
+            has, value = False, None
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], f"{prefix}{f.name}.", value if has else None)
+            continue
+        rows.append((f"{prefix}{f.name}", repr(value) if has else "(required)", f.metadata.get("help", "")))
     return rows

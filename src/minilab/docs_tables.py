@@ -30,10 +30,8 @@ import importlib
 import os
 import re
 import sys
-import typing
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 # Markers stand on lines of their own (a marker quoted inside a sentence or a table is left alone).
 REGION = re.compile(r"^(?P<open><!-- (?P<kind>config-table|cli-flags): *(?P<ref>[^>]*?) *-->)\n"
@@ -66,36 +64,12 @@ def resolve_class(ref: str) -> type:
     return cls
 
 
-def actual_defaults(cls: type, instance: Any = None, prefix: str = "") -> dict[str, str]:
-    """{dotted key: repr of the default a run gets}. Unlike the class defaults of a nested
-    dataclass, this follows `default_factory` instances (SFTConfig's optim has lr 2e-4, not
-    OptimConfig's 1e-3)."""
-    hints = typing.get_type_hints(cls)
-    out: dict[str, str] = {}
-    for f in dataclasses.fields(cls):
-        if instance is not None:
-            has, value = True, getattr(instance, f.name)
-        elif f.default is not dataclasses.MISSING:
-            has, value = True, f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            has, value = True, f.default_factory()
-        else:
-            has, value = False, None
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.update(actual_defaults(hints[f.name], value if has else None, f"{prefix}{f.name}."))
-        else:
-            out[f"{prefix}{f.name}"] = repr(value) if has else "(required)"
-    return out
-
-
 def config_table(cls: type) -> str:
     """The Markdown table of `cls`'s keys: dotted key, default, help."""
     from minilab.config import describe
 
-    defaults = actual_defaults(cls)
     lines = ["| key | default | what it does |", "|---|---|---|"]
-    for key, default, help_text in describe(cls):
-        default = defaults.get(key, default)
+    for key, default, help_text in describe(cls):  # a nested key's default is the run's, not its class's
         shown = "*required*" if default == "(required)" else _code(default)
         lines.append(f"| `{key}` | {shown} | {_cell(help_text)} |")
     return "\n".join(lines) + "\n"
