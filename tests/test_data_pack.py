@@ -146,6 +146,18 @@ def test_mixture_determinism_resume_and_ranks(built, tmp_path):
     n0.load_state_dict(saved), n1.load_state_dict(saved)
     rest = [s for pair in zip(take(n0, 40), take(n1, 40), strict=True) for s in pair]
     assert rest == full[120:200]
+    # Another number of ranks: 2 -> 1 continues the global stream at the saved round's end, and
+    # 1 -> 3 from a position inside a round of 3 (step 125) moves on to the next round (126).
+    one = WeightedMixture(dirs, weights, seq_len=16, seed=3)
+    one.load_state_dict(saved)
+    assert take(one, 50) == full[120:170]
+    mid = WeightedMixture(dirs, weights, seq_len=16, seed=3)
+    take(mid, 125)
+    three = [WeightedMixture(dirs, weights, seq_len=16, seed=3, rank=r, world_size=3) for r in range(3)]
+    for m in three:
+        m.load_state_dict(json.loads(json.dumps(mid.state_dict())))
+    rest3 = [s for triple in zip(*(take(m, 20) for m in three), strict=True) for s in triple]
+    assert rest3 == full[126:186]
     mix = a.realised_mix()
     assert abs(mix[str(dirs[0])]["share"] - 0.75) < 0.1
     with pytest.raises(MinilabError, match="seed"):

@@ -10,7 +10,7 @@ from fixtures import make_packed
 from tokenizers import Tokenizer
 
 from minilab.errors import TokenizerMismatchError
-from minilab.finetune.rows import Rows, check_data_tokenizer, collate
+from minilab.finetune.rows import Rows, WeightedSampler, check_data_tokenizer, collate
 from minilab.finetune.sft_data import SFTDataConfig, oasst_paths, run, to_messages
 from minilab.finetune.templates import IGNORE, encode_conversation, labels_from_mask, resolve_template
 
@@ -122,3 +122,31 @@ def test_data_cards_show_examples_verbatim_in_closed_fences():
                          "dedup": {"exact": True, "near": False, "threshold": 0.8, "num_perm": 8, "shingle_words": 5}}}
     card = render_datacard(corpus, {"too_short": [{"where": "f:1", "text": t} for t in texts]})
     assert _fences(card) == [t + "\n" for t in texts]
+
+
+def test_weighted_sampler_resumes_across_ranks_without_repeats():
+    """Fine-tuning draws under torchrun: every rank restores rank 0's saved state and the ranks
+    together continue the one-process stream, nothing drawn twice or skipped; a state also
+    resumes under another number of ranks, at the next round of the new one."""
+    sizes, weights = [7, 5], [2.0, 1.0]
+
+    def draws(sampler, n):
+        return [sampler.next() for _ in range(n)]
+
+    full = draws(WeightedSampler(sizes, weights, seed=4), 90)
+    r0, r1 = (WeightedSampler(sizes, weights, seed=4, rank=r, world=2) for r in (0, 1))
+    assert [p for pair in zip(draws(r0, 20), draws(r1, 20), strict=True) for p in pair] == full[:40]
+    saved = r0.state_dict()
+    assert saved == r1.state_dict() and saved["n"] == 40
+    n0, n1 = (WeightedSampler(sizes, weights, seed=4, rank=r, world=2) for r in (0, 1))
+    n0.load_state_dict(saved), n1.load_state_dict(saved)
+    assert [p for pair in zip(draws(n0, 10), draws(n1, 10), strict=True) for p in pair] == full[40:60]
+    single = WeightedSampler(sizes, weights, seed=4)
+    single.load_state_dict(saved)
+    assert draws(single, 10) == full[40:50]
+    one = WeightedSampler(sizes, weights, seed=4)
+    draws(one, 61)
+    three = [WeightedSampler(sizes, weights, seed=4, rank=r, world=3) for r in range(3)]
+    for s in three:
+        s.load_state_dict(one.state_dict())
+    assert [p for t in zip(*(draws(s, 5) for s in three), strict=True) for p in t] == full[63:78]

@@ -110,6 +110,15 @@ class WeightedMixture:
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
     # -- resume ----------------------------------------------------------------------------------
+    def _round_end(self, step: int, cursors: list[int]) -> tuple[int, list[int]]:
+        """`step` advanced (without reading) to the next multiple of world_size, with the cursors
+        of the samples skipped over."""
+        cursors = list(cursors)
+        while step % self.world_size:
+            cursors[self._choice(step)] += 1
+            step += 1
+        return step, cursors
+
     def state_dict(self) -> dict[str, Any]:
         """The schedule position, advanced to the next multiple of world_size.
 
@@ -117,25 +126,30 @@ class WeightedMixture:
         the other ranks' samples of the same round; advancing (without reading) to the round's end
         makes the saved state the same on every rank, and any rank can resume from rank 0's file.
         """
-        step, cursors = self.step, list(self.cursors)
-        while step % self.world_size:
-            cursors[self._choice(step)] += 1
-            step += 1
+        step, cursors = self._round_end(self.step, self.cursors)
         return {"step": step, "cursors": cursors, "counts": list(self.counts),
                 "seed": self.seed, "seq_len": self.seq_len, "split": self.split, "datasets": self.dirs,
                 "weights": self.probs.tolist(), "world_size": self.world_size, "rank": self.rank,
                 "tokenizer_sha256": self.tokenizer_sha256}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at exactly the next sample; refuses a state from a different mixture."""
-        for key in ("seed", "seq_len", "split", "world_size", "tokenizer_sha256"):
+        """Resume at exactly the next sample; refuses a state from a different mixture.
+
+        The schedule is one global sequence whatever the number of ranks (rank r reads samples
+        r, r + world, ...), so a state saved by W ranks resumes under another number: the position
+        moves on to the next multiple of the new world_size (skipping fewer than world_size
+        samples) so that every rank starts the same round."""
+        for key in ("seed", "seq_len", "split", "tokenizer_sha256"):
             if state.get(key) != getattr(self, key):
                 raise MinilabError(f"cannot resume the data stream: saved {key}={state.get(key)!r} differs "
                                    f"from the current {getattr(self, key)!r}")
         if len(state["cursors"]) != len(self.dirs) or not np.allclose(state["weights"], self.probs):
             raise MinilabError("cannot resume the data stream: the datasets or weights changed")
-        self.step, self.cursors = int(state["step"]), [int(c) for c in state["cursors"]]
-        if state.get("rank") == self.rank:
+        self.step, self.cursors = self._round_end(int(state["step"]), [int(c) for c in state["cursors"]])
+        if state.get("world_size", self.world_size) != self.world_size:
+            log.info("data stream saved by %s rank(s), resumed by %d: continuing at global sample %d",
+                     state.get("world_size"), self.world_size, self.step)
+        if state.get("rank") == self.rank and state.get("world_size") == self.world_size:
             self.counts = [int(c) for c in state.get("counts", self.counts)]
 
     def realised_mix(self) -> dict[str, dict[str, float]]:

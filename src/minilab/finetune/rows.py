@@ -90,7 +90,9 @@ class WeightedSampler:
     Draw n picks its dataset from a generator seeded by (seed, n), and the k-th row drawn from
     dataset d is permutation(seed, d, epoch)[k % size]: the whole stream is a pure function of
     the counters, so the state is a few integers and a resumed run draws the same rows.
-    Under torchrun, rank r keeps draws r, r + world, r + 2 world, ...
+    Under torchrun, rank r keeps draws r, r + world, r + 2 world, ... The saved state is the
+    position at the end of the round (the same on every rank), and a state resumes under another
+    number of ranks at the next round of the new one.
     """
 
     def __init__(self, sizes: list[int], weights: list[float] | None, seed: int, rank: int = 0, world: int = 1):
@@ -114,11 +116,14 @@ class WeightedSampler:
             self._perms[(d, epoch)] = np.random.default_rng([self.seed, d, epoch]).permutation(self.sizes[d])
         return int(self._perms[(d, epoch)][i])
 
+    def _pick(self, n: int) -> int:
+        return int(np.random.default_rng([self.seed, 1 << 20, n]).choice(len(self.sizes), p=self.probs))
+
     def next(self) -> tuple[int, int]:
         while True:
             n = self.n
             self.n += 1
-            d = int(np.random.default_rng([self.seed, 1 << 20, n]).choice(len(self.sizes), p=self.probs))
+            d = self._pick(n)
             row = self._row(d)
             if n % self.world == self.rank:
                 return d, row
@@ -126,8 +131,19 @@ class WeightedSampler:
     def epochs(self) -> list[float]:
         return [round(c / s, 4) for c, s in zip(self.counts, self.sizes, strict=True)]
 
+    def _round_end(self, n: int, counts: list[int]) -> tuple[int, list[int]]:
+        """Draw `n` advanced to the next multiple of `world` (the other ranks' draws of the round)."""
+        counts = list(counts)
+        while n % self.world:
+            counts[self._pick(n)] += 1
+            n += 1
+        return n, counts
+
     def state_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "counts": list(self.counts)}
+        # Rank r stops after its own draw of the round: advanced to the round's end, every rank's
+        # state is the same, and resuming from rank 0's file repeats and skips nothing.
+        n, counts = self._round_end(self.n, self.counts)
+        return {"n": n, "counts": counts, "world": self.world}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.n, self.counts = int(state["n"]), [int(c) for c in state["counts"]]
+        self.n, self.counts = self._round_end(int(state["n"]), [int(c) for c in state["counts"]])
