@@ -159,3 +159,47 @@ def test_du_reports_the_cache_where_the_default_corpus_is_cached(tmp_path, monke
     assert default_corpus.cache_dir().is_relative_to(tmp_path / "elsewhere")
     assert cli.main(["du", str(tmp_path / "project"), "--json"]) == 0
     assert "minilab cache" not in {r["category"] for r in json.loads(capsys.readouterr().out)}  # nothing there yet
+
+
+_LIGHT_VERBS = r"""
+import json, sys
+from pathlib import Path
+
+from minilab import cli, registry
+
+root = Path(sys.argv[1])
+model = root / "exported"
+model.mkdir()
+(model / "config.json").write_text("{}")
+registry.register(model, "llama-1K-test-pretrain-v1", params=1000)
+for step in (1, 2, 3):
+    ckpt = root / "runs" / "r" / "checkpoints" / f"step-{step:06d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "optimizer.pt").write_bytes(b"o" * 10)
+    (ckpt / "meta.json").write_text(json.dumps({"step": step, "metric": 1.0 / step}))
+    (ckpt / "COMPLETE").write_text(f"{step}\n")
+(root / "hf" / "hub").mkdir(parents=True)
+for argv in (["models", "list"], ["models", "show", "llama-1K-test-pretrain-v1"], ["du", str(root)],
+             ["cleanup", str(root / "runs"), "--keep-last", "1", "--strip-optimizer", "--yes"], ["cache", "ls"],
+             ["cache", "prune"]):
+    assert cli.main(argv) == 0, argv
+assert len(list((root / "runs" / "r" / "checkpoints").iterdir())) == 1  # the verbs did their work
+print("HEAVY", json.dumps(sorted(m for m in ("torch", "transformers", "numpy") if m in sys.modules)))
+"""
+
+
+def test_disk_and_registry_verbs_never_import_torch(tmp_path):
+    """models list/show, du, cleanup and cache start in well under a second: they import neither torch
+    nor transformers, at import or at run time (was ~2-3 s of `import torch` through registry -> model,
+    cleanup -> checkpoint and du/cache -> planner)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MINILAB_MODELS_DIR": str(tmp_path / "registry"), "MINILAB_CACHE": str(tmp_path / "cache"),
+           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-c", _LIGHT_VERBS, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    heavy = json.loads(proc.stdout.rsplit("HEAVY ", 1)[1])
+    assert "torch" not in heavy and "transformers" not in heavy, heavy

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from datetime import UTC, datetime
@@ -39,13 +38,12 @@ import torch
 from torch import nn
 
 from minilab import __version__
+from minilab.checkpoint_index import MARKER, checkpoint_step, latest_checkpoint, list_checkpoints, read_meta
 from minilab.config import to_dict
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import atomic_dir, write_json_atomic
 
 FORMAT_VERSION = 1
-MARKER = "COMPLETE"
-_STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 # ---- RNG state -----------------------------------------------------------------------------
@@ -167,34 +165,6 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, device: str | 
         raise MinilabError(f"checkpoint {path} does not fit this model: missing {missing[:3]}"
                            f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
                            f"{'...' if len(unexpected) > 3 else ''}")
-
-
-# ---- listing -------------------------------------------------------------------------------
-def checkpoint_step(path: str | os.PathLike) -> int | None:
-    """The step of a `step-NNNNNN` directory name, None for any other name."""
-    m = _STEP_RE.match(Path(path).name)
-    return int(m.group(1)) if m else None
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run, oldest step first. Temporary (`.step-*.tmp`), half-deleted
-    and marker-less directories are skipped."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(checkpoint_step(p), p) for p in run_dir.iterdir()
-             if p.is_dir() and checkpoint_step(p) is not None and (p / MARKER).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
-
-
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(path) / "meta.json").read_text(encoding="utf-8"))
 
 
 # ---- save ----------------------------------------------------------------------------------

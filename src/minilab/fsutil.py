@@ -74,6 +74,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("MINILAB_CACHE") or Path.home() / ".cache" / "minilab").expanduser()
 
 
+def hf_hub_cache() -> Path:
+    """The hub cache huggingface_hub uses, by its own rules (HF_HUB_CACHE, else the legacy
+    HUGGINGFACE_HUB_CACHE, else HF_HOME/hub with HF_HOME defaulting to $XDG_CACHE_HOME/huggingface,
+    then ~/.cache/huggingface), read at call time: importing huggingface_hub freezes its constants,
+    and `du`/`cache` stay light by not importing it for a path."""
+    env = os.environ
+    home = env.get("HF_HOME", os.path.join(env.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")),
+                                           "huggingface"))
+    home = os.path.expandvars(os.path.expanduser(home))
+    hub = env.get("HF_HUB_CACHE", env.get("HUGGINGFACE_HUB_CACHE", os.path.join(home, "hub")))
+    return Path(os.path.expandvars(os.path.expanduser(hub)))
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -95,6 +108,17 @@ def dir_size(path: str | os.PathLike) -> int:
             if not os.path.islink(p):
                 total += os.path.getsize(p)
     return total
+
+
+def format_params(n: int) -> str:
+    """Human size for names: 1_812_352 -> '1.8M', 23_000_000 -> '23M', 1_100_048_384 -> '1.1B'.
+    (Also `minilab.model.format_params`; here so the registry lists models without importing torch.)"""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            v = n / scale
+            text = f"{v:.1f}" if v < 10 else f"{v:.0f}"
+            return text.removesuffix(".0") + unit
+    return str(n)
 
 
 def human_bytes(n: float) -> str:

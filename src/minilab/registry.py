@@ -9,7 +9,7 @@ the sha256 and size of every other file in the directory.
 Names are `{architecture}-{size}-{dataset}-{training_type}-v{N}`, e.g.
 `llama-23M-tinystories-pretrain-v1`. `-` separates the five fields, so no field may contain one:
 architecture and dataset are lowercase `[a-z0-9][a-z0-9_.]*` (`make_name` lowercases them and
-turns `-` and spaces into `_`); size is the TRUE parameter count through `model.format_params`
+turns `-` and spaces into `_`); size is the TRUE parameter count through `fsutil.format_params`
 (`1.8M`, `23M`, `1.1B`); training_type is one of `TRAINING_TYPES`; the version is `v1`, `v2`, ...
 
 Where entries live. The root is `models/` (relative to the working directory), overridden by
@@ -47,8 +47,7 @@ from typing import Any
 
 from minilab import __version__
 from minilab.errors import ConfigError, MinilabError
-from minilab.fsutil import atomic_dir, dir_size, human_bytes, sha256_file, write_json_atomic
-from minilab.model import format_params
+from minilab.fsutil import atomic_dir, dir_size, format_params, human_bytes, sha256_file, write_json_atomic
 
 TRAINING_TYPES = ("pretrain", "sft", "lora", "dpo", "merged", "ft", "int8")
 INDEX = "registry.json"

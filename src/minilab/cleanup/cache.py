@@ -18,15 +18,14 @@ import time
 from typing import Any
 
 from minilab.errors import MinilabError
-from minilab.fsutil import human_bytes
-from minilab.planner.resolve import hf_cache_dir
+from minilab.fsutil import hf_hub_cache, human_bytes
 
 
 def scan() -> Any:
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
-    cache = hf_cache_dir()
+    cache = hf_hub_cache()
     try:
         return scan_cache_dir(cache)
     except CacheNotFound:
@@ -48,7 +47,7 @@ def select_revisions(info: Any, repos: list[str] | None = None, revision: str | 
     known = {r.repo_id for r in info.repos}
     for name in repos or []:
         if name not in known:
-            raise MinilabError(f"'{name}' is not in the cache at {info.cache_dir or hf_cache_dir()} "
+            raise MinilabError(f"'{name}' is not in the cache at {info.cache_dir or hf_hub_cache()} "
                                f"(cached: {', '.join(sorted(known)) or 'nothing'})")
     now = time.time()
     for r in info.repos:
@@ -82,13 +81,13 @@ def main(args: argparse.Namespace) -> int:
     if args.cache_cmd == "ls":
         rows = list_repos(info)
         if args.json:
-            print(json.dumps({"cache_dir": str(hf_cache_dir()), "size": info.size_on_disk, "repos": rows}, indent=2))
+            print(json.dumps({"cache_dir": str(hf_hub_cache()), "size": info.size_on_disk, "repos": rows}, indent=2))
             return 0
         for r in rows:
             refs = ",".join(r["refs"]) or "-"
             print(f"{human_bytes(r['size']):>10}  {r['type']:<8} {r['repo_id']:<50} {r['files']:>5} files  "
                   f"{r['revisions']} rev  refs {refs}")
-        print(f"{human_bytes(info.size_on_disk)} in {len(rows)} repositories at {hf_cache_dir()}")
+        print(f"{human_bytes(info.size_on_disk)} in {len(rows)} repositories at {hf_hub_cache()}")
         return 0
     if args.cache_cmd == "rm":
         hashes = select_revisions(info, repos=args.repos, revision=args.revision)

@@ -9,8 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from minilab.fsutil import cache_root, dir_size, human_bytes
-from minilab.planner.resolve import hf_cache_dir
+from minilab.fsutil import cache_root, dir_size, hf_hub_cache, human_bytes
 
 
 def categories(root: str | os.PathLike = ".", models_dir: str | None = None) -> list[tuple[str, Path]]:
@@ -31,7 +30,7 @@ def usage(root: str | os.PathLike = ".", models_dir: str | None = None, top: int
                            if not c.is_symlink()), reverse=True)
         rows.append({"category": name, "path": str(path), "bytes": sum(s for s, _ in children),
                      "largest": [{"name": n, "bytes": s} for s, n in children[:top]]})
-    hub = hf_cache_dir()
+    hub = hf_hub_cache()
     if hub.is_dir():
         from huggingface_hub import scan_cache_dir
 

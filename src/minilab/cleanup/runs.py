@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from minilab.checkpoint import MARKER, checkpoint_step, list_checkpoints
+from minilab.checkpoint_index import MARKER, checkpoint_step, list_checkpoints
 from minilab.errors import MinilabError
 from minilab.fsutil import dir_size, human_bytes
 
