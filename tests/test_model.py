@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from minilab.arch import load_architecture, preset_names
-from minilab.model import KVCache, ModelConfig, build_model, format_params
+from minilab.fsutil import format_params
+from minilab.model import KVCache, ModelConfig, build_model
 
 SMALL = dict(vocab_size=211, n_layer=2, n_head=4, d_model=64, intermediate_size=96, max_seq_len=64)
 

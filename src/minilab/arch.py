@@ -16,7 +16,8 @@ from typing import Any
 
 from minilab.config import apply_overrides, from_dict, read_config_file
 from minilab.errors import ConfigError
-from minilab.model import ModelConfig, build_model, format_params
+from minilab.fsutil import format_params
+from minilab.model import ModelConfig, build_model
 
 
 def presets_dir() -> Path:

@@ -112,7 +112,7 @@ def dir_size(path: str | os.PathLike) -> int:
 
 def format_params(n: int) -> str:
     """Human size for names: 1_812_352 -> '1.8M', 23_000_000 -> '23M', 1_100_048_384 -> '1.1B'.
-    (Also `minilab.model.format_params`; here so the registry lists models without importing torch.)"""
+    Here, not in `model`, so the registry lists models without importing torch."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
             v = n / scale

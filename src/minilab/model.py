@@ -656,13 +656,3 @@ def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> T
     """Build a model; on `device="meta"` nothing is allocated (for costs and planning)."""
     with torch.device(device or "cpu"):
         return Transformer(cfg)
-
-
-def format_params(n: int) -> str:
-    """Human size for names: 1_812_352 -> '1.8M', 23_000_000 -> '23M', 1_100_048_384 -> '1.1B'."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            v = n / scale
-            text = f"{v:.1f}" if v < 10 else f"{v:.0f}"
-            return text.removesuffix(".0") + unit
-    return str(n)

@@ -30,8 +30,8 @@ from minilab.arch import load_architecture
 from minilab.cli import add_config_flags, flag
 from minilab.config import apply_overrides, from_dict, read_config_file, to_dict
 from minilab.errors import ConfigError, MinilabError
-from minilab.fsutil import human_bytes
-from minilab.model import ModelConfig, Transformer, build_model, format_params
+from minilab.fsutil import format_params, human_bytes
+from minilab.model import ModelConfig, Transformer, build_model
 from minilab.training import (
     MetricsLog,
     OptimConfig,

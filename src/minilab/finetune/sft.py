@@ -286,6 +286,8 @@ def print_result(result: dict[str, Any], dry_run: bool) -> None:
         print(f"params {plan['params']:,} ({plan['trainable']:,} trainable); peak memory "
               f"~{human_bytes(plan['memory'])}; disk ~{human_bytes(plan['disk'])}")
         return
+    if result["final_dir"] is None:  # a torchrun rank other than 0: rank 0 wrote and reports the model
+        return
     print(f"final model: {result['final_dir']}")
     if result.get("name"):
         print(f"registry name: {result['name']}")

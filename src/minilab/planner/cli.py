@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from minilab.errors import ConfigError
-from minilab.fsutil import human_bytes
-from minilab.model import format_params
+from minilab.fsutil import format_params, human_bytes
 from minilab.planner.anatomy import accelerate_estimate, inspect_model, weight_table
 from minilab.planner.disk import DiskRequest, plan_disk
 from minilab.planner.machine import machine_resources, verdict, verdict_line

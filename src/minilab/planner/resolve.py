@@ -50,10 +50,9 @@ class ModelSpec:
 def hf_cache_dir() -> Path:
     """The hub cache huggingface_hub would use, read from the environment at call time (tests
     and users change HF_HOME after huggingface_hub was imported, which freezes its constants)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+    from minilab.fsutil import hf_hub_cache
+
+    return hf_hub_cache()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
