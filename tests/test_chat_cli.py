@@ -138,3 +138,23 @@ def test_adapter_flag_merges_lora(model_dir, engine, tmp_path, capsys):
     got = json.loads(capsys.readouterr().out)["text"]
     assert got == expect
     assert got != engine.complete(ids, SamplingParams(max_tokens=12))[0]
+
+
+def test_text_before_a_stop_string_in_the_same_token_is_kept(engine):
+    """A token that carries text and then a whole stop string: the text is part of the reply
+    (it was dropped: the stream ended at the stop without sending what preceded it)."""
+    ids = engine.encode("the dog ran far")
+    tokens = generate(engine.model, [ids], max_new_tokens=40)[0]
+    full = decode(engine.tokenizer, tokens)
+    pos = 0
+    for t in tokens:
+        piece = decode(engine.tokenizer, [t])
+        start = full.find(piece, pos)
+        if len(piece) >= 2 and start >= 0 and full.find(piece[1:]) == start + 1 and "\ufffd" not in piece:
+            break
+        pos = max(pos, start + len(piece)) if start >= 0 else pos
+    else:
+        pytest.skip("no multi-character token in this greedy text")
+    stop = piece[1:]
+    text, _, finish = engine.complete(ids, SamplingParams(max_tokens=40, stop=[stop]))
+    assert (text, finish) == (full[:start + 1], "stop")

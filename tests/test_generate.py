@@ -166,3 +166,46 @@ def test_generate_texts_stop_strings_end_rows_independently(model):
     cut_at = full[0].split()[2]
     stopped = generate_texts(model, tok, prompts, max_new_tokens=10, stop_token_ids=[], stop=[cut_at])
     assert stopped == [f[:f.index(cut_at)] if cut_at in f else f for f in full]
+
+
+def test_continuous_batch_rows_join_and_leave_with_their_own_tokens(model):
+    """Rows that join a running batch at different steps (shorter and longer prompts than the
+    batch's, so both alignments are exercised) and leave at their own budgets or stop tokens get
+    exactly the tokens of decoding them alone: greedy ones, and seeded sampled ones."""
+    from minilab.generate import ContinuousBatch
+
+    torch.manual_seed(3)
+    prompts = [torch.randint(1, VOCAB, (n,)).tolist() for n in (5, 2, 11, 7, 3)]
+    budgets = [12, 4, 9, 15, 6]
+    sampled = {3: dict(temperature=0.9, top_k=20, seed=7), 4: dict(temperature=1.2, top_p=0.9, seed=11)}
+    alone = [generate(model, [p], max_new_tokens=b, **sampled.get(i, {}))[0]
+             for i, (p, b) in enumerate(zip(prompts, budgets, strict=True))]
+    joins = {0: [0], 1: [1, 2], 3: [3], 4: [4]}  # step -> rows added before it
+    batch, got, rows = ContinuousBatch(model), {i: [] for i in range(5)}, {}
+    for step in range(40):
+        for i in joins.get(step, []):
+            row, tok = batch.add(prompts[i], budgets[i], **sampled.get(i, {}))
+            rows[id(row)] = i
+            if tok is not None:
+                got[i].append(tok)
+        for row, tok in batch.step():
+            if tok is not None:
+                got[rows[id(row)]].append(tok)
+        if step > 4 and not len(batch):
+            break
+    assert got == {i: a for i, a in enumerate(alone)}
+    assert not len(batch) and batch.cache is None  # everyone left; nothing held
+    # A stop token ends a row without being yielded; a dropped row leaves at once.
+    stop_at = alone[0][3]
+    batch = ContinuousBatch(model, stop_token_ids=[stop_at])
+    row, first = batch.add(prompts[0], budgets[0])
+    toks = [first]
+    while len(batch):
+        toks += [t for _, t in batch.step()]
+    assert toks[-1] is None and toks[:-1] == alone[0][:alone[0].index(stop_at)] and row.done == "stop"
+    batch = ContinuousBatch(model)
+    a, _ = batch.add(prompts[2], 9)
+    b, _ = batch.add(prompts[3], 9)
+    batch.step()
+    batch.drop(a)
+    assert [r for r, _ in batch.step()] == [b] and a.done == "dropped"

@@ -439,3 +439,133 @@ class TextStream:
                     best = n
                     break
         return best
+
+
+# ---- continuous batching ---------------------------------------------------------------------------
+class BatchRow:
+    """One sequence of a `ContinuousBatch`: its sampler, budget, and what it has produced."""
+
+    def __init__(self, prompt: list[int], budget: int, pick: dict[str, Any], generator: torch.Generator | None):
+        self.prompt, self.budget = prompt, budget
+        self.sampler = _Sampler([prompt], generator=generator, **pick)
+        self.produced = 0
+        self.last: int | None = None           # the token the next step feeds
+        self.done: str | None = None           # "stop" (a stop token) or "length" (its budget)
+        self.prefill: KVCache | None = None    # its own cache until it joins the batch's
+
+    def take(self, logits: torch.Tensor, stop: set[int]) -> int | None:
+        """Sample this row's next token from its (1, V) logits; None when it is a stop token."""
+        tok = self.sampler(logits)[0]
+        if tok in stop:
+            self.done = "stop"
+            return None
+        self.sampler.observe(torch.tensor([tok], device=logits.device))
+        self.produced += 1
+        self.last = tok
+        if self.produced >= self.budget:
+            self.done = "length"
+        return tok
+
+
+class ContinuousBatch:
+    """Sequences decoded together that join and leave between steps (continuous batching).
+
+    `add` prefills a prompt alone (its own cache, the logits of decoding it alone) and samples its
+    first token; the next `step` moves it into the shared left-padded KVCache, aligned so every
+    row's last token sits in the same slot: joining rows that are shorter than the batch get more
+    left padding, a longer one shifts the others right (their pad grows by the same amount, so
+    their RoPE positions stay). Rows that are done or `drop`ped leave before the next step. Each
+    row samples with its own parameters and generator, so a seeded request gives the same tokens
+    whichever requests share its steps, and greedy rows the tokens of decoding them alone.
+    Only for models that decode a left-padded cache (our Transformer); one thread drives it.
+    """
+
+    def __init__(self, model: torch.nn.Module, stop_token_ids: Iterable[int] = ()):
+        if not _takes_padded_cache(model):
+            raise ValueError("continuous batching needs a model that decodes a left-padded KV cache")
+        self.model, self.stop = model, set(stop_token_ids)
+        self.device, self.dtype = _model_device_dtype(model)
+        self.fast = CachedForward.of(model)
+        self.rows: list[BatchRow] = []      # in the shared cache, in its row order
+        self.joining: list[BatchRow] = []   # prefilled, joining at the next step
+        self.cache: KVCache | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.joining)
+
+    def _forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if self.fast is not None:
+            return self.fast(ids, cache, logits_to_keep=1)[:, -1]
+        return self.model(ids, kv_cache=cache, logits_to_keep=1)[:, -1]
+
+    def add(self, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+            top_p: float | None = None, repetition_penalty: float = 1.0,
+            seed: int | None = None) -> tuple[BatchRow, int | None]:
+        """Prefill `prompt` and sample its first token: (row, token, None for a stop token). The
+        row joins the batch at the next `step` unless it is already done or dropped."""
+        _check_sampling(temperature, top_p, repetition_penalty)
+        ids = _as_prompts([prompt])[0]
+        pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+        row = BatchRow(ids, _budget(self.model, ids, max_new_tokens), pick, _make_generator(seed))
+        if row.budget <= 0:
+            row.done = "length"
+            return row, None
+        row.prefill = KVCache(self.model.config, 1, max_len=len(ids), dtype=self.dtype, device=self.device)
+        with torch.inference_mode():
+            logits = self._forward(torch.tensor([ids], device=self.device), row.prefill)
+        tok = row.take(logits, self.stop)
+        if row.done is None:
+            self.joining.append(row)
+        return row, tok
+
+    def drop(self, row: BatchRow) -> None:
+        """Take `row` out before the next step (a stop string matched, its client went away)."""
+        if row.done is None:
+            row.done = "dropped"
+
+    def step(self) -> list[tuple[BatchRow, int | None]]:
+        """One decoding step of every live row: [(row, token or None for a stop token)]."""
+        self._settle()
+        if not self.rows:
+            return []
+        with torch.inference_mode():
+            new = torch.tensor([[r.last] for r in self.rows], device=self.device)
+            logits = self._forward(new, self.cache)                                     # (B, V)
+        return [(r, r.take(logits[j:j + 1], self.stop)) for j, r in enumerate(self.rows)]
+
+    def _settle(self) -> None:
+        """Finished rows leave the shared cache; prefilled ones join it."""
+        keep = [j for j, r in enumerate(self.rows) if r.done is None]
+        if len(keep) < len(self.rows):
+            self.rows = [self.rows[j] for j in keep]
+            if keep:
+                self.cache.select(torch.tensor(keep, device=self.device))
+            else:
+                self.cache = None
+        joining = [r for r in self.joining if r.done is None]
+        self.joining = []
+        if joining:
+            self._join(joining)
+
+    def _join(self, new: list[BatchRow]) -> None:
+        cfg, old = self.model.config, self.cache
+        pos = old.pos if old is not None else 0
+        lengths = [r.prefill.pos for r in new]
+        end = max([pos, *lengths])  # the common slot after every row's last token
+        rows = self.rows + new
+        old_pad = old.pad.tolist() if old is not None and old.pad is not None else [0] * len(self.rows)
+        pad = [p + end - pos for p in old_pad] + [end - n for n in lengths]
+        room = max(r.budget - r.produced for r in rows)  # slots still to write (a margin of one)
+        cache = KVCache(cfg, len(rows), max_len=end + room, dtype=self.dtype, device=self.device, pad=pad)
+        with torch.no_grad():
+            for layer in range(cfg.n_layer):
+                for dst, src_old, attr in ((cache.k[layer], old.k[layer] if old else None, "k"),
+                                           (cache.v[layer], old.v[layer] if old else None, "v")):
+                    if src_old is not None and pos:
+                        dst[:len(self.rows), :, end - pos:end].copy_(src_old[:, :, :pos])
+                    for j, (r, n) in enumerate(zip(new, lengths, strict=True)):
+                        dst[len(self.rows) + j, :, end - n:end].copy_(getattr(r.prefill, attr)[layer][0, :, :n])
+        cache.pos = end
+        for r in new:
+            r.prefill = None
+        self.rows, self.cache = rows, cache

@@ -110,6 +110,37 @@ def load_tokenizer(model_dir: Path, _depth: int = 0):
     raise MinilabError(f"{model_dir}: no tokenizer.json (export the model with its tokenizer directory)")
 
 
+class Reply:
+    """Tokens of one answer -> text deltas: stop strings (the request's, and the chat format's),
+    the completion token count, and the finish reason. `Engine.stream` and the server's batch
+    loop feed it one token at a time."""
+
+    def __init__(self, engine: Engine, n_prompt: int, params: SamplingParams, chat: bool):
+        self.text = TextStream(engine.tokenizer, list(params.stop) + (engine.chat_stop if chat else []))
+        self.budget = min(params.max_tokens, engine.context_length - n_prompt)
+        self.n = 0
+        self.tail = ""  # text released by the token that completed a stop string: sent with the end
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string matched: the answer is over (its text cut before the match)."""
+        return self.text.stopped
+
+    def push(self, token_id: int) -> Delta | None:
+        """Add a decoded token; the delta to send now, if any."""
+        self.n += 1
+        piece = self.text.push(token_id)
+        if self.text.stopped:
+            self.tail = piece
+            return None
+        return Delta(piece, self.n) if piece else None
+
+    def end(self) -> Delta:
+        """The last delta: the held-back text and the finish reason."""
+        reason = "length" if self.n >= self.budget and not self.text.stopped else "stop"
+        return Delta(self.tail + self.text.finish(), self.n, reason)
+
+
 class Engine:
     """A model, its tokenizer and chat format; `stream` turns a prompt into text deltas."""
 
@@ -182,32 +213,31 @@ class Engine:
         return model_bytes(self.model)
 
     # ---- decoding ---------------------------------------------------------------------------
+    def reply(self, prompt_ids: Sequence[int], params: SamplingParams, *, chat: bool = False) -> Reply:
+        """The text side of one answer (stop strings, deltas, finish reason), fed token by token."""
+        return Reply(self, len(prompt_ids), params, chat)
+
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams, *, chat: bool = False,
                cancelled: Callable[[], bool] | None = None) -> Iterator[Delta]:
         """Text deltas of the reply to `prompt_ids`; the last one carries the finish reason.
         `cancelled()` is asked before each token: True ends the stream quietly (no last delta)."""
-        stop = list(params.stop) + (self.chat_stop if chat else [])
-        text = TextStream(self.tokenizer, stop)
-        budget = min(params.max_tokens, self.context_length - len(prompt_ids))
+        reply = self.reply(prompt_ids, params, chat=chat)
         tokens = stream_generate(self.model, list(prompt_ids), max_new_tokens=params.max_tokens,
                                  temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                  repetition_penalty=params.repetition_penalty, stop_token_ids=self.stop_ids,
                                  seed=params.seed)
-        n = 0
         try:
             for tok in tokens:
                 if cancelled is not None and cancelled():
                     return
-                n += 1
-                piece = text.push(tok)
-                if text.stopped:
+                delta = reply.push(tok)
+                if reply.stopped:
                     break
-                if piece:
-                    yield Delta(piece, n)
+                if delta is not None:
+                    yield delta
         finally:
             tokens.close()  # stops the decoder at once, whoever ends the stream
-        reason = "length" if n >= budget and not text.stopped else "stop"
-        yield Delta(text.finish(), n, reason)
+        yield reply.end()
 
     def complete(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                  chat: bool = False) -> tuple[str, int, str]:
