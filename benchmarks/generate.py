@@ -181,7 +181,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--server-max-tokens", type=int, default=32)
-    ap.add_argument("--max-concurrency", type=int, default=4)
+    ap.add_argument("--max-concurrency", type=int, default=8, help="as minilab serve's (its default)")
     ap.add_argument("--batch", type=int, default=8, help="prompts decoded together in the batched row (0 skips it)")
     ap.add_argument("--skip-server", action="store_true")
     args = ap.parse_args()

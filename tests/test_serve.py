@@ -40,17 +40,22 @@ def server(engine):
 
 def slow(engine: Engine, delay: float) -> Engine:
     """The same engine, sleeping `delay` seconds per token and never meeting a stop token: it keeps
-    a worker busy for exactly max_tokens x delay unless cancelled."""
+    the decoder busy for exactly max_tokens x delay unless cancelled."""
     e = copy.copy(engine)
     e.stop_ids = []
 
-    def stream(ids, params, chat=False, cancelled=None):
-        def pace():  # asked before every token
-            time.sleep(delay)
-            return cancelled is not None and cancelled()
-        yield from Engine.stream(e, ids, params, chat=chat, cancelled=pace)
+    def reply(ids, params, chat=False):
+        r = Engine.reply(e, ids, params, chat=chat)
+        push = r.push
 
-    e.stream = stream
+        def paced(token_id):  # every decoded token, batched or not, goes through here
+            time.sleep(delay)
+            return push(token_id)
+
+        r.push = paced
+        return r
+
+    e.reply = reply
     return e
 
 
@@ -243,3 +248,26 @@ def test_serve_port_0_logs_the_port_it_bound(engine, monkeypatch, caplog):
         assert cli(["serve", "any-model", "--port", "0", "--log-level", "warning"]) == 0
     assert seen["port"] != 0 and seen["health"] == 200
     assert f"on http://127.0.0.1:{seen['port']}/ (chat page)" in caplog.text
+
+
+def test_concurrent_requests_decode_together_with_their_own_answers(engine):
+    """Requests arriving together share decoding steps (continuous batching), and each gets the
+    answer it gets alone: greedy and seeded sampling, different prompts and max_tokens."""
+    app = create_app(engine, max_concurrency=4, max_queue=16)
+    bodies = [{"model": engine.name, "prompt": p, "max_tokens": n, "temperature": t, "seed": 5}
+              for p, n, t in (("the cat", 12, 0), ("a dog ran far away", 7, 0), ("the", 16, 0.9),
+                              ("far", 3, 0), ("the cat sat on the mat and", 10, 1.1), ("dog", 9, 0))]
+    alone = [engine.complete(engine.encode(b["prompt"]), SamplingParams(max_tokens=b["max_tokens"],
+                             temperature=b["temperature"], seed=5)) for b in bodies]
+
+    async def run(url: str) -> list[dict]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            rs = await asyncio.gather(*(http.post("/v1/completions", json=b) for b in bodies))
+            return [r.json() for r in rs] + [(await http.get("/health")).json()]
+
+    with running_server(app) as url:
+        *answers, health = asyncio.run(run(url))
+    got = [(a["choices"][0]["text"], a["usage"]["completion_tokens"], a["choices"][0]["finish_reason"])
+           for a in answers]
+    assert got == alone
+    assert health["batching"] and health["batch_peak"] >= 2 and health["completed"] == len(bodies)

@@ -144,6 +144,11 @@ def _takes_padded_cache(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "supports_padded_kv_cache", False))
 
 
+def supports_continuous_batching(model: torch.nn.Module) -> bool:
+    """Whether `ContinuousBatch` can decode this model (it needs a left-padded KV cache)."""
+    return _takes_padded_cache(model)
+
+
 class BatchDecoder:
     """Decodes several prompts together; iterate for (row, token) as each token is decoded.
 
@@ -489,6 +494,7 @@ class ContinuousBatch:
         self.rows: list[BatchRow] = []      # in the shared cache, in its row order
         self.joining: list[BatchRow] = []   # prefilled, joining at the next step
         self.cache: KVCache | None = None
+        self.peak = 0                       # the most rows one step has decoded
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.joining)
@@ -528,6 +534,7 @@ class ContinuousBatch:
         self._settle()
         if not self.rows:
             return []
+        self.peak = max(self.peak, len(self.rows))
         with torch.inference_mode():
             new = torch.tensor([[r.last] for r in self.rows], device=self.device)
             logits = self._forward(new, self.cache)                                     # (B, V)

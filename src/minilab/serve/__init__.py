@@ -64,7 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="require 'Authorization: Bearer KEY' on /v1 (default: $MINILAB_API_KEY, else none)")
     flag(p, "--allow-remote", action="store_true",
          help="allow a non-loopback --host without an API key (anyone who can reach it can use it)")
-    flag(p, "--max-concurrency", type=int, default=4, help="requests decoded at the same time (worker threads)")
+    flag(p, "--max-concurrency", type=int, default=8,
+         help="requests decoded at the same time: rows of one continuous batch (worker threads for "
+              "transformers-backed models)")
     flag(p, "--max-queue", type=int, default=64, help="requests waiting for a worker; more get HTTP 429")
     flag(p, "--max-body-bytes", type=int, default=1 << 20, help="largest request body (HTTP 413 beyond)")
 

@@ -1,20 +1,22 @@
 """The FastAPI app behind `minilab serve`: OpenAI-compatible endpoints, a request queue, the chat page.
 
-    app = create_app(Engine.load("my-model"), api_key=None, max_concurrency=4, max_queue=64)
+    app = create_app(Engine.load("my-model"), api_key=None, max_concurrency=8, max_queue=64)
     with running_server(app) as url:          # uvicorn on 127.0.0.1 and a free port, in a thread
         ...
 
 How requests are served (why):
-- **Decoding runs in a pool of `max_concurrency` worker threads**, never on the event loop, so
-  the loop keeps accepting, streaming and answering /health while models compute. Torch releases
-  the GIL inside its kernels, so workers overlap. Each request decodes alone with its own KV cache
-  (see `minilab.generate`): a request's tokens never depend on what else is being served.
+- **Decoding runs off the event loop**, so the loop keeps accepting, streaming and answering
+  /health while models compute. Our models decode in one thread as a continuous batch: up to
+  `max_concurrency` requests share each step (joining and leaving between steps, see
+  `minilab.generate.ContinuousBatch`), each with its own sampler and generator, so a request's
+  tokens never depend on what else is being served. Other models decode each request in a pool of
+  `max_concurrency` threads.
 - **Admission is counted, not queued in memory without bound**: at most `max_concurrency` run and
   `max_queue` wait for a worker; one more gets 429 at once, before any work is done.
 - **Workers hand tokens to the loop through an asyncio queue**, so a slow reader delays only its
   own connection, never a worker. A client that goes away cancels its stream: the response
-  generator's `finally` sets the request's cancel flag, which the worker checks before every
-  token, and the worker slot is freed within one token's time.
+  generator's `finally` sets the request's cancel flag, which the decoder checks before every
+  step, and the request's row or worker is freed within one token's time.
 - Validation happens before admission, in OpenAI's order of concerns: auth (401), body size
   (413), JSON (400), schema (422), model name (404), prompt length vs context (413), max_tokens (422).
 """
@@ -25,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -43,18 +46,42 @@ log = logging.getLogger("minilab.serve")
 _END = object()
 
 
-class Scheduler:
-    """Worker threads plus admission control and counters (what /health reports)."""
+class _Job:
+    """One admitted request: what to decode, where its deltas go, and its cancel flag."""
 
-    def __init__(self, max_concurrency: int, max_queue: int):
+    def __init__(self, ids: list[int], params: SamplingParams, chat: bool, put: Any, cancel: threading.Event):
+        self.ids, self.params, self.chat, self.put, self.cancel = ids, params, chat, put, cancel
+
+
+class Scheduler:
+    """Decoding off the event loop, admission control and counters (what /health reports).
+
+    With a model that decodes a left-padded KV cache (our Transformer), one thread runs a
+    `ContinuousBatch`: up to `max_concurrency` requests decode together, each joining at the next
+    step after it arrives and leaving when its answer ends, so throughput grows with load instead
+    of requests taking turns on the CPU. Other models (transformers-backed) decode each request in
+    a pool of `max_concurrency` threads."""
+
+    def __init__(self, max_concurrency: int, max_queue: int, engine: Engine | None = None):
+        from minilab.generate import supports_continuous_batching
+
         if max_concurrency < 1 or max_queue < 0:
             raise ValueError("max_concurrency must be ≥ 1 and max_queue ≥ 0")
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
-        self.executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="minilab-generate")
         self.lock = threading.Lock()
         self.admitted = self.running = 0
         self.counts = {"completed": 0, "cancelled": 0, "rejected": 0, "failed": 0, "tokens": 0}
         self.cancels: set[threading.Event] = set()
+        self.batching = engine is not None and supports_continuous_batching(engine.model)
+        self.closing = threading.Event()
+        self.batch_peak = 0  # the most requests one decoding step has served
+        if self.batching:
+            self.pending: queue.Queue[_Job] = queue.Queue()
+            self.thread = threading.Thread(target=self._batch_loop, args=(engine,), name="minilab-batch",
+                                           daemon=True)
+            self.thread.start()
+        else:
+            self.executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="minilab-generate")
 
     def admit(self) -> None:
         with self.lock:
@@ -68,72 +95,162 @@ class Scheduler:
     def stats(self) -> dict[str, Any]:
         with self.lock:
             return {"running": self.running, "queued": self.admitted - self.running,
-                    "max_concurrency": self.max_concurrency, "max_queue": self.max_queue, **self.counts}
+                    "max_concurrency": self.max_concurrency, "max_queue": self.max_queue,
+                    "batching": self.batching, "batch_peak": self.batch_peak, **self.counts}
 
     def start(self, engine: Engine, ids: list[int], params: SamplingParams, chat: bool) -> AsyncIterator[Delta]:
-        """Admit one request (429 when full) and start decoding it on a worker thread at once;
-        returns its deltas. Admission and the worker start here, not on first iteration, so the
-        counts stay right even if the response is never read."""
+        """Admit one request (429 when full) and hand it to the decoder at once; returns its deltas.
+        Admission and the hand-over happen here, not on first iteration, so the counts stay right
+        even if the response is never read."""
         self.admit()
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        out: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
 
         def put(item: Any) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed under us: server shutting down
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(out.put_nowait, item)
 
-        def work() -> None:
-            outcome = "cancelled"
-            with self.lock:
-                self.running += 1
-            try:
-                if cancel.is_set():
-                    return
-                for d in engine.stream(ids, params, chat=chat, cancelled=cancel.is_set):
-                    put(d)
-                    if d.finish_reason is not None:
-                        outcome = "completed"
-                        with self.lock:
-                            self.counts["tokens"] += d.completion_tokens
-            except Exception as e:  # surfaces as a 500 on this request only
-                outcome = "failed"
-                log.exception("generation failed")
-                put(e)
-            finally:
-                with self.lock:
-                    self.running -= 1
-                    self.admitted -= 1
-                    self.counts[outcome] += 1
-                    self.cancels.discard(cancel)
-                put(_END)
-
+        job = _Job(list(ids), params, chat, put, cancel)
         with self.lock:
             self.cancels.add(cancel)
+        if self.closing.is_set():
+            self._refuse(job)
+        if self.batching:
+            self.pending.put(job)
+        else:
+            try:
+                self.executor.submit(self._decode_alone, engine, job)
+            except RuntimeError:  # executor shut down
+                self._refuse(job)
+        return self._drain(out, cancel)
+
+    def _refuse(self, job: _Job) -> None:
+        with self.lock:
+            self.admitted -= 1
+            self.cancels.discard(job.cancel)
+        raise p.ApiError(503, "server shutting down", type="server_error")
+
+    def _begin(self) -> None:
+        with self.lock:
+            self.running += 1
+
+    def _end(self, job: _Job, outcome: str, tokens: int = 0, running: bool = True) -> None:
+        with self.lock:
+            self.running -= int(running)
+            self.admitted -= 1
+            self.counts[outcome] += 1
+            self.counts["tokens"] += tokens
+            self.cancels.discard(job.cancel)
+        job.put(_END)
+
+    def _decode_alone(self, engine: Engine, job: _Job) -> None:
+        """A worker thread's request: decoded by itself (models without continuous batching)."""
+        outcome, tokens = "cancelled", 0
+        self._begin()
         try:
-            self.executor.submit(work)
-        except RuntimeError:  # executor shut down
-            with self.lock:
-                self.admitted -= 1
-                self.cancels.discard(cancel)
-            raise p.ApiError(503, "server shutting down", type="server_error") from None
-        return self._drain(queue, cancel)
+            if job.cancel.is_set():
+                return
+            for d in engine.stream(job.ids, job.params, chat=job.chat, cancelled=job.cancel.is_set):
+                job.put(d)
+                if d.finish_reason is not None:
+                    outcome, tokens = "completed", d.completion_tokens
+        except Exception as e:  # surfaces as a 500 on this request only
+            outcome = "failed"
+            log.exception("generation failed")
+            job.put(e)
+        finally:
+            self._end(job, outcome, tokens)
+
+    def _batch_loop(self, engine: Engine) -> None:
+        """The continuous-batching thread: admit waiting requests into free rows, run one step
+        for all, route each row's token to its request; repeat."""
+        from minilab.generate import ContinuousBatch
+
+        batch = ContinuousBatch(engine.model, engine.stop_ids)
+        live: dict[int, tuple[_Job, Any, Any]] = {}  # id(row) -> (job, reply, row)
+
+        def route(job: _Job, reply: Any, row: Any, tok: int | None) -> None:
+            if tok is not None:
+                delta = reply.push(tok)
+                if delta is not None:
+                    job.put(delta)
+                if reply.stopped:
+                    batch.drop(row)
+            if row.done is None:
+                live[id(row)] = (job, reply, row)
+                return
+            live.pop(id(row), None)
+            end = reply.end()
+            job.put(end)
+            self._end(job, "completed", end.completion_tokens)
+
+        while not self.closing.is_set():
+            try:
+                for job, _reply, row in list(live.values()):  # clients that went away leave now
+                    if job.cancel.is_set():
+                        batch.drop(row)
+                        live.pop(id(row))
+                        self._end(job, "cancelled")
+                while len(batch) < self.max_concurrency:
+                    try:
+                        job = self.pending.get(timeout=0.05) if not len(batch) else self.pending.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job.cancel.is_set():
+                        self._end(job, "cancelled", running=False)
+                        continue
+                    self._begin()
+                    prm = job.params
+                    try:  # a request that cannot start fails alone
+                        reply = engine.reply(job.ids, prm, chat=job.chat)
+                        row, tok = batch.add(job.ids, prm.max_tokens, temperature=prm.temperature, top_k=prm.top_k,
+                                             top_p=prm.top_p, repetition_penalty=prm.repetition_penalty,
+                                             seed=prm.seed)
+                    except Exception as e:
+                        log.exception("generation failed")
+                        job.put(e)
+                        self._end(job, "failed")
+                        continue
+                    route(job, reply, row, tok)
+                for row, tok in batch.step():
+                    job, reply, _ = live[id(row)]
+                    route(job, reply, row, tok)
+                self.batch_peak = max(self.batch_peak, batch.peak)
+            except Exception as e:  # every request of the broken batch gets a 500; the server goes on
+                log.exception("generation failed")
+                for job, _reply, _row in live.values():
+                    job.put(e)
+                    self._end(job, "failed")
+                live.clear()
+                batch = ContinuousBatch(engine.model, engine.stop_ids)
+        for job, _reply, _row in live.values():
+            self._end(job, "cancelled")
 
     @staticmethod
-    async def _drain(queue: asyncio.Queue, cancel: threading.Event) -> AsyncIterator[Delta]:
+    async def _drain(out: asyncio.Queue, cancel: threading.Event) -> AsyncIterator[Delta]:
         try:
-            while (item := await queue.get()) is not _END:
+            while (item := await out.get()) is not _END:
                 if isinstance(item, Exception):
                     raise item
                 yield item
         finally:
-            cancel.set()  # client gone or done: the worker stops before its next token
+            cancel.set()  # client gone or done: decoding stops before its next token
 
     def shutdown(self) -> None:
         with self.lock:
             for c in self.cancels:
                 c.set()
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.closing.set()
+        if self.batching:
+            self.thread.join(timeout=30)
+            while True:  # requests that never reached the batch
+                try:
+                    self._end(self.pending.get_nowait(), "cancelled", running=False)
+                except queue.Empty:
+                    break
+        else:
+            self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 # ---- request handling -----------------------------------------------------------------------------
@@ -176,10 +293,10 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, max_concurrency: int = 4, max_queue: int = 64,
+def create_app(engine: Engine, *, api_key: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
                max_body_bytes: int = 1 << 20):
     """The FastAPI application serving `engine`. Workers stop when the app shuts down."""
-    sched = Scheduler(max_concurrency, max_queue)
+    sched = Scheduler(max_concurrency, max_queue, engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
