@@ -151,8 +151,15 @@ def test_raw_sse_chunk_format(server, engine):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and chunks[-1]["choices"][0]["delta"] == {}
 
 
-def test_full_queue_gets_429_and_a_disconnected_stream_stops(engine):
+@pytest.mark.parametrize("batching", [True, False], ids=["continuous-batch", "thread-pool"])
+def test_full_queue_gets_429_and_a_disconnected_stream_stops(engine, batching, monkeypatch):
+    """Both decoders: our models' continuous batch, and the thread pool that serves models which
+    cannot batch (transformers-backed ones)."""
+    import minilab.generate
+
+    monkeypatch.setattr(minilab.generate, "supports_continuous_batching", lambda model: batching)
     app = create_app(slow(engine, 0.02), max_concurrency=1, max_queue=0)
+    assert app.state.scheduler.batching is batching
     body = {"model": engine.name, "prompt": "the", "stream": True, "temperature": 0, "max_tokens": 100}
     with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         with http.stream("POST", "/v1/completions", json=body) as first:
