@@ -68,7 +68,8 @@ class PretrainConfig:
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=200, metadata={"help": "optimizer steps"})
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={
+        "help": "AdamW and its warmup + cosine lr schedule (optim.lr, ...)"})
     precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={
         "help": "fp32, bf16 autocast (CPU or CUDA), fp16 autocast with grad scaling (CUDA)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
@@ -81,11 +82,14 @@ class PretrainConfig:
     eval_batches: int = field(default=8, metadata={"help": "validation micro-batches per eval"})
     ckpt_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept (plus the best by val loss)"})
-    seed: int = 1337
+    seed: int = field(default=1337, metadata={
+        "help": "random seed: the initial weights (the same on every rank) and the order training and "
+                "validation windows are read in"})
     dataset_name: str | None = field(default=None, metadata={
         "help": "dataset label in the registry name; default from the first data dir"})
     register: bool = field(default=True, metadata={"help": "enter the final model into the registry"})
-    models_dir: str | None = field(default=None, metadata={"help": "registry root; default models/"})
+    models_dir: str | None = field(default=None, metadata={
+        "help": "registry root; default $MINILAB_MODELS_DIR, else models/"})
     tensorboard: bool = field(default=True, metadata={
         "help": "also write TensorBoard events to <output_dir>/tensorboard (when tensorboard is installed)"})
     interrupt_at_step: int | None = field(default=None, metadata={

@@ -28,9 +28,9 @@ class OptimConfig:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a fraction of lr"})
     warmup_frac: float = field(default=0.1, metadata={"help": "linear warmup, as a fraction of max_steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (never on norms/embeddings)"})
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = field(default=0.9, metadata={"help": "AdamW decay rate of the gradient's running mean"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW decay rate of the squared gradient's running mean"})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon added to the update's denominator (stability)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm; 0 disables clipping"})
 
     def validate(self) -> None:

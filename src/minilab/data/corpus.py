@@ -43,8 +43,10 @@ class CorpusConfig:
     sources: list[SourceConfig] = field(default_factory=list, metadata={"help": "inputs (see SourceConfig)"})
     name: str | None = field(default=None, metadata={"help": "corpus name (default: output folder name)"})
     fix_encoding: bool = field(default=True, metadata={"help": "repair mojibake with ftfy"})
-    quality: QualityConfig = field(default_factory=QualityConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig, metadata={
+        "help": "quality filters a document must pass (quality.min_chars, ...)"})
+    dedup: DedupConfig = field(default_factory=DedupConfig, metadata={
+        "help": "exact and near-duplicate removal (dedup.exact, dedup.near, ...)"})
     shard_max_bytes: int = field(default=64 << 20, metadata={"help": "uncompressed bytes per shard"})
     compression: Literal["none", "gzip", "zstd"] = field(default="none",
                                                          metadata={"help": "shard compression"})

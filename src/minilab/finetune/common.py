@@ -59,7 +59,8 @@ class TuneConfig:
     output_dir: str = field(default="", metadata={"help": "run directory (checkpoints, metrics, final/)"})
     method: Literal["lora", "qlora", "full"] = field(default="lora", metadata={
         "help": "lora (adapters), qlora (adapters on a 4-bit NF4 base), full (every weight)"})
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={
+        "help": "adapter shape for lora and qlora (lora.r, lora.alpha, ...); method=full ignores it"})
     backend: Literal["auto", "minilab", "transformers"] = field(default="auto", metadata={
         "help": "auto: Llama models run as minilab models, others through transformers"})
     dtype: str | None = field(default=None, metadata={"help": "base weights dtype; default as stored"})
@@ -68,21 +69,38 @@ class TuneConfig:
     gradient_checkpointing: bool | None = field(default=None, metadata={
         "help": "recompute each block's activations in backward (less memory, ~30% slower); "
                 "default: on for qlora (as PEFT's prepare_model_for_kbit_training), off otherwise"})
-    device: str = "auto"
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int = 200
-    eval_every: int = 50
-    eval_batches: int = 4
-    ckpt_every: int = 100
-    keep_last: int = 2
-    seed: int = 1337
+    device: str = field(default="auto", metadata={
+        "help": "auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...; under torchrun each rank "
+                "uses cuda:LOCAL_RANK"})
+    batch_size: int = field(default=8, metadata={
+        "help": "examples per micro-batch on each process (SFT: rows; DPO: pairs, each run as chosen + "
+                "rejected); also the eval batch size"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "micro-batches per optimizer step (examples per step = batch_size × grad_accum × processes)"})
+    max_steps: int = field(default=200, metadata={
+        "help": "optimizer steps in total (a resumed run continues up to it); the lr schedule spans them"})
+    eval_every: int = field(default=50, metadata={
+        "help": "steps between validation evals (val loss, eval_prompts answers); also before the first "
+                "step and after the last"})
+    eval_batches: int = field(default=4, metadata={
+        "help": "batches of batch_size val examples scored per dataset at each eval (the first ones, the "
+                "same every time)"})
+    ckpt_every: int = field(default=100, metadata={
+        "help": "steps between checkpoints (trainable weights + optimizer state); one also after the last step"})
+    keep_last: int = field(default=2, metadata={
+        "help": "newest checkpoints kept; the one with the best val loss is kept as well"})
+    seed: int = field(default=1337, metadata={
+        "help": "random seed: adapter initialisation, dropout and the order training rows are drawn in"})
     eval_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS), metadata={
         "help": "prompts answered (greedy) at every eval, to watch answers improve"})
-    max_new_tokens: int = 32
+    max_new_tokens: int = field(default=32, metadata={
+        "help": "most tokens generated per eval_prompts answer (greedy; stops earlier at end of turn)"})
     dataset_name: str | None = field(default=None, metadata={"help": "dataset field of the registry name"})
-    register: bool = True
-    models_dir: str | None = None
+    register: bool = field(default=True, metadata={
+        "help": "enter <output_dir>/final into the registry under a generated name; false: only write it"})
+    models_dir: str | None = field(default=None, metadata={
+        "help": "registry root, also where a base model name is looked up; default $MINILAB_MODELS_DIR, "
+                "else models/"})
 
 
 def planner_settings(cfg: TuneConfig, base16: bool, model_type: str,

@@ -47,11 +47,13 @@ log = logging.getLogger("minilab.dpo")
 @dataclass
 class DPOConfig(TuneConfig):
     data_dirs: list[str] = field(default_factory=list, metadata={"help": "datasets from `minilab dpo-data`"})
-    data_weights: list[float] | None = None
+    data_weights: list[float] | None = field(default=None, metadata={
+        "help": "sampling weight per dataset; default proportional to their sizes"})
     beta: float = field(default=0.1, metadata={"help": "strength of the KL anchor to the reference"})
     precompute_ref: bool = field(default=False, metadata={
         "help": "score the training pairs under the reference once, before training"})
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=0.0, warmup_frac=0.1))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=0.0, warmup_frac=0.1),
+                               metadata={"help": "AdamW and its warmup + cosine lr schedule (optim.lr, ...)"})
 
     def validate(self) -> None:
         for key in ("base_model", "output_dir", "data_dirs"):

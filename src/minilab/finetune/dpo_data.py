@@ -42,11 +42,14 @@ class DPODataConfig:
     template: str = field(default="model", metadata={
         "help": "model (the tokenizer's own template, e.g. the SFT model's), chatml, instruct, chat, alpaca"})
     max_len: int = field(default=256, metadata={"help": "tokens of prompt + answer; longer pairs are dropped"})
-    val_fraction: float = 0.1
-    split: str = "train"
-    limit: int | None = None
-    seed: int = 1234
-    force: bool = False
+    val_fraction: float = field(default=0.1, metadata={
+        "help": "fraction of the pairs held out for validation (rounded; none when there is only one pair)"})
+    split: str = field(default="train", metadata={"help": "dataset split for Hugging Face dataset ids"})
+    limit: int | None = field(default=None, metadata={
+        "help": "read at most this many records per source (counted before any is dropped); default all"})
+    seed: int = field(default=1234, metadata={
+        "help": "seed of the shuffle that picks the held-out pairs, and of the built-in 'demo' pairs"})
+    force: bool = field(default=False, metadata={"help": "replace an existing output directory"})
 
     def validate(self) -> None:
         for key in ("sources", "tokenizer_dir", "output_dir"):

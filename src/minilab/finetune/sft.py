@@ -49,7 +49,8 @@ class SFTConfig(TuneConfig):
     data_dirs: list[str] = field(default_factory=list, metadata={"help": "datasets from `minilab sft-data`"})
     data_weights: list[float] | None = field(default=None, metadata={
         "help": "sampling weight per dataset; default proportional to their sizes"})
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, weight_decay=0.0, warmup_frac=0.03))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, weight_decay=0.0, warmup_frac=0.03),
+                               metadata={"help": "AdamW and its warmup + cosine lr schedule (optim.lr, ...)"})
 
     def validate(self) -> None:
         for key in ("base_model", "output_dir", "data_dirs"):

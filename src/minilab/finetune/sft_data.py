@@ -54,7 +54,7 @@ class SFTDataConfig:
     val_fraction: float = field(default=0.05, metadata={"help": "fraction of examples held out"})
     split: str = field(default="train", metadata={"help": "dataset split for Hugging Face dataset ids"})
     limit: int | None = field(default=None, metadata={"help": "use at most this many examples per source"})
-    seed: int = 1234
+    seed: int = field(default=1234, metadata={"help": "seed of the shuffle that picks the held-out examples"})
     force: bool = field(default=False, metadata={"help": "replace an existing output directory"})
 
     def validate(self) -> None:

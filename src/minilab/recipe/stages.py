@@ -27,10 +27,14 @@ RUNTIME_KEYS = {"interrupt_at_step", "tensorboard"}
 @dataclass
 class MergeStageConfig:
     model: str = field(default="", metadata={"help": "model with adapters: ${sft}, ${dpo}, a directory or name"})
-    output_dir: str = ""
+    output_dir: str = field(default="", metadata={
+        "help": "set by the recipe: the stage's folder in its workdir (a recipe may not set it)"})
     dtype: str | None = field(default=None, metadata={"help": "weights dtype of the merged model"})
-    register: bool = True
-    models_dir: str | None = None
+    register: bool = field(default=True, metadata={
+        "help": "enter the merged model into the registry under a generated name; false: only write it"})
+    models_dir: str | None = field(default=None, metadata={
+        "help": "registry root: where model names are looked up and the merged model is registered; default "
+                "the recipe's (its models_dir, else $MINILAB_MODELS_DIR, else models/)"})
 
     def validate(self) -> None:
         if not self.model:
@@ -40,14 +44,17 @@ class MergeStageConfig:
 @dataclass
 class ExportStageConfig:
     model: str = field(default="", metadata={"help": "model to export: ${merge}, a directory or a registry name"})
-    output_dir: str = ""
+    output_dir: str = field(default="", metadata={
+        "help": "set by the recipe: the stage's folder in its workdir (a recipe may not set it)"})
     format: Literal["gguf", "hf"] = field(default="gguf", metadata={"help": "gguf file or transformers directory"})
     outtype: Literal["f32", "f16"] = field(default="f32", metadata={"help": "gguf: weight matrices' type"})
     dtype: str | None = field(default=None, metadata={"help": "hf: weights dtype (default as stored)"})
     adapter: str | None = field(default=None, metadata={"help": "PEFT adapters merged in first"})
     check: bool = field(default=True, metadata={
         "help": "hf: prove transformers loads the export with our logits; gguf: read it back with gguf's reader"})
-    models_dir: str | None = None
+    models_dir: str | None = field(default=None, metadata={
+        "help": "registry root: where model names are looked up; default the recipe's (its models_dir, "
+                "else $MINILAB_MODELS_DIR, else models/)"})
 
     def validate(self) -> None:
         if not self.model:
@@ -57,10 +64,13 @@ class ExportStageConfig:
 @dataclass
 class QuantizeStageConfig:
     model: str = field(default="", metadata={"help": "model to quantize to int8"})
-    output_dir: str = ""
-    adapter: str | None = None
+    output_dir: str = field(default="", metadata={
+        "help": "set by the recipe: the stage's folder in its workdir (a recipe may not set it)"})
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapters merged in before quantizing"})
     name: str | None = field(default=None, metadata={"help": "registry name (default: the parent's, type int8)"})
-    models_dir: str | None = None
+    models_dir: str | None = field(default=None, metadata={
+        "help": "registry root: where model names are looked up and the int8 copy is registered; default "
+                "the recipe's (its models_dir, else $MINILAB_MODELS_DIR, else models/)"})
 
     def validate(self) -> None:
         if not self.model:
