@@ -116,3 +116,54 @@ def test_cli_arch_prints_true_counts(capsys):
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["tiny"]["params"] == sum(rows["tiny"]["params_by_group"].values())
     assert rows["micro"]["size"].endswith("M")
+
+
+def verb_config_classes() -> list[type]:
+    """Every dataclass a verb or a recipe stage is configured with, nested ones included (a
+    section such as `optim`, or the items of `sources: list[SourceConfig]`): the recipe's stage
+    kinds (each the config of its verb), `arch`'s ModelConfig, and every class a docs table shows."""
+    import dataclasses
+    import typing
+    from pathlib import Path
+
+    from minilab import docs_tables
+    from minilab.model import ModelConfig
+    from minilab.recipe.stages import KINDS
+
+    repo = Path(__file__).resolve().parents[1]
+    roots = [kind.config_class() for kind in KINDS.values()] + [ModelConfig]
+    for page in docs_tables.markdown_files([repo / "README.md", repo / "docs"]):
+        for m in docs_tables.REGION.finditer(page.read_text(encoding="utf-8")):
+            if m["kind"] == "config-table":
+                roots.append(docs_tables.resolve_class(m["ref"]))
+    seen: list[type] = []
+
+    def walk(cls: type) -> None:
+        if cls in seen:
+            return
+        seen.append(cls)
+        for tp in typing.get_type_hints(cls).values():
+            for t in (tp, *typing.get_args(tp)):  # SourceConfig in list[SourceConfig], X in X | None
+                if dataclasses.is_dataclass(t):
+                    walk(t)
+
+    for cls in roots:
+        walk(cls)
+    return seen
+
+
+def test_every_verb_config_field_has_help():
+    """`minilab VERB --config`/`--set` keys are documented from the fields' help (the tables in
+    docs/stages/*.md, `describe`): a field without one shows an empty "what it does" cell."""
+    import dataclasses
+
+    classes = verb_config_classes()
+    names = {c.__name__ for c in classes}
+    assert {"PretrainConfig", "SFTConfig", "DPOConfig", "OptimConfig", "LoraSettings", "ModelConfig",
+            "CorpusConfig", "SourceConfig", "QualityConfig", "DedupConfig", "MergeStageConfig"} <= names
+    missing = [f"{c.__module__}:{c.__qualname__}.{f.name}" for c in classes for f in dataclasses.fields(c)
+               if not str(f.metadata.get("help", "")).strip()]
+    assert not missing, "config fields without metadata={'help': ...}: " + ", ".join(missing)
+    # what the docs tables print: every dotted key, nested sections flattened
+    empty = [f"{c.__name__}: {key}" for c in classes for key, _, text in describe(c) if not text.strip()]
+    assert not empty, "keys shown without help: " + ", ".join(empty)
