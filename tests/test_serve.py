@@ -6,6 +6,7 @@ import asyncio
 import copy
 import json
 import statistics
+import threading
 import time
 
 import httpx
@@ -38,19 +39,26 @@ def server(engine):
         yield url
 
 
-def slow(engine: Engine, delay: float) -> Engine:
+def slow(engine: Engine, delay: float, hold: threading.Event | None = None) -> Engine:
     """The same engine, sleeping `delay` seconds per token and never meeting a stop token: it keeps
-    the decoder busy for exactly max_tokens x delay unless cancelled."""
+    the decoder busy for exactly max_tokens x delay unless cancelled. With `hold`, every token
+    after the first delta also waits until `hold` is set: busy for as long as a test needs, however
+    slowly a loaded machine runs the test's own requests."""
     e = copy.copy(engine)
     e.stop_ids = []
 
     def reply(ids, params, chat=False):
         r = Engine.reply(e, ids, params, chat=chat)
-        push = r.push
+        push, sent = r.push, []
 
         def paced(token_id):  # every decoded token, batched or not, goes through here
             time.sleep(delay)
-            return push(token_id)
+            if hold is not None and sent:
+                hold.wait(30)
+            delta = push(token_id)
+            if delta is not None:
+                sent.append(delta)
+            return delta
 
         r.push = paced
         return r
@@ -158,17 +166,23 @@ def test_full_queue_gets_429_and_a_disconnected_stream_stops(engine, batching, m
     import minilab.generate
 
     monkeypatch.setattr(minilab.generate, "supports_continuous_batching", lambda model: batching)
-    app = create_app(slow(engine, 0.02), max_concurrency=1, max_queue=0)
+    hold = threading.Event()
+    app = create_app(slow(engine, 0.02, hold), max_concurrency=1, max_queue=0)
     assert app.state.scheduler.batching is batching
     body = {"model": engine.name, "prompt": "the", "stream": True, "temperature": 0, "max_tokens": 100}
     with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         with http.stream("POST", "/v1/completions", json=body) as first:
             assert first.status_code == 200
-            next(first.iter_lines())  # it is generating now
+            # it is generating now. The line iterator stays referenced until the stream closes: a
+            # discarded one is finalised whenever the garbage collector gets to it, and closing
+            # it closes the connection, which the server rightly takes for a client gone
+            lines = first.iter_lines()
+            next(lines)
             r = http.post("/v1/completions", json={**body, "stream": False})
             assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
-        # the client closed its stream: the worker stops long before 100 tokens x 20 ms
-        deadline = time.monotonic() + 1.5
+        hold.set()
+        # the client closed its stream: the decoder stops long before 100 tokens x 20 ms
+        deadline = time.monotonic() + 5
         while (h := http.get("/health").json())["running"] and time.monotonic() < deadline:
             time.sleep(0.02)
         assert h["running"] == 0 and h["cancelled"] == 1 and h["rejected"] == 1
