@@ -275,6 +275,11 @@ def test_verify_resume_verb_reports_exact_resume(data, tmp_path, capsys):
     assert rc == 0, out
     assert "exact resume: YES (bitwise, 8 steps compared)" in out
     assert (tmp_path / "verify" / "interrupted" / "checkpoints" / "step-000004").is_dir()
+    for extra in (["--resume", "auto"], ["--dry-run"]):  # pretrain flags it would only ignore
+        rc = cli_main(["verify-resume", *args, *extra, "--work-dir", str(tmp_path / "refused")])
+        err = capsys.readouterr().err
+        assert rc != 0 and f"does not take {extra[0]}" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "refused").exists()
 
 
 def test_tensorboard_events_written(data, tmp_path):

@@ -84,6 +84,10 @@ def verify(cfg: PretrainConfig, steps: int, work: Path) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    for flag_name, given in (("--resume", args.resume), ("--dry-run", args.dry_run)):
+        if given:  # pretrain's flags that mean nothing here: refused, not silently ignored
+            raise MinilabError(f"verify-resume does not take {flag_name}: it runs its own straight, killed and "
+                               "resumed runs (--steps each, in --work-dir); drop it")
     args.output_dir = args.output_dir or "verify-resume"  # each run gets its own directory below
     cfg = config_from_args(args)
     if args.work_dir:
