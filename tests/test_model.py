@@ -179,7 +179,7 @@ def test_bf16_training_step_emulated_equals_native(bf16_matmul):
 def test_cached_forward_is_bitwise_the_module_forward(n_kv_head, dtype):
     """The lean inference forward that generation uses computes exactly the module forward's
     logits: prefill, chunks, single tokens, a left-padded batch, both weight layouts."""
-    from minilab.model import CachedForward
+    from minilab.cached_forward import CachedForward
 
     torch.manual_seed(0)
     m = build_model(ModelConfig(**SMALL, n_kv_head=n_kv_head)).to(dtype).eval()
@@ -203,7 +203,7 @@ def test_cached_forward_is_bitwise_the_module_forward(n_kv_head, dtype):
 
 
 def test_cached_forward_only_for_plain_models():
-    from minilab.model import CachedForward
+    from minilab.cached_forward import CachedForward
 
     m = build_model(ModelConfig(**SMALL)).eval()
     fast = CachedForward.of(m)
