@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
+from minilab.cached_forward import CachedForward
 from minilab.errors import MinilabError
-from minilab.model import CachedForward, KVCache
+from minilab.model import KVCache
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen_ids: Sequence[int] | torch.Tensor,
@@ -149,6 +150,15 @@ def supports_continuous_batching(model: torch.nn.Module) -> bool:
     return _takes_padded_cache(model)
 
 
+def _last_logits(model: torch.nn.Module, fast: CachedForward | None, ids: torch.Tensor,
+                 cache: KVCache | None, keep_last: bool = True) -> torch.Tensor:
+    """(B, V) logits of each row's last position, through `fast` when the model has one."""
+    if fast is not None:
+        return fast(ids, cache, logits_to_keep=1)[:, -1]
+    keep = {"logits_to_keep": 1} if keep_last and _takes_padded_cache(model) else {}
+    return model(ids, kv_cache=cache, **keep)[:, -1]
+
+
 class BatchDecoder:
     """Decodes several prompts together; iterate for (row, token) as each token is decoded.
 
@@ -184,15 +194,9 @@ class BatchDecoder:
         produced = dict.fromkeys(rows, 0)
         fast = CachedForward.of(model) if cache is not None else None
 
-        def forward(ids: torch.Tensor, last: bool = False) -> torch.Tensor:
-            if fast is not None:
-                return fast(ids, cache, logits_to_keep=1)[:, -1]
-            keep = {"logits_to_keep": 1} if last and _takes_padded_cache(model) else {}
-            return model(ids, kv_cache=cache, **keep)[:, -1]
-
         with torch.inference_mode():  # not a decorator: a generator is resumed outside the decorated call
             ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts, strict=True)], device=device)  # (B, T)
-            logits = forward(ids, last=True)                                             # (B, V) prefill
+            logits = _last_logits(model, fast, ids, cache)                               # (B, V) prefill
         while True:
             tokens = sampler(logits)
             keep = []
@@ -215,7 +219,7 @@ class BatchDecoder:
             sampler.observe(new)
             with torch.inference_mode():
                 if cache is not None:
-                    logits = forward(new[:, None])                                       # (B, V)
+                    logits = _last_logits(model, fast, new[:, None], cache, keep_last=False)  # (B, V)
                 else:  # recompute the whole sequence (reference path, and models without a cache)
                     seqs[0].append(tokens[0])
                     logits = model(torch.tensor(seqs, dtype=torch.long, device=device))[:, -1]
@@ -499,11 +503,6 @@ class ContinuousBatch:
     def __len__(self) -> int:
         return len(self.rows) + len(self.joining)
 
-    def _forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        if self.fast is not None:
-            return self.fast(ids, cache, logits_to_keep=1)[:, -1]
-        return self.model(ids, kv_cache=cache, logits_to_keep=1)[:, -1]
-
     def add(self, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
             top_p: float | None = None, repetition_penalty: float = 1.0,
             seed: int | None = None) -> tuple[BatchRow, int | None]:
@@ -518,7 +517,7 @@ class ContinuousBatch:
             return row, None
         row.prefill = KVCache(self.model.config, 1, max_len=len(ids), dtype=self.dtype, device=self.device)
         with torch.inference_mode():
-            logits = self._forward(torch.tensor([ids], device=self.device), row.prefill)
+            logits = _last_logits(self.model, self.fast, torch.tensor([ids], device=self.device), row.prefill)
         tok = row.take(logits, self.stop)
         if row.done is None:
             self.joining.append(row)
@@ -537,7 +536,7 @@ class ContinuousBatch:
         self.peak = max(self.peak, len(self.rows))
         with torch.inference_mode():
             new = torch.tensor([[r.last] for r in self.rows], device=self.device)
-            logits = self._forward(new, self.cache)                                     # (B, V)
+            logits = _last_logits(self.model, self.fast, new, self.cache)                                     # (B, V)
         return [(r, r.take(logits[j:j + 1], self.stop)) for j, r in enumerate(self.rows)]
 
     def _settle(self) -> None:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from minilab.errors import ConfigError, MinilabError
+from minilab.fsutil import hf_hub_cache
 from minilab.model import ModelConfig
 
 
@@ -45,14 +46,6 @@ class ModelSpec:
     @property
     def kind(self) -> str:
         return "minilab" if self.minilab_config is not None else "transformers"
-
-
-def hf_cache_dir() -> Path:
-    """The hub cache huggingface_hub would use, read from the environment at call time (tests
-    and users change HF_HOME after huggingface_hub was imported, which freezes its constants)."""
-    from minilab.fsutil import hf_hub_cache
-
-    return hf_hub_cache()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -99,7 +92,7 @@ def _from_path(path: Path, label: str) -> ModelSpec:
 def _from_hub_cache(repo_id: str) -> ModelSpec:
     from huggingface_hub import try_to_load_from_cache
 
-    cache = hf_cache_dir()
+    cache = hf_hub_cache()  # read at call time: tests and users set HF_HOME after import
     found = try_to_load_from_cache(repo_id, "config.json", cache_dir=str(cache))
     if not isinstance(found, str):
         raise MinilabError(f"'{repo_id}' is not in the local Hugging Face cache ({cache}); minilab plan never "
