@@ -8,6 +8,6 @@ if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
 fi
-# torch is named with its exact pin on the same line so pip never considers a CUDA build.
+# PyTorch is named with its exact pin on the install line itself, so pip never considers a CUDA build.
 echo "==> installing minilab and its dependencies into .venv"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[dev]"
