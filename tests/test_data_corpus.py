@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import logging
+import lzma
 import random
 
 import pytest
 
 from minilab.cli import main as cli_main
+from minilab.data import sources
 from minilab.data.clean import QualityConfig, QualityFilter, clean_text
 from minilab.data.corpus import CorpusConfig, run
 from minilab.data.dedup import DedupConfig, Deduplicator
@@ -121,7 +125,7 @@ def test_bad_input_rejected_with_file_line_or_strict(tmp_path, name, reason, lin
         run(cfg)
         rejects = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     except MinilabError as e:  # nothing usable left: the empty-result error also counts the rejects
-        assert "empty corpus" in str(e) and "unreadable" in str(e)
+        assert "empty corpus" in str(e) and "input problem" in str(e) and "rejects.jsonl" not in str(e)
         rejects = None
     if rejects is not None:
         hit = [r for r in rejects if reason in r["reason"]]
@@ -169,3 +173,187 @@ def test_weights_and_budgets(tmp_path):
     a, b = m["sources"]
     assert 1 <= a["documents_kept"] < 10 and a["characters_kept"] >= 2000
     assert b["documents_kept"] == 20
+
+
+# --- formats known by content (issue 13) -------------------------------------------------------
+
+_WIKI_HEAD = (
+    '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.11/" '
+    'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" version="0.11" xml:lang="en">\n'
+    "  <siteinfo>\n    <sitename>Wikipedia</sitename>\n    <dbname>enwiki</dbname>\n"
+    '    <namespaces>\n      <namespace key="0" case="first-letter" />\n'
+    '      <namespace key="1" case="first-letter">Talk</namespace>\n    </namespaces>\n  </siteinfo>\n')
+
+
+def _wiki_page(i: int, title: str, body: str, ns: int = 0, redirect: str | None = None) -> str:
+    red = f'    <redirect title="{redirect}" />\n' if redirect else ""
+    wikitext = (f"{{{{Infobox person|name={title}|born={{{{birth date|1900|1|1}}}}}}}}\n"
+                f"'''{title}''' was [[Target page|a subject]] of note.&lt;ref&gt;{{{{cite web|url=x}}}}"
+                f"&lt;/ref&gt;\n\n== Life ==\n{body}\n\n[[Category:Examples]]")
+    return (f"  <page>\n    <title>{title}</title>\n    <ns>{ns}</ns>\n    <id>{i}</id>\n{red}"
+            f"    <revision>\n      <id>{1000 + i}</id>\n      <timestamp>2024-05-01T00:00:00Z</timestamp>\n"
+            "      <model>wikitext</model>\n      <format>text/x-wiki</format>\n"
+            f'      <text bytes="{len(wikitext)}" xml:space="preserve">{wikitext}</text>\n'
+            "      <sha1>abc</sha1>\n    </revision>\n  </page>\n")
+
+
+def _wiki_dump(rng: random.Random, n: int = 6) -> tuple[list[str], list[str]]:
+    """(parts of a realistic MediaWiki export: head, pages, tail), the article bodies kept."""
+    bodies = [prose(rng) for _ in range(n)]
+    pages = [_wiki_page(i, f"Article {i}", b) for i, b in enumerate(bodies)]
+    pages.insert(2, _wiki_page(90, "Talk:Article 0", prose(rng), ns=1))
+    pages.insert(4, _wiki_page(91, "Article Zero", "#REDIRECT [[Article 0]]", redirect="Article 0"))
+    return [_WIKI_HEAD, *pages, "</mediawiki>\n"], bodies
+
+
+@pytest.mark.parametrize("name,multistream", [
+    ("enwiki-20240601-pages-articles1.xml-p10p30302.bz2", False),
+    ("enwiki-20240601-pages-articles-multistream.xml.bz2", True),
+    ("enwiki-latest-pages-articles.dump", False)])
+def test_wikipedia_dump_read_as_articles_whatever_its_name(tmp_path, name, multistream):
+    parts, bodies = _wiki_dump(random.Random(11))
+    if multistream:  # Wikimedia's layout: the header, then streams of pages, then the footer
+        streams = [parts[0], "".join(parts[1:4]), "".join(parts[4:-1]), parts[-1]]
+        data = b"".join(bz2.compress(p.encode()) for p in streams)
+    else:
+        data = bz2.compress("".join(parts).encode())
+    (tmp_path / name).write_bytes(data)
+    m = run(cfg_for(tmp_path, tmp_path / name))
+    texts = list(iter_corpus(tmp_path / "out"))
+    assert m["documents_read"] == len(bodies) == len(texts)  # talk page and redirect skipped
+    for i, (text, body) in enumerate(zip(texts, bodies, strict=True)):
+        assert text.startswith(f"Article {i} was a subject of note.") and body in text
+        assert not any(mark in text for mark in ("<", "[[", "{{", "''", "==", "Category", "cite"))
+
+
+@pytest.mark.parametrize("kind", ["gzip", "xz", "zstd", "none"])
+def test_compression_known_by_magic_bytes_not_name(tmp_path, kind):
+    import zstandard
+
+    rng = random.Random(12)
+    docs = [prose(rng) for _ in range(4)]
+    raw = "".join(json.dumps({"text": t}) + "\n" for t in docs).encode()
+
+    def zstd_two_frames(b: bytes) -> bytes:
+        return zstandard.ZstdCompressor().compress(b[:300]) + zstandard.ZstdCompressor().compress(b[300:])
+
+    pack = {"gzip": gzip.compress, "xz": lzma.compress, "none": bytes, "zstd": zstd_two_frames}
+    (tmp_path / "records.bin").write_bytes(pack[kind](raw))
+    assert run(cfg_for(tmp_path, tmp_path / "records.bin"))["documents_kept"] == 4
+    assert sorted(iter_corpus(tmp_path / "out")) == sorted(docs)
+
+
+@pytest.mark.parametrize("name,layout", [("articles", "jsonl"), ("articles.txt", "jsonl"),
+                                         ("articles.ndjson", "jsonl"), ("articles.data", "array"),
+                                         ("articles.txt.gz", "pretty-array")])
+def test_json_lines_and_arrays_known_by_content(tmp_path, name, layout):
+    rng = random.Random(13)
+    docs = [prose(rng) for _ in range(5)]
+    records = [{"text": t, "id": i} for i, t in enumerate(docs)]
+    text = {"jsonl": "".join(json.dumps(r) + "\n" for r in records), "array": json.dumps(records),
+            "pretty-array": json.dumps(records, indent=2)}[layout]
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    m = run(cfg_for(tmp_path, path))
+    assert m["documents_read"] == 5 and sorted(iter_corpus(tmp_path / "out")) == sorted(docs)
+
+
+def test_source_names_its_format_on_the_command_line(tmp_path, capsys):
+    rng = random.Random(14)
+    docs = [prose(rng) for _ in range(3)]
+    path = tmp_path / "dump"  # a broken first record: the content alone says plain text
+    path.write_text("{broken\n" + "".join(json.dumps({"body": t}) + "\n" for t in docs))
+    base = ["corpus", "--analyze-only", "--set", "quality.min_chars=20", "--set", "quality.min_words=5"]
+    assert cli_main([*base, "--source", f"jsonl:{path}", "--text-field", "body"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 3 documents kept" in out and "input problem (malformed JSON): 1" in out
+    assert cli_main([*base, "--source", f"txt:{path}"]) == 0
+    assert "1 of 1 documents kept" in capsys.readouterr().out
+    src = SourceConfig(path=f"xml:{path}")
+    assert (src.format, src.path) == ("xml", str(path))
+    with pytest.raises(MinilabError, match="prefix says json"):
+        SourceConfig(path=f"json:{path}", format="xml")
+
+
+def test_one_huge_plain_text_document_says_which_format_was_assumed(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(sources, "HUGE_DOCUMENT_CHARS", 2000)
+    rng = random.Random(15)
+    path = tmp_path / "export"  # JSON Lines with a broken first line: read as plain text
+    path.write_text("{oops\n" + "".join(json.dumps({"text": prose(rng)}) + "\n" for _ in range(10)))
+    cfg = cfg_for(tmp_path, path)
+    cfg.quality.max_chars = 5000
+    with caplog.at_level(logging.WARNING, logger="minilab.corpus"), pytest.raises(MinilabError) as e:
+        run(cfg)
+    assert f"{path}: read as plain text (nothing else recognised), one document of" in caplog.text
+    msg = str(e.value)
+    assert "(too_long 1)" in msg and "quality.max_chars" in msg and f"--source jsonl:{path}" in msg
+    assert "quality.min_chars" not in msg and "\n" not in msg
+
+
+def test_empty_source_path_is_refused_not_the_current_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "creds.txt").write_text("password hunter2 " * 50)
+    for spec in ("", "jsonl:"):
+        rc = cli_main(["corpus", "--source", spec, "--output-dir", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "sources[0].path" in err and "empty path" in err
+        assert not (tmp_path / "o").exists()
+
+
+def test_invalid_utf8_keeps_the_rest_of_the_file_and_names_the_offset(tmp_path):
+    rng = random.Random(16)
+    first, second = prose(rng), prose(rng)
+    (tmp_path / "a.txt").write_bytes(first.encode() + b"\n" + b"caf\xe9 " + second.encode() + b"\n")
+    run(cfg_for(tmp_path, tmp_path / "a.txt"))
+    [text] = iter_corpus(tmp_path / "out")
+    assert first in text and "caf\ufffd " + second in text
+    [reject] = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert reject["where"] == f"{tmp_path / 'a.txt'}:2"
+    assert reject["reason"] == f"invalid UTF-8 replaced by U+FFFD: first at byte {len(first) + 1 + 3}"
+
+
+def test_rejects_file_named_only_when_written(tmp_path, capsys):
+    rng = random.Random(17)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": prose(rng)}) + "\n{bad\n")
+    base = ["corpus", "--source", str(tmp_path / "a.jsonl"), "--set", "quality.min_chars=20",
+            "--set", "quality.min_words=5"]
+    assert cli_main([*base, "--analyze-only"]) == 0
+    assert "rejects.jsonl" not in capsys.readouterr().out
+    assert cli_main([*base, "--output-dir", str(tmp_path / "o")]) == 0
+    assert f"listed in {tmp_path / 'o' / 'rejects.jsonl'}" in capsys.readouterr().out
+    assert (tmp_path / "o" / "rejects.jsonl").is_file()
+    (tmp_path / "b.jsonl").write_text("{bad\n" + json.dumps({"text": "tiny"}) + "\n")
+    assert cli_main(["corpus", "--source", str(tmp_path / "b.jsonl"), "--output-dir", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert "rejects.jsonl" not in err and not (tmp_path / "p").exists()
+    assert f"1 input problem (malformed JSON 1; first at {tmp_path / 'b.jsonl'}:1: malformed JSON" in err
+
+
+@pytest.mark.parametrize("docs,settings,reason,hint", [
+    (["tiny"], {}, "too_short", "quality.min_chars"),
+    (["Ceci est une phrase tout en français, écrite pour montrer comment le filtre rejette un texte "
+      "sans aucun mot vide anglais"], {"language": "en"}, "language",
+     "quality.language"),
+    (["1234 5678 9012 3456 7890 1234 5678 and the numbers"], {}, "digit_ratio", "quality.max_digit_ratio")])
+def test_empty_corpus_hint_matches_the_main_drop_reason(tmp_path, docs, settings, reason, hint):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    cfg = cfg_for(tmp_path, tmp_path / "a.jsonl")
+    for k, v in settings.items():
+        setattr(cfg.quality, k, v)
+    with pytest.raises(MinilabError) as e:
+        run(cfg)
+    msg = str(e.value)
+    assert f"({reason} 1)" in msg and f"dropped as {reason}: loosen {hint}" in msg
+    others = {"quality.min_chars", "quality.language", "quality.max_digit_ratio"} - {hint}
+    assert not any(o in msg for o in others)
+
+
+def test_empty_corpus_of_sampled_out_documents_points_at_weight(tmp_path):
+    rng = random.Random(18)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": prose(rng)}) + "\n" for _ in range(3)))
+    cfg = cfg_for(tmp_path, tmp_path / "a.jsonl")
+    cfg.sources[0].weight = 1e-9
+    with pytest.raises(MinilabError) as e:
+        run(cfg)
+    assert "(sampled_out 3)" in str(e.value) and "raise the sources' weight" in str(e.value)
+    assert "quality." not in str(e.value)

@@ -60,6 +60,17 @@ class QualityConfig:
         "help": "'en' keeps only documents with ≥ 2 English stop words (Gopher rule); none = off"})
 
 
+# The config keys that loosen each rule, by the reason `QualityFilter.check` returns.
+RULE_KEYS: dict[str, tuple[str, ...]] = {
+    "too_short": ("min_chars",), "too_long": ("max_chars",), "too_few_words": ("min_words",),
+    "mean_word_length": ("min_mean_word_length", "max_mean_word_length"),
+    "symbol_ratio": ("max_symbol_ratio",), "digit_ratio": ("max_digit_ratio",),
+    "alpha_word_ratio": ("min_alpha_word_ratio",), "duplicate_lines": ("max_duplicate_line_ratio",),
+    "repeated_2gram": ("max_top_2gram_ratio",), "repeated_5grams": ("max_duplicate_5gram_ratio",),
+    "language": ("language",),
+}
+
+
 def _ngram_char_ratio(words: list[str], n: int, top_only: bool) -> float:
     """Share of word characters in repeated n-grams (or in the single most frequent n-gram)."""
     if len(words) < n:

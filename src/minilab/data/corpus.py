@@ -179,14 +179,39 @@ def run(cfg: CorpusConfig) -> dict[str, Any]:
     return manifest
 
 
+def _drop_hint(cfg: CorpusConfig, reason: str | None) -> str:
+    """What to change when most documents were dropped for `reason` (the most common one)."""
+    from minilab.data.clean import RULE_KEYS
+    from minilab.data.sources import detect_format, source_files
+
+    if reason is None:
+        return "check the sources"
+    if reason in ("exact_duplicate", "near_duplicate"):
+        return (f"most were {reason}s: the sources repeat themselves (dedup.threshold={cfg.dedup.threshold} "
+                "sets how similar counts as a near duplicate; dedup.exact / dedup.near turn a check off)")
+    if reason == "sampled_out":
+        return "most were sampled out: raise the sources' weight (below 1 keeps only that share)"
+    if reason == "empty":
+        return "most were empty after cleaning: check the sources"
+    keys = [f"quality.{k}" for k in RULE_KEYS.get(reason, ())]
+    now = ", ".join(repr(getattr(cfg.quality, k.split(".")[1])) for k in keys)
+    hint = f"most were dropped as {reason}: loosen {' / '.join(keys)} (now {now}) with --set KEY=VALUE"
+    if reason == "too_long":  # one huge document is usually a file of many read as plain text
+        txt = [p for s in cfg.sources if s.format in ("auto", "txt") for p in source_files(s)
+               if s.format == "txt" or detect_format(p)[0] == "txt"]
+        if txt:
+            hint += (f", or, if {txt[0]} (read as plain text) holds many documents, name its format: "
+                     f"--source jsonl:{txt[0]} (or json:, xml:, parquet:)")
+    return hint
+
+
 def _manifest(cfg, name, stats, rejects, shards, seconds) -> dict[str, Any]:
     totals = stats.totals()
     if totals["documents_kept"] == 0:
         why = ", ".join(f"{k} {v}" for k, v in totals["dropped"].items()) or "no documents were read"
-        bad = sum(rejects.counts.values())
-        raise MinilabError(f"empty corpus after filtering ({why}"
-                           f"{f'; {bad} unreadable inputs, see rejects.jsonl' if bad else ''}); "
-                           "check the sources or loosen the quality settings (--set quality.min_chars=...)")
+        problems = rejects.summary()  # named here: no rejects.jsonl is left behind by a failed run
+        raise MinilabError(f"empty corpus after filtering ({why}){'; ' + problems if problems else ''}; "
+                           + _drop_hint(cfg, next(iter(totals["dropped"]), None)))
     return {"kind": "minilab.corpus", "name": name, "minilab_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(seconds, 2),
             **totals, "rejects": dict(rejects.counts), "sources": _source_entries(cfg, stats),
@@ -197,7 +222,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from minilab.cli import add_config_flags, flag
 
     p.add_argument("--source", action="append", default=[], metavar="PATH",
-                   help="file, folder, glob, 'default' (built-in English corpus) or 'hf:ID'; repeatable")
+                   help="file, folder, glob, 'default' (built-in English corpus) or 'hf:ID'; repeatable. "
+                        "Formats are recognised by content; FORMAT:PATH names one (txt, jsonl, json, xml, "
+                        "parquet), e.g. jsonl:data/dump")
     flag(p, "--output-dir", help="where to write the corpus (e.g. data/corpus/NAME)")
     p.add_argument("--name", help="corpus name (default: the output folder's name)")
     flag(p, "--text-field", help="JSONL/Parquet field holding the text (default 'text')")
@@ -230,6 +257,7 @@ def main(args: argparse.Namespace) -> int:
           f"{m['characters_kept']:,} characters (~{m['approx_tokens']:,} tokens), {len(m['shards'])} shards")
     for reason, n in m["dropped"].items():
         print(f"  dropped {reason}: {n:,}")
+    listed = "" if cfg.analyze_only else f" - listed in {Path(cfg.output_dir) / 'rejects.jsonl'}"
     for reason, n in m["rejects"].items():
-        print(f"  unreadable ({reason}): {n:,}" + ("" if cfg.analyze_only else " - see rejects.jsonl"))
+        print(f"  input problem ({reason}): {n:,}{listed}")
     return 0

@@ -2,15 +2,26 @@
 
 `iter_source(src, rejects)` streams `(text, where)` pairs, `where` being `file:line` (or
 `file:row N`), so every later drop can name its origin. Input that cannot be read (malformed
-JSON, invalid UTF-8, a truncated compressed file, malformed XML, a missing field, a binary file
-among text files) is passed to `rejects.add(where, reason)`, which records it in
-`rejects.jsonl` or, in strict mode, stops with a one-line error naming file and line.
+JSON, a truncated compressed file, malformed XML, a missing field, a binary file among text
+files) is passed to `rejects.add(where, reason)`, which records it in `rejects.jsonl` or, in
+strict mode, stops with a one-line error naming file and line. Invalid UTF-8 bytes are replaced
+by U+FFFD, the rest of the line kept, and the byte offset recorded the same way.
+
+A file's format is known by its content, not its name (`detect_format`): the compression by its
+magic bytes (gzip, bzip2 including multistream dumps, xz, zstd), then the decompressed head says
+Parquet, XML (MediaWiki dumps included), a JSON array, JSON Lines or plain text. The name is
+only a hint where the content does not decide, and `format` (or a `jsonl:PATH` style prefix on
+the path) overrides both.
 """
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
+import io
 import json
+import logging
 import lzma
 import re
 import zlib
@@ -22,8 +33,16 @@ from typing import IO, Any, Literal
 
 from minilab.errors import MinilabError
 
+log = logging.getLogger("minilab.corpus")
+
 FORMATS = ("txt", "jsonl", "json", "xml", "parquet")
-_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+# Compression by magic bytes, never by file name: Wikimedia names dumps '...xml-p10p30302.bz2'.
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+_SNIFF_BYTES = 1 << 16  # decompressed head read to recognise a format
+# One plain-text document this large is most likely a file of many documents read in the wrong format.
+HUGE_DOCUMENT_CHARS = 1 << 20
+_NAME_HINT = re.compile(r"\.(txt|jsonl|ndjson|json|xml|parquet)(?![a-z0-9])")
+EMPTY_PATH = "empty path; give a file, folder, glob, 'default' or 'hf:ID' ('.' for the current folder)"
 # Errors a truncated or corrupt compressed stream raises part-way through reading.
 _STREAM_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error, lzma.LZMAError)
 
@@ -32,9 +51,11 @@ _STREAM_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error
 class SourceConfig:
     """One input of a corpus."""
 
-    path: str = field(metadata={"help": "file, folder, glob, 'default', or 'hf:<dataset id or path>'"})
+    path: str = field(metadata={"help": "file, folder, glob, 'default', or 'hf:<dataset id or path>'; "
+                                        "'FORMAT:PATH' (e.g. 'jsonl:data/dump') also sets format"})
     format: Literal["auto", "txt", "jsonl", "json", "xml", "parquet", "hf", "default"] = field(
-        default="auto", metadata={"help": "input format; 'auto' infers it from the extension"})
+        default="auto", metadata={"help": "input format; 'auto' recognises it from the file's content "
+                                          "(the name is only a hint)"})
     name: str | None = field(default=None, metadata={"help": "label in the manifest and data card"})
     license: str = field(default="unspecified", metadata={"help": "licence as given, for the data card"})
     text_field: str = field(default="text", metadata={"help": "JSONL/Parquet/HF: field holding the text "
@@ -51,6 +72,20 @@ class SourceConfig:
     max_tokens: int = field(default=0, metadata={
         "help": "stop taking from this source after about this many tokens kept (chars/4); 0 = no limit"})
 
+    def __post_init__(self) -> None:
+        fmt, path = split_format_prefix(self.path)
+        if fmt is not None:
+            if self.format not in ("auto", fmt):
+                raise MinilabError(f"source '{self.path}': the prefix says {fmt} but format is {self.format}; "
+                                   "give one of them")
+            self.format, self.path = fmt, path
+
+    def validate(self) -> None:
+        from minilab.errors import ConfigError
+
+        if not self.path.strip():
+            raise ConfigError(EMPTY_PATH, key="path")
+
     def label(self) -> str:
         if self.name:
             return self.name
@@ -63,6 +98,7 @@ class Rejects:
     def __init__(self, path: Path | None = None, strict: bool = False):
         self.path, self.strict = path, strict
         self.counts: Counter[str] = Counter()
+        self.first: tuple[str, str] | None = None  # (where, reason) of the first problem, for messages
         self._f: IO | None = None
 
     def add(self, where: str, reason: str, sample: str = "") -> None:
@@ -70,6 +106,7 @@ class Rejects:
             raise MinilabError(f"{where}: {reason} (drop --strict to skip such input and list it in "
                                "rejects.jsonl)")
         self.counts[reason.split(":")[0]] += 1
+        self.first = self.first or (where, reason)
         if self.path is not None:
             if self._f is None:
                 self._f = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -81,22 +118,108 @@ class Rejects:
             self._f.close()
             self._f = None
 
+    def summary(self) -> str:
+        """'N input problems (reason n, ...; first at WHERE: REASON)', for one-line messages."""
+        n = sum(self.counts.values())
+        if not n:
+            return ""
+        reasons = ", ".join(f"{k} {v}" for k, v in self.counts.most_common(3))
+        where, reason = self.first or ("?", "?")
+        return f"{n} input problem{'s' if n > 1 else ''} ({reasons}; first at {where}: {reason})"
 
-def infer_format(path: str | Path) -> str:
-    suffix = _base_suffix(Path(path)).lstrip(".")
-    return suffix if suffix in FORMATS else "txt"
+
+def split_format_prefix(spec: str) -> tuple[str | None, str]:
+    """'jsonl:data/dump' -> ('jsonl', 'data/dump'); a path without a format prefix -> (None, path)."""
+    head, sep, rest = spec.partition(":")
+    if sep and head in FORMATS and not Path(spec).exists():
+        return head, rest
+    return None, spec
 
 
-def _base_suffix(path: Path) -> str:
-    """'.jsonl' for 'a.jsonl.gz': the format suffix under any compression suffix."""
-    name = path.name.lower()
-    for ext in _COMPRESSED:
-        name = name.removesuffix(ext)
-    return Path(name).suffix
+def compression(path: Path) -> str | None:
+    """'gzip', 'bz2', 'xz' or 'zstd' from the file's magic bytes; None when not compressed."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    return next((kind for m, kind in _MAGIC if magic.startswith(m)), None)
+
+
+def open_input(path: Path) -> IO[bytes]:
+    """A source file's decompressed bytes, compression recognised by magic bytes (not the name)."""
+    kind = compression(path)
+    if kind == "gzip":
+        return gzip.open(path, "rb")  # reads concatenated members too
+    if kind == "bz2":
+        return bz2.BZ2File(path, "rb")  # reads concatenated streams: multistream Wikipedia dumps
+    if kind == "xz":
+        return lzma.open(path, "rb")
+    if kind == "zstd":
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,  # noqa: SIM115
+                                                            closefd=True)
+        return io.BufferedReader(reader)  # type: ignore[arg-type]
+    return open(path, "rb")  # noqa: SIM115 - returned to the caller
+
+
+def _name_hint(path: Path) -> str | None:
+    """The format a file's name suggests, wherever the suffix sits ('a.xml-p10p30302.bz2' -> xml)."""
+    found = _NAME_HINT.findall(path.name.lower())
+    return None if not found else ("jsonl" if found[-1] == "ndjson" else found[-1])
+
+
+def _content_format(head: bytes) -> str | None:
+    """The format the first decompressed bytes identify, or None when they do not decide."""
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    body = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    if body.startswith((b"<?xml", b"<mediawiki")):
+        return "xml"
+    if body.startswith(b"["):
+        return "json" if body[1:].lstrip()[:1] in (b"{", b'"', b"]") else None
+    if body.startswith(b"{"):
+        line, newline, _ = body.partition(b"\n")
+        if not newline and len(head) >= _SNIFF_BYTES:
+            return "jsonl"  # a first record longer than the sniffed head
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = None
+        if isinstance(obj, dict):
+            return "jsonl"
+        try:  # one pretty-printed JSON object
+            return "json" if len(head) < _SNIFF_BYTES and isinstance(json.loads(body), dict) else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+    return None
+
+
+def detect_format(path: Path) -> tuple[str, str]:
+    """(format, how it was decided) for one file: by content, else by name, else plain text."""
+    try:
+        with open_input(path) as f:
+            head = f.read(_SNIFF_BYTES)
+    except _STREAM_ERRORS:
+        head = b""  # the reader reports the corrupt stream
+    fmt = _content_format(head)
+    if fmt is not None:
+        return fmt, "by content"
+    hint = _name_hint(path)
+    if hint is not None:
+        return hint, "by file name"
+    return "txt", "nothing else recognised"
+
+
+def huge_document_hint(path: Path, how: str, chars: int) -> str:
+    """Why one enormous plain-text document is suspect, and how to name the right format."""
+    return (f"{path}: read as plain text ({how}), one document of {chars / 1e6:.1f} M characters; if it "
+            f"holds many documents, name its format: --source jsonl:{path} (or json:, xml:, parquet:), "
+            "or format: in the source's config; split: paragraph splits text at blank lines")
 
 
 def expand_paths(pattern: str) -> list[Path]:
     """A file, every known-format file below a folder, or a glob's matches, sorted."""
+    if not pattern.strip():
+        raise MinilabError(EMPTY_PATH)
     p = Path(pattern)
     if p.is_dir():
         # Every non-hidden file: unknown extensions are read as text, so a stray binary file is
@@ -110,23 +233,27 @@ def expand_paths(pattern: str) -> list[Path]:
 
 
 def _lines(path: Path, rejects: Rejects) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line) of a possibly compressed file; bad lines go to `rejects`."""
-    from minilab.data.shards import open_text
+    """(line number, decoded line) of a possibly compressed file.
 
-    lineno = 0
+    Invalid UTF-8 bytes become U+FFFD and the rest of the line is kept; each such line is
+    recorded in `rejects` with the byte offset (in the decompressed file) of its first bad byte.
+    """
+    lineno = offset = 0
     try:
-        with open_text(path, "rb") as f:
-            head = f.peek(8192)[:8192] if hasattr(f, "peek") else b""
-            if b"\x00" in head:
+        with open_input(path) as f:
+            if b"\x00" in f.peek(8192)[:8192]:
                 rejects.add(f"{path}:1", "binary file (NUL bytes) among text files")
                 return
             for raw in f:
                 lineno += 1
                 try:
-                    yield lineno, raw.decode("utf-8")
+                    line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    rejects.add(f"{path}:{lineno}", f"invalid UTF-8 at byte {e.start}",
-                                raw.decode("utf-8", "replace"))
+                    line = raw.decode("utf-8", "replace")
+                    rejects.add(f"{path}:{lineno}", f"invalid UTF-8 replaced by U+FFFD: first at byte "
+                                f"{offset + e.start}", line)
+                offset += len(raw)
+                yield lineno, line
     except _STREAM_ERRORS as e:
         rejects.add(f"{path}:{lineno + 1}", f"truncated or corrupt file: {e}")
 
@@ -173,17 +300,20 @@ def _iter_jsonl(path: Path, src: SourceConfig, rejects: Rejects) -> Iterator[tup
 
 
 def _iter_json(path: Path, src: SourceConfig, rejects: Rejects) -> Iterator[tuple[str, str]]:
-    """A .json file holding an array of objects/strings; otherwise read as JSON Lines."""
-    from minilab.data.shards import open_text
-
-    with open_text(path, "rb") as f:
-        first = f.read(64).lstrip()[:1]
-    if first != b"[":
+    """A JSON array of objects/strings, or one JSON object; JSON Lines when the first line is a record."""
+    try:
+        with open_input(path) as f:
+            head = f.read(_SNIFF_BYTES)
+    except _STREAM_ERRORS:
+        head = b""
+    if _content_format(head) == "jsonl":
         yield from _iter_jsonl(path, src, rejects)
         return
     try:
-        with open_text(path) as f:
+        with io.TextIOWrapper(open_input(path), encoding="utf-8-sig") as f:
             items = json.load(f)
+        if isinstance(items, dict):
+            items = [items]
     except (json.JSONDecodeError, UnicodeDecodeError, *_STREAM_ERRORS) as e:
         rejects.add(f"{path}:{getattr(e, 'lineno', 1)}", f"malformed JSON: {getattr(e, 'msg', e)}")
         return
@@ -226,12 +356,10 @@ def strip_wikitext(text: str) -> str:
 def _iter_xml(path: Path, src: SourceConfig, rejects: Rejects) -> Iterator[tuple[str, str]]:
     import xml.etree.ElementTree as ET
 
-    from minilab.data.shards import open_text
-
     record, text_path, wiki = src.record_tag, src.text_path, False
     n = 0
     try:
-        with open_text(path, "rb") as f:
+        with open_input(path) as f:
             context = ET.iterparse(f, events=("start", "end"))
             _, root = next(context)
             if _local(root.tag) == "mediawiki":  # a Wikipedia-style dump: pages, main namespace only
@@ -273,7 +401,7 @@ def _iter_parquet(path: Path, src: SourceConfig, rejects: Rejects) -> Iterator[t
     except ImportError:
         raise MinilabError("reading Parquet needs pyarrow: pip install 'minilab[hf]'") from None
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path if compression(path) is None else io.BytesIO(open_input(path).read()))
     except Exception as e:  # pyarrow raises its own ArrowInvalid etc.
         rejects.add(f"{path}:1", f"unreadable Parquet file: {e}")
         return
@@ -334,5 +462,9 @@ def iter_source(src: SourceConfig, rejects: Rejects) -> Iterator[tuple[str, str]
         yield from _iter_hf(src.path.removeprefix("hf:"), src, rejects)
         return
     for path in source_files(src):
-        fmt = infer_format(path) if src.format == "auto" else src.format
-        yield from _READERS[fmt](path, src, rejects)
+        fmt, how = detect_format(path) if src.format == "auto" else (src.format, "as configured")
+        log.debug("%s: read as %s (%s)", path, fmt, how)
+        for text, where in _READERS[fmt](path, src, rejects):
+            if fmt == "txt" and len(text) > HUGE_DOCUMENT_CHARS:
+                log.warning("%s", huge_document_hint(path, how, len(text)))
+            yield text, where
