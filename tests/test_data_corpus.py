@@ -245,17 +245,31 @@ def test_compression_known_by_magic_bytes_not_name(tmp_path, kind):
 
 @pytest.mark.parametrize("name,layout", [("articles", "jsonl"), ("articles.txt", "jsonl"),
                                          ("articles.ndjson", "jsonl"), ("articles.data", "array"),
-                                         ("articles.txt.gz", "pretty-array")])
+                                         ("articles.txt.gz", "pretty-array"), ("bom.jsonl", "bom-jsonl")])
 def test_json_lines_and_arrays_known_by_content(tmp_path, name, layout):
     rng = random.Random(13)
     docs = [prose(rng) for _ in range(5)]
     records = [{"text": t, "id": i} for i, t in enumerate(docs)]
     text = {"jsonl": "".join(json.dumps(r) + "\n" for r in records), "array": json.dumps(records),
-            "pretty-array": json.dumps(records, indent=2)}[layout]
+            "pretty-array": json.dumps(records, indent=2),
+            "bom-jsonl": "\ufeff" + "".join(json.dumps(r) + "\n" for r in records)}[layout]
     path = tmp_path / name
     path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
     m = run(cfg_for(tmp_path, path))
     assert m["documents_read"] == 5 and sorted(iter_corpus(tmp_path / "out")) == sorted(docs)
+
+
+@pytest.mark.parametrize("name,compress", [("table.bin", False), ("table.parquet.gz", True)])
+def test_parquet_known_by_content_even_compressed(tmp_path, name, compress):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rng = random.Random(19)
+    docs = [prose(rng) for _ in range(3)]
+    pq.write_table(pa.table({"text": docs}), tmp_path / "t.parquet")
+    data = (tmp_path / "t.parquet").read_bytes()
+    (tmp_path / name).write_bytes(gzip.compress(data) if compress else data)
+    assert run(cfg_for(tmp_path, tmp_path / name))["documents_kept"] == 3
 
 
 def test_source_names_its_format_on_the_command_line(tmp_path, capsys):

@@ -253,7 +253,7 @@ def _lines(path: Path, rejects: Rejects) -> Iterator[tuple[int, str]]:
                     rejects.add(f"{path}:{lineno}", f"invalid UTF-8 replaced by U+FFFD: first at byte "
                                 f"{offset + e.start}", line)
                 offset += len(raw)
-                yield lineno, line
+                yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
     except _STREAM_ERRORS as e:
         rejects.add(f"{path}:{lineno + 1}", f"truncated or corrupt file: {e}")
 
