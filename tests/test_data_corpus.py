@@ -221,6 +221,7 @@ def test_wikipedia_dump_read_as_articles_whatever_its_name(tmp_path, name, multi
     m = run(cfg_for(tmp_path, tmp_path / name))
     texts = list(iter_corpus(tmp_path / "out"))
     assert m["documents_read"] == len(bodies) == len(texts)  # talk page and redirect skipped
+    assert m["sources"][0]["files"][0]["format"] == "xml"  # the manifest says how each file was read
     for i, (text, body) in enumerate(zip(texts, bodies, strict=True)):
         assert text.startswith(f"Article {i} was a subject of note.") and body in text
         assert not any(mark in text for mark in ("<", "[[", "{{", "''", "==", "Category", "cite"))
@@ -281,6 +282,8 @@ def test_source_names_its_format_on_the_command_line(tmp_path, capsys):
     assert cli_main([*base, "--source", f"jsonl:{path}", "--text-field", "body"]) == 0
     out = capsys.readouterr().out
     assert "3 of 3 documents kept" in out and "input problem (malformed JSON): 1" in out
+    assert cli_main([*base, "--source", f"json:{path}", "--text-field", "body"]) == 0  # not an array
+    assert "3 of 3 documents kept" in capsys.readouterr().out
     assert cli_main([*base, "--source", f"txt:{path}"]) == 0
     assert "1 of 1 documents kept" in capsys.readouterr().out
     src = SourceConfig(path=f"xml:{path}")

@@ -129,7 +129,7 @@ def _process(cfg: CorpusConfig, writer, rejects) -> _Stats:
 
 def _source_entries(cfg: CorpusConfig, stats: _Stats) -> list[dict[str, Any]]:
     """Manifest entries per source: settings, input files with SHA-256, counts."""
-    from minilab.data.sources import source_files
+    from minilab.data.sources import file_format, source_files
     from minilab.fsutil import sha256_file
 
     entries = []
@@ -143,8 +143,8 @@ def _source_entries(cfg: CorpusConfig, stats: _Stats) -> list[dict[str, Any]]:
 
             entry.update(provenance())
         else:
-            entry["files"] = [{"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}
-                              for p in source_files(src)]
+            entry["files"] = [{"path": str(p), "format": file_format(p, src)[0], "sha256": sha256_file(p),
+                               "bytes": p.stat().st_size} for p in source_files(src)]
         entries.append(entry)
     return entries
 
@@ -182,7 +182,7 @@ def run(cfg: CorpusConfig) -> dict[str, Any]:
 def _drop_hint(cfg: CorpusConfig, reason: str | None) -> str:
     """What to change when most documents were dropped for `reason` (the most common one)."""
     from minilab.data.clean import RULE_KEYS
-    from minilab.data.sources import detect_format, source_files
+    from minilab.data.sources import file_format, source_files
 
     if reason is None:
         return "check the sources"
@@ -197,8 +197,7 @@ def _drop_hint(cfg: CorpusConfig, reason: str | None) -> str:
     now = ", ".join(repr(getattr(cfg.quality, k.split(".")[1])) for k in keys)
     hint = f"most were dropped as {reason}: loosen {' / '.join(keys)} (now {now}) with --set KEY=VALUE"
     if reason == "too_long":  # one huge document is usually a file of many read as plain text
-        txt = [p for s in cfg.sources if s.format in ("auto", "txt") for p in source_files(s)
-               if s.format == "txt" or detect_format(p)[0] == "txt"]
+        txt = [p for s in cfg.sources for p in source_files(s) if file_format(p, s)[0] == "txt"]
         if txt:
             hint += (f", or, if {txt[0]} (read as plain text) holds many documents, name its format: "
                      f"--source jsonl:{txt[0]} (or json:, xml:, parquet:)")

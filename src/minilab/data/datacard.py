@@ -27,7 +27,7 @@ def render_datacard(m: dict[str, Any], examples: dict[str, list[dict[str, str]]]
              f"(about {m['approx_tokens']:,} tokens at 4 chars/token)",
              f"- shards: {len(m['shards'])} ({cfg['compression']} compression); "
              "SHA-256 of each in manifest.json",
-             f"- unreadable inputs: {sum(m['rejects'].values()):,}"
+             f"- input problems (unreadable records, replaced bytes): {sum(m['rejects'].values()):,}"
              + (" (listed with file:line in rejects.jsonl)" if m["rejects"] else ""), "",
              "## Sources", "",
              "| source | format | licence (as given) | read | kept | characters kept |",

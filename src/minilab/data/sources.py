@@ -209,6 +209,11 @@ def detect_format(path: Path) -> tuple[str, str]:
     return "txt", "nothing else recognised"
 
 
+def file_format(path: Path, src: SourceConfig) -> tuple[str, str]:
+    """(format, how it was decided) that `iter_source` reads one file of `src` in."""
+    return detect_format(path) if src.format == "auto" else (src.format, "as configured")
+
+
 def huge_document_hint(path: Path, how: str, chars: int) -> str:
     """Why one enormous plain-text document is suspect, and how to name the right format."""
     return (f"{path}: read as plain text ({how}), one document of {chars / 1e6:.1f} M characters; if it "
@@ -300,13 +305,14 @@ def _iter_jsonl(path: Path, src: SourceConfig, rejects: Rejects) -> Iterator[tup
 
 
 def _iter_json(path: Path, src: SourceConfig, rejects: Rejects) -> Iterator[tuple[str, str]]:
-    """A JSON array of objects/strings, or one JSON object; JSON Lines when the first line is a record."""
+    """A JSON array of objects/strings, or one JSON object; otherwise read as JSON Lines."""
     try:
         with open_input(path) as f:
             head = f.read(_SNIFF_BYTES)
     except _STREAM_ERRORS:
         head = b""
-    if _content_format(head) == "jsonl":
+    fmt = _content_format(head)
+    if fmt != "json" and not head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
         yield from _iter_jsonl(path, src, rejects)
         return
     try:
@@ -462,7 +468,7 @@ def iter_source(src: SourceConfig, rejects: Rejects) -> Iterator[tuple[str, str]
         yield from _iter_hf(src.path.removeprefix("hf:"), src, rejects)
         return
     for path in source_files(src):
-        fmt, how = detect_format(path) if src.format == "auto" else (src.format, "as configured")
+        fmt, how = file_format(path, src)
         log.debug("%s: read as %s (%s)", path, fmt, how)
         for text, where in _READERS[fmt](path, src, rejects):
             if fmt == "txt" and len(text) > HUGE_DOCUMENT_CHARS:
