@@ -160,6 +160,8 @@ def test_xml_mediawiki_and_analyze_only(tmp_path, capsys):
                    "--set", "quality.min_chars=20", "--set", "quality.min_words=5"])
     assert rc == 0 and "1 of 1 documents kept" in capsys.readouterr().out
     assert strip_wikitext("'''Bold''' [[Target|label]] {{T|{{n}}}}x<ref>c</ref>") == "Bold label x"
+    image = "[[File:Map.png|thumb|A map of [[France|the country]] in 1900]]"
+    assert strip_wikitext(f"__NOTOC__A&nbsp;B &amp; [[Paris]] {image}rest") == "A\u00a0B & Paris rest"
 
 
 def test_weights_and_budgets(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bz2
 import glob
 import gzip
+import html
 import io
 import json
 import logging
@@ -339,8 +340,10 @@ _WIKI_RULES = [
     (re.compile(r"<!--.*?-->", re.S), ""),
     (re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", re.S), ""),
     (re.compile(r"\{\|.*?\|\}", re.S), ""),  # tables
-    (re.compile(r"\[\[(?:File|Image|Category):[^\]]*\]\]", re.I), ""),
-    (re.compile(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]"), r"\1"),  # [[target|label]] -> label
+    # [[target|label]] -> label, innermost first, so a link inside an image caption goes before the image
+    (re.compile(r"\[\[(?!(?:File|Image|Category):)(?:[^|\[\]]*\|)?([^\[\]]*)\]\]", re.I), r"\1"),
+    (re.compile(r"\[\[(?:File|Image|Category):[^\[\]]*\]\]", re.I), ""),
+    (re.compile(r"__[A-Z]+__"), ""),  # magic words: __TOC__, __NOTOC__
     (re.compile(r"\[https?://\S+\s*([^\]]*)\]"), r"\1"),
     (re.compile(r"'{2,}"), ""),
     (re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M), r"\1"),
@@ -356,7 +359,7 @@ def strip_wikitext(text: str) -> str:
         prev, text = text, _TEMPLATE.sub("", text)
     for pattern, repl in _WIKI_RULES:
         text = pattern.sub(repl, text)
-    return text
+    return html.unescape(text)  # &nbsp; &amp; ... as the characters they stand for
 
 
 def _iter_xml(path: Path, src: SourceConfig, rejects: Rejects) -> Iterator[tuple[str, str]]:
