@@ -292,3 +292,21 @@ def test_concurrent_requests_decode_together_with_their_own_answers(engine):
            for a in answers]
     assert got == alone
     assert health["batching"] and health["batch_peak"] >= 2 and health["completed"] == len(bodies)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "m", "--port", "99999"], "--port: must be in 0..65535, got 99999"),
+    (["serve", "m", "--port", "-5"], "--port: must be in 0..65535, got -5"),
+    (["serve", "m", "--max-body-bytes", "-1"], "must be ≥ 1, got -1"),
+    (["serve", "m", "--max-concurrency", "0"], "must be ≥ 1, got 0"),
+    (["serve", "m", "--max-queue", "-1"], "must be ≥ 0, got -1"),
+    (["generate", "m", "--prompt", "x", "--seed", str(2**64)], "--seed: must be in 0..18446744073709551615"),
+    (["generate", "m", "--prompt", "x", "--seed", "-1"], "--seed: must be in 0.."),
+])
+def test_out_of_range_flags_are_one_line_usage_errors(argv, message, capsys):
+    from minilab.cli import main as cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err

@@ -54,21 +54,21 @@ def base_url(host: str, sock: socket.socket) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag
+    from minilab.cli import flag, int_range
     from minilab.inference import add_model_flags
 
     add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--port", type=int_range(0, 65535), default=8000, help="port (default 8000; 0 picks a free one)")
     flag(p, "--api-key", default=os.environ.get("MINILAB_API_KEY"),
          help="require 'Authorization: Bearer KEY' on /v1 (default: $MINILAB_API_KEY, else none)")
     flag(p, "--allow-remote", action="store_true",
          help="allow a non-loopback --host without an API key (anyone who can reach it can use it)")
-    flag(p, "--max-concurrency", type=int, default=8,
+    flag(p, "--max-concurrency", type=int_range(1), default=8,
          help="requests decoded at the same time: rows of one continuous batch (worker threads for "
               "transformers-backed models)")
-    flag(p, "--max-queue", type=int, default=64, help="requests waiting for a worker; more get HTTP 429")
-    flag(p, "--max-body-bytes", type=int, default=1 << 20, help="largest request body (HTTP 413 beyond)")
+    flag(p, "--max-queue", type=int_range(0), default=64, help="requests waiting for a worker; more get HTTP 429")
+    flag(p, "--max-body-bytes", type=int_range(1), default=1 << 20, help="largest request body (HTTP 413 beyond)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -80,8 +80,6 @@ def main(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not args.api_key and not args.allow_remote:
         raise MinilabError(f"refusing to serve on {args.host} without an API key: pass --api-key KEY (or set "
                            "MINILAB_API_KEY), or --allow-remote to serve it open to the network anyway")
-    if args.max_concurrency < 1 or args.max_queue < 0:
-        raise MinilabError("--max-concurrency must be ≥ 1 and --max-queue ≥ 0")
     engine = engine_from_args(args)
     app = create_app(engine, api_key=args.api_key, max_concurrency=args.max_concurrency,
                      max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
