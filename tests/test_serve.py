@@ -294,6 +294,41 @@ def test_concurrent_requests_decode_together_with_their_own_answers(engine):
     assert health["batching"] and health["batch_peak"] >= 2 and health["completed"] == len(bodies)
 
 
+def test_bodies_that_broke_the_server_get_4xx_and_a_hangup_one_quiet_line(engine, caplog):
+    """Issue 13: seed ≥ 2**64 and 100,000 nested '[' were 500s; a client hanging up mid-body
+    logged a full ASGI traceback."""
+    import logging
+    import socket
+
+    msgs = [{"role": "user", "content": "hi"}]
+    with running_server(create_app(engine)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        for seed in (2**64, -1):
+            r = http.post("/v1/chat/completions", json={"model": engine.name, "messages": msgs, "seed": seed})
+            assert r.status_code == 422 and r.json()["error"]["param"] == "seed", r.text
+        r = http.post("/v1/chat/completions", json={"model": engine.name, "messages": msgs, "seed": 2**64 - 1,
+                                                   "max_tokens": 2})
+        assert r.status_code == 200
+        r = http.post("/v1/completions", content=b"[" * 100_000, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        uvicorn_log.addHandler(caplog.handler)
+        try:
+            with caplog.at_level("INFO", logger="minilab.serve"):
+                host, port = url.removeprefix("http://").split(":")
+                with socket.create_connection((host, int(port))) as s:
+                    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: "
+                              "application/json\r\nContent-Length: 1000\r\n\r\n{\"model\":".encode())
+                    time.sleep(0.2)
+                deadline = time.monotonic() + 10
+                while "went away" not in caplog.text and time.monotonic() < deadline:
+                    time.sleep(0.02)
+        finally:
+            uvicorn_log.removeHandler(caplog.handler)
+        assert http.get("/health").json()["failed"] == 0
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
+    assert [r.getMessage() for r in caplog.records if "went away" in r.getMessage()] != []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["serve", "m", "--port", "99999"], "--port: must be in 0..65535, got 99999"),
     (["serve", "m", "--port", "-5"], "--port: must be in 0..65535, got -5"),

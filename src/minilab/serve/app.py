@@ -36,8 +36,9 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from minilab.inference import Delta, Engine, SamplingParams
 from minilab.serve import protocol as p
@@ -266,6 +267,8 @@ async def _read_json(request: Request, max_body: int) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise p.ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from None
+    except RecursionError:  # the parser's guard against arrays/objects nested ~1000 deep
+        raise p.ApiError(400, "invalid JSON body: nested too deeply", code="invalid_json") from None
 
 
 def _check_model(engine: Engine, name: str) -> None:
@@ -313,6 +316,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_concurrency: i
     @app.exception_handler(p.ApiError)
     async def _api_error(_request: Request, exc: p.ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, _exc: ClientDisconnect) -> Response:
+        # the client hung up before sending its whole body: one quiet line, no traceback, and an
+        # answer nobody reads (uvicorn drops what is sent to a closed connection)
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.info("%s went away before sending the whole request to %s", client, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
