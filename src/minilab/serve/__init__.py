@@ -56,6 +56,7 @@ def base_url(host: str, sock: socket.socket) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from minilab.cli import flag, int_range
     from minilab.inference import add_model_flags
+    from minilab.serve.guard import allowed_host_arg, origin_arg
 
     add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -64,6 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="require 'Authorization: Bearer KEY' on /v1 (default: $MINILAB_API_KEY, else none)")
     flag(p, "--allow-remote", action="store_true",
          help="allow a non-loopback --host without an API key (anyone who can reach it can use it)")
+    flag(p, "--allowed-hosts", type=allowed_host_arg, action="append", default=[], metavar="NAME[,NAME]",
+         help="Host names this server answers to besides localhost, IP addresses and --host (a guard against "
+              "DNS rebinding); '*' for any. Default with an API key: any")
+    flag(p, "--cors-origin", type=origin_arg, action="append", default=[], metavar="ORIGIN",
+         help="let web pages from ORIGIN (scheme://host[:port]) call the API, with CORS headers; repeatable; "
+              "'*' for any. Default: only the server's own chat page")
     flag(p, "--max-concurrency", type=int_range(1), default=8,
          help="requests decoded at the same time: rows of one continuous batch (worker threads for "
               "transformers-backed models)")
@@ -82,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
                            "MINILAB_API_KEY), or --allow-remote to serve it open to the network anyway")
     engine = engine_from_args(args)
     app = create_app(engine, api_key=args.api_key, max_concurrency=args.max_concurrency,
-                     max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+                     max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, host=args.host,
+                     allowed_hosts=[n for names in args.allowed_hosts for n in names], cors_origins=args.cors_origin)
     sock = bind_socket(args.host, args.port)  # bound here: with --port 0 the log names the port chosen
     try:
         log.info("serving %s on %s/ (chat page), OpenAI API under /v1%s", engine.name, base_url(args.host, sock),
