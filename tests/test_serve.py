@@ -270,6 +270,7 @@ def test_serve_port_0_logs_the_port_it_bound(engine, monkeypatch, caplog):
         assert cli(["serve", "any-model", "--port", "0", "--log-level", "warning"]) == 0
     assert seen["port"] != 0 and seen["health"] == 200
     assert f"on http://127.0.0.1:{seen['port']}/ (chat page)" in caplog.text
+    assert "answering Host names: localhost and IP addresses" in caplog.text  # DNS rebinding guard
 
 
 def test_concurrent_requests_decode_together_with_their_own_answers(engine):

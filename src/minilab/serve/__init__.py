@@ -83,6 +83,7 @@ def main(args: argparse.Namespace) -> int:
 
     from minilab.inference import engine_from_args
     from minilab.serve.app import create_app
+    from minilab.serve.guard import is_ip
 
     if not is_loopback(args.host) and not args.api_key and not args.allow_remote:
         raise MinilabError(f"refusing to serve on {args.host} without an API key: pass --api-key KEY (or set "
@@ -95,6 +96,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         log.info("serving %s on %s/ (chat page), OpenAI API under /v1%s", engine.name, base_url(args.host, sock),
                  "" if args.api_key else " (no API key)")
+        hosts = app.state.trusted_hosts
+        log.info("answering Host names: %s", "any" if hosts is None else
+                 ", ".join(sorted(h for h in hosts if not is_ip(h))) + " and IP addresses (more with --allowed-hosts)")
         server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
         server.run(sockets=[sock])
     finally:

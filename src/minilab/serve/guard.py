@@ -151,4 +151,5 @@ def protect(app: Any, *, bind_host: str, api_key: str | None, allowed_hosts: Ite
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=sorted(origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
-    app.add_middleware(Guard, hosts=trusted_hosts(bind_host, api_key, allowed_hosts), origins=origins)
+    app.state.trusted_hosts = trusted_hosts(bind_host, api_key, allowed_hosts)  # what `serve` logs
+    app.add_middleware(Guard, hosts=app.state.trusted_hosts, origins=origins)
