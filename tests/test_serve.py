@@ -233,7 +233,8 @@ def test_startup_warning_and_remote_guard(engine, caplog, capsys, tmp_path):
 
     e = copy.copy(engine)
     e.warnings = ["the tokenizer has no chat_template: chat uses the fallback plain transcript format"]
-    with caplog.at_level("WARNING", logger="minilab.serve"), TestClient(create_app(e)) as client:
+    with caplog.at_level("WARNING", logger="minilab.serve"), \
+            TestClient(create_app(e), base_url="http://localhost") as client:
         assert client.get("/health").json()["warnings"] == e.warnings
         assert "<title>minilab chat</title>" in client.get("/").text
     assert "fallback plain transcript" in caplog.text
@@ -269,6 +270,7 @@ def test_serve_port_0_logs_the_port_it_bound(engine, monkeypatch, caplog):
         assert cli(["serve", "any-model", "--port", "0", "--log-level", "warning"]) == 0
     assert seen["port"] != 0 and seen["health"] == 200
     assert f"on http://127.0.0.1:{seen['port']}/ (chat page)" in caplog.text
+    assert "answering Host names: localhost and IP addresses" in caplog.text  # DNS rebinding guard
 
 
 def test_concurrent_requests_decode_together_with_their_own_answers(engine):
@@ -292,3 +294,125 @@ def test_concurrent_requests_decode_together_with_their_own_answers(engine):
            for a in answers]
     assert got == alone
     assert health["batching"] and health["batch_peak"] >= 2 and health["completed"] == len(bodies)
+
+
+def test_other_hosts_and_cross_origin_pages_are_refused_before_generation(engine):
+    """Issue 13: a loopback server without a key answered any Host (DNS rebinding) and any web
+    page's "simple" POST (text/plain, `Origin: http://evil.example.com` -> 200 with text)."""
+    body = json.dumps({"model": engine.name, "prompt": "the", "max_tokens": 2, "temperature": 0})
+    evil = "http://evil.example.com"
+    with running_server(create_app(engine, max_concurrency=2)) as url, \
+            httpx.Client(base_url=url, timeout=30) as http:
+        own = url.removeprefix("http://")  # 127.0.0.1:PORT
+        port = own.rsplit(":", 1)[1]
+
+        def post(path: str = "/v1/completions", content_type: str = "application/json", **headers: str):
+            return http.post(path, content=body, headers={"Content-Type": content_type, **headers})
+
+        for r, status, code in [
+            (post(Host="evil.example.com"), 400, "host_not_allowed"),  # rebinding: the page's own name
+            (post(Host=f"evil.example.com:{port}", Origin=f"http://evil.example.com:{port}"), 400,
+             "host_not_allowed"),
+            (post(content_type="text/plain", Origin=evil), 403, "origin_not_allowed"),  # the finding
+            (post(Origin=evil), 403, "origin_not_allowed"),
+            (post("/v1/chat/completions", Origin="null"), 403, "origin_not_allowed"),  # sandboxed frame, file://
+            (http.options("/v1/completions", headers={"Origin": evil, "Access-Control-Request-Method": "POST"}),
+             403, "origin_not_allowed"),
+            (post(content_type="text/plain"), 415, "unsupported_media_type"),  # a form or text post, no Origin
+            (http.post("/v1/completions", data={"model": engine.name}), 415, "unsupported_media_type"),
+        ]:
+            assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+            assert "access-control-allow-origin" not in r.headers
+        assert "--allowed-hosts evil.example.com" in post(Host="evil.example.com").json()["error"]["message"]
+        assert f"--cors-origin {evil}" in post(Origin=evil).json()["error"]["message"]
+        assert http.get("/health").json()["completed"] == 0  # nothing refused reached the model
+        # what stays open: no Origin (curl, SDKs), the page's own origin (the chat page at /),
+        # localhost and IP literals on any port (ssh tunnels), a JSON content type with parameters
+        for headers in ({}, {"Origin": url}, {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"},
+                        {"Host": "localhost:9999"}, {"Host": f"[::1]:{port}"}, {"Host": "10.1.2.3"}):
+            r = post(content_type="application/json; charset=utf-8", **headers)
+            assert r.status_code == 200, (headers, r.text)
+        assert http.get("/", headers={"Host": f"localhost:{port}"}).status_code == 200
+        assert http.get("/health", headers={"Host": "evil.example.com"}).status_code == 400
+
+
+def test_cors_only_for_configured_origins_and_any_host_with_a_key(engine):
+    from minilab.serve.guard import trusted_hosts
+
+    app_origin = "http://app.example.com:3000"
+    body = {"model": engine.name, "prompt": "the", "max_tokens": 2, "temperature": 0}
+    app = create_app(engine, api_key=KEY, cors_origins=[app_origin])
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        pre = http.options("/v1/completions", headers={"Origin": app_origin, "Access-Control-Request-Method": "POST",
+                                                       "Access-Control-Request-Headers": "authorization,content-type"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == app_origin
+        assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+        auth = {"Authorization": f"Bearer {KEY}"}
+        r = http.post("/v1/completions", json=body, headers={"Origin": app_origin, **auth})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == app_origin
+        assert http.post("/v1/completions", json=body, headers={"Origin": "http://evil.example.com", **auth}) \
+            .status_code == 403
+        # with a key, any Host name: the key is what protects (a rebinding page does not know it)
+        assert http.post("/v1/completions", json=body, headers={"Host": "gpu-box.example.org", **auth}) \
+            .status_code == 200
+    assert trusted_hosts("127.0.0.1", KEY) is None and trusted_hosts("127.0.0.1", None, ["*"]) is None
+    assert trusted_hosts("127.0.0.1", KEY, ["api.example.org"]) == {"api.example.org", "127.0.0.1", "localhost"}
+    import socket
+
+    assert socket.gethostname().lower() in trusted_hosts("0.0.0.0", None)  # --allow-remote without a key
+    assert "box.lan" in trusted_hosts("box.lan", None)
+
+
+def test_bodies_that_broke_the_server_get_4xx_and_a_hangup_one_quiet_line(engine, caplog):
+    """Issue 13: seed ≥ 2**64 and 100,000 nested '[' were 500s; a client hanging up mid-body
+    logged a full ASGI traceback."""
+    import logging
+    import socket
+
+    msgs = [{"role": "user", "content": "hi"}]
+    with running_server(create_app(engine)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        for seed in (2**64, -1):
+            r = http.post("/v1/chat/completions", json={"model": engine.name, "messages": msgs, "seed": seed})
+            assert r.status_code == 422 and r.json()["error"]["param"] == "seed", r.text
+        r = http.post("/v1/chat/completions", json={"model": engine.name, "messages": msgs, "seed": 2**64 - 1,
+                                                   "max_tokens": 2})
+        assert r.status_code == 200
+        r = http.post("/v1/completions", content=b"[" * 100_000, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        uvicorn_log.addHandler(caplog.handler)
+        try:
+            with caplog.at_level("INFO", logger="minilab.serve"):
+                host, port = url.removeprefix("http://").split(":")
+                with socket.create_connection((host, int(port))) as s:
+                    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: "
+                              "application/json\r\nContent-Length: 1000\r\n\r\n{\"model\":".encode())
+                    time.sleep(0.2)
+                deadline = time.monotonic() + 10
+                while "went away" not in caplog.text and time.monotonic() < deadline:
+                    time.sleep(0.02)
+        finally:
+            uvicorn_log.removeHandler(caplog.handler)
+        assert http.get("/health").json()["failed"] == 0
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
+    assert [r.getMessage() for r in caplog.records if "went away" in r.getMessage()] != []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "m", "--port", "99999"], "--port: must be in 0..65535, got 99999"),
+    (["serve", "m", "--port", "-5"], "--port: must be in 0..65535, got -5"),
+    (["serve", "m", "--max-body-bytes", "-1"], "must be ≥ 1, got -1"),
+    (["serve", "m", "--max-concurrency", "0"], "must be ≥ 1, got 0"),
+    (["serve", "m", "--max-queue", "-1"], "must be ≥ 0, got -1"),
+    (["serve", "m", "--cors-origin", "http://app.example.com/page"], "is not an origin"),
+    (["serve", "m", "--allowed-hosts", "http://x/"], "is not a host name"),
+    (["generate", "m", "--prompt", "x", "--seed", str(2**64)], "--seed: must be in 0..18446744073709551615"),
+    (["generate", "m", "--prompt", "x", "--seed", "-1"], "--seed: must be in 0.."),
+])
+def test_out_of_range_flags_are_one_line_usage_errors(argv, message, capsys):
+    from minilab.cli import main as cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err

@@ -59,6 +59,24 @@ def flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *
     return parser.add_argument(*names, **kwargs)
 
 
+def int_range(lo: int | None = None, hi: int | None = None):
+    """An argparse `type=` for an integer in lo..hi (either end open when None): out of range is
+    argparse's one-line usage error naming the flag, e.g. `--port: must be in 0..65535, got 99999`."""
+    span = f"≥ {lo}" if hi is None else f"≤ {hi}" if lo is None else f"in {lo}..{hi}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {text!r}") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse's name for it in messages
+    return parse
+
+
 def add_config_flags(parser: argparse.ArgumentParser, config_help: str = "") -> None:
     group = parser.add_argument_group("configuration")
     group.add_argument("--config", metavar="FILE", help=f"JSON or YAML config file. {config_help}".strip())

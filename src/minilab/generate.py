@@ -234,6 +234,9 @@ def _check_sampling(temperature: float, top_p: float | None, repetition_penalty:
         raise MinilabError(f"repetition_penalty must be > 0, got {repetition_penalty}")
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0..2**64-1 (negatives alias large seeds)
+
+
 def _make_generator(seed: int | None) -> torch.Generator:
     generator = torch.Generator()
     if seed is not None:

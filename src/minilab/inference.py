@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from minilab.errors import MinilabError
-from minilab.generate import TextStream, encode, stream_generate, tokenizer_stop_ids
+from minilab.generate import MAX_SEED, TextStream, encode, stream_generate, tokenizer_stop_ids
 from minilab.loading import load_model_for_inference, resolve_model_dir
 
 log = logging.getLogger("minilab.inference")
@@ -270,7 +270,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
-    from minilab.cli import flag
+    from minilab.cli import flag, int_range
 
     g = p.add_argument_group("sampling")
     flag(g, "--max-tokens", type=int, default=max_tokens, help="most new tokens per reply")
@@ -279,7 +279,8 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int = 128) -> Non
     flag(g, "--top-p", type=float, default=None, help="nucleus sampling mass")
     flag(g, "--repetition-penalty", type=float, default=1.0, help="CTRL penalty on seen tokens (>1 discourages)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string; repeatable")
-    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    g.add_argument("--seed", type=int_range(0, MAX_SEED), default=None,
+                   help="makes sampling reproducible (0 .. 2**64-1)")
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:

@@ -17,8 +17,10 @@ How requests are served (why):
   own connection, never a worker. A client that goes away cancels its stream: the response
   generator's `finally` sets the request's cancel flag, which the decoder checks before every
   step, and the request's row or worker is freed within one token's time.
-- Validation happens before admission, in OpenAI's order of concerns: auth (401), body size
-  (413), JSON (400), schema (422), model name (404), prompt length vs context (413), max_tokens (422).
+- Who may ask is checked first, before any route (`guard.py`): the Host (400) and a browser's
+  Origin (403). Then, before admission, in OpenAI's order of concerns: auth (401), body size
+  (413), Content-Type application/json (415), JSON (400), schema (422), model name (404), prompt
+  length vs context (413), max_tokens (422).
 """
 
 from __future__ import annotations
@@ -30,17 +32,19 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from minilab.inference import Delta, Engine, SamplingParams
 from minilab.serve import protocol as p
+from minilab.serve.guard import protect
 
 log = logging.getLogger("minilab.serve")
 _END = object()
@@ -255,10 +259,17 @@ class Scheduler:
 
 # ---- request handling -----------------------------------------------------------------------------
 async def _read_json(request: Request, max_body: int) -> Any:
+    """The request's JSON body. Only `Content-Type: application/json` (415 otherwise): what a
+    browser may send cross-origin without asking first (a "simple" request: text/plain, forms)
+    never reaches a model."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_body:
         raise p.ApiError(413, f"request body of {length} bytes exceeds the limit of {max_body}",
                          code="request_too_large")
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise p.ApiError(415, f"Content-Type must be application/json, got {media_type or 'none'!r}",
+                         code="unsupported_media_type")
     body = await request.body()
     if len(body) > max_body:
         raise p.ApiError(413, f"request body exceeds the limit of {max_body} bytes", code="request_too_large")
@@ -266,6 +277,8 @@ async def _read_json(request: Request, max_body: int) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise p.ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from None
+    except RecursionError:  # the parser's guard against arrays/objects nested ~1000 deep
+        raise p.ApiError(400, "invalid JSON body: nested too deeply", code="invalid_json") from None
 
 
 def _check_model(engine: Engine, name: str) -> None:
@@ -294,8 +307,11 @@ def _sse(obj: Any) -> str:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
-               max_body_bytes: int = 1 << 20):
-    """The FastAPI application serving `engine`. Workers stop when the app shuts down."""
+               max_body_bytes: int = 1 << 20, host: str = "127.0.0.1", allowed_hosts: Sequence[str] = (),
+               cors_origins: Sequence[str] = ()):
+    """The FastAPI application serving `engine` on `host`. Workers stop when the app shuts down.
+    Requests naming another Host or coming from another web page's origin are refused first
+    (`guard.py`: `allowed_hosts` and `cors_origins` widen that)."""
     sched = Scheduler(max_concurrency, max_queue, engine)
 
     @contextlib.asynccontextmanager
@@ -307,12 +323,21 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_concurrency: i
 
     app = FastAPI(title="minilab", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler, app.state.engine = sched, engine
+    protect(app, bind_host=host, api_key=api_key, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
     page = resources.files("minilab.serve").joinpath("page.html").read_text(encoding="utf-8")
     started = int(time.time())
 
     @app.exception_handler(p.ApiError)
     async def _api_error(_request: Request, exc: p.ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, _exc: ClientDisconnect) -> Response:
+        # the client hung up before sending its whole body: one quiet line, no traceback, and an
+        # answer nobody reads (uvicorn drops what is sent to a closed connection)
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.info("%s went away before sending the whole request to %s", client, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from minilab.generate import MAX_SEED
 from minilab.inference import SamplingParams
 
 
@@ -57,7 +58,7 @@ class _Common(BaseModel):
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)  # what torch.Generator takes
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
