@@ -28,7 +28,7 @@ import torch
 from minilab import __version__, distributed
 from minilab.arch import load_architecture
 from minilab.cli import add_config_flags, flag
-from minilab.config import apply_overrides, from_dict, read_config_file, to_dict
+from minilab.config import DEVICE, SEED, apply_overrides, from_dict, read_config_file, to_dict
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import format_params, human_bytes
 from minilab.model import ModelConfig, Transformer, build_model
@@ -72,7 +72,7 @@ class PretrainConfig:
         "help": "AdamW and its warmup + cosine lr schedule (optim.lr, ...)"})
     precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={
         "help": "fp32, bf16 autocast (CPU or CUDA), fp16 autocast with grad scaling (CUDA)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ...", **DEVICE})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     parallel: Literal["ddp", "fsdp"] = field(default="ddp", metadata={
         "help": "under torchrun: ddp (a whole model per rank, gradients all-reduced) or fsdp (FSDP2: "
@@ -84,7 +84,7 @@ class PretrainConfig:
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept (plus the best by val loss)"})
     seed: int = field(default=1337, metadata={
         "help": "random seed: the initial weights (the same on every rank) and the order training and "
-                "validation windows are read in"})
+                "validation windows are read in", **SEED})
     dataset_name: str | None = field(default=None, metadata={
         "help": "dataset label in the registry name; default from the first data dir"})
     register: bool = field(default=True, metadata={"help": "enter the final model into the registry"})
