@@ -33,6 +33,7 @@ from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import format_params, human_bytes
 from minilab.model import ModelConfig, Transformer, build_model
 from minilab.training import (
+    MFU,
     MetricsLog,
     OptimConfig,
     accumulate_gradients,
@@ -42,7 +43,6 @@ from minilab.training import (
     find_resume_checkpoint,
     lr_at,
     make_optimizer,
-    matmul_peak_flops,
     optimizer_step,
     resolve_device,
     set_lr,
@@ -326,8 +326,9 @@ class PretrainRun:
         self.restore(resume)
         flops_per_token = self.model.flops_per_token(self.seq_len)
         # MFU's denominator: a matmul peak measured here, in the precision the run computes in.
-        peak = matmul_peak_flops(self.device, torch.bfloat16 if cfg.precision == "bf16" else
-                                 torch.float16 if cfg.precision == "fp16" else torch.float32)
+        mfu_of = MFU(self.device, torch.bfloat16 if cfg.precision == "bf16" else
+                     torch.float16 if cfg.precision == "fp16" else torch.float32,
+                     flops_per_token, self.info.world_size)
         self.model.train()
         t_last = time.perf_counter()
         with StepProgress(cfg.max_steps, self.step, enabled=self.info.is_main) as bar:
@@ -341,7 +342,7 @@ class PretrainRun:
                 now = time.perf_counter()
                 tok_s = cfg.batch_size * cfg.grad_accum * self.seq_len * self.info.world_size / max(now - t_last, 1e-9)
                 t_last = now
-                mfu = tok_s * flops_per_token / peak
+                mfu = mfu_of(tok_s)
                 self.metrics.write("train", step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr,
                                    grad_norm=norm, tokens_per_s=tok_s, flops_per_s=tok_s * flops_per_token, mfu=mfu)
                 bar.update(self.step, loss=loss, tok_s=tok_s, mfu=mfu)
