@@ -25,7 +25,7 @@ def test_mfu_is_per_device_and_remeasures_once_then_caps(monkeypatch):
     assert mfu(1000) == pytest.approx(0.5)   # 1000 tok/s over 2 processes: 5e5 FLOP/s per device
     assert calls == [None]
     assert mfu(10_000) == 1.0                # 5e6 > 1e6: re-measured at a larger size (2e6), still beaten
-    assert calls == [None, 4096] and mfu.peak == 5e6
+    assert calls == [None, 2048] and mfu.peak == 5e6
     assert mfu(5000) == pytest.approx(0.5)
     assert mfu(100_000) == 1.0 and len(calls) == 2   # measured again only once
 
@@ -35,10 +35,10 @@ def test_matmul_peak_takes_the_best_size_on_cpu(monkeypatch):
 
     def fake(device, dtype, n):
         sizes.append(n)
-        return {1024: 3e10, 2048: 5e10}[n]
+        return {1024: 3e10, 1536: 5e10}[n]
 
     monkeypatch.setattr(training, "_matmul_flops", fake)
-    assert training.matmul_peak_flops(torch.device("cpu")) == 5e10 and sizes == [1024, 2048]
+    assert training.matmul_peak_flops(torch.device("cpu")) == 5e10 and sizes == [1024, 1536]
     sizes.clear()
     monkeypatch.setattr(training, "_matmul_flops", lambda device, dtype, n: sizes.append(n) or 1e9)
     assert training.matmul_peak_flops(torch.device("cpu"), n=512) == 1e9 and sizes == [512]

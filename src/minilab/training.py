@@ -252,11 +252,12 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, 
 
     CUDA times 4096 x 4096: a 1024 x 1024 product is only 64 output tiles of 128 x 128, fewer than
     the SMs of a data-centre GPU (132 on an H100), so it measures a fraction of the peak. CPUs time
-    1024 and 2048 and keep the faster: 1024 alone under-measures many CPUs (on a 2-core EPYC 33
-    against 50 GFLOP/s at 2048), which printed MFU above 100%. `n` times that one size. bf16 on a CPU
-    without a bf16 GEMM is timed the way the model multiplies there (`model.emulate_bf16`: fp32
-    kernels), not torch's reference kernel (~1 GFLOP/s)."""
-    sizes = [n] if n else [4096] if device.type == "cuda" else [1024, 2048]
+    1024 and 1536 and keep the faster: one batch of 1024 products under-measured a 2-core EPYC (33
+    GFLOP/s where 2048 reached 50), which printed MFU above 100%; 2048 would cost seconds per run
+    on a small CPU, so `MFU` measures it only when a step beats this peak. `n` times that one size.
+    bf16 on a CPU without a bf16 GEMM is timed the way the model multiplies there
+    (`model.emulate_bf16`: fp32 kernels), not torch's reference kernel (~1 GFLOP/s)."""
+    sizes = [n] if n else [4096] if device.type == "cuda" else [1024, 1536]
     return max(_matmul_flops(device, dtype, size) for size in sizes)
 
 
@@ -273,9 +274,9 @@ def _matmul_flops(device: torch.device, dtype: torch.dtype, n: int) -> float:
     for _ in range(2 if cuda else 1):
         mm()
     # CUDA: kernels are short and queued, so time a batch of 5 between syncs; a CPU product is
-    # timed alone (1-300 ms), best of 4: the try least disturbed by other processes.
+    # timed alone (1-300 ms), best of 4 (3 above 1024): the try least disturbed by other processes.
     reps, best = (5, float("inf")) if cuda else (1, float("inf"))
-    for _ in range(3 if cuda else 4):
+    for _ in range(3 if cuda or n > 1024 else 4):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -306,7 +307,7 @@ class MFU:
         achieved = tokens_per_s * self.flops_per_token / self.world_size
         if achieved > self.peak and not self.remeasured:
             self.remeasured = True
-            larger = 2 * (4096 if self.device.type == "cuda" else 2048)
+            larger = 2 * (4096 if self.device.type == "cuda" else 1024)
             self.peak = max(self.peak, matmul_peak_flops(self.device, self.dtype, n=larger))
         self.peak = max(self.peak, achieved)
         return achieved / self.peak
