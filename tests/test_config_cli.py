@@ -214,6 +214,9 @@ def test_field_metadata_bounds_accept_the_edges(override):
     (["corpus", "--source", "x", "--output-dir", "o", "--set", "dedup.seed=-1"],
      "key 'dedup.seed': must be in [0, 4294967295], got -1"),
     (["tokenizer", "--sample-chars", "-1"], "key 'sample_chars': must be ≥ 0, got -1"),
+    (["pretrain", "--set", "eval_batches=0"], "key 'eval_batches': must be ≥ 1, got 0"),  # was ZeroDivisionError
+    (["pretrain", "--set", "seq_len=0"], "key 'seq_len': must be ≥ 1, got 0"),  # was silently the packed one
+    (["sft", "--set", "eval_batches=0"], "key 'eval_batches': must be ≥ 1, got 0"),
 ])
 def test_cli_refuses_out_of_range_values_in_one_line(argv, expect, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

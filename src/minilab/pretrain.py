@@ -64,7 +64,8 @@ class PretrainConfig:
     output_dir: str = field(default="", metadata={"help": "run directory (checkpoints, metrics, final/)"})
     arch: str = field(default="micro", metadata={"help": "architecture preset name or JSON file"})
     model: dict = field(default_factory=dict, metadata={"help": "architecture overrides, e.g. {n_layer: 8}"})
-    seq_len: int | None = field(default=None, metadata={"help": "training sequence length; default the packed one"})
+    seq_len: int | None = field(default=None, metadata={"help": "training sequence length; default the packed one",
+                                                                "min": 1})
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=200, metadata={"help": "optimizer steps"})
@@ -79,7 +80,7 @@ class PretrainConfig:
                 "weights, gradients and AdamW state sharded over the ranks, for models that do not fit "
                 "one device; same updates, same checkpoint format); one process ignores it"})
     eval_every: int = field(default=50, metadata={"help": "steps between validation evals"})
-    eval_batches: int = field(default=8, metadata={"help": "validation micro-batches per eval"})
+    eval_batches: int = field(default=8, metadata={"help": "validation micro-batches per eval", "min": 1})
     ckpt_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept (plus the best by val loss)"})
     seed: int = field(default=1337, metadata={

@@ -85,7 +85,7 @@ class TuneConfig:
                 "step and after the last"})
     eval_batches: int = field(default=4, metadata={
         "help": "batches of batch_size val examples scored per dataset at each eval (the first ones, the "
-                "same every time)"})
+                "same every time)", "min": 1})
     ckpt_every: int = field(default=100, metadata={
         "help": "steps between checkpoints (trainable weights + optimizer state); one also after the last step"})
     keep_last: int = field(default=2, metadata={
