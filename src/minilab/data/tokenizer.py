@@ -183,8 +183,9 @@ def hf_config(cfg: TokenizerConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _looks_like_path(value: str) -> bool:
-    """A local path rather than a hub id (`org/name`): absolute, ./ ../ ~, or more than one '/'."""
-    return (value.startswith(("/", "./", "../", "~", ".")) or value.count("/") > 1 or "\\" in value
+    """A local path rather than a hub id (`org/name`, which never starts with '.'): absolute, ./,
+    ../, ~, or more than one '/'."""
+    return (value.startswith(("/", "~", ".")) or value.count("/") > 1 or "\\" in value
             or Path(value).is_absolute())
 
 
