@@ -36,8 +36,9 @@ from minilab.errors import ConfigError
 
 T = TypeVar("T")
 
-# A seed every consumer takes: torch.manual_seed, numpy's default_rng and random.Random.
-SEED = {"min": 0, "max": 2**64 - 1}
+# A seed every consumer takes: torch.manual_seed, random.Random, numpy's default_rng, and the
+# 32-bit ones, np.random.seed (pretrain) and datasketch's MinHash (dedup).
+SEED = {"min": 0, "max": 2**32 - 1}
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 

@@ -16,6 +16,8 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
+from minilab.config import SEED
+
 _NORM = re.compile(r"[\W_]+", re.UNICODE)
 
 
@@ -33,8 +35,7 @@ class DedupConfig:
     # fewer word types than that (≈ 0.2-0.4 between chapters of one novel).
     shingle_words: int = field(default=1, metadata={
         "help": "words per shingle (1 catches copies with ~5% of words edited at threshold 0.8)", "min": 1})
-    seed: int = field(default=1, metadata={"help": "MinHash seed (fixed so runs are repeatable)",
-                                           "min": 0, "max": 2**32 - 1})
+    seed: int = field(default=1, metadata={"help": "MinHash seed (fixed so runs are repeatable)", **SEED})
 
 
 def normalise(text: str) -> str:
