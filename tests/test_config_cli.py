@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from minilab.cli import main
-from minilab.config import describe, load_config, to_dict
+from minilab.config import SEED, check_device, describe, load_config, to_dict
 from minilab.errors import ConfigError
 
 
@@ -167,3 +167,111 @@ def test_every_verb_config_field_has_help():
     # what the docs tables print: every dotted key, nested sections flattened
     empty = [f"{c.__name__}: {key}" for c in classes for key, _, text in describe(c) if not text.strip()]
     assert not empty, "keys shown without help: " + ", ".join(empty)
+
+
+@dataclass
+class Bounded:
+    workers: int = field(default=0, metadata={"help": "w", "min": 0})
+    fraction: float = field(default=0.1, metadata={"help": "f", "gt": 0, "lt": 1})
+    seed: int = field(default=1, metadata={"help": "s", **SEED})
+    device: str = field(default="auto", metadata={"help": "d", "check": check_device})
+    inner: Train = field(default_factory=Train)
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("workers=-1", "key 'workers': must be ≥ 0, got -1"),
+    ("fraction=0", "key 'fraction': must be in (0, 1), got 0.0"),
+    ("fraction=1", "key 'fraction': must be in (0, 1), got 1.0"),
+    ("fraction=.nan", "key 'fraction': must be in (0, 1), got nan"),
+    ("seed=-1", "key 'seed': must be in [0, 4294967295], got -1"),
+    (f"seed={2**64}", f"key 'seed': must be in [0, 4294967295], got {2**64}"),
+    (f"seed={2**32}", f"key 'seed': must be in [0, 4294967295], got {2**32}"),
+    ("device=tpu", "key 'device': unknown device 'tpu': use auto, cpu, cuda, cuda:N (a GPU index) or mps"),
+])
+def test_field_metadata_bounds_are_checked_on_load(override, expect):
+    with pytest.raises(ConfigError) as e:
+        load_config(Bounded, None, [override])
+    assert str(e.value) == f"--set: {expect}"
+
+
+@pytest.mark.parametrize("override", ["workers=0", "fraction=0.5", f"seed={2**32 - 1}", "seed=0",
+                                      "device=cuda:1", "device=cpu", "device=mps", "device=auto"])
+def test_field_metadata_bounds_accept_the_edges(override):
+    load_config(Bounded, None, [override])
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["pretrain", "--data-dirs", "d", "--tokenizer-dir", "t", "--output-dir", "o", "--set", "device=tpu"],
+     "key 'device': unknown device 'tpu'"),
+    (["sft", "--set", "device=gpu"], "key 'device': unknown device 'gpu'"),
+    (["pack", "--seed", "-1"], "key 'seed': must be in [0, 4294967295], got -1"),
+    (["pack", "--seed", str(2**64)], "key 'seed': must be in [0, 4294967295]"),
+    (["pretrain", "--set", f"seed={2**64}"], "key 'seed': must be in [0, 4294967295]"),
+    (["pretrain", "--set", f"seed={2**32}"], "key 'seed': must be in [0, 4294967295]"),  # np.random.seed's limit
+    (["corpus", "--source", "x", "--set", "seed=-5"], "key 'seed': must be in [0, "),
+    (["pack", "--workers", "-1"], "key 'workers': must be ≥ 0, got -1"),
+    (["pack", "--val-fraction", "0"], "key 'val_fraction': must be in (0, 1), got 0.0"),
+    (["corpus", "--source", "x", "--output-dir", "o", "--set", "dedup.num_perm=0"],
+     "key 'dedup.num_perm': must be ≥ 8, got 0"),
+    (["corpus", "--source", "x", "--output-dir", "o", "--set", "dedup.seed=-1"],
+     "key 'dedup.seed': must be in [0, 4294967295], got -1"),
+    (["tokenizer", "--sample-chars", "-1"], "key 'sample_chars': must be ≥ 0, got -1"),
+    (["pretrain", "--set", "eval_batches=0"], "key 'eval_batches': must be ≥ 1, got 0"),  # was ZeroDivisionError
+    (["pretrain", "--set", "seq_len=0"], "key 'seq_len': must be ≥ 1, got 0"),  # was silently the packed one
+    (["sft", "--set", "eval_batches=0"], "key 'eval_batches': must be ≥ 1, got 0"),
+])
+def test_cli_refuses_out_of_range_values_in_one_line(argv, expect, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expect in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 8, b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
+                                     b"name: a\x00\x00\x01\x02"])
+def test_a_binary_config_file_is_one_line_naming_the_file(tmp_path, capsys, content):
+    p = tmp_path / "weights.bin"
+    p.write_bytes(content)
+    assert main(["pack", "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{p}: not a text file" in err and "UnicodeDecodeError" not in err
+
+
+@pytest.mark.parametrize("name,text,expect", [
+    ("bad.yaml", "name: a\ntrain:\n  lr: [1,\n", "bad.yaml: line 4: invalid YAML"),
+    ("bad.json", '{"name": "a",\n "x": }\n', "bad.json: line 2: invalid JSON"),
+])
+def test_config_syntax_errors_name_file_and_line(tmp_path, name, text, expect):
+    p = write(tmp_path, name, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(Run, p)
+    assert expect in str(e.value)
+
+
+def test_os_error_on_a_named_path_is_one_line(tmp_path, capsys):
+    """`--output-dir` under an ordinary file (or in /proc, on a read-only disk): the path and the
+    OS reason, exit 1, no traceback; the stage's hidden temporary folder is shown as the output."""
+    from minilab.cli import os_error_line
+
+    (tmp_path / "afile").write_text("x")
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    assert main(["tokenizer", "--corpus-dir", str(corpus), "--output-dir", str(tmp_path / "afile" / "tok"),
+                 "--vocab-size", "300"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"minilab: error: {tmp_path / 'afile'}: exists and is not a directory\n"
+    e = FileNotFoundError(2, "No such file or directory", "/proc/.zz.onz7dlal.tmp")
+    assert os_error_line(e) == "/proc/zz: No such file or directory"
+    e = PermissionError(13, "Permission denied", "/data/out")
+    assert os_error_line(e) == "/data/out: Permission denied"
+
+
+def test_os_error_without_a_file_keeps_its_traceback(monkeypatch):
+    import minilab.arch
+
+    def boom(args):
+        raise OSError("a programming error, not a path")
+
+    monkeypatch.setattr(minilab.arch, "main", boom)
+    with pytest.raises(OSError):
+        main(["arch"])

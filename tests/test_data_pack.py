@@ -14,7 +14,7 @@ from minilab.data.pack import PackConfig, check_tokenizer_match, open_split
 from minilab.data.pack import run as pack_run
 from minilab.data.tokenizer import TokenizerConfig, read_tokenizer_meta, tokenizer_fingerprint
 from minilab.data.tokenizer import run as tok_run
-from minilab.errors import MinilabError, TokenizerMismatchError
+from minilab.errors import ConfigError, MinilabError, TokenizerMismatchError
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +210,47 @@ def test_cli_pack_and_tokenizer(built, tmp_path, capsys):
         assert rc == 1 and "SHA-256" in capsys.readouterr().err
     finally:
         shard.write_bytes(backup)
+
+
+@pytest.mark.parametrize("value,expect", [
+    ("/nonexistent/tok", "--from /nonexistent/tok: no such directory"),
+    ("./no/such/dir", "--from ./no/such/dir: no such directory"),
+    ("../nope", "--from ../nope: no such directory"),
+    ("~/no-such-tokenizer-dir", "--from ~/no-such-tokenizer-dir: no such directory"),
+])
+def test_tokenizer_from_a_missing_path_says_so(tmp_path, capsys, value, expect):
+    assert cli_main(["tokenizer", "--from", value, "--output-dir", str(tmp_path / "t")]) == 1
+    err = capsys.readouterr().err
+    assert expect in err and "Repo id" not in err and err.count("\n") == 1
+
+
+def test_tokenizer_from_a_file_is_not_a_directory(built, tmp_path, capsys):
+    f = built / "corpus" / "manifest.json"
+    assert cli_main(["tokenizer", "--from", str(f), "--output-dir", str(tmp_path / "t")]) == 1
+    assert f"--from {f}: not a directory" in capsys.readouterr().err
+
+
+def test_tokenizer_vocab_larger_than_the_corpus_supports_warns_and_records_both(built, tmp_path, caplog):
+    meta = tok_run(TokenizerConfig(output_dir=str(tmp_path / "t"), corpus_dir=str(built / "corpus"),
+                                   vocab_size=70000))
+    assert meta["requested_vocab_size"] == 70000 and meta["vocab_size"] < 1000
+    assert read_tokenizer_meta(tmp_path / "t")["requested_vocab_size"] == 70000
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warning) == 1 and f"supports only {meta['vocab_size']} tokens" in warning[0]
+    assert "vocab_size 70000 asked for" in warning[0]
+
+
+def test_tokenizer_vocab_below_bytes_and_specials_is_refused(capsys, tmp_path):
+    assert cli_main(["tokenizer", "--corpus-dir", "c", "--vocab-size", "10", "--output-dir", str(tmp_path)]) == 2
+    assert "key 'vocab_size': vocab_size 10 is too small: at least 300" in capsys.readouterr().err
+    many = [f"<x{i}>" for i in range(100)]
+    with pytest.raises(ConfigError, match="too small: at least 378"):
+        TokenizerConfig(output_dir="t", corpus_dir="c", vocab_size=300, extra_special_tokens=many).validate()
+
+
+def test_pack_refuses_no_validation_split(built, tmp_path, capsys):
+    """Pretraining evaluates on the val split and refuses packed data without one: refuse at pack."""
+    rc = cli_main(["pack", "--corpus-dir", str(built / "corpus"), "--tokenizer-dir", str(built / "tok"),
+                   "--output-dir", str(tmp_path / "p"), "--val-fraction", "0"])
+    assert rc == 2 and not (tmp_path / "p").exists()
+    assert "key 'val_fraction': must be in (0, 1), got 0.0" in capsys.readouterr().err

@@ -212,3 +212,25 @@ def test_register_hf_export(tmp_path, root):
     (row,) = registry.list_models(root)
     assert row["params"] == model.num_params() and row["size_bytes"] == true_size(path)
     assert row["name"] == f"llama-{format_params(model.num_params())}-tinystories-pretrain-v1"
+
+
+def test_show_refuses_a_huge_name_and_a_folder_that_is_not_a_model(tmp_path, root, capsys, monkeypatch):
+    """A 5,000-character name is an unknown model (not 'File name too long'), shown shortened; a
+    folder without a model manifest (`..`, a corpus) is not shown as if it were a model."""
+    linked = make_model_dir(tmp_path / "run" / "final")
+    registry.register(linked, "llama-5K-ts-pretrain-v1", root=root)
+    code, _, err = run_cli(["models", "show", "a" * 5000, "--models-dir", str(root)], capsys)
+    assert code == 1 and "unknown model 'aaaa" in err and "(5,000 characters)" in err
+    assert len(err) < 300 and "Traceback" not in err
+    monkeypatch.chdir(tmp_path / "run")
+    for folder in ("..", str(tmp_path / "run")):
+        code, out, err = run_cli(["models", "show", folder, "--models-dir", str(root)], capsys)
+        assert code == 1 and out == "" and err.count("\n") == 1
+        assert f"{folder}: a directory but not a minilab model" in err
+    # a model directory given by path and a registered name still show
+    code, out, _ = run_cli(["models", "show", "final", "--models-dir", str(root)], capsys)
+    assert code == 0 and "model.safetensors" in out
+    code, out, _ = run_cli(["models", "show", "llama-5K-ts-pretrain-v1", "--models-dir", str(root)], capsys)
+    assert code == 0 and "model.safetensors" in out
+    with pytest.raises(MinilabError, match="unknown model"):
+        registry.resolve_model_path("b" * 5000, root)

@@ -6,7 +6,9 @@ a config add the shared flags with `add_config_flags`: `--config FILE` (JSON or 
 both spellings, `--output-dir` and `--output_dir` (see `flag`).
 
 A `MinilabError` (a user mistake) prints one line, `minilab: error: ...`, and exits with its code
-(2 for config and usage errors); it never shows a traceback. `--log-level debug` shows one.
+(2 for config and usage errors); it never shows a traceback. So does an `OSError` about a named
+file (an output folder in /proc, on a read-only disk, under a file, without permission):
+`minilab: error: PATH: REASON`, exit 1. `--log-level debug` shows the traceback of either.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import re
 import sys
 
 from minilab import __version__
@@ -116,6 +120,27 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), format="%(message)s", stream=sys.stderr)
 
 
+# The hidden sibling a stage writes into before renaming it into place (fsutil.atomic_dir/atomic_path).
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
+
+
+def os_error_line(e: OSError) -> str:
+    """`PATH: REASON` for an OSError about a file; a stage's hidden temporary sibling is reported
+    as the output path it stands for (the folder the user named)."""
+    paths = []
+    for name in (e.filename, e.filename2):
+        if name is None:
+            continue
+        path = os.fsdecode(name)
+        head, tail = os.path.split(path)
+        m = _TEMP_NAME.match(tail)
+        paths.append(os.path.join(head, m["name"]) if m else path)
+    reason = e.strerror or str(e)
+    if isinstance(e, FileExistsError) and paths and not os.path.isdir(paths[0]):
+        reason = "exists and is not a directory"  # makedirs through an ordinary file
+    return f"{' -> '.join(dict.fromkeys(paths))}: {reason}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(_chosen_verb(argv))
@@ -131,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"minilab: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if e.filename is None or args.log_level == "debug":
+            raise  # no file named: not a user's path problem, keep the traceback
+        print(f"minilab: error: {os_error_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("minilab: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,12 @@ that names the file and the dotted key, e.g.
 
     configs/run.yaml: key 'train.lrr': unknown key (did you mean 'lr'?)
 
+Single-field rules live in the field's metadata and are checked here for every config of every
+verb, so a bad value is refused on load instead of crashing deep inside a stage:
+`"min"`/`"max"` (inclusive) and `"gt"`/`"lt"` (exclusive) bound a number, which must then also be
+finite; `"check"` is a function of the value returning an error message (or None). `SEED` and
+`DEVICE` are the shared ones, e.g. `field(default=1234, metadata={"help": ..., **SEED})`.
+
 A dataclass may define `validate(self)` for cross-field rules ("n_head must divide d_model");
 it raises `ConfigError` with `key=` set, and the loader adds the file name and key prefix.
 """
@@ -17,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -28,13 +36,64 @@ from minilab.errors import ConfigError
 
 T = TypeVar("T")
 
+# A seed every consumer takes: torch.manual_seed, random.Random, numpy's default_rng, and the
+# 32-bit ones, np.random.seed (pretrain) and datasketch's MinHash (dedup).
+SEED = {"min": 0, "max": 2**32 - 1}
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device(value: Any) -> str | None:
+    """The devices the training and inference stages run on (`training.resolve_device`)."""
+    if isinstance(value, str) and _DEVICE_RE.match(value):
+        return None
+    return f"unknown device {value!r}: use auto, cpu, cuda, cuda:N (a GPU index) or mps"
+
+
+DEVICE = {"check": check_device}
+
+
+def check_field(meta: Any, value: Any) -> str | None:
+    """The error message for `value` under a field's metadata rules, or None when it passes."""
+    if value is None:
+        return None
+    check = meta.get("check")
+    if check is not None and (problem := check(value)):
+        return problem
+    bounds = {k: meta[k] for k in ("min", "max", "gt", "lt") if k in meta}
+    if not bounds or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if (isinstance(value, float) and not math.isfinite(value)) or \
+            ("min" in bounds and value < bounds["min"]) or ("max" in bounds and value > bounds["max"]) or \
+            ("gt" in bounds and value <= bounds["gt"]) or ("lt" in bounds and value >= bounds["lt"]):
+        return f"must be {_range_text(bounds)}, got {value!r}"
+    return None
+
+
+def _range_text(b: dict[str, Any]) -> str:
+    low = ("[", b["min"]) if "min" in b else ("(", b["gt"]) if "gt" in b else None
+    high = (b["max"], "]") if "max" in b else (b["lt"], ")") if "lt" in b else None
+    if low and high:
+        return f"in {low[0]}{low[1]}, {high[0]}{high[1]}"
+    if low:
+        return f"{'≥' if low[0] == '[' else '>'} {low[1]}"
+    return f"{'≤' if high[1] == ']' else '<'} {high[0]}"
+
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON or YAML mapping; a parse error names the file and line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("config file not found", source=str(path))
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not a text file (byte {e.start} is not UTF-8): a config is JSON or YAML text",
+                          source=str(path)) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", source=str(path)) from None
+    if "\x00" in text:
+        raise ConfigError("not a text file (it contains NUL bytes): a config is JSON or YAML text", source=str(path))
     try:
         if path.suffix == ".json":
             data = json.loads(text)
@@ -117,6 +176,8 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config", pre
             hint = f" (did you mean '{near[0]}'?)" if near else f" (known keys: {', '.join(fields)})"
             raise ConfigError(f"unknown key{hint}", source=source, key=dotted)
         kwargs[key] = _coerce(hints[key], value, source=source, key=dotted)
+        if problem := check_field(fields[key].metadata, kwargs[key]):
+            raise ConfigError(problem, source=source, key=dotted)
     missing = [n for n, f in fields.items() if n not in kwargs and _is_required(f)]
     if missing:
         raise ConfigError("required key is missing", source=source, key=f"{prefix}{missing[0]}")

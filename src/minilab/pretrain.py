@@ -28,11 +28,12 @@ import torch
 from minilab import __version__, distributed
 from minilab.arch import load_architecture
 from minilab.cli import add_config_flags, flag
-from minilab.config import apply_overrides, from_dict, read_config_file, to_dict
+from minilab.config import DEVICE, SEED, apply_overrides, from_dict, read_config_file, to_dict
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import format_params, human_bytes
 from minilab.model import ModelConfig, Transformer, build_model
 from minilab.training import (
+    MFU,
     MetricsLog,
     OptimConfig,
     accumulate_gradients,
@@ -42,7 +43,6 @@ from minilab.training import (
     find_resume_checkpoint,
     lr_at,
     make_optimizer,
-    matmul_peak_flops,
     optimizer_step,
     resolve_device,
     set_lr,
@@ -64,7 +64,8 @@ class PretrainConfig:
     output_dir: str = field(default="", metadata={"help": "run directory (checkpoints, metrics, final/)"})
     arch: str = field(default="micro", metadata={"help": "architecture preset name or JSON file"})
     model: dict = field(default_factory=dict, metadata={"help": "architecture overrides, e.g. {n_layer: 8}"})
-    seq_len: int | None = field(default=None, metadata={"help": "training sequence length; default the packed one"})
+    seq_len: int | None = field(default=None, metadata={"help": "training sequence length; default the packed one",
+                                                                "min": 1})
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=200, metadata={"help": "optimizer steps"})
@@ -72,19 +73,19 @@ class PretrainConfig:
         "help": "AdamW and its warmup + cosine lr schedule (optim.lr, ...)"})
     precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={
         "help": "fp32, bf16 autocast (CPU or CUDA), fp16 autocast with grad scaling (CUDA)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ...", **DEVICE})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     parallel: Literal["ddp", "fsdp"] = field(default="ddp", metadata={
         "help": "under torchrun: ddp (a whole model per rank, gradients all-reduced) or fsdp (FSDP2: "
                 "weights, gradients and AdamW state sharded over the ranks, for models that do not fit "
                 "one device; same updates, same checkpoint format); one process ignores it"})
     eval_every: int = field(default=50, metadata={"help": "steps between validation evals"})
-    eval_batches: int = field(default=8, metadata={"help": "validation micro-batches per eval"})
+    eval_batches: int = field(default=8, metadata={"help": "validation micro-batches per eval", "min": 1})
     ckpt_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept (plus the best by val loss)"})
     seed: int = field(default=1337, metadata={
         "help": "random seed: the initial weights (the same on every rank) and the order training and "
-                "validation windows are read in"})
+                "validation windows are read in", **SEED})
     dataset_name: str | None = field(default=None, metadata={
         "help": "dataset label in the registry name; default from the first data dir"})
     register: bool = field(default=True, metadata={"help": "enter the final model into the registry"})
@@ -326,8 +327,9 @@ class PretrainRun:
         self.restore(resume)
         flops_per_token = self.model.flops_per_token(self.seq_len)
         # MFU's denominator: a matmul peak measured here, in the precision the run computes in.
-        peak = matmul_peak_flops(self.device, torch.bfloat16 if cfg.precision == "bf16" else
-                                 torch.float16 if cfg.precision == "fp16" else torch.float32)
+        mfu_of = MFU(self.device, torch.bfloat16 if cfg.precision == "bf16" else
+                     torch.float16 if cfg.precision == "fp16" else torch.float32,
+                     flops_per_token, self.info.world_size)
         self.model.train()
         t_last = time.perf_counter()
         with StepProgress(cfg.max_steps, self.step, enabled=self.info.is_main) as bar:
@@ -341,7 +343,7 @@ class PretrainRun:
                 now = time.perf_counter()
                 tok_s = cfg.batch_size * cfg.grad_accum * self.seq_len * self.info.world_size / max(now - t_last, 1e-9)
                 t_last = now
-                mfu = tok_s * flops_per_token / peak
+                mfu = mfu_of(tok_s)
                 self.metrics.write("train", step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr,
                                    grad_norm=norm, tokens_per_s=tok_s, flops_per_s=tok_s * flops_per_token, mfu=mfu)
                 bar.update(self.step, loss=loss, tok_s=tok_s, mfu=mfu)

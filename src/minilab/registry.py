@@ -280,16 +280,34 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def _unknown(name: str, root: Path, names: list[str]) -> MinilabError:
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5) if len(name) <= _MAX_NAME else []
     hint = f"; did you mean {', '.join(close)}?" if close else \
         f" ({len(names)} registered; see 'minilab models list')"
-    return MinilabError(f"unknown model '{name}': not a directory and not in the registry at {root}{hint}")
+    shown = name if len(name) <= _MAX_NAME else f"{name[:40]}…({len(name):,} characters)"
+    return MinilabError(f"unknown model '{shown}': not a directory and not in the registry at {root}{hint}")
+
+
+def _is_dir(path: Path) -> bool:
+    """`path.is_dir()`, False where the OS cannot even look it up (a name too long, ...)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def is_model_dir(path: Path) -> bool:
+    """A directory with the manifest `write_manifest` gives every registry model."""
+    try:
+        manifest = read_manifest(path)
+    except MinilabError:
+        return False
+    return isinstance(manifest, dict) and {"training_type", "files", "fingerprint"} <= manifest.keys()
 
 
 def resolve_model_path(path_or_name: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
     """An existing directory as is; otherwise the directory of a registered name."""
     path = Path(path_or_name)
-    if path.is_dir():
+    if _is_dir(path):
         return path
     root_path = models_root(root)
     entries = _entries(root_path)
@@ -417,8 +435,11 @@ def list_models(root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
 def show_model(name: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
     """Registry entry, manifest and the files actually on disk (path, size) of one model."""
     root_path = models_root(root)
-    path = resolve_model_path(name, root_path) if not Path(name).is_dir() else Path(name)
+    path = resolve_model_path(name, root_path)
     entry = _entries(root_path).get(name, {})
+    if not entry and not is_model_dir(path):
+        raise MinilabError(f"{name}: a directory but not a minilab model (no model manifest.json in it); "
+                           "give a registry name (see 'minilab models list') or a model directory")
     files = [{"path": p.relative_to(path).as_posix(), "size": p.stat().st_size}
              for p in sorted(path.rglob("*")) if p.is_file() and not p.is_symlink()]
     return {"name": name, "path": str(path), "linked": bool(entry.get("linked")),

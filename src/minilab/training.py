@@ -246,32 +246,68 @@ class MetricsLog:
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None) -> float:
-    """Measured peak of one square matmul (FLOP/s), the denominator of MFU on this machine.
+    """Measured peak of square matmuls (FLOP/s), the denominator of MFU on this machine: the best
+    single product over a few tries, at each size, in this process (so with the thread count the
+    run trains with).
 
-    Default size 1024 on CPUs and 4096 on CUDA: a 1024 x 1024 product is only 64 output tiles of
-    128 x 128, fewer than the SMs of a data-centre GPU (132 on an H100), so it measures a fraction of
-    the peak and would overstate MFU. bf16 on a CPU without a bf16 GEMM is timed the way the model
-    multiplies there (`model.emulate_bf16`: fp32 kernels), not torch's reference kernel (~1 GFLOP/s)."""
+    CUDA times 4096 x 4096: a 1024 x 1024 product is only 64 output tiles of 128 x 128, fewer than
+    the SMs of a data-centre GPU (132 on an H100), so it measures a fraction of the peak. CPUs time
+    1024 and 1536 and keep the faster: one batch of 1024 products under-measured a 2-core EPYC (33
+    GFLOP/s where 2048 reached 50), which printed MFU above 100%; 2048 would cost seconds per run
+    on a small CPU, so `MFU` measures it only when a step beats this peak. `n` times that one size.
+    bf16 on a CPU without a bf16 GEMM is timed the way the model multiplies there
+    (`model.emulate_bf16`: fp32 kernels), not torch's reference kernel (~1 GFLOP/s)."""
+    sizes = [n] if n else [4096] if device.type == "cuda" else [1024, 1536]
+    return max(_matmul_flops(device, dtype, size) for size in sizes)
+
+
+def _matmul_flops(device: torch.device, dtype: torch.dtype, n: int) -> float:
     from minilab.model import emulate_bf16, linear_w
 
-    if n is None:
-        n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    emulate = dtype is torch.bfloat16 and emulate_bf16(a, n)
 
     def mm():
         return linear_w(a, b) if emulate else a @ b
-    emulate = dtype is torch.bfloat16 and emulate_bf16(a, n)
-    for _ in range(2):
+    cuda = device.type == "cuda"
+    for _ in range(2 if cuda else 1):
         mm()
-    reps, best = 5, float("inf")
-    for _ in range(3):
-        if device.type == "cuda":
+    # CUDA: kernels are short and queued, so time a batch of 5 between syncs; a CPU product is
+    # timed alone (1-300 ms), best of 4 (3 above 1024): the try least disturbed by other processes.
+    reps, best = (5, float("inf")) if cuda else (1, float("inf"))
+    for _ in range(3 if cuda or n > 1024 else 4):
+        if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(reps):
             mm()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         best = min(best, (time.perf_counter() - t0) / reps)
     return 2 * n**3 / best
+
+
+class MFU:
+    """Model FLOPs utilisation of a run: the FLOP/s one device achieves (`flops_per_token` x tokens
+    per second, divided among `world_size` processes) over its measured matmul peak; never above 1.
+
+    The peak is measured once, up front. Should a step still beat it (the measurement was
+    disturbed, or the run's shapes suit the hardware better), the peak is measured again at twice
+    the size and the larger kept; what the run achieved is itself a lower bound of the peak, so
+    beyond that MFU is 1."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, flops_per_token: int, world_size: int = 1):
+        self.device, self.dtype = device, dtype
+        self.flops_per_token, self.world_size = flops_per_token, world_size
+        self.peak = matmul_peak_flops(device, dtype)
+        self.remeasured = False
+
+    def __call__(self, tokens_per_s: float) -> float:
+        achieved = tokens_per_s * self.flops_per_token / self.world_size
+        if achieved > self.peak and not self.remeasured:
+            self.remeasured = True
+            larger = 2 * (4096 if self.device.type == "cuda" else 1024)
+            self.peak = max(self.peak, matmul_peak_flops(self.device, self.dtype, n=larger))
+        self.peak = max(self.peak, achieved)
+        return achieved / self.peak

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from minilab import __version__
-from minilab.config import to_dict
+from minilab.config import SEED, to_dict
 from minilab.data.clean import QualityConfig
 from minilab.data.dedup import DedupConfig
 from minilab.data.sources import SourceConfig
@@ -50,7 +50,7 @@ class CorpusConfig:
     shard_max_bytes: int = field(default=64 << 20, metadata={"help": "uncompressed bytes per shard"})
     compression: Literal["none", "gzip", "zstd"] = field(default="none",
                                                          metadata={"help": "shard compression"})
-    seed: int = field(default=1234, metadata={"help": "seed for weight-based sampling"})
+    seed: int = field(default=1234, metadata={"help": "seed for weight-based sampling", **SEED})
     strict: bool = field(default=False, metadata={"help": "stop at the first unreadable input"})
     force: bool = field(default=False, metadata={"help": "replace an existing output directory"})
     analyze_only: bool = field(default=False, metadata={"help": "print statistics, write nothing"})

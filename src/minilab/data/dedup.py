@@ -16,6 +16,8 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
+from minilab.config import SEED
+
 _NORM = re.compile(r"[\W_]+", re.UNICODE)
 
 
@@ -25,14 +27,15 @@ class DedupConfig:
     near: bool = field(default=True, metadata={"help": "drop near-duplicates with MinHash LSH"})
     threshold: float = field(default=0.8, metadata={"help": "Jaccard similarity at which a document is a "
                                                             "near-duplicate"})
-    num_perm: int = field(default=128, metadata={"help": "MinHash permutations (accuracy vs speed)"})
+    num_perm: int = field(default=128, metadata={
+        "help": "MinHash permutations (accuracy vs speed; LSH needs at least 8)", "min": 8})
     # Word sets (1-word shingles) by default: with k-word shingles each edited word breaks k
     # shingles, so a copy with 5% of its words changed has Jaccard ≈ 0.9 at k=1 but only ≈ 0.82
     # at k=2 and ≈ 0.74 at k=3, and would slip under a 0.8 threshold. Distinct texts share far
     # fewer word types than that (≈ 0.2-0.4 between chapters of one novel).
     shingle_words: int = field(default=1, metadata={
-        "help": "words per shingle (1 catches copies with ~5% of words edited at threshold 0.8)"})
-    seed: int = field(default=1, metadata={"help": "MinHash seed (fixed so runs are repeatable)"})
+        "help": "words per shingle (1 catches copies with ~5% of words edited at threshold 0.8)", "min": 1})
+    seed: int = field(default=1, metadata={"help": "MinHash seed (fixed so runs are repeatable)", **SEED})
 
 
 def normalise(text: str) -> str:

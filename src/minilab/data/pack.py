@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minilab.errors import ConfigError, MinilabError, TokenizerMismatchError
+from minilab.config import SEED
+from minilab.errors import MinilabError, TokenizerMismatchError
 from minilab.fsutil import atomic_dir, sha256_file, write_json_atomic
 
 log = logging.getLogger("minilab.pack")
@@ -41,20 +42,13 @@ class PackConfig:
     corpus_dir: str = field(metadata={"help": "corpus directory (from `minilab corpus`)"})
     tokenizer_dir: str = field(metadata={"help": "tokenizer directory (from `minilab tokenizer`)"})
     output_dir: str = field(metadata={"help": "directory to write the packed data into"})
-    seq_len: int = field(default=1024, metadata={"help": "training sequence length (tokens)"})
-    val_fraction: float = field(default=0.01, metadata={"help": "share of documents held out"})
-    seed: int = field(default=1234, metadata={"help": "seed of the train/val document split"})
-    workers: int = field(default=0, metadata={"help": "tokenizer processes (0 = all CPU cores)"})
-    batch_docs: int = field(default=256, metadata={"help": "documents per encode_batch call"})
+    seq_len: int = field(default=1024, metadata={"help": "training sequence length (tokens)", "min": 1})
+    val_fraction: float = field(default=0.01, metadata={
+        "help": "share of documents held out (pretraining evaluates on them, so more than 0)", "gt": 0, "lt": 1})
+    seed: int = field(default=1234, metadata={"help": "seed of the train/val document split", **SEED})
+    workers: int = field(default=0, metadata={"help": "tokenizer processes (0 = all CPU cores)", "min": 0})
+    batch_docs: int = field(default=256, metadata={"help": "documents per encode_batch call", "min": 1})
     force: bool = field(default=False, metadata={"help": "replace an existing output directory"})
-
-    def validate(self) -> None:
-        if self.seq_len < 1:
-            raise ConfigError("must be ≥ 1", key="seq_len")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError("must be in [0, 1)", key="val_fraction")
-        if self.batch_docs < 1:
-            raise ConfigError("must be ≥ 1", key="batch_docs")
 
 
 def token_dtype(vocab_size: int):

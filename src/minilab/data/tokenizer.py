@@ -54,17 +54,20 @@ class TokenizerConfig:
     corpus_dir: str | None = field(default=None, metadata={"help": "corpus directory to train on"})
     type: Literal["bpe", "unigram"] = field(default="bpe", metadata={
         "help": "byte-level BPE (no unknown tokens, GPT-2/Llama-3 style) or Unigram (SentencePiece style)"})
-    vocab_size: int = field(default=32768, metadata={"help": "vocabulary size including special tokens"})
-    min_frequency: int = field(default=2, metadata={"help": "BPE: minimum pair count to merge"})
+    vocab_size: int = field(default=32768, metadata={
+        "help": "vocabulary size including special tokens; an upper bound: a small corpus may support "
+                "fewer (the tokenizer then warns and records both)"})
+    min_frequency: int = field(default=2, metadata={"help": "BPE: minimum pair count to merge", "min": 0})
     sample_chars: int = field(default=0, metadata={
-        "help": "train on at most this many characters of the corpus (0 = all)"})
+        "help": "train on at most this many characters of the corpus (0 = all)", "min": 0})
     bos_token: str = field(default="<s>", metadata={"help": "beginning-of-sequence token"})
     eos_token: str = field(default="</s>", metadata={"help": "end-of-document token (pack appends it)"})
     pad_token: str = field(default="<pad>", metadata={"help": "padding token"})
     unk_token: str = field(default="<unk>", metadata={"help": "unknown token"})
     extra_special_tokens: list[str] = field(default_factory=lambda: [CHAT_START, CHAT_END], metadata={
         "help": "further special tokens; the ChatML tokens are always included"})
-    model_max_length: int = field(default=1024, metadata={"help": "recorded as the tokenizer's max length"})
+    model_max_length: int = field(default=1024, metadata={"help": "recorded as the tokenizer's max length",
+                                                          "min": 1})
     from_pretrained: str | None = field(default=None, metadata={
         "help": "adopt an existing tokenizer (HF model directory or hub id) instead of training"})
     force: bool = field(default=False, metadata={"help": "replace an existing output directory"})
@@ -73,9 +76,13 @@ class TokenizerConfig:
         if not self.corpus_dir and not self.from_pretrained:
             raise ConfigError("give a corpus to train on (--corpus-dir) or --from an existing tokenizer",
                               key="corpus_dir")
-        if self.vocab_size < 300 and not self.from_pretrained:
-            raise ConfigError(f"vocab_size {self.vocab_size} is too small (byte-level BPE needs ≥ 300)",
+        if not self.from_pretrained and self.vocab_size < (least := self.min_vocab_size()):
+            raise ConfigError(f"vocab_size {self.vocab_size} is too small: at least {least} (the 256-byte "
+                              f"alphabet, {len(self.special_tokens())} special tokens and some merges)",
                               key="vocab_size")
+
+    def min_vocab_size(self) -> int:
+        return max(300, 256 + len(self.special_tokens()) + 16)
 
     def special_tokens(self) -> list[str]:
         tokens = [self.bos_token, self.eos_token, self.pad_token, self.unk_token, CHAT_START, CHAT_END]
@@ -175,10 +182,22 @@ def hf_config(cfg: TokenizerConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return tok_cfg, special_map
 
 
+def _looks_like_path(value: str) -> bool:
+    """A local path rather than a hub id (`org/name`, which never starts with '.'): absolute, ./,
+    ../, ~, or more than one '/'."""
+    return (value.startswith(("/", "~", ".")) or value.count("/") > 1 or "\\" in value
+            or Path(value).is_absolute())
+
+
 def _adopt_pretrained(cfg: TokenizerConfig, out: Path) -> dict[str, Any]:
     """Copy an existing fast tokenizer into `out`, adding any extra special tokens."""
     from transformers import AutoTokenizer  # heavy; only for this path
 
+    src = cfg.from_pretrained
+    if _looks_like_path(src) and not Path(src).expanduser().is_dir():
+        what = "not a directory" if Path(src).expanduser().exists() else "no such directory"
+        raise MinilabError(f"--from {src}: {what} (give a tokenizer or model directory, or a hub id "
+                           "such as HuggingFaceTB/SmolLM2-135M)")
     try:
         tok = AutoTokenizer.from_pretrained(cfg.from_pretrained)
     except (OSError, ValueError) as e:
@@ -218,6 +237,11 @@ def run(cfg: TokenizerConfig) -> dict[str, Any]:
                 "chat_end_token": CHAT_END}
         write_json_atomic(tmp / META, meta)
     log.info("tokenizer %s: vocab %d, sha256 %s", out, meta["vocab_size"], meta["sha256"])
+    if meta.get("requested_vocab_size", 0) > meta["vocab_size"]:
+        log.warning("warning: vocab_size %d asked for, but this corpus supports only %d tokens (no pair is "
+                    "frequent enough to merge further), so the tokenizer has %d; both are recorded in %s. Train "
+                    "on more text for a larger vocabulary.", meta["requested_vocab_size"], meta["vocab_size"],
+                    meta["vocab_size"], META)
     return meta
 
 

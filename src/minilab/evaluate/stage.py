@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from minilab.config import apply_overrides, from_dict, read_config_file, to_dict
+from minilab.config import DEVICE, SEED, apply_overrides, from_dict, read_config_file, to_dict
 from minilab.errors import ConfigError, MinilabError
 
 log = logging.getLogger("minilab.eval")
@@ -43,7 +43,8 @@ class EvalConfig:
     prompts_file: str | None = field(default=None, metadata={
         "help": "prompts for generations: one per line, or JSONL with a 'prompt' key; default a few built-in ones"})
     limit: int | None = field(default=None, metadata={"help": "multiple choice: items drawn at random per file"})
-    seed: int = field(default=1234, metadata={"help": "seed of item sampling and sampled generations"})
+    seed: int = field(default=1234, metadata={"help": "seed of item sampling and sampled generations",
+                                                        **SEED})
     split: str = field(default="val", metadata={"help": "packed split to score"})
     val_tokens: int = field(default=0, metadata={"help": "packed data: score at most this many tokens (0 = all)"})
     max_length: int | None = field(default=None, metadata={"help": "text: window length; default max_seq_len"})
@@ -53,7 +54,7 @@ class EvalConfig:
     temperature: float = field(default=0.8, metadata={"help": "sampled generations: temperature"})
     top_k: int | None = field(default=50, metadata={"help": "sampled generations: top-k (None = off)"})
     top_p: float | None = field(default=None, metadata={"help": "sampled generations: nucleus p (None = off)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, mps"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, mps", **DEVICE})
     dtype: str | None = field(default=None, metadata={"help": "weights dtype (float32, bfloat16); default as stored"})
 
     def validate(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from minilab import __version__, distributed
+from minilab.config import DEVICE, SEED
 from minilab.errors import MinilabError
 from minilab.finetune.models import (
     TrainableView,
@@ -71,7 +72,7 @@ class TuneConfig:
                 "default: on for qlora (as PEFT's prepare_model_for_kbit_training), off otherwise"})
     device: str = field(default="auto", metadata={
         "help": "auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...; under torchrun each rank "
-                "uses cuda:LOCAL_RANK"})
+                "uses cuda:LOCAL_RANK", **DEVICE})
     batch_size: int = field(default=8, metadata={
         "help": "examples per micro-batch on each process (SFT: rows; DPO: pairs, each run as chosen + "
                 "rejected); also the eval batch size"})
@@ -84,13 +85,13 @@ class TuneConfig:
                 "step and after the last"})
     eval_batches: int = field(default=4, metadata={
         "help": "batches of batch_size val examples scored per dataset at each eval (the first ones, the "
-                "same every time)"})
+                "same every time)", "min": 1})
     ckpt_every: int = field(default=100, metadata={
         "help": "steps between checkpoints (trainable weights + optimizer state); one also after the last step"})
     keep_last: int = field(default=2, metadata={
         "help": "newest checkpoints kept; the one with the best val loss is kept as well"})
     seed: int = field(default=1337, metadata={
-        "help": "random seed: adapter initialisation, dropout and the order training rows are drawn in"})
+        "help": "random seed: adapter initialisation, dropout and the order training rows are drawn in", **SEED})
     eval_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS), metadata={
         "help": "prompts answered (greedy) at every eval, to watch answers improve"})
     max_new_tokens: int = field(default=32, metadata={

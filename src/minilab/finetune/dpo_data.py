@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minilab.config import SEED
 from minilab.data.datacard import code_fence
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import atomic_dir, write_json_atomic, write_text_atomic
@@ -43,12 +44,13 @@ class DPODataConfig:
         "help": "model (the tokenizer's own template, e.g. the SFT model's), chatml, instruct, chat, alpaca"})
     max_len: int = field(default=256, metadata={"help": "tokens of prompt + answer; longer pairs are dropped"})
     val_fraction: float = field(default=0.1, metadata={
-        "help": "fraction of the pairs held out for validation (rounded; none when there is only one pair)"})
+        "help": "fraction of the pairs held out for validation (rounded; none when there is only one pair)",
+        "min": 0, "lt": 1})
     split: str = field(default="train", metadata={"help": "dataset split for Hugging Face dataset ids"})
     limit: int | None = field(default=None, metadata={
         "help": "read at most this many records per source (counted before any is dropped); default all"})
     seed: int = field(default=1234, metadata={
-        "help": "seed of the shuffle that picks the held-out pairs, and of the built-in 'demo' pairs"})
+        "help": "seed of the shuffle that picks the held-out pairs, and of the built-in 'demo' pairs", **SEED})
     force: bool = field(default=False, metadata={"help": "replace an existing output directory"})
 
     def validate(self) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from minilab.config import SEED
 from minilab.data.datacard import code_fence
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import atomic_dir, sha256_file, write_json_atomic, write_text_atomic
@@ -54,7 +55,8 @@ class SFTDataConfig:
     val_fraction: float = field(default=0.05, metadata={"help": "fraction of examples held out"})
     split: str = field(default="train", metadata={"help": "dataset split for Hugging Face dataset ids"})
     limit: int | None = field(default=None, metadata={"help": "use at most this many examples per source"})
-    seed: int = field(default=1234, metadata={"help": "seed of the shuffle that picks the held-out examples"})
+    seed: int = field(default=1234, metadata={"help": "seed of the shuffle that picks the held-out examples",
+                                                      **SEED})
     force: bool = field(default=False, metadata={"help": "replace an existing output directory"})
 
     def validate(self) -> None:
