@@ -53,7 +53,7 @@ def output_kind(path: str | os.PathLike) -> str | None:
     kind = manifest.get("kind")
     if isinstance(kind, str) and kind.startswith("minilab.") and kind != RUN_KIND:
         return kind.removeprefix("minilab.")
-    if _MODEL_KEYS <= manifest.keys():
+    if manifest.keys() >= _MODEL_KEYS:
         return "model"
     if (path / TOKENIZER_MARKER).is_file():
         return "tokenizer"
