@@ -293,3 +293,44 @@ def test_tensorboard_events_written(data, tmp_path):
     acc.Reload()
     assert {"train/loss", "eval/val_loss", "train/mfu"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+
+
+def _damaged_copy(data, tmp_path, damage) -> dict:
+    """A copy of the packed data (tokenizer shared) with `damage(packed_dir)` applied."""
+    packed = tmp_path / "packed"
+    shutil.copytree(data["packed"], packed)
+    damage(packed)
+    return {**data, "packed": packed}
+
+
+def _flip_byte(path: Path, at: int = 100) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage,extra,expect", [
+    (lambda p: (p / "train.bin").write_bytes((p / "train.bin").read_bytes()[:20000]), [],
+     "train.bin: 20,000 bytes, but manifest.json records"),
+    (lambda p: (p / "train.bin").write_bytes(b""), [], "train.bin: 0 bytes, but manifest.json records"),
+    (lambda p: (p / "val.bin").unlink(), [], "val.bin: missing (manifest.json lists it)"),
+    (lambda p: (p / "train.idx").unlink(), [], "train.idx: missing (manifest.json lists it)"),
+    (lambda p: _flip_byte(p / "train.bin"), ["--verify"], "train.bin: SHA-256 differs from manifest.json"),
+], ids=["truncated-train-bin", "empty-train-bin", "missing-val-bin", "missing-train-idx", "flipped-byte-verify"])
+def test_damaged_packed_data_is_refused_before_training(data, tmp_path, capsys, damage, extra, expect):
+    bad = _damaged_copy(data, tmp_path, damage)
+    out = tmp_path / "run"
+    assert cli_main(pretrain_cmd(bad, out, 2)[3:] + extra) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err
+    assert f"minilab pack --output-dir {bad['packed']} --force" in err
+    assert not out.exists()
+
+
+def test_flipped_byte_trains_without_verify_but_not_with_it(data, tmp_path, capsys):
+    """Sizes are checked on every run; the SHA-256 (which reads all the data) only with --verify."""
+    bad = _damaged_copy(data, tmp_path, lambda p: _flip_byte(p / "train.bin"))
+    assert cli_main(pretrain_cmd(bad, tmp_path / "plain", 1)[3:]) == 0
+    capsys.readouterr()
+    assert cli_main(pretrain_cmd(bad, tmp_path / "checked", 1)[3:] + ["--set", "verify_data=true"]) == 1
+    assert "SHA-256 differs" in capsys.readouterr().err and not (tmp_path / "checked").exists()

@@ -93,6 +93,9 @@ class PretrainConfig:
         "help": "registry root; default $MINILAB_MODELS_DIR, else models/"})
     tensorboard: bool = field(default=True, metadata={
         "help": "also write TensorBoard events to <output_dir>/tensorboard (when tensorboard is installed)"})
+    verify_data: bool = field(default=False, metadata={
+        "help": "before training, re-hash every packed file and compare it with the SHA-256 in its manifest.json "
+                "(reads all the data once); file sizes are checked against the token counts on every run"})
     interrupt_at_step: int | None = field(default=None, metadata={
         "help": "checkpoint after this step, then SIGKILL the process: simulates a crash "
                 "(verify-resume uses it to prove exact resume on your config)"})
@@ -209,13 +212,15 @@ class PretrainRun:
 
     def __init__(self, cfg: PretrainConfig, info: distributed.DistInfo, device: torch.device):
         from minilab.data.mixture import WeightedMixture
-        from minilab.data.pack import check_tokenizer_match
+        from minilab.data.pack import check_packed, check_tokenizer_match
         from minilab.data.tokenizer import encoding_fingerprint, tokenizer_fingerprint
 
         self.cfg, self.info, self.device = cfg, info, device
         self.out = Path(cfg.output_dir)
         self.tok_sha = tokenizer_fingerprint(cfg.tokenizer_dir)
         check_tokenizer_match(cfg.data_dirs, self.tok_sha, encoding_fingerprint(cfg.tokenizer_dir))
+        for d in cfg.data_dirs:  # before anything is built or written: a damaged file is never trained on
+            check_packed(d, verify=cfg.verify_data)
         self.seq_len = cfg.seq_len or int(packed_manifest(cfg.data_dirs[0])["seq_len"])
         model_cfg = build_run_model(cfg, tokenizer_vocab_size(cfg.tokenizer_dir), self.seq_len)
         # The same seed on every rank: identical initial weights without a broadcast.
@@ -407,6 +412,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="architecture preset (micro, tiny, small, base) or JSON file")
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest checkpoint or a given one")
     flag(p, "--dry-run", action="store_true", help="print the resource plan and exit")
+    flag(p, "--verify", action="store_true", dest="verify_data",
+         help="re-hash the packed data against its manifest's SHA-256 before training (verify_data)")
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
@@ -414,6 +421,8 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     for key in ("data_dirs", "data_weights", "tokenizer_dir", "output_dir", "max_steps", "arch"):
         if getattr(args, key, None) is not None:
             data[key] = getattr(args, key)
+    if getattr(args, "verify_data", False):
+        data["verify_data"] = True
     source = args.config or "command line"
     return from_dict(PretrainConfig, apply_overrides(data, args.overrides), source=source)
 

@@ -229,23 +229,50 @@ def run(cfg: PackConfig) -> dict[str, Any]:
     return manifest
 
 
-def open_split(packed_dir: str | Path, split: str = "train", verify: bool = False):
-    """(tokens memmap, doc offsets, manifest) of one split; `verify` re-hashes the files first."""
+def check_packed(packed_dir: str | Path, splits: Iterable[str] = SPLITS, verify: bool = False) -> dict[str, Any]:
+    """Check a packed directory's files against its manifest.json before anything reads them.
+
+    Always: every split's .bin and .idx file is there and has the size the manifest's counts give
+    (tokens x dtype size; (documents + 1) x 8 bytes of offsets), so a truncated, emptied or missing
+    file is refused instead of silently trained on. With `verify`, each file's SHA-256 is compared
+    with the manifest too (catches a changed byte; reads every byte). Returns the manifest.
+    """
     import numpy as np
 
     from minilab.data.shards import load_manifest
 
     packed_dir = Path(packed_dir)
     manifest = load_manifest(packed_dir, "packed")
-    if split not in manifest["splits"]:
-        raise MinilabError(f"{packed_dir}: no split '{split}' (have {', '.join(manifest['splits'])})")
-    info = manifest["splits"][split]
-    if verify:
-        for kind in ("bin", "idx"):
+    redo = f"re-pack it (minilab pack --output-dir {packed_dir} --force)"
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for split in splits:
+        if split not in manifest["splits"]:
+            raise MinilabError(f"{packed_dir}: no split '{split}' (have {', '.join(manifest['splits'])})")
+        info = manifest["splits"][split]
+        expected = {"bin": (int(info["tokens"]) * itemsize, f"{int(info['tokens']):,} tokens"),
+                    "idx": ((int(info["documents"]) + 1) * 8, f"{int(info['documents']):,} documents")}
+        for kind, (size, what) in expected.items():
             path = packed_dir / f"{split}.{kind}"
-            if sha256_file(path) != info[f"{kind}_sha256"]:
-                raise MinilabError(f"{path}: SHA-256 differs from the manifest; re-pack with --force")
-    if info["tokens"] == 0:
+            if not path.is_file():
+                raise MinilabError(f"{path}: missing (manifest.json lists it); {redo}")
+            got = path.stat().st_size
+            if got != size:
+                raise MinilabError(f"{path}: {got:,} bytes, but manifest.json records {what} ({size:,} bytes): "
+                                   f"the file is truncated or changed; {redo}")
+            if verify and sha256_file(path) != info[f"{kind}_sha256"]:
+                raise MinilabError(f"{path}: SHA-256 differs from manifest.json (the file changed after "
+                                   f"packing); {redo}")
+    return manifest
+
+
+def open_split(packed_dir: str | Path, split: str = "train", verify: bool = False):
+    """(tokens memmap, doc offsets, manifest) of one split, after `check_packed` (sizes; `verify`:
+    SHA-256 too)."""
+    import numpy as np
+
+    packed_dir = Path(packed_dir)
+    manifest = check_packed(packed_dir, (split,), verify)
+    if manifest["splits"][split]["tokens"] == 0:
         return np.zeros(0, dtype=manifest["dtype"]), np.zeros(1, np.uint64), manifest
     tokens = np.memmap(packed_dir / f"{split}.bin", dtype=manifest["dtype"], mode="r")
     offsets = np.fromfile(packed_dir / f"{split}.idx", dtype=np.uint64)
