@@ -334,3 +334,53 @@ def test_flipped_byte_trains_without_verify_but_not_with_it(data, tmp_path, caps
     capsys.readouterr()
     assert cli_main(pretrain_cmd(bad, tmp_path / "checked", 1)[3:] + ["--set", "verify_data=true"]) == 1
     assert "SHA-256 differs" in capsys.readouterr().err and not (tmp_path / "checked").exists()
+
+
+def one_error_line(stderr: str) -> str:
+    """The one `minilab: error:` line of a failed run (progress lines may come before it)."""
+    errors = [line for line in stderr.splitlines() if line.startswith("minilab: error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def test_exploding_lr_stops_the_run_without_a_final_model(data, tmp_path, capsys):
+    """lr=1e30 (finite, so config-valid): the weights blow up; the run stops at the first save or
+    loss that shows it, with no final model and nothing registered, and every checkpoint on disk
+    has finite weights."""
+    out, models = tmp_path / "run", tmp_path / "models"
+    rc = cli_main(pretrain_cmd(data, out, 6)[3:-2] + ["--set", "optim.lr=1e30", "--set", "ckpt_every=1",
+                                                     "--set", "register=true", "--set", f"models_dir={models}"])
+    err = one_error_line(capsys.readouterr().err)
+    assert rc == 1 and "training diverged and stopped" in err, err
+    assert "no final model written or registered" in err
+    assert not (out / "final").exists() and not (models.exists() and any(models.iterdir()))
+    for ckpt in (out / "checkpoints").glob("step-*"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "model.safetensors")).values())
+
+
+@pytest.mark.parametrize("where", ["train", "val"])
+def test_non_finite_loss_names_the_step_and_the_kept_checkpoint(data, tmp_path, capsys, monkeypatch, where):
+    from minilab import pretrain
+
+    if where == "train":
+        real = pretrain.PretrainRun.train_step
+
+        def train_step(self):
+            loss, norm = real(self)
+            return (float("inf") if self.step == 2 else loss), norm  # the loss of step 3
+        monkeypatch.setattr(pretrain.PretrainRun, "train_step", train_step)
+    else:
+        real_eval, calls = pretrain.evaluate, []
+
+        def evaluate(*args):
+            calls.append(1)  # the evals of steps 0 and 3: the second one is nan
+            return {**real_eval(*args), **({"val_loss": float("nan")} if len(calls) == 2 else {})}
+        monkeypatch.setattr(pretrain, "evaluate", evaluate)
+    out = tmp_path / "run"
+    extra = ["--set", "ckpt_every=2"] + (["--set", "eval_every=3"] if where == "val" else [])
+    assert cli_main(pretrain_cmd(data, out, 5)[3:] + extra) == 1
+    err = one_error_line(capsys.readouterr().err)
+    what = "train loss is inf" if where == "train" else "val loss is nan"
+    assert f"{what} at step 3: training diverged" in err, err
+    assert f"the last good checkpoint {out / 'checkpoints' / 'step-000002'} is kept" in err
+    assert (out / "checkpoints" / "step-000002" / "COMPLETE").is_file() and not (out / "final").exists()

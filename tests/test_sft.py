@@ -191,3 +191,21 @@ def test_merge_into_an_existing_output_dir_names_the_cli_flag(setup, tmp_path, c
     assert cli([*args, "--force"]) == 0
     assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
     assert f"merged model: {out}" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_sft_without_a_final_model(setup, tmp_path, monkeypatch):
+    """The shared divergence stop of every loop: step 3's loss is nan, checkpoint 2 is the last
+    good one and is kept, no final/ and nothing registered."""
+    from minilab.errors import MinilabError
+
+    real = SFTRun.train_step
+
+    def train_step(self):
+        loss, norm = real(self)
+        return (float("nan") if self.step == 2 else loss), norm
+    monkeypatch.setattr(SFTRun, "train_step", train_step)
+    out = tmp_path / "run"
+    with pytest.raises(MinilabError, match=r"train loss is nan at step 3: training diverged") as e:
+        run_job(SFTRun, _cfg(setup, out, max_steps=5, ckpt_every=2))
+    assert f"the last good checkpoint {out / 'checkpoints' / 'step-000002'} is kept" in str(e.value)
+    assert (out / "checkpoints" / "step-000002" / "COMPLETE").is_file() and not (out / "final").exists()

@@ -38,6 +38,8 @@ from minilab.training import (
     OptimConfig,
     accumulate_gradients,
     autocast_context,
+    check_finite_loss,
+    check_finite_weights,
     checkpoint_val_meta,
     eval_due,
     find_resume_checkpoint,
@@ -287,6 +289,7 @@ class PretrainRun:
     def run_eval(self, bar) -> None:
         """Validate the current weights, log it, and note it under the progress bar (if any)."""
         self.last_eval = evaluate(self.model, self.cfg, self.seq_len, self.device)
+        check_finite_loss(self.last_eval["val_loss"], "val loss", self.step, self.ckpt_dir)
         self.eval_step = self.step
         self.best = min(self.best, self.last_eval["val_loss"])
         epochs = {Path(d).name: round(self.tokens_seen * float(p) / max(1, n), 4)
@@ -300,6 +303,7 @@ class PretrainRun:
     def save(self) -> None:
         from minilab.checkpoint import save_checkpoint
 
+        check_finite_weights(self.model.parameters(), self.step, self.ckpt_dir, self.info, self.device)
         # FSDP: every rank takes part in gathering the full state; rank 0 writes it in the usual format.
         model_state, optim_state = (distributed.full_state(self.model, self.optimizer)
                                     if distributed.is_fsdp(self.model) else (None, None))
@@ -345,6 +349,7 @@ class PretrainRun:
                 set_lr(self.optimizer, lr)
                 loss, norm = self.train_step()
                 self.step += 1
+                check_finite_loss(loss, "train loss", self.step, self.ckpt_dir)
                 now = time.perf_counter()
                 tok_s = cfg.batch_size * cfg.grad_accum * self.seq_len * self.info.world_size / max(now - t_last, 1e-9)
                 t_last = now

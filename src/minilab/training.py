@@ -174,6 +174,45 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     return (picked * mask).sum(-1)
 
 
+class DivergedError(MinilabError):
+    """A loss or the weights became nan/inf: the run stops, no final model, nothing registered."""
+
+
+def _diverged(what: str, step: int, ckpt_dir: Path) -> DivergedError:
+    from minilab.checkpoint_index import latest_checkpoint
+
+    last = latest_checkpoint(ckpt_dir)
+    kept = (f"the last good checkpoint {last} is kept (lower optim.lr, then --resume {last})" if last
+            else "no checkpoint had been written (lower optim.lr and start again)")
+    return DivergedError(f"{what} at step {step}: training diverged and stopped; no final model written or "
+                         f"registered; {kept}")
+
+
+def check_finite_loss(value: float | None, what: str, step: int, ckpt_dir: Path) -> None:
+    """Stop the run with a one-line `DivergedError` when a train or val loss is nan or inf.
+
+    Every rank computes the same (all-reduced or identically evaluated) loss, so every rank stops."""
+    if value is not None and not math.isfinite(value):
+        raise _diverged(f"{what} is {value}", step, ckpt_dir)
+
+
+def check_finite_weights(params, step: int, ckpt_dir: Path, info=None, device: torch.device | None = None) -> None:
+    """Before a checkpoint is written: refuse to save nan/inf weights, so every checkpoint on disk
+    is a good one to resume from. `info`/`device`: agree over ranks (FSDP ranks hold shards)."""
+    bad = 0.0
+    for p in params:
+        t = p.to_local() if hasattr(p, "to_local") else p  # an FSDP DTensor: this rank's shard
+        if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+            bad = 1.0
+            break
+    if info is not None:
+        from minilab import distributed
+
+        bad = distributed.all_reduce_sum(bad, info, device)
+    if bad:
+        raise _diverged("the weights are nan or inf", step, ckpt_dir)
+
+
 def find_resume_checkpoint(ckpt_dir: Path, out: Path, resume: str | None, is_main: bool = True) -> Path | None:
     """The checkpoint `--resume auto|PATH` names, or None for a fresh run. A fresh run into a
     directory that already holds checkpoints or a final model is refused, never overwritten."""

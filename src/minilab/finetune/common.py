@@ -30,7 +30,7 @@ from minilab.finetune.models import (
     peft_of,
     peft_target,
 )
-from minilab.training import MetricsLog, OptimConfig, make_optimizer, optimizer_step
+from minilab.training import MetricsLog, OptimConfig, check_finite_weights, make_optimizer, optimizer_step
 
 log = logging.getLogger("minilab.finetune")
 
@@ -177,6 +177,7 @@ class Tuning:
     def save(self, step: int, meta: dict[str, Any], metric: float | None) -> None:
         from minilab.checkpoint import save_checkpoint
 
+        check_finite_weights(self.view.parameters(), step, self.ckpt_dir, self.info, self.device)
         if self.info.is_main:
             save_checkpoint(self.ckpt_dir, step, model=self.view, optimizer=self.optimizer,
                             meta={**meta, "tokenizer_sha256": self.tokenizer_sha, "minilab_version": __version__},

@@ -34,6 +34,7 @@ from minilab.finetune.common import TuneConfig, Tuning
 from minilab.training import (
     OptimConfig,
     autocast_context,
+    check_finite_loss,
     checkpoint_val_meta,
     eval_due,
     lr_at,
@@ -258,6 +259,7 @@ class DPORun:
     def run_eval(self, bar) -> None:
         """Validate the current weights, log it, and note it under the progress bar (if any)."""
         self.last_eval = self.evaluate()
+        check_finite_loss(self.last_eval.get("val_loss"), "val loss", self.step, self.tune.ckpt_dir)
         self.eval_step = self.step
         if "val_loss" in self.last_eval:
             self.best = min(self.best, self.last_eval["val_loss"])
@@ -291,6 +293,7 @@ class DPORun:
                 t0 = time.perf_counter()
                 metrics, norm = self.train_step()
                 self.step += 1
+                check_finite_loss(metrics["loss"], "train loss", self.step, self.tune.ckpt_dir)
                 pairs_s = cfg.batch_size * cfg.grad_accum / max(time.perf_counter() - t0, 1e-9)
                 self.tune.metrics.write("train", step=self.step, lr=lr, grad_norm=norm, pairs_per_s=pairs_s,
                                         **metrics)

@@ -34,6 +34,7 @@ from minilab.training import (
     OptimConfig,
     accumulate_gradients,
     autocast_context,
+    check_finite_loss,
     checkpoint_val_meta,
     eval_due,
     lr_at,
@@ -193,6 +194,7 @@ class SFTRun:
     def run_eval(self, bar) -> None:
         """Validate the current weights, log it, and note it under the progress bar (if any)."""
         self.last_eval = self.evaluate()
+        check_finite_loss(self.last_eval.get("val_loss"), "val loss", self.step, self.tune.ckpt_dir)
         self.eval_step = self.step
         if "val_loss" in self.last_eval:
             self.best = min(self.best, self.last_eval["val_loss"])
@@ -231,6 +233,7 @@ class SFTRun:
                 before = self.tokens_seen
                 loss, norm = self.train_step()
                 self.step += 1
+                check_finite_loss(loss, "train loss", self.step, self.tune.ckpt_dir)
                 now = time.perf_counter()
                 tok_s = (self.tokens_seen - before) / max(now - t_last, 1e-9)
                 t_last = now
