@@ -182,7 +182,7 @@ class Bounded:
     ("workers=-1", "key 'workers': must be ≥ 0, got -1"),
     ("fraction=0", "key 'fraction': must be in (0, 1), got 0.0"),
     ("fraction=1", "key 'fraction': must be in (0, 1), got 1.0"),
-    ("fraction=.nan", "key 'fraction': must be in (0, 1), got nan"),
+    ("fraction=.nan", "key 'fraction': must be a finite number, got nan"),
     ("seed=-1", "key 'seed': must be in [0, 4294967295], got -1"),
     (f"seed={2**64}", f"key 'seed': must be in [0, 4294967295], got {2**64}"),
     (f"seed={2**32}", f"key 'seed': must be in [0, 4294967295], got {2**32}"),
@@ -219,6 +219,13 @@ def test_field_metadata_bounds_accept_the_edges(override):
     (["pretrain", "--set", "eval_batches=0"], "key 'eval_batches': must be ≥ 1, got 0"),  # was ZeroDivisionError
     (["pretrain", "--set", "seq_len=0"], "key 'seq_len': must be ≥ 1, got 0"),  # was silently the packed one
     (["sft", "--set", "eval_batches=0"], "key 'eval_batches': must be ≥ 1, got 0"),
+    # nan passed `lr <= 0` (a traceback from AdamW); inf trained to loss nan and registered the model
+    (["pretrain", "--set", "optim.lr=nan"], "key 'optim.lr': must be a finite number, got nan"),
+    (["pretrain", "--set", "optim.lr=inf"], "key 'optim.lr': must be a finite number, got inf"),
+    (["pretrain", "--set", "optim.lr=.inf"], "key 'optim.lr': must be a finite number, got inf"),
+    (["sft", "--set", "optim.weight_decay=-inf"], "key 'optim.weight_decay': must be a finite number, got -inf"),
+    (["pretrain", "--set", "data_weights=[1, nan]"], "key 'data_weights[1]': must be a finite number, got nan"),
+    (["dpo", "--set", "beta=NaN"], "key 'beta': must be a finite number, got nan"),
 ])
 def test_cli_refuses_out_of_range_values_in_one_line(argv, expect, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

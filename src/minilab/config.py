@@ -10,16 +10,20 @@ that names the file and the dotted key, e.g.
 
 Single-field rules live in the field's metadata and are checked here for every config of every
 verb, so a bad value is refused on load instead of crashing deep inside a stage:
-`"min"`/`"max"` (inclusive) and `"gt"`/`"lt"` (exclusive) bound a number, which must then also be
-finite; `"check"` is a function of the value returning an error message (or None). `SEED` and
+`"min"`/`"max"` (inclusive) and `"gt"`/`"lt"` (exclusive) bound a number; `"check"` is a
+function of the value returning an error message (or None). `SEED` and
 `DEVICE` are the shared ones, e.g. `field(default=1234, metadata={"help": ..., **SEED})`.
 
 A dataclass may define `validate(self)` for cross-field rules ("n_head must divide d_model");
 it raises `ConfigError` with `key=` set, and the loader adds the file name and key prefix.
+
+Every float value, bounded or not, must be finite: `nan` and `inf` (`--set optim.lr=nan`) are
+refused on load, since no setting means them and a `nan` passes every `<`/`>` check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -63,8 +67,7 @@ def check_field(meta: Any, value: Any) -> str | None:
     bounds = {k: meta[k] for k in ("min", "max", "gt", "lt") if k in meta}
     if not bounds or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    if (isinstance(value, float) and not math.isfinite(value)) or \
-            ("min" in bounds and value < bounds["min"]) or ("max" in bounds and value > bounds["max"]) or \
+    if ("min" in bounds and value < bounds["min"]) or ("max" in bounds and value > bounds["max"]) or \
             ("gt" in bounds and value <= bounds["gt"]) or ("lt" in bounds and value >= bounds["lt"]):
         return f"must be {_range_text(bounds)}, got {value!r}"
     return None
@@ -224,6 +227,8 @@ def _coerce(tp: Any, value: Any, *, source: str, key: str) -> Any:
                 return _coerce(arg, value, source=source, key=key)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) == 1:  # `X | None`: X's own message names the item at fault (data_weights[1])
+            raise errors[0]
         raise ConfigError(f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}",
                           source=source, key=key)
     if origin is Literal:
@@ -257,15 +262,18 @@ def _coerce(tp: Any, value: Any, *, source: str, key: str) -> Any:
             return int(value)
         raise ConfigError(f"expected an integer, got {value!r}", source=source, key=key)
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # YAML 1.1 (PyYAML) reads `3e-4` as a string because it has no dot: accept it.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"expected a number, got {value!r}", source=source, key=key)
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"expected a number, got {value!r}", source=source, key=key)
+        if not math.isfinite(number):
+            raise ConfigError(f"must be a finite number, got {number!r}", source=source, key=key)
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
