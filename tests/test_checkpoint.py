@@ -162,3 +162,51 @@ def test_load_errors_are_one_line(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(MinilabError, match="optimizer.pt"):
         ckpt.load_checkpoint(path, optimizer=torch.optim.AdamW(other.parameters()))
+
+
+def _three_checkpoints(tmp_path):
+    model, opt, _ = make_run(0)
+    paths = [save(tmp_path, step, model, opt) for step in (1, 2, 3)]
+    return model, opt, paths
+
+
+def test_meta_records_every_file_size(tmp_path):
+    _, _, paths = _three_checkpoints(tmp_path)
+    files = json.loads((paths[-1] / "meta.json").read_text())["files"]
+    assert set(files) == {"model.safetensors", "optimizer.pt", "rng.json"}
+    assert all(files[n] == (paths[-1] / n).stat().st_size for n in files)
+
+
+def test_truncated_weights_name_the_file_and_the_older_checkpoint(tmp_path):
+    model, opt, paths = _three_checkpoints(tmp_path)
+    f = paths[-1] / "model.safetensors"
+    size = f.stat().st_size
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(MinilabError) as e:
+        ckpt.load_checkpoint(tmp_path, model=model, optimizer=opt)
+    assert str(e.value) == (f"{f}: 100 bytes, but meta.json records {size:,} (truncated or changed); checkpoint "
+                            f"step-000003 is damaged; resume from the next older complete checkpoint instead: "
+                            f"--resume {paths[1]}")
+
+
+def test_garbage_optimizer_state_of_the_right_size_is_one_line(tmp_path):
+    model, opt, paths = _three_checkpoints(tmp_path)
+    f = paths[-1] / "optimizer.pt"
+    f.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(f.stat().st_size)))
+    with pytest.raises(MinilabError) as e:
+        ckpt.load_checkpoint(paths[-1], model=model, optimizer=opt)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: cannot be read (") and "\n" not in msg and f"--resume {paths[1]}" in msg
+
+
+def test_damaged_only_checkpoint_says_there_is_no_older_one(tmp_path):
+    """Also a checkpoint written before sizes were recorded: the failed load itself is the error."""
+    model, opt, _ = make_run(0)
+    path = save(tmp_path, 1, model, opt)
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["files"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    (path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:5000])
+    with pytest.raises(MinilabError, match=r"model.safetensors: cannot be read \(.*\); checkpoint step-000001 is "
+                                           r"damaged; there is no older complete checkpoint of this run"):
+        ckpt.load_checkpoint(path, model=model, optimizer=opt)

@@ -384,3 +384,22 @@ def test_non_finite_loss_names_the_step_and_the_kept_checkpoint(data, tmp_path, 
     assert f"{what} at step 3: training diverged" in err, err
     assert f"the last good checkpoint {out / 'checkpoints' / 'step-000002'} is kept" in err
     assert (out / "checkpoints" / "step-000002" / "COMPLETE").is_file() and not (out / "final").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated-weights", "garbage-optimizer"])
+def test_resume_from_a_damaged_checkpoint_is_one_line_naming_the_older_one(data, tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    base = pretrain_cmd(data, out, 3)[3:] + ["--set", "ckpt_every=1", "--set", "keep_last=5"]
+    assert cli_main(base) == 0
+    capsys.readouterr()
+    newest, older = out / "checkpoints" / "step-000003", out / "checkpoints" / "step-000002"
+    if damage == "truncated-weights":
+        (newest / "model.safetensors").write_bytes((newest / "model.safetensors").read_bytes()[:5000])
+    else:
+        (newest / "optimizer.pt").write_bytes(b"\x80not a torch file" * 50)
+    resume = pretrain_cmd(data, out, 5)[3:] + ["--set", "ckpt_every=1", "--set", "keep_last=5"]
+    assert cli_main(resume + ["--resume", "auto"]) == 1
+    err = one_error_line(capsys.readouterr().err)
+    assert f"step-000003/{'model.safetensors' if damage == 'truncated-weights' else 'optimizer.pt'}: " in err
+    assert f"resume from the next older complete checkpoint instead: --resume {older}" in err
+    assert cli_main(resume + ["--resume", str(older)]) == 0  # the named one does resume

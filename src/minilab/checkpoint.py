@@ -8,7 +8,8 @@ Layout of one checkpoint, `RUN_DIR/step-000500/`:
     scaler.pt           GradScaler.state_dict() of fp16 runs (loss scale and growth tracker)
     rng.json            Python, NumPy, torch CPU and CUDA generator states (JSON, restored bitwise)
     meta.json           step, model config, the caller's meta (resolved run config, tokens_seen,
-                        data position, tokenizer sha256, ...), versions, wall time, metric
+                        data position, tokenizer sha256, ...), versions, wall time, metric, and
+                        `files`: the byte size of every file above, checked before a load
     COMPLETE            written last
 
 The directory is assembled under a hidden temporary name and renamed into place
@@ -16,7 +17,9 @@ The directory is assembled under a hidden temporary name and renamed into place
 `list_checkpoints` additionally requires the `COMPLETE` marker, so a directory copied or synced
 half-way from elsewhere is never mistaken for a checkpoint either. Nothing is ever read back with
 pickle: weights through safetensors, optimizer/scheduler state through
-`torch.load(weights_only=True)`, RNG state from JSON.
+`torch.load(weights_only=True)`, RNG state from JSON. A checkpoint whose files do not match the
+sizes in its meta.json, or do not load (truncated, overwritten with garbage), is a one-line
+`MinilabError` naming the file and the next older complete checkpoint to resume from instead.
 """
 
 from __future__ import annotations
@@ -147,20 +150,23 @@ def read_model_weights(path: str | os.PathLike, device: str | torch.device = "cp
     return state
 
 
-def load_model_weights(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
-    """Load a file written by `save_model_weights` into `model` (strict: every key must match).
-    An FSDP-sharded model (every rank calls this) keeps its own shard of the full weights."""
+def load_model_weights(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu",
+                       state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load a file written by `save_model_weights` (or `state`, already read from it) into `model`
+    (strict: every key must match). An FSDP-sharded model (every rank calls this) keeps its own
+    shard of the full weights."""
     from minilab import distributed
 
     model = _unwrap(model)
     if distributed.is_fsdp(model):
-        state = read_model_weights(path)
+        state = state if state is not None else read_model_weights(path)
         names = set(model.state_dict())
         missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
         if not missing and not unexpected:
             distributed.load_full_model_state(model, state)
     else:
-        missing, unexpected = model.load_state_dict(read_model_weights(path, device), strict=False)
+        missing, unexpected = model.load_state_dict(state if state is not None else read_model_weights(path, device),
+                                                    strict=False)
     if missing or unexpected:
         raise MinilabError(f"checkpoint {path} does not fit this model: missing {missing[:3]}"
                            f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
@@ -264,6 +270,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
         if scaler is not None:  # fp16: without it a resumed run restarts the loss scale at 2**16
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
         write_json_atomic(tmp / "rng.json", capture_rng_state())
+        record["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         record["save_seconds"] = round(time.perf_counter() - started, 3)
         write_json_atomic(tmp / "meta.json", record)
         (tmp / MARKER).write_text(f"{step}\n", encoding="utf-8")
@@ -287,6 +294,45 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
+def damaged(path: Path, problem: str) -> MinilabError:
+    """The one-line error for a checkpoint file that cannot be trusted: what is wrong, and the next
+    older complete checkpoint of the same run to resume from (named), if there is one."""
+    ckpt = path.parent
+    step = checkpoint_step(ckpt)
+    older = [p for p in list_checkpoints(ckpt.parent) if step is not None and checkpoint_step(p) < step]
+    hint = (f"resume from the next older complete checkpoint instead: --resume {older[-1]}" if older
+            else "there is no older complete checkpoint of this run to resume from")
+    return MinilabError(f"{path}: {problem}; checkpoint {ckpt.name} is damaged; {hint}")
+
+
+def check_checkpoint_files(path: Path, meta: dict[str, Any]) -> None:
+    """Every file meta.json lists is there with its recorded byte size (checkpoints written before
+    sizes were recorded are not checked)."""
+    for name, size in (meta.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            raise damaged(f, "missing (meta.json lists it)")
+        if f.stat().st_size != size:
+            raise damaged(f, f"{f.stat().st_size:,} bytes, but meta.json records {size:,} (truncated or changed)")
+
+
+def _load_pt(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _read(path: Path, read, *args):
+    """`read(path, *args)`, with any failure to parse the file (garbage, truncation) as `damaged`."""
+    try:
+        return read(path, *args)
+    except MinilabError:
+        raise
+    except Exception as e:  # safetensors, pickle, zip and JSON errors alike: the file is unreadable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in first:  # torch's advice about weights_only=False: not what to do here
+            first = "not a valid torch.save file"
+        raise damaged(path, f"cannot be read ({first[:160]})") from None
+
+
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                     restore_rng: bool = True, map_location: str | torch.device = "cpu",
@@ -301,24 +347,27 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
     from minilab import distributed
 
     path = resolve_checkpoint(path)
-    meta = read_meta(path)
+    meta = _read(path / "meta.json", lambda f: read_meta(f.parent))
+    check_checkpoint_files(path, meta)
     if model is not None:
-        load_model_weights(model, path / "model.safetensors", device=map_location)
+        weights = _read(path / "model.safetensors", read_model_weights, map_location)
+        load_model_weights(model, path / "model.safetensors", device=map_location, state=weights)
     for obj, fname in ((optimizer, "optimizer.pt"), (scheduler, "scheduler.pt")):
         if obj is None:
             continue
         if not (path / fname).is_file():
             raise MinilabError(f"checkpoint {path} has no {fname} to resume from")
-        if obj is optimizer and model is not None and distributed.is_fsdp(_unwrap(model)):
-            state = torch.load(path / fname, map_location="cpu", weights_only=True)
+        fsdp = obj is optimizer and model is not None and distributed.is_fsdp(_unwrap(model))
+        state = _read(path / fname, _load_pt, "cpu" if fsdp else map_location)
+        if fsdp:
             distributed.load_full_optimizer_state(_unwrap(model), optimizer, state)
             continue
-        obj.load_state_dict(torch.load(path / fname, map_location=map_location, weights_only=True))
+        obj.load_state_dict(state)
     if scaler is not None and (path / "scaler.pt").is_file():  # absent: the run was not fp16 before
-        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        scaler.load_state_dict(_read(path / "scaler.pt", _load_pt))
     rng_file = path / "rng.json"
     if rng_file.is_file():
-        meta["rng"] = json.loads(rng_file.read_text(encoding="utf-8"))
+        meta["rng"] = _read(rng_file, lambda f: json.loads(f.read_text(encoding="utf-8")))
         if restore_rng:
             restore_rng_state(meta["rng"])
     meta["path"] = str(path)
