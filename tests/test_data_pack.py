@@ -254,3 +254,44 @@ def test_pack_refuses_no_validation_split(built, tmp_path, capsys):
                    "--output-dir", str(tmp_path / "p"), "--val-fraction", "0"])
     assert rc == 2 and not (tmp_path / "p").exists()
     assert "key 'val_fraction': must be in (0, 1), got 0.0" in capsys.readouterr().err
+
+
+def _tokenizer_copy(built, tmp_path):
+    import shutil
+
+    tok = tmp_path / "tok"
+    shutil.copytree(built / "tok", tok)
+    return tok
+
+
+def test_truncated_tokenizer_json_is_one_line_naming_the_file(built, tmp_path, capsys):
+    from minilab.data.tokenizer import load_tokenizer
+
+    tok = _tokenizer_copy(built, tmp_path)
+    f = tok / "tokenizer.json"
+    f.write_bytes(f.read_bytes()[:3000])
+    with pytest.raises(MinilabError, match=r"tokenizer.json: cannot be loaded as a tokenizer \(EOF while parsing"):
+        load_tokenizer(tok, verify=False)
+    with pytest.raises(MinilabError, match=r"tokenizer.json: .*the file is truncated or damaged"):
+        load_tokenizer(tok)
+    rc = cli_main(["pack", "--corpus-dir", str(built / "corpus"), "--tokenizer-dir", str(tok),
+                   "--output-dir", str(tmp_path / "p"), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and f"{f}: " in err and "truncated or damaged" in err
+    assert "Traceback" not in err and not (tmp_path / "p").exists()
+
+
+def test_load_tokenizer_checks_the_recorded_fingerprint(built, tmp_path):
+    """A tokenizer.json that still parses but was edited (two tokens' ids swapped) no longer
+    matches the sha256 in minilab_tokenizer.json: refused, so no id silently means another token."""
+    from minilab.data.tokenizer import load_tokenizer
+
+    tok = _tokenizer_copy(built, tmp_path)
+    assert load_tokenizer(tok).get_vocab_size() == load_tokenizer(built / "tok" / "tokenizer.json").get_vocab_size()
+    data = json.loads((tok / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (tok / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(MinilabError, match="differs from the recorded"):
+        load_tokenizer(tok)
+    assert load_tokenizer(tok, verify=False).token_to_id("a") == vocab["a"]

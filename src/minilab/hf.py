@@ -157,9 +157,9 @@ def _special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
     tok_file = tokenizer_dir / "tokenizer.json"
     if not tok_file.is_file():
         return {}
-    from tokenizers import Tokenizer
+    from minilab.data.tokenizer import load_tokenizer
 
-    tok = Tokenizer.from_file(str(tok_file))
+    tok = load_tokenizer(tok_file)
     names: dict[str, Any] = {}
     for fname in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
         f = tokenizer_dir / fname
@@ -191,9 +191,9 @@ def _copy_tokenizer(tokenizer_dir: Path, out: Path, ids: dict[str, int], max_len
         if f.is_file() and not f.name.startswith(".") and f.name not in _MODEL_FILES:
             shutil.copy2(f, out / f.name)
     if (out / "tokenizer.json").is_file() and not (out / "tokenizer_config.json").is_file():
-        from tokenizers import Tokenizer
+        from minilab.data.tokenizer import load_tokenizer
 
-        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+        tok = load_tokenizer(out / "tokenizer.json", verify=False)  # a copy of the one read above
         cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
         for key, tid in ids.items():
             cfg[key.removesuffix("_id")] = tok.id_to_token(tid)

@@ -97,11 +97,11 @@ def _token_name(value: Any) -> str | None:
 def load_tokenizer(model_dir: Path, _depth: int = 0):
     """(`tokenizers.Tokenizer`, its directory) stored with a model; an adapter-only directory
     (a registered LoRA result) uses its base model's tokenizer."""
-    from tokenizers import Tokenizer
+    from minilab.data.tokenizer import load_tokenizer as load_tokenizer_file
 
     for d in (model_dir, model_dir / "tokenizer", model_dir / "adapters"):
         if (d / "tokenizer.json").is_file():
-            return Tokenizer.from_file(str(d / "tokenizer.json")), d
+            return load_tokenizer_file(d), d
     base = (_read_json(model_dir / "adapter_config.json").get("base_model_name_or_path")
             or _read_json(model_dir / "adapters" / "adapter_config.json").get("base_model_name_or_path")
             or _read_json(model_dir / "manifest.json").get("parent"))

@@ -185,9 +185,9 @@ def dataset_tokens(data_dirs: list[str]) -> dict[str, int]:
 
 # ---- the run ----------------------------------------------------------------------------------
 def tokenizer_vocab_size(tokenizer_dir: str | Path) -> int:
-    from tokenizers import Tokenizer
+    from minilab.data.tokenizer import load_tokenizer
 
-    return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab_size()
+    return load_tokenizer(tokenizer_dir).get_vocab_size()
 
 
 def build_run_model(cfg: PretrainConfig, vocab_size: int, seq_len: int) -> ModelConfig:

@@ -107,9 +107,9 @@ _TOK = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _TOK
-    from tokenizers import Tokenizer
+    from minilab.data.tokenizer import load_tokenizer
 
-    _TOK = Tokenizer.from_file(tokenizer_path)
+    _TOK = load_tokenizer(tokenizer_path, verify=False)  # `run` checked it before starting the workers
 
 
 def _encode(batch: list[str]) -> list[list[int]]:
@@ -184,7 +184,7 @@ def _write_splits(tmp: Path, cfg: PackConfig, eos_id: int, dtype, n_docs: int) -
 def run(cfg: PackConfig) -> dict[str, Any]:
     """Pack `cfg.corpus_dir` with `cfg.tokenizer_dir`; returns the written manifest."""
     from minilab.data.shards import manifest_hash, verify_corpus
-    from minilab.data.tokenizer import encoding_fingerprint, read_tokenizer_meta
+    from minilab.data.tokenizer import encoding_fingerprint, load_tokenizer, read_tokenizer_meta
 
     out = Path(cfg.output_dir)
     if out.exists() and not cfg.force:
@@ -192,9 +192,7 @@ def run(cfg: PackConfig) -> dict[str, Any]:
                            "overwritten silently)")
     corpus = verify_corpus(cfg.corpus_dir)
     tok_meta = read_tokenizer_meta(cfg.tokenizer_dir)
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(Path(cfg.tokenizer_dir) / "tokenizer.json"))
+    tok = load_tokenizer(cfg.tokenizer_dir, verify=False)  # read_tokenizer_meta just checked it
     eos = tok_meta.get("eos_token", "</s>")
     eos_id = tok.token_to_id(eos)
     if eos_id is None:

@@ -90,6 +90,39 @@ class TokenizerConfig:
         return list(dict.fromkeys(tokens))  # de-duplicated, order kept: ids 0.. are stable
 
 
+_REDO = "copy the tokenizer directory again, or re-create it with `minilab tokenizer`"
+
+
+def _read_json(path: Path) -> Any:
+    """A tokenizer file's JSON; a truncated or damaged file is a one-line error naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MinilabError(f"{path}: not valid JSON ({e}); the file is truncated or damaged: {_REDO}") from None
+
+
+def load_tokenizer(path: str | Path, verify: bool = True):
+    """The `tokenizers.Tokenizer` of a tokenizer (or model) directory's tokenizer.json, or of that
+    file itself: the one place minilab loads one. A missing, truncated or garbage file is a
+    one-line `MinilabError`; with `verify`, a directory that records its fingerprint
+    (`minilab_tokenizer.json`) must still match it (`read_tokenizer_meta`)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise MinilabError(f"{file.parent}: no tokenizer.json (not a fast tokenizer directory)")
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as e:  # the Rust parser's error: truncated JSON, not a tokenizer, unknown model
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MinilabError(f"{file}: cannot be loaded as a tokenizer ({first[:160]}); the file is truncated "
+                           f"or damaged: {_REDO}") from None
+    if verify and (file.parent / META).is_file():
+        read_tokenizer_meta(file.parent)
+    return tok
+
+
 def tokenizer_fingerprint(tokenizer_dir: str | Path, encoding_only: bool = False) -> str:
     """SHA-256 of a tokenizer directory's content (canonical JSON; independent of path and time).
     `encoding_only` leaves the chat template out (see `encoding_fingerprint`)."""
@@ -97,10 +130,10 @@ def tokenizer_fingerprint(tokenizer_dir: str | Path, encoding_only: bool = False
     path = tokenizer_dir / "tokenizer.json"
     if not path.is_file():
         raise MinilabError(f"{tokenizer_dir}: no tokenizer.json (not a fast tokenizer directory)")
-    content: dict[str, Any] = {"tokenizer": json.loads(path.read_text(encoding="utf-8"))}
+    content: dict[str, Any] = {"tokenizer": _read_json(path)}
     cfg_path = tokenizer_dir / "tokenizer_config.json"
     if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg = _read_json(cfg_path)
         content["config"] = {k: cfg[k] for k in _FINGERPRINT_KEYS
                              if k in cfg and not (encoding_only and k == "chat_template")}
     jinja = tokenizer_dir / "chat_template.jinja"  # transformers 5 may store the template here
@@ -122,7 +155,7 @@ def read_tokenizer_meta(tokenizer_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MinilabError(f"{tokenizer_dir}: no {META}; create the tokenizer with `minilab tokenizer` "
                            "(or adopt an existing one with `minilab tokenizer --from DIR`)")
-    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta = _read_json(path)
     actual = tokenizer_fingerprint(tokenizer_dir)
     if meta.get("sha256") != actual:
         raise MinilabError(f"{tokenizer_dir}: tokenizer content hash {actual[:12]}… differs from the "

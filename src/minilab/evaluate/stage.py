@@ -165,8 +165,7 @@ def _output_dir(cfg: EvalConfig, model_dir: Path) -> Path:
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate `cfg.model_path`; write the report; return the results (as in results.json)."""
-    from tokenizers import Tokenizer
-
+    from minilab.data.tokenizer import load_tokenizer
     from minilab.evaluate import multiple_choice, perplexity, report
     from minilab.loading import load_model_for_inference, resolve_model_dir
     from minilab.training import resolve_device
@@ -186,7 +185,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         check_tokenizer_match(cfg.data_dirs, manifest.get("tokenizer_sha256"), encoding_fingerprint(model_dir))
     device = resolve_device(cfg.device)
     model = load_model_for_inference(model_dir, dtype=cfg.dtype, device=device)
-    tokenizer = Tokenizer.from_file(str(tok_file))
+    tokenizer = load_tokenizer(tok_file)
     stops = stop_ids(model_dir, tokenizer)
     prefix = stops[0] if stops else None  # packed documents follow an eos: texts start the same way
     mc_cfg = model.config

@@ -204,11 +204,10 @@ class Tuning:
     def answer(self, template, prompts: list[str], max_new_tokens: int) -> list[dict[str, str]]:
         """Greedy answers to `prompts`, each formatted as a one-turn conversation by `template`;
         generation stops at the template's end-of-turn token (or eos)."""
-        from tokenizers import Tokenizer
-
+        from minilab.data.tokenizer import load_tokenizer
         from minilab.generate import generate
 
-        tok = Tokenizer.from_file(str(self.base.tokenizer_dir / "tokenizer.json"))
+        tok = load_tokenizer(self.base.tokenizer_dir)
         stops = [t for t in {tok.token_to_id(template.end_token), tok.token_to_id(template.eos_token or "</s>")}
                  if t is not None]
         was = self.model.training
@@ -305,8 +304,7 @@ def _set_adapter_base(adapters: Path, base: str) -> None:
 def write_chat_tokenizer(tokenizer_dir: Path, out: Path, template) -> None:
     """Copy the tokenizer files; its chat_template becomes the training template and the
     generation config stops at both eos and the end-of-turn token."""
-    from tokenizers import Tokenizer
-
+    from minilab.data.tokenizer import load_tokenizer
     from minilab.fsutil import write_json_atomic
 
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -317,7 +315,7 @@ def write_chat_tokenizer(tokenizer_dir: Path, out: Path, template) -> None:
     cfg["chat_template"] = template.jinja
     write_json_atomic(cfg_path, cfg)
     (out / "chat_template.jinja").unlink(missing_ok=True)  # would shadow the config's template
-    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok = load_tokenizer(out / "tokenizer.json", verify=False)  # its template was just rewritten
     stops = [t for t in dict.fromkeys([tok.token_to_id(template.eos_token or "</s>"),
                                        tok.token_to_id(template.end_token)]) if t is not None]
     gen_path = out / "generation_config.json"

@@ -101,9 +101,7 @@ def encode_pair(tok, template, prompt: list[dict[str, str]], chosen: str, reject
 
 
 def run(cfg: DPODataConfig) -> dict[str, Any]:
-    from tokenizers import Tokenizer
-
-    from minilab.data.tokenizer import tokenizer_fingerprint
+    from minilab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
     from minilab.finetune.rows import write_rows
     from minilab.finetune.sft_data import _source_info, iter_records
     from minilab.finetune.templates import resolve_template
@@ -115,7 +113,7 @@ def run(cfg: DPODataConfig) -> dict[str, Any]:
 
     cfg = dataclasses.replace(cfg, tokenizer_dir=str(resolve_tokenizer_dir(cfg.tokenizer_dir)))
     template = resolve_template(cfg.template, cfg.tokenizer_dir)
-    tok = Tokenizer.from_file(str(Path(cfg.tokenizer_dir) / "tokenizer.json"))
+    tok = load_tokenizer(cfg.tokenizer_dir)
     counts: Counter = Counter()
     pairs, samples = [], []
     for source in cfg.sources:

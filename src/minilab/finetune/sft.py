@@ -93,9 +93,9 @@ def data_records(data_dirs: list[str]) -> list[dict[str, Any]]:
 
 
 def pad_id_of(tokenizer_dir: Path) -> int:
-    from tokenizers import Tokenizer
+    from minilab.data.tokenizer import load_tokenizer
 
-    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tok = load_tokenizer(tokenizer_dir)
     for name in ("<pad>", "</s>", "<|endoftext|>", "<eos>"):
         if (tid := tok.token_to_id(name)) is not None:
             return tid

@@ -235,9 +235,7 @@ def pack_rows(rows: list[tuple[list[int], list[bool]]], max_len: int) -> list[tu
 
 def run(cfg: SFTDataConfig) -> dict[str, Any]:
     """Write the SFT dataset described by `cfg`; returns its manifest."""
-    from tokenizers import Tokenizer
-
-    from minilab.data.tokenizer import tokenizer_fingerprint
+    from minilab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
     from minilab.finetune.rows import write_rows
     from minilab.finetune.templates import encode_conversation, resolve_template
 
@@ -248,7 +246,7 @@ def run(cfg: SFTDataConfig) -> dict[str, Any]:
 
     cfg = dataclasses.replace(cfg, tokenizer_dir=str(resolve_tokenizer_dir(cfg.tokenizer_dir)))
     template = resolve_template(cfg.template, cfg.tokenizer_dir)
-    tok = Tokenizer.from_file(str(Path(cfg.tokenizer_dir) / "tokenizer.json"))
+    tok = load_tokenizer(cfg.tokenizer_dir)
     counts: Counter = Counter()
     bad: Counter = Counter()
     examples: list[tuple[list[int], list[bool]]] = []

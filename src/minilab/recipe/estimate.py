@@ -24,9 +24,9 @@ def _vocab_of(recipe: Recipe, tokenizer_dir: str) -> int:
     """The vocabulary size of a tokenizer folder, or of the recipe stage that will write it."""
     tok = Path(tokenizer_dir) / "tokenizer.json"
     if tok.is_file():
-        from tokenizers import Tokenizer
+        from minilab.data.tokenizer import load_tokenizer
 
-        return Tokenizer.from_file(str(tok)).get_vocab_size()
+        return load_tokenizer(tok).get_vocab_size()
     for s in recipe.stages:
         if s.kind == "tokenizer" and str(recipe.stage_dir(s.name)) == str(tokenizer_dir):
             return int(s.config.get("vocab_size", 32768))
