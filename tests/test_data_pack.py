@@ -292,6 +292,6 @@ def test_load_tokenizer_checks_the_recorded_fingerprint(built, tmp_path):
     vocab = data["model"]["vocab"]
     vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
     (tok / "tokenizer.json").write_text(json.dumps(data))
-    with pytest.raises(MinilabError, match="differs from the recorded"):
+    with pytest.raises(MinilabError, match="its vocabulary or encoding differs from the fingerprint recorded"):
         load_tokenizer(tok)
     assert load_tokenizer(tok, verify=False).token_to_id("a") == vocab["a"]

@@ -104,8 +104,10 @@ def _read_json(path: Path) -> Any:
 def load_tokenizer(path: str | Path, verify: bool = True):
     """The `tokenizers.Tokenizer` of a tokenizer (or model) directory's tokenizer.json, or of that
     file itself: the one place minilab loads one. A missing, truncated or garbage file is a
-    one-line `MinilabError`; with `verify`, a directory that records its fingerprint
-    (`minilab_tokenizer.json`) must still match it (`read_tokenizer_meta`)."""
+    one-line `MinilabError`. With `verify`, a directory that records its encoding fingerprint in
+    `minilab_tokenizer.json` must still encode alike: the token ids are what a changed file would
+    silently remap. (Not the full `sha256`: a model directory copies that file, and fine-tuning
+    legitimately sets another chat template there, which the model's manifest records.)"""
     from tokenizers import Tokenizer
 
     path = Path(path)
@@ -118,8 +120,11 @@ def load_tokenizer(path: str | Path, verify: bool = True):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise MinilabError(f"{file}: cannot be loaded as a tokenizer ({first[:160]}); the file is truncated "
                            f"or damaged: {_REDO}") from None
-    if verify and (file.parent / META).is_file():
-        read_tokenizer_meta(file.parent)
+    recorded = _read_json(file.parent / META).get("encoding_sha256") if verify and (file.parent / META).is_file() \
+        else None
+    if recorded and encoding_fingerprint(file.parent) != recorded:
+        raise MinilabError(f"{file}: its vocabulary or encoding differs from the fingerprint recorded in {META} "
+                           f"({recorded[:12]}…); the file changed after training: {_REDO}")
     return tok
 
 
