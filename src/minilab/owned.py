@@ -103,3 +103,15 @@ def check_replaceable(out: str | os.PathLike, kinds: set[str] | frozenset[str], 
                            f"remove it yourself or choose another {flag}")
     if kind not in kinds:
         raise MinilabError(f"{out}: is a minilab {kind} directory, not a {want} one; choose another {flag}")
+
+
+def check_output(out: str | os.PathLike, force: bool, kinds: set[str] | frozenset[str], reading: tuple = (),
+                 flag: str = "--output-dir") -> None:
+    """The one rule every stage applies to its output before any work starts: a path that exists
+    is an error without `force` (naming --force), and with it must pass `check_replaceable`."""
+    out = Path(out)
+    if not force:
+        if out.exists() or out.is_symlink():
+            raise MinilabError(f"{out} already exists; pass --force to replace it, or choose another {flag}")
+        return
+    check_replaceable(out, kinds, reading, flag)
