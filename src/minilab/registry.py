@@ -439,7 +439,7 @@ def dependents(model_dir: str | os.PathLike, root: str | os.PathLike | None = No
     return sorted(found)
 
 
-def _refuse_if_depended_on(what: str, model_dir: Path, root: Path, hint: str = "remove {them} first "
+def refuse_if_depended_on(what: str, model_dir: Path, root: Path, hint: str = "remove {them} first "
                            "(minilab models rm NAME)") -> None:
     if deps := dependents(model_dir, root):
         them = "that" if len(deps) == 1 else "those"
@@ -484,7 +484,7 @@ def remove_model(name: str, root: str | os.PathLike | None = None, *, delete_fil
         if name not in entries:
             raise _unknown(name, root_path, sorted(entries))
         path: Path = entries[name]["path"]
-        _refuse_if_depended_on(name, path, root_path)
+        refuse_if_depended_on(name, path, root_path)
         delete = path.is_dir() and (_inside(path, root_path) or delete_files)
         hidden = None
         if delete:
@@ -595,7 +595,7 @@ def main(args: argparse.Namespace) -> int:
     if args.name not in entries:
         raise _unknown(args.name, root, sorted(entries))
     path = entries[args.name]["path"]  # may be gone already: rm must still drop a stale entry
-    _refuse_if_depended_on(args.name, path, root)  # before asking: a yes could not be acted on
+    refuse_if_depended_on(args.name, path, root)  # before asking: a yes could not be acted on
     deletes = path.is_dir() and (_inside(path, root) or args.delete_files)
     what = f" and delete {path}" if deletes else f" (keeping {path})"
     if not args.yes:
