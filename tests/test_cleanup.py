@@ -203,3 +203,28 @@ def test_disk_and_registry_verbs_never_import_torch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     heavy = json.loads(proc.stdout.rsplit("HEAVY ", 1)[1])
     assert "torch" not in heavy and "transformers" not in heavy, heavy
+
+
+def test_cache_rm_revision_is_exact_or_a_unique_long_prefix(tmp_path, monkeypatch, capsys):
+    """`cache rm org/a --revision a --yes` deleted every revision starting with 'a'; '' selected all."""
+    hub = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    a1, a2, b = "a1234567" + "0" * 32, "a1234568" + "1" * 32, "b" * 40
+    fake_repo(hub, "org/a", a1, b"x" * 10)
+    fake_repo(hub, "org/a", a2, b"y" * 10, ref=None)
+    fake_repo(hub, "org/a", b, b"z" * 10, ref=None)
+    fake_repo(hub, "org/ab", "a" * 40, b"w" * 10)
+    snaps = hub / "models--org--a" / "snapshots"
+    for rev, why in (("a", "at least 7"), ("", "at least 7"), ("zzzzzzzz", "at least 7"),
+                     ("a123456", f"ambiguous, it starts 2 revisions ({a1}, {a2})"), ("c000000", "no cached revision")):
+        assert cli.main(["cache", "rm", "org/a", "--revision", rev, "--yes"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err, err
+    assert sorted(p.name for p in snaps.iterdir()) == sorted([a1, a2, b])
+    assert cli.main(["cache", "rm", "org/", "--yes"]) == 1 and "not in the cache" in capsys.readouterr().err
+    assert cli.main(["cache", "rm", "org/a", "--revision", "a1234568", "--yes", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["revisions"] == [a2]
+    assert cli.main(["cache", "rm", "org/a", "--revision", b, "--yes", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["revisions"] == [b]
+    assert sorted(p.name for p in snaps.iterdir()) == [a1] and (hub / "models--org--ab").is_dir()
