@@ -7,9 +7,13 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+from fixtures import dead_pid
+
 from minilab import cli
 from minilab.cleanup.runs import apply, plan_cleanup
 from minilab.fsutil import dir_size
+from minilab.owned import write_run_marker
 
 
 def make_ckpt(run: Path, step: int, metric: float, complete: bool = True) -> Path:
@@ -28,8 +32,9 @@ def make_run(root: Path) -> Path:
     for step, metric in ((100, 3.0), (200, 1.0), (300, 2.5), (400, 2.4), (500, 2.3)):
         make_ckpt(run, step, metric)
     make_ckpt(run, 600, 2.2, complete=False)                        # interrupted: no COMPLETE
-    (run / "checkpoints" / ".step-000700.tmp").mkdir()
-    (run / "checkpoints" / ".step-000700.tmp" / "x").write_bytes(b"t" * 500)
+    leftover = run / "checkpoints" / f".step-000700.{dead_pid()}-ab12cd.tmp"  # a save killed by SIGKILL
+    leftover.mkdir()
+    (leftover / "x").write_bytes(b"t" * 500)
     (run / "metrics.jsonl").write_text("{}\n")
     return run
 
@@ -81,6 +86,7 @@ def test_strip_optimizer_spares_the_resumable_newest(tmp_path):
 def test_failed_runs_are_deleted_only_when_old(tmp_path):
     failed = tmp_path / "runs" / "crashed"
     failed.mkdir(parents=True)
+    write_run_marker(failed, "pretrain")
     (failed / "metrics.jsonl").write_text("{}\n")
     assert plan_cleanup(tmp_path / "runs", min_age_hours=1) == []          # may still be running
     actions = plan_cleanup(tmp_path / "runs", min_age_hours=0)
@@ -203,3 +209,92 @@ def test_disk_and_registry_verbs_never_import_torch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     heavy = json.loads(proc.stdout.rsplit("HEAVY ", 1)[1])
     assert "torch" not in heavy and "transformers" not in heavy, heavy
+
+
+# ---- only what minilab wrote (issue 13, finding 1) ---------------------------------------------------
+def _age(root: Path, hours: float = 5) -> None:
+    """Make every file and folder under `root` look untouched for `hours`."""
+    t = os.path.getmtime(root) - hours * 3600
+    for p in [root, *root.rglob("*")]:
+        os.utime(p, (t, t), follow_symlinks=False)
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _project(root: Path) -> Path:
+    """A user's project that happens to have checkpoints/ (Lightning names) and no minilab marker."""
+    proj = root / "myproject"
+    (proj / "src").mkdir(parents=True)
+    (proj / "src" / "train.py").write_text("print('hi')\n")
+    (proj / "paper").mkdir()
+    (proj / "paper" / "main.tex").write_text("\\documentclass{article}\n")
+    (proj / "checkpoints").mkdir()
+    (proj / "checkpoints" / "epoch=3-step=1500.ckpt").write_bytes(b"c" * 100)
+    return proj
+
+
+def _hf_trainer_run(root: Path) -> Path:
+    run = root / "hf-run"
+    (run / "checkpoints" / "checkpoint-500").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-500" / "pytorch_model.bin").write_bytes(b"w" * 100)
+    (run / "checkpoints" / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    return run
+
+
+def _logs(root: Path) -> Path:
+    proj = root / "proj"
+    (proj / "logs").mkdir(parents=True)
+    (proj / "logs" / "metrics.jsonl").write_text('{"loss": 1}\n')
+    (proj / "notes.md").write_text("mine\n")
+    return proj
+
+
+@pytest.mark.parametrize("make", [_project, _hf_trainer_run, _logs])
+def test_foreign_folders_are_refused_and_untouched(tmp_path, capsys, make):
+    """Was: `cleanup myproject --yes` removed a whole project (src/, paper/main.tex and a Lightning
+    checkpoint), a Hugging Face Trainer run, and planned deleting proj/logs for its metrics.jsonl."""
+    folder = make(tmp_path)
+    _age(tmp_path)
+    before = _tree(tmp_path)
+    for path in (folder, *(p for p in folder.rglob("*") if p.is_dir())):
+        assert cli.main(["cleanup", str(path), "--yes"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{path}: holds nothing minilab wrote" in err
+    assert _tree(tmp_path) == before
+
+
+def test_foreign_folders_beside_runs_are_passed_over(tmp_path, capsys):
+    """A root holding a minilab run and the three foreign folders: only the run's old checkpoint goes."""
+    runs = tmp_path / "runs"
+    run = runs / "mine"
+    for step, metric in ((1, 3.0), (2, 1.0), (3, 2.0)):  # 2: the best, 3: the newest
+        make_ckpt(run, step, metric)
+    (run / "checkpoints" / "notes.txt").write_text("a file the user put there\n")
+    (run / "checkpoints" / "checkpoint-9").mkdir()          # another tool's checkpoint inside a minilab run
+    for make in (_project, _hf_trainer_run, _logs):
+        make(runs)
+    _age(tmp_path)
+    before = _tree(tmp_path)
+    assert cli.main(["cleanup", str(runs), "--keep-last", "1", "--yes", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["actions"]
+    assert [a["path"] for a in plan] == [str(run / "checkpoints" / "step-000001")]
+    assert before - _tree(tmp_path) == {"runs/mine/checkpoints/step-000001",
+                                        *(f"runs/mine/checkpoints/step-000001/{n}" for n in
+                                          ("model.safetensors", "optimizer.pt", "meta.json", "COMPLETE"))}
+
+
+def test_failed_run_with_user_files_is_not_deleted_whole(tmp_path):
+    """run.json alone is not a licence to delete a folder: a run started in the user's folder
+    (next to their files) is not removed whole when it fails."""
+    run = tmp_path / "runs" / "inproject"
+    run.mkdir(parents=True)
+    write_run_marker(run, "pretrain")
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "thesis.tex").write_text("mine\n")
+    _age(tmp_path)
+    assert plan_cleanup(tmp_path / "runs", min_age_hours=1) == []
+    (run / "thesis.tex").unlink()
+    _age(tmp_path)
+    assert [Path(a.path) for a in plan_cleanup(tmp_path / "runs", min_age_hours=1)] == [run]
