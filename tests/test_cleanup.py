@@ -298,3 +298,34 @@ def test_failed_run_with_user_files_is_not_deleted_whole(tmp_path):
     (run / "thesis.tex").unlink()
     _age(tmp_path)
     assert [Path(a.path) for a in plan_cleanup(tmp_path / "runs", min_age_hours=1)] == [run]
+
+
+def test_the_dry_run_plan_is_exactly_what_the_real_run_removes(tmp_path, capsys):
+    """Everything the dry run lists goes, and nothing else: the tree before minus the tree after is
+    the planned paths and what lies under them."""
+    runs = tmp_path / "runs"
+    make_run(runs)                                            # prunable, incomplete and leftover checkpoints
+    failed = runs / "crashed"
+    (failed / "checkpoints").mkdir(parents=True)
+    write_run_marker(failed, "sft")
+    (failed / "metrics.jsonl").write_text("{}\n")
+    model = runs / "crashed-too" / "final"                    # a model with a leftover of a killed write
+    model.mkdir(parents=True)
+    (model / "manifest.json").write_text(json.dumps({"training_type": "sft", "files": {}, "fingerprint": "x"}))
+    (model / f".manifest.json.{dead_pid()}-q1w2e3.tmp").write_text("{")
+    _project(runs)
+    _hf_trainer_run(runs)
+    _age(tmp_path)
+    before = _tree(tmp_path)
+    assert cli.main(["cleanup", str(runs), "--keep-last", "1", "--strip-optimizer", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert not plan["applied"] and _tree(tmp_path) == before
+    planned = {str(Path(a["path"]).relative_to(tmp_path)) for a in plan["actions"]}
+    assert {"runs/crashed", "runs/run1/checkpoints/step-000600"} <= planned
+    assert any(p.endswith("-q1w2e3.tmp") for p in planned) and any(p.endswith("optimizer.pt") for p in planned)
+    assert cli.main(["cleanup", str(runs), "--keep-last", "1", "--strip-optimizer", "--yes", "--json"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["applied"] and done["actions"] == plan["actions"] and done["bytes"] == plan["bytes"]
+    removed = before - _tree(tmp_path)
+    assert {p for p in removed if not any(p.startswith(q + "/") for q in planned)} == planned
+    assert not any(p.startswith(("runs/myproject", "runs/hf-run")) for p in removed)
