@@ -12,7 +12,7 @@ from fixtures import dead_pid
 
 from minilab import cli
 from minilab.cleanup.runs import apply, plan_cleanup
-from minilab.fsutil import dir_size
+from minilab.fsutil import atomic_dir, atomic_path, dir_size, leftover_pid, write_json_atomic
 from minilab.owned import write_run_marker
 
 
@@ -329,3 +329,68 @@ def test_the_dry_run_plan_is_exactly_what_the_real_run_removes(tmp_path, capsys)
     removed = before - _tree(tmp_path)
     assert {p for p in removed if not any(p.startswith(q + "/") for q in planned)} == planned
     assert not any(p.startswith(("runs/myproject", "runs/hf-run")) for p in removed)
+
+
+# ---- leftovers of killed writes (issue 13, finding 11) ------------------------------------------------
+def test_temp_names_carry_the_writers_pid(tmp_path):
+    seen = []
+    with atomic_dir(tmp_path / "out") as tmp:
+        seen.append(tmp.name)
+    with atomic_path(tmp_path / "f.json") as tmp:
+        seen.append(tmp.name)
+    assert [leftover_pid(n) for n in seen] == [os.getpid()] * 2
+    assert seen[0].startswith(f".out.{os.getpid()}-") and seen[1].startswith(f".f.json.{os.getpid()}-")
+
+
+@pytest.fixture
+def live_pid():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def _leftover(parent: Path, output: str, pid: int, size: int = 300) -> Path:
+    """What a SIGKILLed atomic_dir of `parent/output` leaves: `.output.PID-xxxx.tmp/`."""
+    d = parent / f".{output}.{pid}-k9x8.tmp"
+    d.mkdir(parents=True)
+    (d / "shard-00000.jsonl").write_bytes(b"s" * size)
+    return d
+
+
+def test_the_next_write_of_an_output_removes_dead_writers_leftovers(tmp_path, live_pid):
+    """Was: a SIGKILLed stage left `.corpus.XXXX.tmp` forever; re-runs ignored it."""
+    dead, alive = _leftover(tmp_path, "corpus", dead_pid()), _leftover(tmp_path, "corpus", live_pid)
+    other = _leftover(tmp_path, "packed", dead_pid())                 # another output's: not this write's business
+    old = tmp_path / f".corpus.old-{dead_pid()}"                      # a replaced copy a killed writer left
+    old.mkdir()
+    with atomic_dir(tmp_path / "corpus") as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert not dead.exists() and not old.exists()
+    assert alive.exists() and other.exists() and (tmp_path / "corpus" / "manifest.json").is_file()
+    report = _leftover(tmp_path, "report.json", dead_pid())
+    write_json_atomic(tmp_path / "report.json", {})                   # atomic_path: the same rule
+    assert not report.exists() and alive.exists()
+
+
+def test_du_and_cleanup_report_and_remove_dead_writers_leftovers(tmp_path, live_pid, capsys):
+    (tmp_path / "data" / "corpus").mkdir(parents=True)
+    dead = _leftover(tmp_path / "data", "corpus", dead_pid(), size=700)
+    alive = _leftover(tmp_path / "data", "packed", live_pid, size=900)
+    assert cli.main(["du", str(tmp_path), "--json"]) == 0
+    rows = {r["category"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["leftover temp"]["bytes"] == 700
+    assert rows["leftover temp"]["largest"] == [{"name": str(dead), "bytes": 700}]
+    assert cli.main(["du", str(tmp_path)]) == 0
+    assert "leftover temp" in capsys.readouterr().out
+    assert cli.main(["cleanup", str(tmp_path / "data"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [a["path"] for a in plan["actions"]] == [str(dead)] and plan["bytes"] == 700
+    assert cli.main(["cleanup", str(tmp_path / "data"), "--yes"]) == 0
+    assert not dead.exists() and alive.exists()
+    capsys.readouterr()
+    assert cli.main(["du", str(tmp_path), "--json"]) == 0
+    assert "leftover temp" not in {r["category"] for r in json.loads(capsys.readouterr().out)}
