@@ -394,3 +394,23 @@ def test_du_and_cleanup_report_and_remove_dead_writers_leftovers(tmp_path, live_
     capsys.readouterr()
     assert cli.main(["du", str(tmp_path), "--json"]) == 0
     assert "leftover temp" not in {r["category"] for r in json.loads(capsys.readouterr().out)}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["cleanup", "runs", "--keep-last", "0"], "argument --keep-last/--keep_last: must be ≥ 1, got 0"),
+    (["cleanup", "runs", "--keep_last", "-3"], "argument --keep-last/--keep_last: must be ≥ 1, got -3"),
+    (["cleanup", "runs", "--min-age-hours", "-1"], "argument --min-age-hours/--min_age_hours: must be ≥ 0, got -1.0"),
+    (["cleanup", "runs", "--min-age-hours", "nan"], "must be ≥ 0, got nan"),
+    (["cache", "prune", "--unused-days", "-2"], "argument --unused-days/--unused_days: must be ≥ 0, got -2.0"),
+    (["cache", "prune", "--unused-days", "soon"], "must be a number ≥ 0, got 'soon'"),
+])
+def test_negative_ages_and_counts_are_refused_in_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    """Was: --keep-last 0 reached cleanup, negative --min-age-hours made every failed run 'old',
+    negative --unused-days made every cached repository 'unused'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.strip().splitlines()[-1].startswith("minilab")

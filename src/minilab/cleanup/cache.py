@@ -61,7 +61,7 @@ def select_revisions(info: Any, repos: list[str] | None = None, revision: str | 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag
+    from minilab.cli import flag, float_range
 
     sub = p.add_subparsers(dest="cache_cmd", metavar="COMMAND", required=True)
     ls = sub.add_parser("ls", help="cached repositories, largest first")
@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rm.add_argument("repos", nargs="+", metavar="REPO_ID")
     rm.add_argument("--revision", help="only this commit hash (prefix)")
     prune = sub.add_parser("prune", help="remove detached revisions and, optionally, long-unused repositories")
-    flag(prune, "--unused-days", type=float, metavar="N", help="also repositories not accessed for N days")
+    flag(prune, "--unused-days", type=float_range(0), metavar="N", help="also repositories not accessed for N days")
     for sp in (rm, prune):
         sp.add_argument("--yes", "-y", action="store_true", help="delete (default: only show what would go)")
         sp.add_argument("--json", action="store_true")

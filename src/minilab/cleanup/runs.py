@@ -234,12 +234,13 @@ def apply(actions: list[Action]) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag
+    from minilab.cli import flag, float_range, int_range
 
-    p.add_argument("path", help="a run directory, a model directory, or a root such as runs/")
-    flag(p, "--keep-last", type=int, default=2, metavar="K", help="complete checkpoints kept per run (plus the best)")
+    p.add_argument("path", help="a run directory, a model directory, or a folder holding runs such as runs/")
+    flag(p, "--keep-last", type=int_range(1), default=2, metavar="K",
+         help="complete checkpoints kept per run (plus the best)")
     flag(p, "--strip-optimizer", action="store_true", help="remove optimizer state from kept checkpoints")
-    flag(p, "--min-age-hours", type=float, default=1.0, metavar="H",
+    flag(p, "--min-age-hours", type=float_range(0), default=1.0, metavar="H",
          help="a run without checkpoints counts as failed only when untouched this long (default 1)")
     flag(p, "--models-dir", metavar="DIR", help="registry root whose references are protected")
     p.add_argument("--yes", "-y", action="store_true", help="delete (without it: only show the plan)")
