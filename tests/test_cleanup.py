@@ -12,7 +12,7 @@ from fixtures import dead_pid
 
 from minilab import cli
 from minilab.cleanup.runs import apply, plan_cleanup
-from minilab.fsutil import atomic_dir, atomic_path, dir_size, leftover_pid, write_json_atomic
+from minilab.fsutil import atomic_dir, atomic_path, dir_size, leftover_pid, stale_leftovers, write_json_atomic
 from minilab.owned import write_run_marker
 
 
@@ -365,8 +365,12 @@ def test_the_next_write_of_an_output_removes_dead_writers_leftovers(tmp_path, li
     """Was: a SIGKILLed stage left `.corpus.XXXX.tmp` forever; re-runs ignored it."""
     dead, alive = _leftover(tmp_path, "corpus", dead_pid()), _leftover(tmp_path, "corpus", live_pid)
     other = _leftover(tmp_path, "packed", dead_pid())                 # another output's: not this write's business
-    old = tmp_path / f".corpus.old-{dead_pid()}"                      # a replaced copy a killed writer left
+    old = tmp_path / f".corpus.old-{dead_pid()}"        # killed between its two renames: the last copy of corpus
     old.mkdir()
+    assert stale_leftovers(tmp_path) == sorted([dead, other])       # not `old` while corpus/ is missing
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "corpus") as tmp:
+        raise RuntimeError("this write fails too")
+    assert old.exists() and not dead.exists()
     with atomic_dir(tmp_path / "corpus") as tmp:
         (tmp / "manifest.json").write_text("{}")
     assert not dead.exists() and not old.exists()

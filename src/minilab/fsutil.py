@@ -22,7 +22,7 @@ from typing import Any
 # (SIGKILL, power loss): the temporary `.X.<pid>-<random>.tmp`, or the replaced old copy
 # `.X.old-<pid>` / the half-removed `.X.deleting-<pid>`. The pid tells a live writer's (left alone)
 # from a dead one's (removed by the next write of X, listed by `du`, removed by `cleanup`).
-LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-[^.]+\.tmp|(?:old|deleting)-(?P<pid2>\d+))$")
+LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-[^.]+\.tmp|(?P<kind>old|deleting)-(?P<pid2>\d+))$")
 
 
 def temp_prefix(path: Path) -> str:
@@ -52,14 +52,23 @@ def pid_alive(pid: int) -> bool:
 
 
 def stale_leftovers(directory: str | os.PathLike, output: str | None = None) -> list[Path]:
-    """Leftovers of atomic writes in `directory` (of `output` only, when given) whose writer is dead."""
+    """Leftovers of atomic writes in `directory` (of `output` only, when given) whose writer is dead.
+    A replaced old copy `.X.old-PID` counts only while X exists: a writer killed between its two
+    renames left it as the last copy of X."""
     directory = Path(directory)
     try:
         names = sorted(os.listdir(directory))
     except OSError:
         return []
-    return [directory / n for n in names
-            if (pid := leftover_pid(n, output)) is not None and not pid_alive(pid)]
+    found = []
+    for n in names:
+        m = LEFTOVER.match(n)
+        if m is None or (output is not None and m["name"] != output) or pid_alive(int(m["pid"] or m["pid2"])):
+            continue
+        if m["kind"] == "old" and not os.path.lexists(directory / m["name"]):
+            continue
+        found.append(directory / n)
+    return found
 
 
 def find_stale_leftovers(root: str | os.PathLike, max_depth: int | None = None) -> list[Path]:
@@ -103,6 +112,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+        _remove_stale_leftovers(path)  # now also an old copy a writer killed mid-replace left
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -138,6 +148,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        _remove_stale_leftovers(path)  # now also an old copy a writer killed mid-replace left
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
