@@ -1,16 +1,20 @@
-"""`minilab cleanup PATH`: give disk back from runs (and leftovers in model directories).
+"""`minilab cleanup PATH`: give disk back from minilab runs (and leftovers of killed writes).
 
-PATH is a run directory (`run/checkpoints/step-NNNNNN/`), a model directory, or a root holding
-runs (`runs/`). The plan is always printed, with the bytes each action frees; nothing is touched
-without `--yes`. Rules:
+Only what minilab wrote is touched (`minilab.owned`): a run is a directory with `run.json`, or
+one whose `checkpoints/` holds minilab checkpoints. PATH is a run, another minilab output (only
+its leftovers), or a folder searched for runs (`runs/`); folders without a minilab marker are
+passed over, and a PATH holding nothing minilab wrote is refused. The plan is always printed,
+with the bytes each action frees; nothing is touched without `--yes`, which carries out exactly
+that plan. Rules:
 
 - keep the newest `--keep-last` complete checkpoints and the best one (lowest metric in meta.json);
 - never delete the newest complete checkpoint of a run, nor any checkpoint a registry model's
-  manifest (or registry entry) points into;
+  manifest (or registry entry) points into, nor anything in `checkpoints/` that is not minilab's;
 - `--strip-optimizer` removes optimizer.pt/scheduler.pt from kept checkpoints, except from the
   newest one of a run that has no `final/` yet (it may still be resumed);
-- incomplete checkpoints (no COMPLETE marker), hidden leftovers of interrupted saves, and failed
-  runs (no complete checkpoint, no final model, untouched for `--min-age-hours`) are deleted.
+- incomplete `step-NNNNNN` checkpoints (no COMPLETE marker) and leftovers of writes whose process
+  is gone (`fsutil.stale_leftovers`) are deleted; a failed run (run.json, no complete checkpoint,
+  no final model, untouched for `--min-age-hours`, nothing in it but run files) is deleted whole.
 
 Deletion renames first and then removes (as `checkpoint._remove_dir` does), so an interrupted
 cleanup never leaves a half-deleted directory that still looks like a checkpoint.
