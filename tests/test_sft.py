@@ -39,6 +39,8 @@ def test_lora_acceptance(setup, tmp_path):
     job = run_job(SFTRun, _cfg(setup, tmp_path / "run"))
     final = tmp_path / "run" / "final"
     assert (final / "adapters" / "adapter_config.json").is_file()
+    marker = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (marker["kind"], marker["stage"]) == ("minilab.run", "sft")  # cleanup knows the run as minilab's
     assert (final / "adapters" / "adapter_model.safetensors").is_file()
     manifest = registry.read_manifest(final)
     assert manifest["name"].endswith("-lora-v1") and manifest["parent"] == setup["name"]

@@ -85,7 +85,7 @@ def _match_revision(revisions: list[Any], revision: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag
+    from minilab.cli import flag, float_range
 
     sub = p.add_subparsers(dest="cache_cmd", metavar="COMMAND", required=True)
     ls = sub.add_parser("ls", help="cached repositories, largest first")
@@ -95,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rm.add_argument("--revision", help=f"only this commit: its full hash or a unique prefix of >= {MIN_PREFIX} "
                                        "hex digits")
     prune = sub.add_parser("prune", help="remove detached revisions and, optionally, long-unused repositories")
-    flag(prune, "--unused-days", type=float, metavar="N", help="also repositories not accessed for N days")
+    flag(prune, "--unused-days", type=float_range(0), metavar="N", help="also repositories not accessed for N days")
     for sp in (rm, prune):
         sp.add_argument("--yes", "-y", action="store_true", help="delete (default: only show what would go)")
         sp.add_argument("--json", action="store_true")
