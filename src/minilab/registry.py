@@ -296,12 +296,10 @@ def _is_dir(path: Path) -> bool:
 
 
 def is_model_dir(path: Path) -> bool:
-    """A directory with the manifest `write_manifest` gives every registry model."""
-    try:
-        manifest = read_manifest(path)
-    except MinilabError:
-        return False
-    return isinstance(manifest, dict) and {"training_type", "files", "fingerprint"} <= manifest.keys()
+    """A directory with the manifest `write_manifest` gives every registry model (owned.py's rule)."""
+    from minilab.owned import output_kind
+
+    return output_kind(path) == "model"
 
 
 def resolve_model_path(path_or_name: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
