@@ -38,3 +38,13 @@ def make_packed(root: Path, *, n_docs: int = 200, vocab_size: int = 300, seq_len
     pack_run(PackConfig(corpus_dir=str(corpus), tokenizer_dir=str(root / "tok"), output_dir=str(root / "packed"),
                         seq_len=seq_len, val_fraction=0.1, workers=1))
     return {"corpus": corpus, "tokenizer": root / "tok", "packed": root / "packed"}
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped: a leftover named with it is stale."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

@@ -7,9 +7,13 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+from fixtures import dead_pid
+
 from minilab import cli
 from minilab.cleanup.runs import apply, plan_cleanup
-from minilab.fsutil import dir_size
+from minilab.fsutil import atomic_dir, atomic_path, dir_size, leftover_pid, stale_leftovers, write_json_atomic
+from minilab.owned import write_run_marker
 
 
 def make_ckpt(run: Path, step: int, metric: float, complete: bool = True) -> Path:
@@ -28,8 +32,9 @@ def make_run(root: Path) -> Path:
     for step, metric in ((100, 3.0), (200, 1.0), (300, 2.5), (400, 2.4), (500, 2.3)):
         make_ckpt(run, step, metric)
     make_ckpt(run, 600, 2.2, complete=False)                        # interrupted: no COMPLETE
-    (run / "checkpoints" / ".step-000700.tmp").mkdir()
-    (run / "checkpoints" / ".step-000700.tmp" / "x").write_bytes(b"t" * 500)
+    leftover = run / "checkpoints" / f".step-000700.{dead_pid()}-ab12cd.tmp"  # a save killed by SIGKILL
+    leftover.mkdir()
+    (leftover / "x").write_bytes(b"t" * 500)
     (run / "metrics.jsonl").write_text("{}\n")
     return run
 
@@ -81,6 +86,7 @@ def test_strip_optimizer_spares_the_resumable_newest(tmp_path):
 def test_failed_runs_are_deleted_only_when_old(tmp_path):
     failed = tmp_path / "runs" / "crashed"
     failed.mkdir(parents=True)
+    write_run_marker(failed, "pretrain")
     (failed / "metrics.jsonl").write_text("{}\n")
     assert plan_cleanup(tmp_path / "runs", min_age_hours=1) == []          # may still be running
     actions = plan_cleanup(tmp_path / "runs", min_age_hours=0)
@@ -203,3 +209,237 @@ def test_disk_and_registry_verbs_never_import_torch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     heavy = json.loads(proc.stdout.rsplit("HEAVY ", 1)[1])
     assert "torch" not in heavy and "transformers" not in heavy, heavy
+
+
+def test_cache_rm_revision_is_exact_or_a_unique_long_prefix(tmp_path, monkeypatch, capsys):
+    """`cache rm org/a --revision a --yes` deleted every revision starting with 'a'; '' selected all."""
+    hub = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    a1, a2, b = "a1234567" + "0" * 32, "a1234568" + "1" * 32, "b" * 40
+    fake_repo(hub, "org/a", a1, b"x" * 10)
+    fake_repo(hub, "org/a", a2, b"y" * 10, ref=None)
+    fake_repo(hub, "org/a", b, b"z" * 10, ref=None)
+    fake_repo(hub, "org/ab", "a" * 40, b"w" * 10)
+    snaps = hub / "models--org--a" / "snapshots"
+    for rev, why in (("a", "at least 7"), ("", "at least 7"), ("zzzzzzzz", "at least 7"),
+                     ("a123456", f"ambiguous, it starts 2 revisions ({a1}, {a2})"), ("c000000", "no cached revision")):
+        assert cli.main(["cache", "rm", "org/a", "--revision", rev, "--yes"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err, err
+    assert sorted(p.name for p in snaps.iterdir()) == sorted([a1, a2, b])
+    assert cli.main(["cache", "rm", "org/", "--yes"]) == 1 and "not in the cache" in capsys.readouterr().err
+    assert cli.main(["cache", "rm", "org/a", "--revision", "a1234568", "--yes", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["revisions"] == [a2]
+    assert cli.main(["cache", "rm", "org/a", "--revision", b, "--yes", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["revisions"] == [b]
+    assert sorted(p.name for p in snaps.iterdir()) == [a1] and (hub / "models--org--ab").is_dir()
+
+
+# ---- only what minilab wrote (issue 13, finding 1) ---------------------------------------------------
+def _age(root: Path, hours: float = 5) -> None:
+    """Make every file and folder under `root` look untouched for `hours`."""
+    t = os.path.getmtime(root) - hours * 3600
+    for p in [root, *root.rglob("*")]:
+        os.utime(p, (t, t), follow_symlinks=False)
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _project(root: Path) -> Path:
+    """A user's project that happens to have checkpoints/ (Lightning names) and no minilab marker."""
+    proj = root / "myproject"
+    (proj / "src").mkdir(parents=True)
+    (proj / "src" / "train.py").write_text("print('hi')\n")
+    (proj / "paper").mkdir()
+    (proj / "paper" / "main.tex").write_text("\\documentclass{article}\n")
+    (proj / "checkpoints").mkdir()
+    (proj / "checkpoints" / "epoch=3-step=1500.ckpt").write_bytes(b"c" * 100)
+    return proj
+
+
+def _hf_trainer_run(root: Path) -> Path:
+    run = root / "hf-run"
+    (run / "checkpoints" / "checkpoint-500").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-500" / "pytorch_model.bin").write_bytes(b"w" * 100)
+    (run / "checkpoints" / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    return run
+
+
+def _logs(root: Path) -> Path:
+    proj = root / "proj"
+    (proj / "logs").mkdir(parents=True)
+    (proj / "logs" / "metrics.jsonl").write_text('{"loss": 1}\n')
+    (proj / "notes.md").write_text("mine\n")
+    return proj
+
+
+@pytest.mark.parametrize("make", [_project, _hf_trainer_run, _logs])
+def test_foreign_folders_are_refused_and_untouched(tmp_path, capsys, make):
+    """Was: `cleanup myproject --yes` removed a whole project (src/, paper/main.tex and a Lightning
+    checkpoint), a Hugging Face Trainer run, and planned deleting proj/logs for its metrics.jsonl."""
+    folder = make(tmp_path)
+    _age(tmp_path)
+    before = _tree(tmp_path)
+    for path in (folder, *(p for p in folder.rglob("*") if p.is_dir())):
+        assert cli.main(["cleanup", str(path), "--yes"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{path}: holds nothing minilab wrote" in err
+    assert _tree(tmp_path) == before
+
+
+def test_foreign_folders_beside_runs_are_passed_over(tmp_path, capsys):
+    """A root holding a minilab run and the three foreign folders: only the run's old checkpoint goes."""
+    runs = tmp_path / "runs"
+    run = runs / "mine"
+    for step, metric in ((1, 3.0), (2, 1.0), (3, 2.0)):  # 2: the best, 3: the newest
+        make_ckpt(run, step, metric)
+    (run / "checkpoints" / "notes.txt").write_text("a file the user put there\n")
+    (run / "checkpoints" / "checkpoint-9").mkdir()          # another tool's checkpoint inside a minilab run
+    for make in (_project, _hf_trainer_run, _logs):
+        make(runs)
+    _age(tmp_path)
+    before = _tree(tmp_path)
+    assert cli.main(["cleanup", str(runs), "--keep-last", "1", "--yes", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["actions"]
+    assert [a["path"] for a in plan] == [str(run / "checkpoints" / "step-000001")]
+    assert before - _tree(tmp_path) == {"runs/mine/checkpoints/step-000001",
+                                        *(f"runs/mine/checkpoints/step-000001/{n}" for n in
+                                          ("model.safetensors", "optimizer.pt", "meta.json", "COMPLETE"))}
+
+
+def test_failed_run_with_user_files_is_not_deleted_whole(tmp_path):
+    """run.json alone is not a licence to delete a folder: a run started in the user's folder
+    (next to their files) is not removed whole when it fails."""
+    run = tmp_path / "runs" / "inproject"
+    run.mkdir(parents=True)
+    write_run_marker(run, "pretrain")
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "thesis.tex").write_text("mine\n")
+    _age(tmp_path)
+    assert plan_cleanup(tmp_path / "runs", min_age_hours=1) == []
+    (run / "thesis.tex").unlink()
+    _age(tmp_path)
+    assert [Path(a.path) for a in plan_cleanup(tmp_path / "runs", min_age_hours=1)] == [run]
+
+
+def test_the_dry_run_plan_is_exactly_what_the_real_run_removes(tmp_path, capsys):
+    """Everything the dry run lists goes, and nothing else: the tree before minus the tree after is
+    the planned paths and what lies under them."""
+    runs = tmp_path / "runs"
+    make_run(runs)                                            # prunable, incomplete and leftover checkpoints
+    failed = runs / "crashed"
+    (failed / "checkpoints").mkdir(parents=True)
+    write_run_marker(failed, "sft")
+    (failed / "metrics.jsonl").write_text("{}\n")
+    model = runs / "crashed-too" / "final"                    # a model with a leftover of a killed write
+    model.mkdir(parents=True)
+    (model / "manifest.json").write_text(json.dumps({"training_type": "sft", "files": {}, "fingerprint": "x"}))
+    (model / f".manifest.json.{dead_pid()}-q1w2e3.tmp").write_text("{")
+    _project(runs)
+    _hf_trainer_run(runs)
+    _age(tmp_path)
+    before = _tree(tmp_path)
+    assert cli.main(["cleanup", str(runs), "--keep-last", "1", "--strip-optimizer", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert not plan["applied"] and _tree(tmp_path) == before
+    planned = {str(Path(a["path"]).relative_to(tmp_path)) for a in plan["actions"]}
+    assert {"runs/crashed", "runs/run1/checkpoints/step-000600"} <= planned
+    assert any(p.endswith("-q1w2e3.tmp") for p in planned) and any(p.endswith("optimizer.pt") for p in planned)
+    assert cli.main(["cleanup", str(runs), "--keep-last", "1", "--strip-optimizer", "--yes", "--json"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["applied"] and done["actions"] == plan["actions"] and done["bytes"] == plan["bytes"]
+    removed = before - _tree(tmp_path)
+    assert {p for p in removed if not any(p.startswith(q + "/") for q in planned)} == planned
+    assert not any(p.startswith(("runs/myproject", "runs/hf-run")) for p in removed)
+
+
+# ---- leftovers of killed writes (issue 13, finding 11) ------------------------------------------------
+def test_temp_names_carry_the_writers_pid(tmp_path):
+    seen = []
+    with atomic_dir(tmp_path / "out") as tmp:
+        seen.append(tmp.name)
+    with atomic_path(tmp_path / "f.json") as tmp:
+        seen.append(tmp.name)
+    assert [leftover_pid(n) for n in seen] == [os.getpid()] * 2
+    assert seen[0].startswith(f".out.{os.getpid()}-") and seen[1].startswith(f".f.json.{os.getpid()}-")
+
+
+@pytest.fixture
+def live_pid():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def _leftover(parent: Path, output: str, pid: int, size: int = 300) -> Path:
+    """What a SIGKILLed atomic_dir of `parent/output` leaves: `.output.PID-xxxx.tmp/`."""
+    d = parent / f".{output}.{pid}-k9x8.tmp"
+    d.mkdir(parents=True)
+    (d / "shard-00000.jsonl").write_bytes(b"s" * size)
+    return d
+
+
+def test_the_next_write_of_an_output_removes_dead_writers_leftovers(tmp_path, live_pid):
+    """Was: a SIGKILLed stage left `.corpus.XXXX.tmp` forever; re-runs ignored it."""
+    dead, alive = _leftover(tmp_path, "corpus", dead_pid()), _leftover(tmp_path, "corpus", live_pid)
+    other = _leftover(tmp_path, "packed", dead_pid())                 # another output's: not this write's business
+    old = tmp_path / f".corpus.old-{dead_pid()}"        # killed between its two renames: the last copy of corpus
+    old.mkdir()
+    assert stale_leftovers(tmp_path) == sorted([dead, other])       # not `old` while corpus/ is missing
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "corpus") as tmp:
+        raise RuntimeError("this write fails too")
+    assert old.exists() and not dead.exists()
+    with atomic_dir(tmp_path / "corpus") as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert not dead.exists() and not old.exists()
+    assert alive.exists() and other.exists() and (tmp_path / "corpus" / "manifest.json").is_file()
+    report = _leftover(tmp_path, "report.json", dead_pid())
+    write_json_atomic(tmp_path / "report.json", {})                   # atomic_path: the same rule
+    assert not report.exists() and alive.exists()
+
+
+def test_du_and_cleanup_report_and_remove_dead_writers_leftovers(tmp_path, live_pid, capsys):
+    (tmp_path / "data" / "corpus").mkdir(parents=True)
+    dead = _leftover(tmp_path / "data", "corpus", dead_pid(), size=700)
+    alive = _leftover(tmp_path / "data", "packed", live_pid, size=900)
+    assert cli.main(["du", str(tmp_path), "--json"]) == 0
+    rows = {r["category"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["leftover temp"]["bytes"] == 700
+    assert rows["leftover temp"]["largest"] == [{"name": str(dead), "bytes": 700}]
+    assert cli.main(["du", str(tmp_path)]) == 0
+    assert "leftover temp" in capsys.readouterr().out
+    assert cli.main(["cleanup", str(tmp_path / "data"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [a["path"] for a in plan["actions"]] == [str(dead)] and plan["bytes"] == 700
+    assert cli.main(["cleanup", str(tmp_path / "data"), "--yes"]) == 0
+    assert not dead.exists() and alive.exists()
+    capsys.readouterr()
+    assert cli.main(["du", str(tmp_path), "--json"]) == 0
+    assert "leftover temp" not in {r["category"] for r in json.loads(capsys.readouterr().out)}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["cleanup", "runs", "--keep-last", "0"], "argument --keep-last/--keep_last: must be ≥ 1, got 0"),
+    (["cleanup", "runs", "--keep_last", "-3"], "argument --keep-last/--keep_last: must be ≥ 1, got -3"),
+    (["cleanup", "runs", "--min-age-hours", "-1"], "argument --min-age-hours/--min_age_hours: must be ≥ 0, got -1.0"),
+    (["cleanup", "runs", "--min-age-hours", "nan"], "must be ≥ 0, got nan"),
+    (["cache", "prune", "--unused-days", "-2"], "argument --unused-days/--unused_days: must be ≥ 0, got -2.0"),
+    (["cache", "prune", "--unused-days", "soon"], "must be a number ≥ 0, got 'soon'"),
+])
+def test_negative_ages_and_counts_are_refused_in_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    """Was: --keep-last 0 reached cleanup, negative --min-age-hours made every failed run 'old',
+    negative --unused-days made every cached repository 'unused'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.strip().splitlines()[-1].startswith("minilab")

@@ -376,3 +376,41 @@ def test_empty_corpus_of_sampled_out_documents_points_at_weight(tmp_path):
         run(cfg)
     assert "(sampled_out 3)" in str(e.value) and "raise the sources' weight" in str(e.value)
     assert "quality." not in str(e.value)
+
+
+def _sources(d, n=3):
+    rng = random.Random(11)
+    d.mkdir()
+    for i in range(n):
+        (d / f"s{i}.txt").write_text(prose(rng))
+    return d
+
+
+def test_force_replaces_only_a_previous_corpus(tmp_path, capsys):
+    """--force replaced any path: a folder of the user's, the folder being read, a plain file."""
+    src = _sources(tmp_path / "src")
+    cli = ["corpus", "--source", str(src), "--set", "quality.min_chars=20", "--set", "quality.min_words=5", "--force"]
+    important = tmp_path / "important"
+    important.mkdir()
+    (important / "thesis.tex").write_text("years of work")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("keep me")
+    for out, why in ((important, "has no minilab marker"), (src, "which this run reads"), (plain, "is a file")):
+        assert cli_main([*cli, "--output-dir", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err and str(out) in err and "Traceback" not in err
+    assert (important / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in src.iterdir()) == ["s0.txt", "s1.txt", "s2.txt"]
+    assert plain.read_text() == "keep me"
+    # a folder holding the source (its parent) is refused as well
+    assert cli_main([*cli, "--output-dir", str(tmp_path)]) == 1 and "which this run reads" in capsys.readouterr().err
+    # a previous corpus, and an empty folder, are replaced
+    out = tmp_path / "corpus"
+    assert cli_main([*cli, "--output-dir", str(out)]) == 0
+    (out / "stale.txt").write_text("from the older build")
+    assert cli_main([*cli, "--output-dir", str(out)]) == 0
+    assert not (out / "stale.txt").exists() and verify_corpus(out)["kind"] == "minilab.corpus"
+    (tmp_path / "empty").mkdir()
+    assert cli_main([*cli, "--output-dir", str(tmp_path / "empty")]) == 0
+    # without --force an existing output is never touched
+    assert cli_main([*cli[:-1], "--output-dir", str(out)]) == 1 and "pass --force" in capsys.readouterr().err

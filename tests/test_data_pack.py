@@ -295,3 +295,26 @@ def test_load_tokenizer_checks_the_recorded_fingerprint(built, tmp_path):
     with pytest.raises(MinilabError, match="its vocabulary or encoding differs from the fingerprint recorded"):
         load_tokenizer(tok)
     assert load_tokenizer(tok, verify=False).token_to_id("a") == vocab["a"]
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "pack"])
+def test_force_replaces_only_the_stages_own_output(built, tmp_path, stage, capsys):
+    """tokenizer/pack --force replaced any folder; now only their own earlier output (or an empty one)."""
+    args = {"tokenizer": ["tokenizer", "--corpus-dir", str(built / "corpus"), "--vocab-size", "300"],
+            "pack": ["pack", "--corpus-dir", str(built / "corpus"), "--tokenizer-dir", str(built / "tok"),
+                     "--seq-len", "8", "--workers", "1"]}[stage]
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    other = built / "packed" if stage == "tokenizer" else make_corpus(tmp_path / "c2")  # minilab's, another kind
+    refused = [(mine, "no minilab marker"), (other, "not a"), (built / "corpus", "which this run reads")]
+    for out, why in refused:
+        assert cli_main([*args, "--output-dir", str(out), "--force"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err, err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    assert (other / "manifest.json").is_file()
+    assert cli_main([*args, "--output-dir", str(tmp_path / "o")]) == 0
+    (tmp_path / "o" / "stale").write_text("old")
+    assert cli_main([*args, "--output-dir", str(tmp_path / "o"), "--force"]) == 0
+    assert not (tmp_path / "o" / "stale").exists()

@@ -5,6 +5,7 @@ log-probs, and `minilab eval --dpo`."""
 from __future__ import annotations
 
 import gc
+import json
 import math
 
 import pytest
@@ -58,6 +59,8 @@ def test_dpo_learns_the_training_pairs(setup, tmp_path):
     print(f"DPO on {len(idx)} training pairs: reward accuracy {acc:.3f}, loss {loss.mean().item():.4f}")
     assert acc > 0.9 and loss.mean().item() < math.log(2)
     assert job.result["name"].endswith("-dpo-v1")
+    marker = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (marker["kind"], marker["stage"]) == ("minilab.run", "dpo")  # cleanup knows the run as minilab's
     # precompute_ref gives the same reference log-probs as the switched-off adapters.
     job.precompute_reference()
     assert torch.allclose(torch.as_tensor(job.ref[0][:, 0], dtype=torch.float32), ref_c, atol=1e-4)

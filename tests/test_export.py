@@ -187,3 +187,25 @@ def test_quantize_int8_registers_loads_generates_and_is_smaller(model_dir, tmp_p
     assert cli(["generate", name, "--prompt", "the cat", "--max-tokens", "4"]) == 0
     assert cli(["generate", str(model_dir), "--int8", "--prompt", "the cat", "--max-tokens", "4"]) == 0
     assert cli(["generate", str(model_dir), "--load-in-4bit", "--prompt", "x"]) in (0, 1)  # 1: no bitsandbytes
+
+
+def test_export_force_replaces_only_an_earlier_export(model_dir, tmp_path, capsys):
+    """export --force replaced any path; now a GGUF file only over a GGUF file, an HF directory only
+    over an earlier HF export (or an empty folder), never the model being exported."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    for fmt, out, why in (("gguf", notes, "not a GGUF file"), ("gguf", mine, "not a GGUF file"),
+                          ("hf", mine, "no minilab marker"), ("hf", notes, "is a file"),
+                          ("hf", model_dir, "which this run reads")):
+        assert cli(["export", str(model_dir), "--format", fmt, "--output", str(out), "--force"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err, err
+    assert notes.read_text() == "keep me" and (mine / "thesis.tex").read_text() == "years of work"
+    assert (model_dir / "config.json").is_file()
+    for fmt, out in (("gguf", tmp_path / "m.gguf"), ("hf", tmp_path / "hf")):
+        assert cli(["export", str(model_dir), "--format", fmt, "--output", str(out)]) == 0
+        assert cli(["export", str(model_dir), "--format", fmt, "--output", str(out), "--force"]) == 0
+    assert (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF" and (tmp_path / "hf" / "minilab_export.json").is_file()

@@ -403,3 +403,21 @@ def test_resume_from_a_damaged_checkpoint_is_one_line_naming_the_older_one(data,
     assert f"step-000003/{'model.safetensors' if damage == 'truncated-weights' else 'optimizer.pt'}: " in err
     assert f"resume from the next older complete checkpoint instead: --resume {older}" in err
     assert cli_main(resume + ["--resume", str(older)]) == 0  # the named one does resume
+
+
+def test_run_marker_is_written_before_the_first_checkpoint(data, tmp_path, monkeypatch, capsys):
+    """A run killed before (or at) its first checkpoint is still known as minilab's: run.json is
+    there, so `cleanup` may remove the failed run and `--force` may replace it."""
+    from minilab import checkpoint
+    from minilab.owned import output_kind
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # as if killed while saving the first checkpoint
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", crash)
+    out = tmp_path / "run"
+    assert cli_main(pretrain_cmd(data, out, 2, "--set", "ckpt_every=1")[3:]) != 0
+    assert "interrupted" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    assert output_kind(out) == "run"
+    assert json.loads((out / "run.json").read_text())["stage"] == "pretrain"

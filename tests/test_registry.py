@@ -234,3 +234,33 @@ def test_show_refuses_a_huge_name_and_a_folder_that_is_not_a_model(tmp_path, roo
     assert code == 0 and "model.safetensors" in out
     with pytest.raises(MinilabError, match="unknown model"):
         registry.resolve_model_path("b" * 5000, root)
+
+
+def test_rm_refuses_a_model_others_name_as_parent_or_base(tmp_path, root, capsys):
+    """`models rm BASE` removed the base of a registered LoRA, which then could not load."""
+    base = registry.register(make_model_dir(tmp_path / "base"), "llama-5K-ts-pretrain-v1", root=root, link=False)
+    registry.register(make_model_dir(tmp_path / "lora"), "llama-5K-ts-lora-v1", root=root,
+                      parent="llama-5K-ts-pretrain-v1")
+    registry.register(make_model_dir(tmp_path / "sft"), "llama-5K-ts-sft-v1", root=root,
+                      base_model={"name": str(base), "path": str(base.resolve())})
+    code, _, err = run_cli(["models", "rm", "llama-5K-ts-pretrain-v1", "--models-dir", str(root), "--yes"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "parent or base of llama-5K-ts-lora-v1, llama-5K-ts-sft-v1" in err
+    assert base.is_dir() and "llama-5K-ts-pretrain-v1" in {r["name"] for r in registry.list_models(root)}
+    with pytest.raises(MinilabError, match="parent or base"):
+        registry.remove_model("llama-5K-ts-pretrain-v1", root)
+    for name in ("llama-5K-ts-lora-v1", "llama-5K-ts-sft-v1", "llama-5K-ts-pretrain-v1"):
+        assert run_cli(["models", "rm", name, "--models-dir", str(root), "--yes"], capsys)[0] == 0
+    assert not base.exists()
+
+
+def test_rm_and_show_refuse_what_is_not_a_registered_model(tmp_path, root, capsys):
+    plain = tmp_path / "notes"
+    plain.mkdir()
+    (plain / "a.txt").write_text("mine")
+    for argv in (["rm", str(plain), "--yes"], ["rm", "..", "--yes"], ["rm", "z" * 5000, "--yes"],
+                 ["show", str(plain)], ["show", ".."], ["show", "z" * 5000]):
+        code, _, err = run_cli(["models", *argv, "--models-dir", str(root)], capsys)
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert len(err) < 400
+    assert (plain / "a.txt").read_text() == "mine"

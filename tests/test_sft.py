@@ -39,6 +39,8 @@ def test_lora_acceptance(setup, tmp_path):
     job = run_job(SFTRun, _cfg(setup, tmp_path / "run"))
     final = tmp_path / "run" / "final"
     assert (final / "adapters" / "adapter_config.json").is_file()
+    marker = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (marker["kind"], marker["stage"]) == ("minilab.run", "sft")  # cleanup knows the run as minilab's
     assert (final / "adapters" / "adapter_model.safetensors").is_file()
     manifest = registry.read_manifest(final)
     assert manifest["name"].endswith("-lora-v1") and manifest["parent"] == setup["name"]
@@ -142,11 +144,11 @@ def test_full_finetune_and_transformers_backend(setup, tmp_path):
                                    max_steps=2, register=False))
     assert job.tune.base.backend == "transformers"
     assert (tmp_path / "hfrun" / "final" / "adapters" / "adapter_model.safetensors").is_file()
-    # merge --force replaces an existing --output-dir whole (peft's save_pretrained wrote into it, keeping old files)
-    (tmp_path / "hfmerged").mkdir()
+    # merge --force replaces an earlier merge whole (peft's save_pretrained wrote into it, keeping old files)
+    merge = ["merge", str(tmp_path / "hfrun" / "final"), "--output-dir", str(tmp_path / "hfmerged"), "--no-register"]
+    assert cli(merge) == 0
     (tmp_path / "hfmerged" / "stale.bin").write_text("old")
-    assert cli(["merge", str(tmp_path / "hfrun" / "final"), "--output-dir", str(tmp_path / "hfmerged"), "--force",
-                "--no-register"]) == 0
+    assert cli([*merge, "--force"]) == 0
     assert (tmp_path / "hfmerged" / "config.json").is_file() and not (tmp_path / "hfmerged" / "stale.bin").exists()
 
 
@@ -188,8 +190,15 @@ def test_merge_into_an_existing_output_dir_names_the_cli_flag(setup, tmp_path, c
     err = capsys.readouterr().err
     assert f"{out} already exists; pass --force to replace it" in err and "overwrite" not in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # --force does not replace a folder minilab did not write ...
+    assert cli([*args, "--force"]) == 1 and "no minilab marker" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # ... only an earlier merge (or a new or empty folder)
+    (out / "keep.txt").unlink()
     assert cli([*args, "--force"]) == 0
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    (out / "stale.txt").write_text("old merge")
+    assert cli([*args, "--force"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "stale.txt").exists()
     assert f"merged model: {out}" in capsys.readouterr().out
 
 
@@ -209,3 +218,39 @@ def test_non_finite_loss_stops_sft_without_a_final_model(setup, tmp_path, monkey
         run_job(SFTRun, _cfg(setup, out, max_steps=5, ckpt_every=2))
     assert f"the last good checkpoint {out / 'checkpoints' / 'step-000002'} is kept" in str(e.value)
     assert (out / "checkpoints" / "step-000002" / "COMPLETE").is_file() and not (out / "final").exists()
+
+
+def test_merge_refuses_the_base_a_run_and_what_others_depend_on(setup, tmp_path, capsys):
+    """`merge LORA --output-dir <its base> --force` dropped the base from the registry and the LoRA
+    could not load; `merge run/final --output-dir run --force` wiped the run's checkpoints."""
+    from minilab import registry
+    from minilab.loading import load_model_for_inference
+
+    models = str(setup["models"])
+    run_job(SFTRun, _cfg(setup, tmp_path / "run", max_steps=1, ckpt_every=1))
+    lora = tmp_path / "run" / "final"
+    capsys.readouterr()
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "run").rglob("*"))
+    base_files = sorted(p.name for p in setup["base"].iterdir())
+    # a registered model that another entry names as its parent
+    other = tmp_path / "other"
+    shutil.copytree(setup["base"], other)
+    (other / "manifest.json").unlink()
+    registry.register(other, "llama-9K-other-pretrain-v1", root=models)
+    child = tmp_path / "child"
+    shutil.copytree(setup["base"], child)
+    (child / "manifest.json").unlink()
+    registry.register(child, "llama-9K-other-sft-v1", root=models, parent="llama-9K-other-pretrain-v1")
+    for out, why in ((setup["base"], "which this run reads"), (tmp_path / "run", "which this run reads"),
+                     (tmp_path, "which this run reads"), (other, "parent or base of llama-9K-other-sft-v1")):
+        assert cli(["merge", str(lora), "--output-dir", str(out), "--force", "--models-dir", models]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err and "Traceback" not in err, err
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "run").rglob("*")) == before
+    assert any("step-" in p for p in before)
+    assert sorted(p.name for p in setup["base"].iterdir()) == base_files
+    assert registry.resolve_model_path(setup["name"], models).resolve() == setup["base"].resolve()
+    assert registry.resolve_model_path("llama-9K-other-pretrain-v1", models).resolve() == other.resolve()
+    load_model_for_inference(lora, registry_root=models)  # the LoRA still finds its base
+    for name in ("llama-9K-other-sft-v1", "llama-9K-other-pretrain-v1"):
+        registry.remove_model(name, models)

@@ -150,3 +150,25 @@ def test_weighted_sampler_resumes_across_ranks_without_repeats():
     for s in three:
         s.load_state_dict(one.state_dict())
     assert [p for t in zip(*(draws(s, 5) for s in three), strict=True) for p in t] == full[63:78]
+
+
+@pytest.mark.parametrize("stage", ["sft-data", "dpo-data"])
+def test_force_replaces_only_the_stages_own_output(tok_dir, tmp_path, stage, capsys):
+    """sft-data/dpo-data --force replaced any folder, the tokenizer folder they read included."""
+    from minilab.cli import main as cli_main
+
+    args = [stage, "--source", "demo", "--tokenizer-dir", str(tok_dir)]
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    for out, why in ((mine, "no minilab marker"), (tok_dir, "which this run reads"),
+                     (tok_dir.parent / "packed", "not a")):
+        assert cli_main([*args, "--output-dir", str(out), "--force"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err, err
+    assert (mine / "thesis.tex").read_text() == "years of work" and (tok_dir / "tokenizer.json").is_file()
+    assert cli_main([*args, "--output-dir", str(tmp_path / "o")]) == 0
+    (tmp_path / "o" / "stale").write_text("old")
+    assert cli_main([*args, "--output-dir", str(tmp_path / "o")]) == 1 and "pass --force" in capsys.readouterr().err
+    assert cli_main([*args, "--output-dir", str(tmp_path / "o"), "--force"]) == 0
+    assert not (tmp_path / "o" / "stale").exists()

@@ -81,6 +81,24 @@ def int_range(lo: int | None = None, hi: int | None = None):
     return parse
 
 
+def float_range(lo: float | None = None, hi: float | None = None):
+    """`int_range` for a number: out of range (or nan) is argparse's one-line usage error naming
+    the flag, e.g. `--min-age-hours: must be ≥ 0, got -1.0`."""
+    span = f"≥ {lo}" if hi is None else f"≤ {hi}" if lo is None else f"in {lo}..{hi}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number {span}, got {text!r}") from None
+        if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def add_config_flags(parser: argparse.ArgumentParser, config_help: str = "") -> None:
     group = parser.add_argument_group("configuration")
     group.add_argument("--config", metavar="FILE", help=f"JSON or YAML config file. {config_help}".strip())

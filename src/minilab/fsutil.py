@@ -11,11 +11,93 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# What an atomic write leaves beside its output X when its process dies before the `finally` runs
+# (SIGKILL, power loss): the temporary `.X.<pid>-<random>.tmp`, or the replaced old copy
+# `.X.old-<pid>` / the half-removed `.X.deleting-<pid>`. The pid tells a live writer's (left alone)
+# from a dead one's (removed by the next write of X, listed by `du`, removed by `cleanup`).
+LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-[^.]+\.tmp|(?P<kind>old|deleting)-(?P<pid2>\d+))$")
+
+
+def temp_prefix(path: Path) -> str:
+    """The prefix of `path`'s temporary siblings: `.NAME.PID-`."""
+    return f".{path.name}.{os.getpid()}-"
+
+
+def leftover_pid(name: str, output: str | None = None) -> int | None:
+    """The writer's pid if `name` is a leftover of an atomic write (of `output` when given), else None."""
+    m = LEFTOVER.match(name)
+    if m is None or (output is not None and m["name"] != output):
+        return None
+    return int(m["pid"] or m["pid2"])
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process `pid` exists on this machine (one we may not signal counts as alive)."""
+    if pid <= 0:
+        return False  # 0 and negatives would signal process groups
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True
+
+
+def stale_leftovers(directory: str | os.PathLike, output: str | None = None) -> list[Path]:
+    """Leftovers of atomic writes in `directory` (of `output` only, when given) whose writer is dead.
+    A replaced old copy `.X.old-PID` counts only while X exists: a writer killed between its two
+    renames left it as the last copy of X."""
+    directory = Path(directory)
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    found = []
+    for n in names:
+        m = LEFTOVER.match(n)
+        if m is None or (output is not None and m["name"] != output) or pid_alive(int(m["pid"] or m["pid2"])):
+            continue
+        if m["kind"] == "old" and not os.path.lexists(directory / m["name"]):
+            continue
+        found.append(directory / n)
+    return found
+
+
+def find_stale_leftovers(root: str | os.PathLike, max_depth: int | None = None) -> list[Path]:
+    """Leftovers of dead writers anywhere below `root` (`max_depth` levels of folders at most; symlinks
+    not followed; a leftover folder is not searched)."""
+    root = Path(root)
+    found: list[Path] = []
+    for parent, dirs, files in os.walk(root):
+        here = Path(parent)
+        stale = set(stale_leftovers(here)) if any(leftover_pid(n) is not None for n in dirs + files) else set()
+        found += sorted(stale)
+        depth = len(here.relative_to(root).parts)
+        dirs[:] = [] if max_depth is not None and depth >= max_depth else \
+            [d for d in sorted(dirs) if here / d not in stale and leftover_pid(d) is None]
+    return found
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a symlink or a directory tree; already gone is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_stale_leftovers(path: Path) -> None:
+    """Before writing `path`: remove what dead writers of `path` left beside it."""
+    for p in stale_leftovers(path.parent, path.name):
+        remove_path(p)
 
 
 @contextlib.contextmanager
@@ -23,12 +105,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+        _remove_stale_leftovers(path)  # now also an old copy a writer killed mid-replace left
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -53,7 +137,8 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise FileExistsError(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _remove_stale_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         if path.exists():
@@ -63,6 +148,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        _remove_stale_leftovers(path)  # now also an old copy a writer killed mid-replace left
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

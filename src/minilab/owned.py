@@ -6,6 +6,8 @@ carries one of these markers, all written by minilab itself:
 - `manifest.json` with `"kind": "minilab.<stage>"`: corpus, packed, sft_data, dpo_data;
 - `manifest.json` of a model (`registry.write_manifest`: training_type, files, fingerprint);
 - `minilab_tokenizer.json`: a tokenizer `minilab tokenizer` trained or froze;
+- `minilab_export.json`: a transformers directory `minilab export --format hf` wrote (no model
+  manifest: it is not a registry model);
 - `run.json` with `"kind": "minilab.run"`: a pretrain / SFT / DPO run directory, written when the
   run starts (before its first checkpoint, so a run killed early is still known as minilab's);
 - `step-NNNNNN/` with `COMPLETE` and `meta.json`: a minilab checkpoint (the checkpoint index).
@@ -30,6 +32,7 @@ from minilab.fsutil import write_json_atomic
 RUN_MARKER = "run.json"
 RUN_KIND = "minilab.run"
 TOKENIZER_MARKER = "minilab_tokenizer.json"
+EXPORT_MARKER = "minilab_export.json"
 _MODEL_KEYS = {"training_type", "files", "fingerprint"}
 
 
@@ -44,7 +47,7 @@ def _json(path: Path) -> dict[str, Any]:
 
 def output_kind(path: str | os.PathLike) -> str | None:
     """The kind of minilab output `path` is ('corpus', 'packed', 'sft_data', 'dpo_data', 'model',
-    'tokenizer', 'run', 'checkpoint'), or None when it carries no minilab marker (or is a symlink
+    'tokenizer', 'export', 'run', 'checkpoint'), or None when it carries no minilab marker (or is a symlink
     or not a directory)."""
     path = Path(path)
     if path.is_symlink() or not path.is_dir():
@@ -55,6 +58,8 @@ def output_kind(path: str | os.PathLike) -> str | None:
         return kind.removeprefix("minilab.")
     if manifest.keys() >= _MODEL_KEYS:
         return "model"
+    if (path / EXPORT_MARKER).is_file():  # before the tokenizer: an export holds its tokenizer's files
+        return "export"
     if (path / TOKENIZER_MARKER).is_file():
         return "tokenizer"
     if _json(path / RUN_MARKER).get("kind") == RUN_KIND:
@@ -103,3 +108,15 @@ def check_replaceable(out: str | os.PathLike, kinds: set[str] | frozenset[str], 
                            f"remove it yourself or choose another {flag}")
     if kind not in kinds:
         raise MinilabError(f"{out}: is a minilab {kind} directory, not a {want} one; choose another {flag}")
+
+
+def check_output(out: str | os.PathLike, force: bool, kinds: set[str] | frozenset[str], reading: tuple = (),
+                 flag: str = "--output-dir") -> None:
+    """The one rule every stage applies to its output before any work starts: a path that exists
+    is an error without `force` (naming --force), and with it must pass `check_replaceable`."""
+    out = Path(out)
+    if not force:
+        if out.exists() or out.is_symlink():
+            raise MinilabError(f"{out} already exists; pass --force to replace it, or choose another {flag}")
+        return
+    check_replaceable(out, kinds, reading, flag)

@@ -32,6 +32,7 @@ from minilab.config import DEVICE, SEED, apply_overrides, from_dict, read_config
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import format_params, human_bytes
 from minilab.model import ModelConfig, Transformer, build_model
+from minilab.owned import write_run_marker
 from minilab.training import (
     MFU,
     MetricsLog,
@@ -256,6 +257,8 @@ class PretrainRun:
         from minilab.checkpoint import load_checkpoint
 
         ckpt = find_resume_checkpoint(self.ckpt_dir, self.out, resume, self.info.is_main)
+        if self.info.is_main:  # before the first checkpoint: a run killed early is still known as minilab's
+            write_run_marker(self.out, "pretrain")
         if ckpt is None:
             return
         meta = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, restore_rng=True,

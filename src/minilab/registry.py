@@ -296,12 +296,10 @@ def _is_dir(path: Path) -> bool:
 
 
 def is_model_dir(path: Path) -> bool:
-    """A directory with the manifest `write_manifest` gives every registry model."""
-    try:
-        manifest = read_manifest(path)
-    except MinilabError:
-        return False
-    return isinstance(manifest, dict) and {"training_type", "files", "fingerprint"} <= manifest.keys()
+    """A directory with the manifest `write_manifest` gives every registry model (owned.py's rule)."""
+    from minilab.owned import output_kind
+
+    return output_kind(path) == "model"
 
 
 def resolve_model_path(path_or_name: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
@@ -417,6 +415,35 @@ def release_path(model_dir: str | os.PathLike, root: str | os.PathLike | None = 
     return names
 
 
+def dependents(model_dir: str | os.PathLike, root: str | os.PathLike | None = None) -> list[str]:
+    """Registered models that name the model at `model_dir` as their parent (by one of its
+    registered names) or as their base (`base_model.path`): a LoRA cannot load without its base,
+    and lineage would point at nothing. Replacing or removing `model_dir` is refused while any exist."""
+    entries = _entries(models_root(root))
+    target = Path(model_dir).resolve()
+    names = {n for n, e in entries.items() if e["path"].resolve() == target}
+    found = []
+    for name, entry in entries.items():
+        if name in names or not _is_dir(entry["path"]):
+            continue
+        try:
+            manifest = read_manifest(entry["path"])
+        except MinilabError:
+            continue
+        base = manifest.get("base_model")
+        base_path = base.get("path") if isinstance(base, dict) else None
+        if manifest.get("parent") in names or (isinstance(base_path, str) and Path(base_path).resolve() == target):
+            found.append(name)
+    return sorted(found)
+
+
+def refuse_if_depended_on(what: str, model_dir: Path, root: Path, hint: str = "remove {them} first "
+                           "(minilab models rm NAME)") -> None:
+    if deps := dependents(model_dir, root):
+        them = "that" if len(deps) == 1 else "those"
+        raise MinilabError(f"{what}: the parent or base of {', '.join(deps)} (registered); " + hint.format(them=them))
+
+
 def list_models(root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """One row per registered model: name, type, params, size_bytes (true bytes on disk),
     parent, created, path, linked, missing."""
@@ -455,6 +482,7 @@ def remove_model(name: str, root: str | os.PathLike | None = None, *, delete_fil
         if name not in entries:
             raise _unknown(name, root_path, sorted(entries))
         path: Path = entries[name]["path"]
+        refuse_if_depended_on(name, path, root_path)
         delete = path.is_dir() and (_inside(path, root_path) or delete_files)
         hidden = None
         if delete:
@@ -565,6 +593,7 @@ def main(args: argparse.Namespace) -> int:
     if args.name not in entries:
         raise _unknown(args.name, root, sorted(entries))
     path = entries[args.name]["path"]  # may be gone already: rm must still drop a stale entry
+    refuse_if_depended_on(args.name, path, root)  # before asking: a yes could not be acted on
     deletes = path.is_dir() and (_inside(path, root) or args.delete_files)
     what = f" and delete {path}" if deletes else f" (keeping {path})"
     if not args.yes:

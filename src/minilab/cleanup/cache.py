@@ -5,7 +5,8 @@ plan (which blobs, snapshots and refs go, and the bytes freed); minilab parses n
 Every command that deletes is a dry run unless `--yes` is given.
 
 - `ls`: repositories, largest first (type, size, files, revisions, refs, last accessed);
-- `rm REPO [REPO ...]`: every revision of the named repositories (`--revision HASH` for one);
+- `rm REPO [REPO ...]`: every revision of the named repositories (repository ids match exactly;
+  `--revision HASH` for one: the full hash or a unique prefix of at least 7 hex digits);
 - `prune`: detached revisions (no branch or tag points at them: superseded downloads), and with
   `--unused-days N` whole repositories not accessed for N days.
 """
@@ -19,6 +20,8 @@ from typing import Any
 
 from minilab.errors import MinilabError
 from minilab.fsutil import hf_hub_cache, human_bytes
+
+MIN_PREFIX = 7  # hex digits of a --revision prefix, as git's short hashes
 
 
 def scan() -> Any:
@@ -49,28 +52,50 @@ def select_revisions(info: Any, repos: list[str] | None = None, revision: str | 
         if name not in known:
             raise MinilabError(f"'{name}' is not in the cache at {info.cache_dir or hf_hub_cache()} "
                                f"(cached: {', '.join(sorted(known)) or 'nothing'})")
+    if repos and revision is not None:
+        return [_match_revision([rev for r in info.repos if r.repo_id in repos for rev in r.revisions], revision)]
     now = time.time()
     for r in info.repos:
         if repos and r.repo_id in repos:
-            hashes += [rev.commit_hash for rev in r.revisions
-                       if revision is None or rev.commit_hash.startswith(revision)]
+            hashes += [rev.commit_hash for rev in r.revisions]
         elif not repos:
             stale = unused_days is not None and now - r.last_accessed > unused_days * 86400
             hashes += [rev.commit_hash for rev in r.revisions if stale or (detached and not rev.refs)]
     return hashes
 
 
+def _match_revision(revisions: list[Any], revision: str) -> str:
+    """The one commit hash `revision` names: the full hash, or a unique prefix of at least
+    MIN_PREFIX hex digits (never '' or a few characters, which would select many)."""
+    exact = [rev.commit_hash for rev in revisions if rev.commit_hash == revision]
+    if exact:
+        return exact[0]
+    if len(revision) < MIN_PREFIX or not all(c in "0123456789abcdef" for c in revision):
+        raise MinilabError(f"--revision {revision!r}: give a full commit hash or at least {MIN_PREFIX} of its "
+                           "leading hex digits (see 'minilab cache ls')")
+    found = sorted({rev.commit_hash for rev in revisions if rev.commit_hash.startswith(revision)})
+    if not found:
+        cached = ", ".join(sorted(rev.commit_hash[:12] for rev in revisions)) or "none"
+        raise MinilabError(f"--revision {revision}: no cached revision of the named repositories starts with it "
+                           f"(cached: {cached})")
+    if len(found) > 1:
+        raise MinilabError(f"--revision {revision}: ambiguous, it starts {len(found)} revisions "
+                           f"({', '.join(found)}); give more digits")
+    return found[0]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag
+    from minilab.cli import flag, float_range
 
     sub = p.add_subparsers(dest="cache_cmd", metavar="COMMAND", required=True)
     ls = sub.add_parser("ls", help="cached repositories, largest first")
     ls.add_argument("--json", action="store_true")
     rm = sub.add_parser("rm", help="remove repositories (or one revision) from the cache")
     rm.add_argument("repos", nargs="+", metavar="REPO_ID")
-    rm.add_argument("--revision", help="only this commit hash (prefix)")
+    rm.add_argument("--revision", help=f"only this commit: its full hash or a unique prefix of >= {MIN_PREFIX} "
+                                       "hex digits")
     prune = sub.add_parser("prune", help="remove detached revisions and, optionally, long-unused repositories")
-    flag(prune, "--unused-days", type=float, metavar="N", help="also repositories not accessed for N days")
+    flag(prune, "--unused-days", type=float_range(0), metavar="N", help="also repositories not accessed for N days")
     for sp in (rm, prune):
         sp.add_argument("--yes", "-y", action="store_true", help="delete (default: only show what would go)")
         sp.add_argument("--json", action="store_true")

@@ -1,5 +1,7 @@
 """`minilab du`: where the disk went: minilab's data, tokenizers, runs, models, its own cache and
-the Hugging Face hub cache, by category, largest first, each with its largest entries."""
+the Hugging Face hub cache, by category, largest first, each with its largest entries; and the
+leftovers of killed writes (`leftover temp`: hidden temporaries whose process is gone, which
+`minilab cleanup` removes), already counted in their category."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from minilab.fsutil import cache_root, dir_size, hf_hub_cache, human_bytes
+from minilab.fsutil import cache_root, dir_size, find_stale_leftovers, hf_hub_cache, human_bytes
+
+LEFTOVERS = "leftover temp"
 
 
 def categories(root: str | os.PathLike = ".", models_dir: str | None = None) -> list[tuple[str, Path]]:
@@ -30,6 +34,9 @@ def usage(root: str | os.PathLike = ".", models_dir: str | None = None, top: int
                            if not c.is_symlink()), reverse=True)
         rows.append({"category": name, "path": str(path), "bytes": sum(s for s, _ in children),
                      "largest": [{"name": n, "bytes": s} for s, n in children[:top]]})
+    leftovers = sorted(((dir_size(p) if p.is_dir() else p.stat().st_size, p)
+                        for _, path in categories(root, models_dir) if path.is_dir()
+                        for p in find_stale_leftovers(path)), key=lambda t: (-t[0], str(t[1])))
     hub = hf_hub_cache()
     if hub.is_dir():
         from huggingface_hub import scan_cache_dir
@@ -38,7 +45,11 @@ def usage(root: str | os.PathLike = ".", models_dir: str | None = None, top: int
         repos = sorted(info.repos, key=lambda r: -r.size_on_disk)
         rows.append({"category": "hf hub cache", "path": str(hub), "bytes": info.size_on_disk,
                      "largest": [{"name": f"{r.repo_type}:{r.repo_id}", "bytes": r.size_on_disk} for r in repos[:top]]})
-    return sorted(rows, key=lambda r: -r["bytes"])
+    rows = sorted(rows, key=lambda r: -r["bytes"])
+    if leftovers:  # last, and not added to the total: these bytes are inside the categories above
+        rows.append({"category": LEFTOVERS, "path": str(Path(root)), "bytes": sum(s for s, _ in leftovers),
+                     "largest": [{"name": str(p), "bytes": s} for s, p in leftovers[:top]]})
+    return rows
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,5 +70,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{human_bytes(r['bytes']):>10}  {r['category']:<14} {r['path']}")
         for c in r["largest"]:
             print(f"{'':>12}{human_bytes(c['bytes']):>10}  {c['name']}")
-    print(f"{human_bytes(sum(r['bytes'] for r in rows)):>10}  total")
+    print(f"{human_bytes(sum(r['bytes'] for r in rows if r['category'] != LEFTOVERS)):>10}  total"
+          + ("; leftover temp is counted above, `minilab cleanup PATH` removes it"
+             if rows and rows[-1]["category"] == LEFTOVERS else ""))
     return 0

@@ -1,16 +1,20 @@
-"""`minilab cleanup PATH`: give disk back from runs (and leftovers in model directories).
+"""`minilab cleanup PATH`: give disk back from minilab runs (and leftovers of killed writes).
 
-PATH is a run directory (`run/checkpoints/step-NNNNNN/`), a model directory, or a root holding
-runs (`runs/`). The plan is always printed, with the bytes each action frees; nothing is touched
-without `--yes`. Rules:
+Only what minilab wrote is touched (`minilab.owned`): a run is a directory with `run.json`, or
+one whose `checkpoints/` holds minilab checkpoints. PATH is a run, another minilab output (only
+its leftovers), or a folder searched for runs (`runs/`); folders without a minilab marker are
+passed over, and a PATH holding nothing minilab wrote is refused. The plan is always printed,
+with the bytes each action frees; nothing is touched without `--yes`, which carries out exactly
+that plan. Rules:
 
 - keep the newest `--keep-last` complete checkpoints and the best one (lowest metric in meta.json);
 - never delete the newest complete checkpoint of a run, nor any checkpoint a registry model's
-  manifest (or registry entry) points into;
+  manifest (or registry entry) points into, nor anything in `checkpoints/` that is not minilab's;
 - `--strip-optimizer` removes optimizer.pt/scheduler.pt from kept checkpoints, except from the
   newest one of a run that has no `final/` yet (it may still be resumed);
-- incomplete checkpoints (no COMPLETE marker), hidden leftovers of interrupted saves, and failed
-  runs (no complete checkpoint, no final model, untouched for `--min-age-hours`) are deleted.
+- incomplete `step-NNNNNN` checkpoints (no COMPLETE marker) and leftovers of writes whose process
+  is gone (`fsutil.stale_leftovers`) are deleted; a failed run (run.json, no complete checkpoint,
+  no final model, untouched for `--min-age-hours`, nothing in it but run files) is deleted whole.
 
 Deletion renames first and then removes (as `checkpoint._remove_dir` does), so an interrupted
 cleanup never leaves a half-deleted directory that still looks like a checkpoint.
@@ -23,7 +27,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +34,8 @@ from typing import Any
 
 from minilab.checkpoint_index import MARKER, checkpoint_step, list_checkpoints
 from minilab.errors import MinilabError
-from minilab.fsutil import dir_size, human_bytes
+from minilab.fsutil import dir_size, human_bytes, leftover_pid, remove_path, stale_leftovers
+from minilab.owned import RUN_MARKER, output_kind
 
 OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")
 
@@ -90,12 +94,25 @@ def _metric(ckpt: Path) -> float:
     return math.inf if m is None or (isinstance(m, float) and math.isnan(m)) else float(m)
 
 
-def is_run(path: Path) -> bool:
-    return (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file() or (path / "final").is_dir()
+# Everything a pretrain / SFT / DPO run writes at its top level: a failed run holding anything else
+# (the user's files, next to a run started in their folder) is never deleted whole.
+RUN_ENTRIES = frozenset({RUN_MARKER, "metrics.jsonl", "checkpoints", "final", "tensorboard", "reference_logps.npz"})
+MAX_DEPTH = 4  # how deep a PATH that is not itself a run is searched for runs
 
 
 def _ckpt_dir(run: Path) -> Path:
     return run / "checkpoints" if (run / "checkpoints").is_dir() else run
+
+
+def _complete(ckdir: Path) -> list[Path]:
+    """The complete minilab checkpoints (COMPLETE and meta.json) in `ckdir`, oldest first."""
+    return [c for c in list_checkpoints(ckdir) if output_kind(c) == "checkpoint"]
+
+
+def is_run(path: Path) -> bool:
+    """A minilab run: it has run.json, or its checkpoints/ (or itself) holds minilab checkpoints.
+    A `checkpoints/`, `metrics.jsonl` or `final/` of another tool does not make one."""
+    return output_kind(path) == "run" or bool(_complete(_ckpt_dir(path)))
 
 
 def _newest_mtime(path: Path) -> float:
@@ -107,23 +124,45 @@ def _newest_mtime(path: Path) -> float:
     return newest
 
 
+def _old_style_leftover(p: Path, min_age_hours: float) -> bool:
+    """A hidden `.step-*` temporary of a minilab version that did not put the pid in the name
+    (`.step-000700.tmp`, `.step-000700.abc123.tmp`): stale once untouched for `min_age_hours`."""
+    return (p.name.startswith(".step-") and leftover_pid(p.name) is None
+            and (p.name.endswith(".tmp") or ".deleting-" in p.name or ".old-" in p.name)
+            and (time.time() - _newest_mtime(p)) / 3600 >= min_age_hours)
+
+
+def _only_run_entries(run: Path, ckdir: Path) -> bool:
+    """True when `run` holds nothing but what a run writes (checkpoints/ only checkpoints)."""
+    def ours(name: str) -> bool:
+        return leftover_pid(name) is not None or name.startswith(".step-")
+    return (all(n in RUN_ENTRIES or ours(n) for n in os.listdir(run))
+            and (ckdir == run or all(checkpoint_step(n) is not None or ours(n) for n in os.listdir(ckdir))))
+
+
+def leftover_actions(directory: Path, refs: set[Path]) -> list[Action]:
+    """The leftovers of dead writers directly in `directory`."""
+    return [Action("delete", str(p), _size(p), "leftover of an interrupted write (its process is gone)")
+            for p in stale_leftovers(directory) if not _protected(p, refs)]
+
+
 def plan_run(run: Path, keep_last: int, strip_optimizer: bool, refs: set[Path],
              min_age_hours: float) -> list[Action]:
-    """The actions for one run directory."""
+    """The actions for one minilab run directory (see `is_run`)."""
     ckdir = _ckpt_dir(run)
-    complete = list_checkpoints(ckdir)
-    actions: list[Action] = []
-    if not complete and not (run / "final").is_dir():
-        age_h = (time.time() - _newest_mtime(run)) / 3600
-        if age_h >= min_age_hours and not _protected(run, refs):
-            return [Action("delete", str(run), _size(run), "failed run: no complete checkpoint, no final model")]
-    for p in sorted(ckdir.iterdir()) if ckdir.is_dir() else []:
-        leftover = p.name.startswith(".step-") and (p.name.endswith(".tmp") or ".deleting-" in p.name
-                                                     or ".old-" in p.name)
-        incomplete = checkpoint_step(p) is not None and p.is_dir() and not (p / MARKER).is_file()
-        if (leftover or incomplete) and not _protected(p, refs):
+    complete = _complete(ckdir)
+    if (not complete and not (run / "final").is_dir() and output_kind(run) == "run"
+            and _only_run_entries(run, ckdir) and not _protected(run, refs)
+            and (time.time() - _newest_mtime(run)) / 3600 >= min_age_hours):
+        return [Action("delete", str(run), _size(run), "failed run: no complete checkpoint, no final model")]
+    actions = leftover_actions(run, refs)
+    if ckdir != run:
+        actions += leftover_actions(ckdir, refs)
+    for p in sorted(ckdir.iterdir()):
+        incomplete = checkpoint_step(p) is not None and p.is_dir() and not p.is_symlink() and not (p / MARKER).is_file()
+        if (incomplete or _old_style_leftover(p, min_age_hours)) and not _protected(p, refs):
             actions.append(Action("delete", str(p), _size(p),
-                                  "leftover of an interrupted save" if leftover else "incomplete checkpoint"))
+                                  "incomplete checkpoint" if incomplete else "leftover of an interrupted save"))
     if not complete:
         return actions
     newest = complete[-1]
@@ -146,22 +185,37 @@ def plan_run(run: Path, keep_last: int, strip_optimizer: bool, refs: set[Path],
 
 def plan_cleanup(path: str | os.PathLike, keep_last: int = 2, strip_optimizer: bool = False,
                  models_dir: str | None = None, min_age_hours: float = 1.0) -> list[Action]:
-    """Everything `cleanup` would do under `path` (a run, a model directory or a root of runs)."""
+    """Everything `cleanup` would do under `path`: a minilab run, any other minilab output (its
+    leftovers only), or a folder searched for those (`MAX_DEPTH` levels; folders that are not
+    minilab's are passed over, never touched). A `path` holding nothing minilab wrote is refused."""
     root = Path(path)
     if not root.is_dir():
         raise MinilabError(f"{root}: no such directory")
     if keep_last < 1:
         raise MinilabError(f"--keep-last must be at least 1, got {keep_last}")
     refs = registry_references(models_dir)
-    if is_run(root) or list_checkpoints(root):
-        return plan_run(root, keep_last, strip_optimizer, refs, min_age_hours)
-    if (root / "config.json").is_file() or (root / "manifest.json").is_file():
-        return [Action("delete", str(p), _size(p), "leftover of an interrupted write") for p in sorted(root.iterdir())
-                if p.name.startswith(".") and (".tmp" in p.name or ".deleting-" in p.name or ".old-" in p.name)]
     actions: list[Action] = []
-    for child in sorted(root.iterdir()):
-        if child.is_dir() and not child.is_symlink() and is_run(child):
-            actions += plan_run(child, keep_last, strip_optimizer, refs, min_age_hours)
+
+    def visit(d: Path, depth: int) -> bool:
+        """Plan `d`; True if it is, or holds, something minilab wrote."""
+        if is_run(d):
+            actions.extend(plan_run(d, keep_last, strip_optimizer, refs, min_age_hours))
+            return True
+        leftovers = leftover_actions(d, refs)
+        actions.extend(leftovers)
+        if output_kind(d) is not None:
+            return True  # corpus, packed data, a model...: only its leftovers are cleanup's business
+        found = bool(leftovers)
+        if depth < MAX_DEPTH:
+            for child in sorted(d.iterdir()):
+                if child.is_dir() and not child.is_symlink() and not child.name.startswith("."):
+                    found = visit(child, depth + 1) or found
+        return found
+
+    if not visit(root, 0):
+        raise MinilabError(f"{root}: holds nothing minilab wrote (no run.json, no minilab checkpoint, no "
+                           "leftover of a minilab write), so cleanup leaves it alone; point it at a minilab run "
+                           "or at a folder of runs such as runs/")
     return actions
 
 
@@ -173,23 +227,24 @@ def apply(actions: list[Action]) -> int:
         if not p.exists():
             continue
         size = _size(p)
-        if p.is_dir():
+        if p.is_dir() and not p.is_symlink():
             hidden = p.with_name(f".{p.name}.deleting-{os.getpid()}")
             os.replace(p, hidden)
-            shutil.rmtree(hidden)
+            remove_path(hidden)
         else:
-            p.unlink()
+            remove_path(p)
         freed += size
     return freed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag
+    from minilab.cli import flag, float_range, int_range
 
-    p.add_argument("path", help="a run directory, a model directory, or a root such as runs/")
-    flag(p, "--keep-last", type=int, default=2, metavar="K", help="complete checkpoints kept per run (plus the best)")
+    p.add_argument("path", help="a run directory, a model directory, or a folder holding runs such as runs/")
+    flag(p, "--keep-last", type=int_range(1), default=2, metavar="K",
+         help="complete checkpoints kept per run (plus the best)")
     flag(p, "--strip-optimizer", action="store_true", help="remove optimizer state from kept checkpoints")
-    flag(p, "--min-age-hours", type=float, default=1.0, metavar="H",
+    flag(p, "--min-age-hours", type=float_range(0), default=1.0, metavar="H",
          help="a run without checkpoints counts as failed only when untouched this long (default 1)")
     flag(p, "--models-dir", metavar="DIR", help="registry root whose references are protected")
     p.add_argument("--yes", "-y", action="store_true", help="delete (without it: only show the plan)")

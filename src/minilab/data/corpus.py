@@ -153,13 +153,14 @@ def run(cfg: CorpusConfig) -> dict[str, Any]:
     """Build the corpus described by `cfg`; returns its manifest (not written with analyze_only)."""
     from minilab.data.datacard import write_datacard
     from minilab.data.shards import ShardWriter
-    from minilab.data.sources import Rejects
+    from minilab.data.sources import Rejects, read_paths
     from minilab.fsutil import atomic_dir, write_json_atomic
+    from minilab.owned import check_output
 
     out = Path(cfg.output_dir)
     name = cfg.name or out.name
-    if out.exists() and not cfg.force and not cfg.analyze_only:
-        raise MinilabError(f"{out} already exists; pass --force to rebuild it")
+    if not cfg.analyze_only:
+        check_output(out, cfg.force, {"corpus"}, reading=tuple(p for s in cfg.sources for p in read_paths(s)))
     t0 = time.perf_counter()
     if cfg.analyze_only:
         rejects = Rejects(None, cfg.strict)

@@ -185,11 +185,10 @@ def run(cfg: PackConfig) -> dict[str, Any]:
     """Pack `cfg.corpus_dir` with `cfg.tokenizer_dir`; returns the written manifest."""
     from minilab.data.shards import manifest_hash, verify_corpus
     from minilab.data.tokenizer import encoding_fingerprint, load_tokenizer, read_tokenizer_meta
+    from minilab.owned import check_output
 
     out = Path(cfg.output_dir)
-    if out.exists() and not cfg.force:
-        raise MinilabError(f"{out} already exists; pass --force to replace it (packed data is never "
-                           "overwritten silently)")
+    check_output(out, cfg.force, {"packed"}, reading=(cfg.corpus_dir, cfg.tokenizer_dir))
     corpus = verify_corpus(cfg.corpus_dir)
     tok_meta = read_tokenizer_meta(cfg.tokenizer_dir)
     tok = load_tokenizer(cfg.tokenizer_dir, verify=False)  # read_tokenizer_meta just checked it

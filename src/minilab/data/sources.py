@@ -460,6 +460,19 @@ def source_files(src: SourceConfig) -> list[Path]:
     return files
 
 
+def read_paths(src: SourceConfig) -> list[Path]:
+    """What `src` reads on disk (its file or folder, a glob's matches, a local HF dataset): an
+    output directory replaced with --force must never hold any of them."""
+    if src.format == "default" or src.path == "default":
+        return []
+    path = src.path.removeprefix("hf:") if src.format == "hf" or src.path.startswith("hf:") else src.path
+    if Path(path).exists():
+        return [Path(path)]
+    if any(ch in path for ch in "*?["):
+        return [Path(f) for f in glob.glob(path, recursive=True)]
+    return []
+
+
 def iter_source(src: SourceConfig, rejects: Rejects) -> Iterator[tuple[str, str]]:
     """Stream (text, where) for every document of `src`."""
     if src.format == "default" or src.path == "default":

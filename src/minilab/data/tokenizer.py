@@ -255,9 +255,11 @@ def _adopt_pretrained(cfg: TokenizerConfig, out: Path) -> dict[str, Any]:
 
 def run(cfg: TokenizerConfig) -> dict[str, Any]:
     """Train or adopt the tokenizer described by `cfg`; returns its `minilab_tokenizer.json`."""
+    from minilab.owned import check_output
+
     out = Path(cfg.output_dir)
-    if out.exists() and not cfg.force:
-        raise MinilabError(f"{out} already exists; pass --force to replace it")
+    check_output(out, cfg.force, {"tokenizer"}, reading=tuple(p for p in (cfg.corpus_dir, cfg.from_pretrained)
+                                                              if p and Path(p).exists()))
     with atomic_dir(out, overwrite=cfg.force) as tmp:
         if cfg.from_pretrained:
             meta = _adopt_pretrained(cfg, tmp)

@@ -35,6 +35,9 @@ from typing import Any
 import numpy as np
 
 from minilab.errors import MinilabError
+from minilab.owned import EXPORT_MARKER, check_output
+
+GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file
 
 log = logging.getLogger("minilab.export")
 
@@ -206,6 +209,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--force", action="store_true", help="replace an existing output")
 
 
+def check_gguf_output(out: Path, force: bool) -> None:
+    """A GGUF output is one file: an existing one is replaced only with `force` and only when it is
+    a GGUF file (its first 4 bytes are b'GGUF'); a folder, a link or any other file never is."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise MinilabError(f"{out} already exists; pass --force to replace it, or choose another --output")
+    try:
+        with open(out, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        magic = b""
+    if out.is_symlink() or not out.is_file() or magic != GGUF_MAGIC:
+        raise MinilabError(f"{out}: not a GGUF file, so --force does not replace it; remove it yourself or "
+                           "choose another --output")
+
+
 def export_model(model_ref: str, fmt: str, output: str | Path, *, adapter: str | None = None, outtype: str = "f32",
                  dtype: str | None = None, force: bool = False, registry_root: str | None = None) -> tuple[Path, int]:
     """Export `model_ref` (registry name or directory) as one GGUF file or a transformers
@@ -215,8 +235,10 @@ def export_model(model_ref: str, fmt: str, output: str | Path, *, adapter: str |
 
     src = resolve_model_dir(model_ref, registry_root)
     out = Path(output)
-    if out.exists() and not force:
-        raise MinilabError(f"{out} already exists (pass --force to replace it)")
+    if fmt == "gguf":
+        check_gguf_output(out, force)
+    else:
+        check_output(out, force, {"export"}, reading=(src, *([adapter] if adapter else [])), flag="--output")
     model = load_model_for_inference(model_ref, adapter_dir=adapter, registry_root=registry_root)
     if getattr(model, "quantization", None):
         raise MinilabError(f"{model_ref} is an int8 model; export its float parent instead")
@@ -232,7 +254,8 @@ def export_model(model_ref: str, fmt: str, output: str | Path, *, adapter: str |
             if (src / f).is_file():
                 shutil.copy2(src / f, tok_dir / f)
         save_hf_dir(model, out, tokenizer_dir=tok_dir if any(tok_dir.iterdir()) else None, dtype=dtype,
-                    overwrite=force)
+                    overwrite=force, extra_files={EXPORT_MARKER: {"kind": "minilab.export", "format": "hf",
+                                                                  "source": str(src.resolve())}})
     return out, dir_size(out)
 
 

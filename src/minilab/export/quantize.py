@@ -78,6 +78,17 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
+def linear4bit(bnb: Any, in_features: int, out_features: int, **kwargs: Any) -> nn.Module:
+    """A bitsandbytes NF4 `Linear4bit`. On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks the
+    weight for its own kernel on the first no-grad forward; that repacking needs out_features % 32 == 0
+    and in_features % 64 (the 4-bit block size) == 0 and otherwise fails ("shape '[32, 0]' is
+    invalid"), so it is switched off for layers of other shapes (they take the generic path)."""
+    q = bnb.nn.Linear4bit(in_features, out_features, **kwargs)
+    if out_features % 32 or in_features % 64:
+        q.support_avx512bf16_for_cpu = False
+    return q
+
+
 def quantize_bnb(model: nn.Module, kind: str) -> nn.Module:
     """Block linears -> bitsandbytes 8-bit (`bnb8`) or 4-bit NF4 (`nf4`) layers, on the model's device."""
     try:
@@ -91,8 +102,8 @@ def quantize_bnb(model: nn.Module, kind: str) -> nn.Module:
         old = model.get_submodule(name)
         w = old.weight.detach()
         if kind == "nf4":
-            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=False, compute_dtype=compute,
-                                    quant_type="nf4")
+            new = linear4bit(bnb, old.in_features, old.out_features, bias=False, compute_dtype=compute,
+                             quant_type="nf4")
             new.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4")
         else:
             new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=False, has_fp16_weights=False)

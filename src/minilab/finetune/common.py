@@ -30,6 +30,7 @@ from minilab.finetune.models import (
     peft_of,
     peft_target,
 )
+from minilab.owned import write_run_marker
 from minilab.training import MetricsLog, OptimConfig, check_finite_weights, make_optimizer, optimizer_step
 
 log = logging.getLogger("minilab.finetune")
@@ -121,11 +122,12 @@ def planner_settings(cfg: TuneConfig, base16: bool, model_type: str,
 class Tuning:
     """The model being fine-tuned with its optimizer, checkpoints and output."""
 
-    def __init__(self, cfg: TuneConfig, optim: OptimConfig, info: distributed.DistInfo, device: torch.device):
+    def __init__(self, cfg: TuneConfig, optim: OptimConfig, info: distributed.DistInfo, device: torch.device,
+                 stage: str):
         from minilab.planner.anatomy import inspect_model
         from minilab.registry import read_manifest
 
-        self.cfg, self.optim, self.info, self.device = cfg, optim, info, device
+        self.cfg, self.optim, self.info, self.device, self.stage = cfg, optim, info, device, stage
         self.out = Path(cfg.output_dir)
         torch.manual_seed(cfg.seed)  # LoRA init: identical on every rank, reproducible
         # QLoRA loads the full-precision base into host memory: only its 4-bit layers and the rest
@@ -189,6 +191,8 @@ class Tuning:
         from minilab.training import find_resume_checkpoint
 
         ckpt = find_resume_checkpoint(self.ckpt_dir, self.out, resume, self.info.is_main)
+        if self.info.is_main:  # before the first checkpoint: a run killed early is still known as minilab's
+            write_run_marker(self.out, self.stage)
         if ckpt is None:
             return None
         meta = load_checkpoint(ckpt, model=self.view, optimizer=self.optimizer, restore_rng=True,

@@ -113,7 +113,7 @@ class DPORun:
             raise ConfigError("full fine-tuning has no adapters to switch off for the reference; "
                               "set precompute_ref=true", key="precompute_ref")
         self.cfg, self.info, self.device = cfg, info, device
-        self.tune = Tuning(cfg, cfg.optim, info, device)
+        self.tune = Tuning(cfg, cfg.optim, info, device, "dpo")
         self.manifests, self.template = load_datasets(cfg.data_dirs, self.tune.tokenizer_sha, kind="dpo_data")
         self.train = [(Rows(d, "train.chosen"), Rows(d, "train.rejected")) for d in cfg.data_dirs]
         self.val = [(Rows(d, "val.chosen"), Rows(d, "val.rejected")) for d in cfg.data_dirs]

@@ -102,16 +102,16 @@ def encode_pair(tok, template, prompt: list[dict[str, str]], chosen: str, reject
 
 def run(cfg: DPODataConfig) -> dict[str, Any]:
     from minilab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from minilab.finetune.models import resolve_tokenizer_dir
     from minilab.finetune.rows import write_rows
     from minilab.finetune.sft_data import _source_info, iter_records
     from minilab.finetune.templates import resolve_template
+    from minilab.owned import check_output
 
     out = Path(cfg.output_dir)
-    if out.exists() and not cfg.force:
-        raise MinilabError(f"{out} already exists; pass --force to replace it")
-    from minilab.finetune.models import resolve_tokenizer_dir
-
     cfg = dataclasses.replace(cfg, tokenizer_dir=str(resolve_tokenizer_dir(cfg.tokenizer_dir)))
+    reading = (cfg.tokenizer_dir, *(Path(s).expanduser() for s in cfg.sources))
+    check_output(out, cfg.force, {"dpo_data"}, reading=reading)
     template = resolve_template(cfg.template, cfg.tokenizer_dir)
     tok = load_tokenizer(cfg.tokenizer_dir)
     counts: Counter = Counter()

@@ -11,6 +11,7 @@ quantization error to every merged weight).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,9 @@ def merge(model: str, *, output_dir: str | None = None, dtype: str | None = None
     if not (src / "adapters" / "adapter_config.json").is_file() and not (src / "adapter_config.json").is_file():
         raise MinilabError(f"{src}: no adapters to merge (expected adapters/adapter_config.json)")
     out = Path(output_dir) if output_dir else src.parent / f"{src.name}-merged"
-    if output_dir and out.exists() and not force:
-        raise MinilabError(f"{out} already exists; pass --force to replace it, or choose another --output-dir")
     manifest = registry.read_manifest(src)
     base = manifest.get("base_model") or {}
+    _check_output(out, src, manifest, force=force or not output_dir, models_dir=models_dir)
     if base.get("backend") == "transformers":
         return _merge_transformers(src, manifest, out, dtype, register, models_dir)
     merged = load_model_for_inference(src, dtype=dtype, device="cpu", registry_root=models_dir)
@@ -52,6 +52,27 @@ def merge(model: str, *, output_dir: str | None = None, dtype: str | None = None
         write_chat_tokenizer(src, out, ChatTemplate(chat["template"], cfg.get("chat_template", ""),
                                                     chat["end_token"], "", str(cfg.get("eos_token") or "</s>")))
     return _register(out, src, manifest, merged.num_params(), "llama", register, models_dir)
+
+
+def _check_output(out: Path, src: Path, manifest: dict[str, Any], *, force: bool, models_dir: str | None) -> None:
+    """Before loading anything: `out` may only be a new path or an earlier merge (a minilab model),
+    never the adapters' own folder or one holding it (a run directory), their base model, or a
+    registered model that others name as parent or base."""
+    from minilab import registry
+    from minilab.owned import check_output
+
+    reading = [src]
+    base = manifest.get("base_model")
+    if isinstance(base, dict) and isinstance(base.get("path"), str):
+        reading.append(Path(base["path"]))
+    parent = manifest.get("parent")
+    if isinstance(parent, str):
+        with contextlib.suppress(MinilabError):
+            reading.append(registry.resolve_model_path(parent, models_dir))
+    check_output(out, force, {"model"}, reading=tuple(reading))
+    if out.is_dir():
+        registry.refuse_if_depended_on(str(out), out, registry.models_root(models_dir),
+                                        "choose another --output-dir")
 
 
 def _merge_transformers(src: Path, manifest: dict[str, Any], out: Path, dtype: str | None,

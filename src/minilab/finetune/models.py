@@ -174,6 +174,8 @@ def quantize_4bit(module: nn.Module, targets: list[str] | str, device: torch.dev
                   compute_dtype: torch.dtype = torch.float32) -> int:
     """Replace the targeted `nn.Linear` layers by bitsandbytes NF4 `Linear4bit` with double
     quantization (QLoRA), in place; returns how many were replaced."""
+    from minilab.export.quantize import linear4bit
+
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -185,9 +187,8 @@ def quantize_4bit(module: nn.Module, targets: list[str] | str, device: torch.dev
                 continue
             if targets != "all-linear" and child_name not in targets:
                 continue
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                                  device="meta")
+            q = linear4bit(bnb, child.in_features, child.out_features, bias=child.bias is not None,
+                           compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta")
             try:
                 q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False,
                                              compress_statistics=True, quant_type="nf4").to(device)

@@ -122,7 +122,7 @@ class SFTRun:
         from minilab.finetune.rows import Rows, WeightedSampler
 
         self.cfg, self.info, self.device = cfg, info, device
-        self.tune = Tuning(cfg, cfg.optim, info, device)
+        self.tune = Tuning(cfg, cfg.optim, info, device, "sft")
         self.manifests, self.template = load_datasets(cfg.data_dirs, self.tune.tokenizer_sha)
         self.train_rows = [Rows(d, "train") for d in cfg.data_dirs]
         self.val_rows = [Rows(d, "val") for d in cfg.data_dirs]

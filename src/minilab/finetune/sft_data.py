@@ -236,15 +236,15 @@ def pack_rows(rows: list[tuple[list[int], list[bool]]], max_len: int) -> list[tu
 def run(cfg: SFTDataConfig) -> dict[str, Any]:
     """Write the SFT dataset described by `cfg`; returns its manifest."""
     from minilab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from minilab.finetune.models import resolve_tokenizer_dir
     from minilab.finetune.rows import write_rows
     from minilab.finetune.templates import encode_conversation, resolve_template
+    from minilab.owned import check_output
 
     out = Path(cfg.output_dir)
-    if out.exists() and not cfg.force:
-        raise MinilabError(f"{out} already exists; pass --force to replace it")
-    from minilab.finetune.models import resolve_tokenizer_dir
-
     cfg = dataclasses.replace(cfg, tokenizer_dir=str(resolve_tokenizer_dir(cfg.tokenizer_dir)))
+    reading = (cfg.tokenizer_dir, *(Path(s).expanduser() for s in cfg.sources))
+    check_output(out, cfg.force, {"sft_data"}, reading=reading)
     template = resolve_template(cfg.template, cfg.tokenizer_dir)
     tok = load_tokenizer(cfg.tokenizer_dir)
     counts: Counter = Counter()
