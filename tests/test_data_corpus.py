@@ -451,3 +451,20 @@ def test_fingerprints_from_another_process_give_the_same_answers():
     a = [direct.check(t) for t in texts]
     b = [via.check_fingerprint(pickle.loads(pickle.dumps(fingerprint(t, cfg)))) for t in texts]
     assert a == b and a.count("near_duplicate") == 10 and a.count("exact_duplicate") == 1
+
+
+def test_ascii_fast_paths_equal_the_general_ones(monkeypatch):
+    """clean_text and the quality rules take shortcuts for ASCII text; they must give what ftfy, NFC
+    and the per-character rules give (forced here by making every text look non-ASCII)."""
+    from minilab.data import clean
+
+    rng = random.Random(13)
+    alphabet = list("ab cd  E\t\n\n\n\r&;#.…12 x_-") + ["&amp;", "\x1b[31m", "\x00", "\x0c", "   ", "\r\n"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
+    texts += [prose(rng, 40) for _ in range(200)] + ["a1 22 333 b  \n\n\n c " * 8, "## ... 1 2 3 " * 10]
+    q = QualityFilter(QualityConfig(min_chars=1, min_words=1))
+    fast = [(clean_text(t), clean_text(t, fix_encoding=False)) for t in texts]
+    fast_q = [q.check(t) for t in texts]
+    monkeypatch.setattr(clean, "_is_ascii", lambda text: False)
+    assert fast == [(clean_text(t), clean_text(t, fix_encoding=False)) for t in texts]
+    assert fast_q == [q.check(t) for t in texts] and len(set(fast_q)) > 4
