@@ -468,3 +468,61 @@ def test_ascii_fast_paths_equal_the_general_ones(monkeypatch):
     monkeypatch.setattr(clean, "_is_ascii", lambda text: False)
     assert fast == [(clean_text(t), clean_text(t, fix_encoding=False)) for t in texts]
     assert fast_q == [q.check(t) for t in texts] and len(set(fast_q)) > 4
+
+
+def _mixed_sources(tmp_path, n=150):
+    rng = random.Random(14)
+    docs = [prose(rng, 60) for _ in range(n)]
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = docs + [edit(rng, docs[i]) for i in range(0, n, 7)] + [docs[3].upper()]
+    (src / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines) + "{broken\n")
+    with gzip.open(src / "b.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": prose(rng, 50)}) + "\n" for _ in range(60))
+    return [SourceConfig(path=str(src / "a.jsonl"), weight=0.7),
+            SourceConfig(path=str(src / "b.jsonl.gz"), weight=1.5, max_tokens=500)]
+
+
+def test_output_is_identical_for_any_number_of_workers(tmp_path, monkeypatch):
+    from minilab import parallel
+    from minilab.data import corpus
+
+    monkeypatch.setattr(corpus, "_CHUNK_DOCS", 16)  # many chunks, so 2 workers really share the work
+    pools = []
+    real_pool = parallel.worker_pool
+
+    def spy(workers, *a, **k):
+        pools.append(workers)
+        return real_pool(workers, *a, **k)
+
+    monkeypatch.setattr(parallel, "worker_pool", spy)
+    sources = _mixed_sources(tmp_path)
+    out = {}
+    for workers in (1, 2):
+        cfg = CorpusConfig(output_dir=str(tmp_path / f"w{workers}"), name="c", sources=sources, workers=workers,
+                           quality=QualityConfig(min_chars=20, min_words=5), shard_max_bytes=8000)
+        m = run(cfg)
+        shards = {s["file"]: (tmp_path / f"w{workers}" / s["file"]).read_bytes() for s in m["shards"]}
+        for key in ("created", "seconds"):
+            m.pop(key)
+        m["config"].pop("workers"), m["config"].pop("output_dir")
+        out[workers] = (m, shards, (tmp_path / f"w{workers}" / "rejects.jsonl").read_text())
+    assert pools == [2], "two workers run in a pool, one in this process"
+    assert out[1] == out[2]
+    m = out[1][0]
+    assert len(out[1][1]) > 2 and m["dropped"]["near_duplicate"] > 5 and m["dropped"]["sampled_out"] > 10
+    assert m["rejects"] == {"malformed JSON": 1}
+
+
+def test_workers_flag_and_key(tmp_path, capsys):
+    src = tmp_path / "a.jsonl"
+    src.write_text(json.dumps({"text": prose(random.Random(15), 60)}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        cli_main(["corpus", "--source", str(src), "--output-dir", str(tmp_path / "o"), "--workers", "-1"])
+    assert e.value.code == 2 and "--workers: must be ≥ 0, got -1" in capsys.readouterr().err
+    assert cli_main(["corpus", "--source", str(src), "--output-dir", str(tmp_path / "o"), "--set", "workers=3",
+                     "--set", "quality.min_chars=20", "--set", "quality.min_words=5"]) == 0
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["config"]["workers"] == 3
+    assert cli_main(["corpus", "--source", str(src), "--output-dir", str(tmp_path / "p"), "--set", "workers=-2"]) != 0
+    err = capsys.readouterr().err
+    assert "workers" in err and "Traceback" not in err
