@@ -526,3 +526,24 @@ def test_workers_flag_and_key(tmp_path, capsys):
     assert cli_main(["corpus", "--source", str(src), "--output-dir", str(tmp_path / "p"), "--set", "workers=-2"]) != 0
     err = capsys.readouterr().err
     assert "workers" in err and "Traceback" not in err
+
+
+def test_progress_shows_mb_per_second_and_eta_of_the_input_bytes(tmp_path, monkeypatch, capsys):
+    from minilab.data import corpus
+    from minilab.progress import ByteProgress
+
+    monkeypatch.setattr(ByteProgress, "quiet_s", 0.0)  # a log file gets lines once a run takes a while
+    monkeypatch.setattr(corpus, "_CHUNK_DOCS", 16)
+    rng = random.Random(16)
+    plain, packed = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
+    plain.write_text("".join(json.dumps({"text": prose(rng, 80)}) + "\n" for _ in range(200)))
+    with gzip.open(packed, "wt") as f:
+        f.writelines(json.dumps({"text": prose(rng, 80)}) + "\n" for _ in range(40))
+    total = plain.stat().st_size + packed.stat().st_size
+    assert cli_main(["corpus", "--source", str(plain), "--source", str(packed), "--output-dir",
+                     str(tmp_path / "o"), "--workers", "1", "--set", "quality.min_chars=20"]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("corpus ")]
+    assert len(lines) >= 5 and all(" MB/s " in ln and " ETA " in ln for ln in lines), lines
+    assert lines[-1].startswith(f"corpus {total / 1e6:.1f}/{total / 1e6:.1f} MB ") and "240 docs" in lines[-1]
+    done = [float(ln.split()[1].split("/")[0]) for ln in lines]
+    assert done == sorted(done) and all(f"/{total / 1e6:.1f} MB" in ln for ln in lines)

@@ -183,19 +183,25 @@ def _process(cfg: CorpusConfig, writer, rejects) -> _Stats:
     of workers.
     """
     from minilab.data.dedup import Deduplicator
-    from minilab.data.sources import iter_source
+    from minilab.data.sources import ReadMeter, iter_source
     from minilab.parallel import resolve_workers
+    from minilab.progress import ByteProgress
 
     dedup = Deduplicator(cfg.dedup)
     stats = _Stats(cfg.examples_per_reason)
     rng = random.Random(cfg.seed)
+    meter, read = ReadMeter(), 0
     with contextlib.ExitStack() as stack:
         workers = _Workers(cfg, resolve_workers(cfg.workers), stack)
+        bar = stack.enter_context(ByteProgress(_input_bytes(cfg)))
         for src in cfg.sources:
             label = src.label()
             budget = src.max_tokens * CHARS_PER_TOKEN
-            for raw, where, text, reason, fp in workers.prepared(iter_source(src, rejects)):
+            for raw, where, text, reason, fp in workers.prepared(iter_source(src, rejects, meter)):
                 stats.read[label] += 1
+                read += 1
+                if read % _CHUNK_DOCS == 0:
+                    bar.update(meter.bytes, read)
                 if reason is None and src.weight < 1 and rng.random() >= src.weight:
                     reason = "sampled_out"  # before dedup, so sampled-out text does not block later copies
                 reason = reason or dedup.check_fingerprint(fp)
@@ -212,7 +218,21 @@ def _process(cfg: CorpusConfig, writer, rejects) -> _Stats:
                 if budget and stats.chars[label] >= budget:
                     log.info("source %s reached its budget of %d tokens", label, src.max_tokens)
                     break
+        bar.update(meter.bytes, read)
     return stats
+
+
+def _input_bytes(cfg: CorpusConfig) -> int | None:
+    """Bytes of all the sources' files as stored; None when a source is not files (default, hf:)."""
+    from minilab.data.sources import source_files
+
+    total = 0
+    for src in cfg.sources:
+        files = source_files(src)
+        if not files:
+            return None
+        total += sum(p.stat().st_size for p in files)
+    return total
 
 
 def _source_entries(cfg: CorpusConfig, stats: _Stats) -> list[dict[str, Any]]:
