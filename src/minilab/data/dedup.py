@@ -152,8 +152,8 @@ class Deduplicator:
             # comparison while a missed one keeps a duplicate (band collisions are all-or-nothing,
             # so pairs just above the threshold are otherwise missed a fair share of the time).
             bands, rows = lsh_bands(max(0.3, cfg.threshold - 0.15), cfg.num_perm)
-            self._ranges = [(i * rows, (i + 1) * rows) for i in range(bands)]
-            self._tables: list[dict[bytes, int | list[int]]] = [{} for _ in range(bands)]
+            self._ranges = [(4 * i * rows, 4 * (i + 1) * rows) for i in range(bands)]  # in signature bytes
+            self._tables: list[dict[int, int | list[int]]] = [{} for _ in range(bands)]
             self._sigs: list[np.ndarray] = []
 
     def fingerprint(self, text: str) -> Fingerprint:
@@ -170,7 +170,10 @@ class Deduplicator:
             return "exact_duplicate"
         if self.cfg.near:
             sig = fp.minhash
-            keys = [sig[lo:hi].tobytes() for lo, hi in self._ranges]
+            raw = sig.tobytes()
+            # A band is keyed by the hash of its bytes: an int takes less memory than the bytes, and
+            # a collision (1 in 2**64) only proposes one more candidate, which the signature refutes.
+            keys = [hash(raw[lo:hi]) for lo, hi in self._ranges]
             seen: set[int] = set()
             for table, k in zip(self._tables, keys, strict=True):
                 hit = table.get(k)
