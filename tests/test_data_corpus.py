@@ -547,3 +547,28 @@ def test_progress_shows_mb_per_second_and_eta_of_the_input_bytes(tmp_path, monke
     assert lines[-1].startswith(f"corpus {total / 1e6:.1f}/{total / 1e6:.1f} MB ") and "240 docs" in lines[-1]
     done = [float(ln.split()[1].split("/")[0]) for ln in lines]
     assert done == sorted(done) and all(f"/{total / 1e6:.1f} MB" in ln for ln in lines)
+
+
+def test_per_shard_runs_then_a_global_pass_over_their_shards(tmp_path):
+    """The multi-machine recipe (docs/stages/01-corpus.md): each input shard is its own `minilab
+    corpus` run, and one more run with the glob of their shards as source removes the duplicates
+    that crossed shards."""
+    rng = random.Random(17)
+    docs = [prose(rng, 80) for _ in range(60)]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "part-0.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[:30]))
+    crossing = [edit(rng, t) for t in docs[:10]] + [docs[12]]  # copies of part 0's text in part 1
+    (raw / "part-1.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[30:] + crossing))
+    q = ["--set", "quality.min_chars=20", "--set", "quality.min_words=5"]
+    for i in range(2):
+        assert cli_main(["corpus", "--source", str(raw / f"part-{i}.jsonl"), "--output-dir",
+                         str(tmp_path / "parts" / f"part-{i}"), "--compression", "zstd", *q]) == 0
+    assert sum(json.loads((tmp_path / "parts" / f"part-{i}" / "manifest.json").read_text())["documents_kept"]
+               for i in range(2)) == 71  # each part alone has no duplicates
+    assert cli_main(["corpus", "--source", str(tmp_path / "parts" / "*" / "shard-*.jsonl*"), "--output-dir",
+                     str(tmp_path / "merged"), *q]) == 0
+    m = verify_corpus(tmp_path / "merged")
+    assert m["documents_kept"] == 60 and m["dropped"] == {"near_duplicate": 10, "exact_duplicate": 1}
+    assert sorted(iter_corpus(tmp_path / "merged")) == sorted(docs)
+    assert [f["format"] for f in m["sources"][0]["files"]] == ["jsonl", "jsonl"]
