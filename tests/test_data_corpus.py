@@ -462,12 +462,15 @@ def test_ascii_fast_paths_equal_the_general_ones(monkeypatch):
     alphabet = list("ab cd  E\t\n\n\n\r&;#.…12 x_-") + ["&amp;", "\x1b[31m", "\x00", "\x0c", "   ", "\r\n"]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
     texts += [prose(rng, 40) for _ in range(200)] + ["a1 22 333 b  \n\n\n c " * 8, "## ... 1 2 3 " * 10]
-    q = QualityFilter(QualityConfig(min_chars=1, min_words=1))
+    texts += ["the of " + " ".join(rng.choice(["12", "x1", "a.", "--", "Of", "THE_x"]) for _ in range(20))
+              for _ in range(300)]  # around the alphabetic-word and stop-word limits
+    filters = [QualityFilter(QualityConfig(min_chars=1, min_words=1, language=lang)) for lang in (None, "en")]
     fast = [(clean_text(t), clean_text(t, fix_encoding=False)) for t in texts]
-    fast_q = [q.check(t) for t in texts]
+    fast_q = [[q.check(t) for t in texts] for q in filters]
     monkeypatch.setattr(clean, "_is_ascii", lambda text: False)
     assert fast == [(clean_text(t), clean_text(t, fix_encoding=False)) for t in texts]
-    assert fast_q == [q.check(t) for t in texts] and len(set(fast_q)) > 4
+    assert fast_q == [[q.check(t) for t in texts] for q in filters]
+    assert {"alpha_word_ratio", "language", "repeated_2gram", None} <= set(fast_q[0] + fast_q[1])
 
 
 def _mixed_sources(tmp_path, n=150):
