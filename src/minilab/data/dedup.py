@@ -32,7 +32,7 @@ from minilab.config import SEED
 
 _NORM = re.compile(r"[\W_]+", re.UNICODE)
 _SHIFT = np.uint64(32)
-_MAX_HASH = np.uint64((1 << 32) - 1)
+_U64_MAX = np.uint64((1 << 64) - 1)
 _BLOCK = 2048  # shingles hashed per numpy operation: bounds the temporary array for huge documents
 _SIG_ROWS = 4096  # signatures stored per block of the index
 
@@ -103,10 +103,12 @@ def minhash(shingles: set[bytes], num_perm: int, seed: int) -> np.ndarray:
     """
     a, b = _permutations(num_perm, seed)
     hv = np.fromiter(map(zlib.crc32, shingles), dtype=np.uint64, count=len(shingles))
-    sig = np.full(num_perm, _MAX_HASH, dtype=np.uint64)
+    low = np.full(num_perm, _U64_MAX, dtype=np.uint64)
     for i in range(0, len(hv), _BLOCK):
-        np.minimum(sig, ((hv[i:i + _BLOCK, None] * a + b) >> _SHIFT).min(axis=0), out=sig)
-    return sig.astype(np.uint32)
+        x = np.multiply.outer(hv[i:i + _BLOCK], a)  # wraps around mod 2**64, as intended
+        x += b
+        np.minimum(low, x.min(axis=0), out=low)
+    return (low >> _SHIFT).astype(np.uint32)  # the shift keeps order, so it is taken after the minimum
 
 
 def fingerprint(text: str, cfg: DedupConfig) -> Fingerprint:
