@@ -21,20 +21,40 @@ _MANY_NEWLINES = re.compile(r"\n{3,}")
 _WORD = re.compile(r"\w+", re.UNICODE)
 # Gopher's English stop-word rule: real English prose contains at least two of these.
 _STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
+_STOP_WORDS_ASCII = frozenset(w.encode() for w in _STOP_WORDS)
+
+
+_is_ascii = str.isascii  # the test of every ASCII fast path below (tests force the general path)
+# Printable ASCII plus tab and newline, without '&' (HTML entities): text ftfy leaves as it is.
+_ASCII_PLAIN = re.compile(r"[^\t\n\x20-\x25\x27-\x7e]")
+_DIGITS = b"0123456789"
+_LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
+_LETTERS_AND_SPACE = _LETTERS + b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"  # what str.split() splits ASCII at
+# `_WORD.findall(text.lower())` for ASCII as a byte translation: word bytes kept (lower-cased), others spaces.
+_ASCII_WORDS = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or 48 <= c <= 57 or c == 95 else 32
+                     for c in range(256))
+# A word (of a text joined by single spaces) without an ASCII letter: `alpha_word_ratio` for ASCII.
+_ASCII_NO_ALPHA_WORD = re.compile(r"(?:^| )[^A-Za-z ]+(?= |$)")
 
 
 def clean_text(text: str, fix_encoding: bool = True) -> str:
     """Repair encoding, normalise to NFC, drop control characters, tidy whitespace."""
-    if fix_encoding:
-        import ftfy  # mojibake repair ("Ã©" -> "é"), curly-quote-safe
+    plain = _is_ascii(text) and not _ASCII_PLAIN.search(text)
+    if not plain:  # plain ASCII has nothing for ftfy, NFC or the control filter to change
+        if fix_encoding:
+            import ftfy  # mojibake repair ("Ã©" -> "é"), curly-quote-safe
 
-        text = ftfy.fix_text(text, normalization="NFC")
+            text = ftfy.fix_text(text, normalization="NFC")
+        else:
+            text = unicodedata.normalize("NFC", text)
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = _CONTROL.sub("", text)
+    if plain and "\t" not in text and "  " not in text:
+        lines = [line.strip(" ") for line in text.split("\n")]  # no run of spaces to collapse
     else:
-        text = unicodedata.normalize("NFC", text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", text)
-    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
-    return _MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip()
+        lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
+    text = "\n".join(lines)
+    return (_MANY_NEWLINES.sub("\n\n", text) if "\n\n\n" in text else text).strip()
 
 
 @dataclass
@@ -71,16 +91,18 @@ RULE_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _ngram_char_ratio(words: list[str], n: int, top_only: bool) -> float:
+def _ngram_char_ratio(words: list[str] | list[bytes], n: int, top_only: bool) -> float:
     """Share of word characters in repeated n-grams (or in the single most frequent n-gram)."""
     if len(words) < n:
         return 0.0
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = list(zip(*(words[i:len(words) - n + 1 + i] for i in range(n)), strict=True))
     counts = Counter(grams)
-    total = sum(len(w) for w in words) or 1
+    if len(counts) == len(grams):
+        return 0.0  # no n-gram repeats
+    total = sum(map(len, words)) or 1
     if top_only:
         gram, c = counts.most_common(1)[0]
-        return c * sum(len(w) for w in gram) / total if c > 1 else 0.0
+        return c * sum(map(len, gram)) / total
     covered = [False] * len(words)
     for i, g in enumerate(grams):
         if counts[g] > 1:
@@ -104,23 +126,38 @@ class QualityFilter:
         words = text.split()
         if len(words) < c.min_words:
             return "too_few_words"
-        mean = sum(len(w) for w in words) / len(words)
+        mean = sum(map(len, words)) / len(words)
         if not c.min_mean_word_length <= mean <= c.max_mean_word_length:
             return "mean_word_length"
         if (text.count("#") + text.count("...") + text.count("…")) / len(words) > c.max_symbol_ratio:
             return "symbol_ratio"
-        if sum(ch.isdigit() for ch in text) / len(text) > c.max_digit_ratio:
+        ascii_ = _is_ascii(text)  # ASCII: the same counts by C-speed byte and regex operations
+        if ascii_:
+            raw = text.encode("ascii")
+            digits = len(raw) - len(raw.translate(None, _DIGITS))
+            # A word without a letter holds at least one character that is neither letter nor space,
+            # so there are at most that many such words: when that is few enough, no need to count.
+            alpha_words = len(words) - len(raw.translate(None, _LETTERS_AND_SPACE))
+            if alpha_words / len(words) < c.min_alpha_word_ratio:
+                alpha_words = len(words) - len(_ASCII_NO_ALPHA_WORD.findall(" ".join(words)))
+        else:
+            digits = sum(map(str.isdigit, text))
+            alpha_words = sum(any(map(str.isalpha, w)) for w in words)
+        if digits / len(text) > c.max_digit_ratio:
             return "digit_ratio"
-        if sum(any(ch.isalpha() for ch in w) for w in words) / len(words) < c.min_alpha_word_ratio:
+        if alpha_words / len(words) < c.min_alpha_word_ratio:
             return "alpha_word_ratio"
         lines = [ln for ln in text.split("\n") if ln.strip()]
         if len(lines) > 1 and 1 - len(set(lines)) / len(lines) > c.max_duplicate_line_ratio:
             return "duplicate_lines"
-        lower = [w.lower() for w in _WORD.findall(text)]
+        if ascii_:  # words as lower-case bytes
+            lower, stop = raw.translate(_ASCII_WORDS).split(), _STOP_WORDS_ASCII
+        else:
+            lower, stop = [w.lower() for w in _WORD.findall(text)], _STOP_WORDS
         if _ngram_char_ratio(lower, 2, top_only=True) > c.max_top_2gram_ratio:
             return "repeated_2gram"
         if _ngram_char_ratio(lower, 5, top_only=False) > c.max_duplicate_5gram_ratio:
             return "repeated_5grams"
-        if c.language == "en" and len(_STOP_WORDS.intersection(lower)) < 2:
+        if c.language == "en" and len(stop.intersection(lower)) < 2:
             return "language"
         return None

@@ -15,10 +15,14 @@ and input file with its SHA-256, documents and characters kept, and drops per re
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import itertools
 import logging
 import random
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +59,9 @@ class CorpusConfig:
     force: bool = field(default=False, metadata={"help": "replace an existing output directory"})
     analyze_only: bool = field(default=False, metadata={"help": "print statistics, write nothing"})
     examples_per_reason: int = field(default=3, metadata={"help": "dropped examples shown in the data card"})
+    workers: int = field(default=0, metadata={
+        "help": "processes that clean, filter and fingerprint documents (0 = all CPU cores); the output "
+                "is the same for any number", "min": 0})
 
     def validate(self) -> None:
         if not self.sources:
@@ -92,39 +99,140 @@ class _Stats:
                 "dropped": dict(dropped.most_common())}
 
 
-def _process(cfg: CorpusConfig, writer, rejects) -> _Stats:
-    """Run every source through clean -> quality -> dedup -> weight/budget -> writer."""
-    from minilab.data.clean import QualityFilter, clean_text
-    from minilab.data.dedup import Deduplicator
-    from minilab.data.sources import iter_source
+# Documents handed to a worker at a time: small enough to keep memory flat, large enough that
+# passing them between processes costs little next to the work on them.
+_CHUNK_DOCS, _CHUNK_CHARS = 256, 1 << 20
+_worker: tuple[Any, ...] = ()
 
-    quality, dedup = QualityFilter(cfg.quality), Deduplicator(cfg.dedup)
+
+def _init_worker(cfg: CorpusConfig) -> None:
+    from minilab.data.clean import QualityFilter
+
+    global _worker
+    _worker = (QualityFilter(cfg.quality), cfg.dedup, cfg.fix_encoding)
+
+
+def _prepare(texts: list[str]) -> list[tuple[str, str | None, Any]]:
+    """(clean text, drop reason or None, dedup fingerprint) of each raw text: the per-document work
+    that depends on nothing else, so it runs in any worker process."""
+    from minilab.data.clean import clean_text
+    from minilab.data.dedup import fingerprint
+
+    quality, dedup, fix_encoding = _worker
+    out = []
+    for raw in texts:
+        text = clean_text(raw, fix_encoding)
+        reason = "empty" if not text else quality.check(text)
+        out.append((text, reason, None if reason else fingerprint(text, dedup)))
+    return out
+
+
+def _chunks(docs: Iterator[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+    chunk: list[tuple[str, str]] = []
+    chars = 0
+    for doc in docs:
+        chunk.append(doc)
+        chars += len(doc[0])
+        if len(chunk) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+class _Workers:
+    """The worker pool, started only once a source has more than one chunk of documents (a small
+    corpus is done before a pool would have started)."""
+
+    def __init__(self, cfg: CorpusConfig, workers: int, stack: contextlib.ExitStack):
+        self.cfg, self.workers, self.stack = cfg, workers, stack
+        self.pool: Any = None
+        self.local = False
+
+    def prepared(self, docs: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str, str, str | None, Any]]:
+        """(raw, where, text, reason, fingerprint) for each document, in input order."""
+        from minilab.parallel import ordered_map, worker_pool
+
+        chunks = _chunks(docs)
+        head = list(itertools.islice(chunks, 2))
+        pool = None
+        if len(head) > 1 and self.workers > 1:
+            if self.pool is None:
+                self.pool = self.stack.enter_context(worker_pool(self.workers, _init_worker, (self.cfg,)))
+            pool = self.pool
+        elif not self.local:
+            _init_worker(self.cfg)
+            self.local = True
+        pending: collections.deque[list[tuple[str, str]]] = collections.deque()
+
+        def texts() -> Iterator[list[str]]:  # raw texts and places stay here; workers get the texts
+            for chunk in itertools.chain(head, chunks):
+                pending.append(chunk)
+                yield [raw for raw, _ in chunk]
+
+        for results in ordered_map(pool, _prepare, texts(), 2 * self.workers):
+            for (raw, where), (text, reason, fp) in zip(pending.popleft(), results, strict=True):
+                yield raw, where, text, reason, fp
+
+
+def _process(cfg: CorpusConfig, writer, rejects) -> _Stats:
+    """Run every source through clean -> quality -> dedup -> weight/budget -> writer.
+
+    Cleaning, quality rules and dedup fingerprints run in `cfg.workers` processes; sampling, the
+    dedup index and writing stay here, in input order, so the output is the same for any number
+    of workers.
+    """
+    from minilab.data.dedup import Deduplicator
+    from minilab.data.sources import ReadMeter, iter_source
+    from minilab.parallel import resolve_workers
+    from minilab.progress import ByteProgress
+
+    dedup = Deduplicator(cfg.dedup)
     stats = _Stats(cfg.examples_per_reason)
     rng = random.Random(cfg.seed)
-    for src in cfg.sources:
-        label = src.label()
-        budget = src.max_tokens * CHARS_PER_TOKEN
-        for raw, where in iter_source(src, rejects):
-            stats.read[label] += 1
-            text = clean_text(raw, cfg.fix_encoding)
-            reason = "empty" if not text else quality.check(text)
-            if reason is None and src.weight < 1 and rng.random() >= src.weight:
-                reason = "sampled_out"  # before dedup, so sampled-out text does not block later copies
-            reason = reason or dedup.check(text)
-            if reason:
-                stats.drop(label, reason, where, text or raw)
-                continue
-            # weight > 1 upsamples: whole copies, plus one more with the fractional probability
-            copies = int(src.weight) + (rng.random() < src.weight % 1) if src.weight >= 1 else 1
-            for _ in range(copies):
-                if writer is not None:
-                    writer.write({"text": text, "source": label, "where": where})
-                stats.kept[label] += 1
-                stats.chars[label] += len(text)
-            if budget and stats.chars[label] >= budget:
-                log.info("source %s reached its budget of %d tokens", label, src.max_tokens)
-                break
+    meter, read = ReadMeter(), 0
+    with contextlib.ExitStack() as stack:
+        workers = _Workers(cfg, resolve_workers(cfg.workers), stack)
+        bar = stack.enter_context(ByteProgress(_input_bytes(cfg)))
+        for src in cfg.sources:
+            label = src.label()
+            budget = src.max_tokens * CHARS_PER_TOKEN
+            for raw, where, text, reason, fp in workers.prepared(iter_source(src, rejects, meter)):
+                stats.read[label] += 1
+                read += 1
+                if read % _CHUNK_DOCS == 0:
+                    bar.update(meter.bytes, read)
+                if reason is None and src.weight < 1 and rng.random() >= src.weight:
+                    reason = "sampled_out"  # before dedup, so sampled-out text does not block later copies
+                reason = reason or dedup.check_fingerprint(fp)
+                if reason:
+                    stats.drop(label, reason, where, text or raw)
+                    continue
+                # weight > 1 upsamples: whole copies, plus one more with the fractional probability
+                copies = int(src.weight) + (rng.random() < src.weight % 1) if src.weight >= 1 else 1
+                for _ in range(copies):
+                    if writer is not None:
+                        writer.write({"text": text, "source": label, "where": where})
+                    stats.kept[label] += 1
+                    stats.chars[label] += len(text)
+                if budget and stats.chars[label] >= budget:
+                    log.info("source %s reached its budget of %d tokens", label, src.max_tokens)
+                    break
+        bar.update(meter.bytes, read)
     return stats
+
+
+def _input_bytes(cfg: CorpusConfig) -> int | None:
+    """Bytes of all the sources' files as stored; None when a source is not files (default, hf:)."""
+    from minilab.data.sources import source_files
+
+    total = 0
+    for src in cfg.sources:
+        files = source_files(src)
+        if not files:
+            return None
+        total += sum(p.stat().st_size for p in files)
+    return total
 
 
 def _source_entries(cfg: CorpusConfig, stats: _Stats) -> list[dict[str, Any]]:
@@ -219,7 +327,7 @@ def _manifest(cfg, name, stats, rejects, shards, seconds) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import add_config_flags, flag
+    from minilab.cli import add_config_flags, flag, int_range
 
     p.add_argument("--source", action="append", default=[], metavar="PATH",
                    help="file, folder, glob, 'default' (built-in English corpus) or 'hf:ID'; repeatable. "
@@ -233,6 +341,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable input (file:line)")
     flag(p, "--analyze-only", action="store_true", help="print statistics without writing anything")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--workers", type=int_range(0), help="processes that clean, filter and fingerprint "
+                                                         "documents (default 0: all CPU cores)")
     add_config_flags(p, "Keys: those of CorpusConfig (sources, quality.*, dedup.*, ...).")
 
 
@@ -243,7 +353,7 @@ def main(args: argparse.Namespace) -> int:
     sources = [{"path": s, **extra} for s in args.source]
     flags: dict[str, Any] = {"sources": sources, "output_dir": args.output_dir, "name": args.name,
                              "compression": args.compression, "strict": args.strict, "force": args.force,
-                             "analyze_only": args.analyze_only}
+                             "analyze_only": args.analyze_only, "workers": args.workers}
     if args.analyze_only and not args.output_dir:
         flags["output_dir"] = "(analyze-only)"
     overrides = list(args.overrides)

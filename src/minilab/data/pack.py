@@ -17,7 +17,6 @@ packed data runs before training.
 from __future__ import annotations
 
 import argparse
-import collections
 import logging
 import os
 import time
@@ -130,26 +129,15 @@ def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
 def encode_stream(texts: Iterator[str], tokenizer_path: str, workers: int,
                   batch_docs: int) -> Iterator[list[int]]:
     """Token ids of each text, in order, encoded in `workers` processes (1 = in this process)."""
-    if workers <= 1:
-        _init_worker(tokenizer_path)
-        for batch in _batches(texts, batch_docs):
-            yield from _encode(batch)
-        return
-    import multiprocessing as mp
+    from minilab.parallel import ordered_map, worker_pool
 
     # Workers use one tokenizer thread each: N processes x N Rayon threads would oversubscribe.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ctx = mp.get_context("spawn" if os.name == "nt" else "forkserver")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
-        # At most 2 batches per worker in flight, results taken in order. (Pool.imap would pull
-        # the whole input iterator into its task queue, so memory would grow with the corpus.)
-        pending: collections.deque = collections.deque()
-        for batch in _batches(texts, batch_docs):
-            pending.append(pool.apply_async(_encode, (batch,)))
-            if len(pending) >= 2 * workers:
-                yield from pending.popleft().get()
-        while pending:
-            yield from pending.popleft().get()
+    if workers > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with worker_pool(workers, _init_worker, (tokenizer_path,)) as pool:
+        # At most 2 batches per worker in flight, results taken in order.
+        for ids in ordered_map(pool, _encode, _batches(texts, batch_docs), 2 * workers):
+            yield from ids
 
 
 def _write_splits(tmp: Path, cfg: PackConfig, eos_id: int, dtype, n_docs: int) -> dict[str, Any]:
@@ -157,12 +145,13 @@ def _write_splits(tmp: Path, cfg: PackConfig, eos_id: int, dtype, n_docs: int) -
     import numpy as np
 
     from minilab.data.shards import iter_corpus
+    from minilab.parallel import resolve_workers
 
     val = _val_mask(n_docs, cfg.val_fraction, cfg.seed)
     bins = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115 - closed below
     idxs = {s: open(tmp / f"{s}.idx", "wb") for s in SPLITS}  # noqa: SIM115
     counts = {s: {"tokens": 0, "documents": 0} for s in SPLITS}
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = resolve_workers(cfg.workers)
     tok_path = str(Path(cfg.tokenizer_dir) / "tokenizer.json")
     try:
         for i, ids in enumerate(encode_stream(iter_corpus(cfg.corpus_dir), tok_path, workers, cfg.batch_docs)):

@@ -129,6 +129,41 @@ class Rejects:
         return f"{n} input problem{'s' if n > 1 else ''} ({reasons}; first at {where}: {reason})"
 
 
+class ReadMeter:
+    """How many bytes of the source files (as stored, compressed or not) have been read, for
+    progress and MB/s: within an uncompressed or zstd file it follows the read position, and a
+    gzip, bzip2 or xz file counts whole once it is read."""
+
+    def __init__(self) -> None:
+        self.done = 0  # bytes of the files finished
+        self._file: IO[bytes] | None = None
+        self._last = 0
+
+    @property
+    def bytes(self) -> int:
+        pos = 0
+        if self._file is not None:
+            try:
+                pos = self._file.tell()
+            except (OSError, ValueError):  # closed between two reads of the same file
+                pos = 0
+        self._last = max(self._last, self.done + pos)
+        return self._last
+
+    def file_done(self, size: int) -> None:
+        self.done += size
+        self._file = None
+
+
+_meter: ReadMeter | None = None  # the meter of the file `iter_source` is reading, if any
+
+
+def _watch(f: IO[bytes]) -> IO[bytes]:
+    if _meter is not None:
+        _meter._file = f
+    return f
+
+
 def split_format_prefix(spec: str) -> tuple[str | None, str]:
     """'jsonl:data/dump' -> ('jsonl', 'data/dump'); a path without a format prefix -> (None, path)."""
     head, sep, rest = spec.partition(":")
@@ -156,10 +191,10 @@ def open_input(path: Path) -> IO[bytes]:
     if kind == "zstd":
         import zstandard
 
-        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,  # noqa: SIM115
-                                                            closefd=True)
+        reader = zstandard.ZstdDecompressor().stream_reader(_watch(open(path, "rb")),  # noqa: SIM115
+                                                            read_across_frames=True, closefd=True)
         return io.BufferedReader(reader)  # type: ignore[arg-type]
-    return open(path, "rb")  # noqa: SIM115 - returned to the caller
+    return _watch(open(path, "rb"))  # noqa: SIM115 - returned to the caller
 
 
 def _name_hint(path: Path) -> str | None:
@@ -473,8 +508,9 @@ def read_paths(src: SourceConfig) -> list[Path]:
     return []
 
 
-def iter_source(src: SourceConfig, rejects: Rejects) -> Iterator[tuple[str, str]]:
-    """Stream (text, where) for every document of `src`."""
+def iter_source(src: SourceConfig, rejects: Rejects, meter: ReadMeter | None = None) -> Iterator[tuple[str, str]]:
+    """Stream (text, where) for every document of `src`; `meter` counts the bytes of its files read."""
+    global _meter
     if src.format == "default" or src.path == "default":
         from minilab.data.default_corpus import iter_default
 
@@ -486,7 +522,13 @@ def iter_source(src: SourceConfig, rejects: Rejects) -> Iterator[tuple[str, str]
     for path in source_files(src):
         fmt, how = file_format(path, src)
         log.debug("%s: read as %s (%s)", path, fmt, how)
-        for text, where in _READERS[fmt](path, src, rejects):
-            if fmt == "txt" and len(text) > HUGE_DOCUMENT_CHARS:
-                log.warning("%s", huge_document_hint(path, how, len(text)))
-            yield text, where
+        _meter = meter
+        try:
+            for text, where in _READERS[fmt](path, src, rejects):
+                if fmt == "txt" and len(text) > HUGE_DOCUMENT_CHARS:
+                    log.warning("%s", huge_document_hint(path, how, len(text)))
+                yield text, where
+        finally:
+            _meter = None
+        if meter is not None:
+            meter.file_done(path.stat().st_size)
