@@ -511,6 +511,37 @@ def test_ascii_fast_paths_equal_the_general_ones(monkeypatch):
     assert {"alpha_word_ratio", "language", "repeated_2gram", None} <= set(fast_q[0] + fast_q[1])
 
 
+def test_fixtext_equals_ftfy():
+    """fixtext.fix_text runs ftfy's steps only where they can act: it must return exactly what
+    ftfy.fix_text(text, normalization="NFC") returns, on mojibake (UTF-8 read as Latin-1,
+    Windows-1252, MacRoman, Windows-1251, doubly), entities, ligatures, full-width text, curly
+    quotes, line breaks, controls, surrogates, combining accents and random Unicode."""
+    import ftfy
+
+    from minilab.data import fixtext
+
+    assert fixtext._FAST is not None  # the installed ftfy is the pipeline the shortcut was written for
+    rng = random.Random(17)
+    words = ["café", "naïve", "résumé", "Zürich", "São", "Ærø", "niño", "€5", "£3", "¿qué?", "¡sí!", "it’s",
+             "“quoted”", "‘q’", "—", "–", "…", "œuvre", "×²", "°C", "µm", "Москва", "Ελλάδα", "東京", "ｆｕｌｌ",
+             "ﬁne", "ﬂow", "e\u0301", "A\u030a", "\u00a0", "\u00ad", "\r\n", "\r", "\u2028", "\x85", "\x07", "\x1b[1m",
+             "&amp;", "&eacute;", "&#x2019;", "<b>", "\ufeff", "\u200b", "\ud83d", "🙂", "the", "of", "and", "a", "x"]
+    def mangle(t):
+        enc = rng.choice(["latin-1", "cp1252", "mac_roman", "cp1251", "cp437"])
+        t2 = t.encode("utf-8", "surrogatepass").decode(enc, errors="replace")
+        return t2 if rng.random() < 0.8 else t2.encode("utf-8", "surrogatepass").decode("latin-1", "replace")
+    texts = ['âœ” No problems', "ГўВЂВ.a", "&macr;\\_(ã\x83\x84)_/&macr;", "Ã© at the start", "x\nÃ  y",
+             "Ã¢â‚¬â„¢"]
+    for _ in range(4000):
+        t = " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))
+        t = "\n".join([t] * rng.randint(1, 3)) if rng.random() < 0.2 else t
+        texts.append(mangle(t) if rng.random() < 0.3 else t)
+    texts += ["".join(chr(rng.randint(0x80, 0x2FFF)) for _ in range(rng.randint(1, 40))) for _ in range(1000)]
+    for t in texts:
+        assert fixtext.fix_text(t) == ftfy.fix_text(t, normalization="NFC"), repr(t)
+    assert sum(fixtext._may_need_ftfy(t) for t in texts) < len(texts)  # the shortcut is taken
+
+
 def _mixed_sources(tmp_path, n=150):
     rng = random.Random(14)
     docs = [prose(rng, 60) for _ in range(n)]

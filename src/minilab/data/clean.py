@@ -41,10 +41,10 @@ def clean_text(text: str, fix_encoding: bool = True) -> str:
     """Repair encoding, normalise to NFC, drop control characters, tidy whitespace."""
     plain = _is_ascii(text) and not _ASCII_PLAIN.search(text)
     if not plain:  # plain ASCII has nothing for ftfy, NFC or the control filter to change
-        if fix_encoding:
-            import ftfy  # mojibake repair ("Ã©" -> "é"), curly-quote-safe
+        if fix_encoding:  # ftfy: mojibake repair ("Ã©" -> "é"), entities, ligatures, width, quotes, NFC
+            from minilab.data.fixtext import fix_text
 
-            text = ftfy.fix_text(text, normalization="NFC")
+            text = fix_text(text)
         else:
             text = unicodedata.normalize("NFC", text)
         text = text.replace("\r\n", "\n").replace("\r", "\n")
