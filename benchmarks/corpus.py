@@ -143,8 +143,9 @@ def summarise(runs: list[dict], size: int, n_docs: int, planted: dict[int, int])
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=float, default=100.0, help="synthetic input size (default 100)")
-    ap.add_argument("--unicode-share", type=float, default=0.0,
-                    help="share of documents with non-ASCII text (default 0: all ASCII, the fast path)")
+    ap.add_argument("--unicode-share", type=float, default=0.5,
+                    help="share of documents with non-ASCII text, as real text has (default 0.5; 0: all "
+                         "ASCII, the fast path)")
     ap.add_argument("--workers", type=int, default=None, help="--workers for this tree (default: its default)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per tree, interleaved; the median counts")
     ap.add_argument("--baseline-pythonpath", help="src/ of another minilab tree to compare with")
