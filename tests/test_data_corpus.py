@@ -7,6 +7,7 @@ import gzip
 import json
 import logging
 import lzma
+import os
 import random
 
 import pytest
@@ -644,3 +645,14 @@ def test_per_shard_runs_then_a_global_pass_over_their_shards(tmp_path):
     assert m["documents_kept"] == 60 and m["dropped"] == {"near_duplicate": 10, "exact_duplicate": 1}
     assert sorted(iter_corpus(tmp_path / "merged")) == sorted(docs)
     assert [f["format"] for f in m["sources"][0]["files"]] == ["jsonl", "jsonl"]
+
+
+def test_a_dead_worker_stops_the_run_in_one_line():
+    """With multiprocessing.Pool a killed worker's task was never answered: the run hung forever."""
+    from minilab.errors import MinilabError
+    from minilab.parallel import ordered_map, worker_pool
+
+    with worker_pool(2, int) as pool:
+        assert list(ordered_map(pool, abs, [-1, -2, 3], 2)) == [1, 2, 3]
+        with pytest.raises(MinilabError, match="worker process died"):
+            list(ordered_map(pool, os._exit, [3, 4, 5], 2))

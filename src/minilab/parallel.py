@@ -3,7 +3,8 @@
 `ordered_map` feeds a pool from an iterator with at most `in_flight` items queued and yields the
 results in input order, so memory stays flat whatever the input size (`Pool.imap` would pull the
 whole input iterator into its task queue) and the output does not depend on the worker count.
-With one worker everything runs in this process, without a pool.
+With one worker everything runs in this process, without a pool. A worker that dies (killed,
+out of memory) stops the run with a one-line error instead of waiting for it forever.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from minilab.errors import MinilabError
 
 
 def cpu_cores() -> int:
@@ -37,9 +40,10 @@ def worker_pool(workers: int, initializer: Callable[..., None], initargs: tuple 
         yield None
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
     ctx = mp.get_context("spawn" if os.name == "nt" else "forkserver")
-    with ctx.Pool(workers, initializer=initializer, initargs=initargs) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=initializer, initargs=initargs) as pool:
         yield pool
 
 
@@ -49,10 +53,16 @@ def ordered_map(pool: Any, fn: Callable[[Any], Any], items: Iterable[Any], in_fl
     if pool is None:
         yield from map(fn, items)
         return
+    from concurrent.futures.process import BrokenProcessPool
+
     pending: collections.deque = collections.deque()
-    for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
-        if len(pending) >= in_flight:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= in_flight:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise MinilabError("a worker process died (killed, or out of memory: see `dmesg`); run again with "
+                           "fewer --workers (1 runs everything in one process)") from None
