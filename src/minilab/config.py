@@ -41,7 +41,7 @@ from minilab.errors import ConfigError
 T = TypeVar("T")
 
 # A seed every consumer takes: torch.manual_seed, random.Random, numpy's default_rng, and the
-# 32-bit ones, np.random.seed (pretrain) and datasketch's MinHash (dedup).
+# 32-bit one, np.random.seed (pretrain).
 SEED = {"min": 0, "max": 2**32 - 1}
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
