@@ -178,3 +178,26 @@ def test_shipped_recipes_load_and_plan(name, tmp_path, capsys):
     assert recipe.stages
     assert cli_main(["run", name, "--workdir", str(tmp_path / "w"), "--dry-run"]) == 0
     assert "verdict:" in capsys.readouterr().out
+
+
+def test_a_fresh_stage_run_removes_only_dead_writers_leftovers(tmp_path):
+    """The runner removed every `.STAGE.*.tmp` beside a stage, a live writer's temporary included."""
+    import os
+    from types import SimpleNamespace
+
+    from fixtures import dead_pid
+
+    from minilab.recipe.runner import Runner
+
+    stages = tmp_path / "stages"
+    (stages / "corpus").mkdir(parents=True)
+    (stages / "corpus" / "old.txt").write_text("previous output")
+    dead = stages / f".corpus.{dead_pid()}-ab12.tmp"
+    live = stages / f".corpus.{os.getpid()}-cd34.tmp"
+    other = stages / f".tokenizer.{dead_pid()}-ef56.tmp"
+    for p in (dead, live, other):
+        p.mkdir()
+    fake = SimpleNamespace(recipe=SimpleNamespace(stage_dir=lambda name: stages / name))
+    Runner._wipe(fake, SimpleNamespace(name="corpus"))
+    assert not (stages / "corpus").exists() and not dead.exists()
+    assert live.is_dir() and other.is_dir()

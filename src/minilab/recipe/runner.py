@@ -214,12 +214,16 @@ class Runner:
 
     def _wipe(self, s: Stage) -> None:
         """Before a fresh run: remove the stage's folder (its registry names go once the new run is done)."""
+        from minilab.fsutil import remove_path, stale_leftovers
+
         d = self.recipe.stage_dir(s.name)
+        # What a killed atomic write left beside it (a temporary or a half-replaced old copy); a
+        # write still running in another process is left alone.
+        leftovers = stale_leftovers(d.parent, s.name)
         if d.exists():
             shutil.rmtree(d)
-        # What a killed atomic write left beside it (a temporary or a half-replaced old copy).
-        for leftover in [*d.parent.glob(f".{s.name}.*.tmp"), *d.parent.glob(f".{s.name}.old-*")]:
-            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in leftovers:
+            remove_path(leftover)
 
     def final_model(self) -> str | None:
         """What to chat with: the recipe's `final_model`, else the last model-making stage's output
