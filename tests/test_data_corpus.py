@@ -403,7 +403,10 @@ def test_force_replaces_only_a_previous_corpus(tmp_path, capsys):
     assert (important / "thesis.tex").read_text() == "years of work"
     assert sorted(p.name for p in src.iterdir()) == ["s0.txt", "s1.txt", "s2.txt"]
     assert plain.read_text() == "keep me"
-    # a folder holding the source (its parent) is refused as well
+    # a folder holding the source (its parent) is refused as well, and so is one inside a source folder
+    assert cli_main([*cli, "--output-dir", str(src / "corpus")]) == 1
+    err = capsys.readouterr().err
+    assert "lies inside the source folder" in err and err.count("\n") == 1 and not (src / "corpus").exists()
     assert cli_main([*cli, "--output-dir", str(tmp_path)]) == 1 and "which this run reads" in capsys.readouterr().err
     # a previous corpus, and an empty folder, are replaced
     out = tmp_path / "corpus"

@@ -268,7 +268,12 @@ def run(cfg: CorpusConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     name = cfg.name or out.name
     if not cfg.analyze_only:
-        check_output(out, cfg.force, {"corpus"}, reading=tuple(p for s in cfg.sources for p in read_paths(s)))
+        reading = tuple(p for s in cfg.sources for p in read_paths(s))
+        for src in reading:  # a folder source is read whole, recursively: the next run would read this output
+            if src.is_dir() and out.resolve() != src.resolve() and out.resolve().is_relative_to(src.resolve()):
+                raise MinilabError(f"{out}: lies inside the source folder {src}, so a later run would read this "
+                                   "output back as input; choose an --output-dir outside it")
+        check_output(out, cfg.force, {"corpus"}, reading=reading)
     t0 = time.perf_counter()
     if cfg.analyze_only:
         rejects = Rejects(None, cfg.strict)
