@@ -63,40 +63,32 @@ def flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *
     return parser.add_argument(*names, **kwargs)
 
 
-def int_range(lo: int | None = None, hi: int | None = None):
-    """An argparse `type=` for an integer in lo..hi (either end open when None): out of range is
-    argparse's one-line usage error naming the flag, e.g. `--port: must be in 0..65535, got 99999`."""
+def _range(kind: type, noun: str, lo: float | None, hi: float | None):
     span = f"≥ {lo}" if hi is None else f"≤ {hi}" if lo is None else f"in {lo}..{hi}"
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {text!r}") from None
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {noun} {span}, got {text!r}") from None
+        if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):  # nan too
             raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
         return value
 
-    parse.__name__ = "integer"  # argparse's name for it in messages
+    parse.__name__ = noun.split()[-1]  # argparse's name for it in messages
     return parse
+
+
+def int_range(lo: int | None = None, hi: int | None = None):
+    """An argparse `type=` for an integer in lo..hi (either end open when None): out of range is
+    argparse's one-line usage error naming the flag, e.g. `--port: must be in 0..65535, got 99999`."""
+    return _range(int, "an integer", lo, hi)
 
 
 def float_range(lo: float | None = None, hi: float | None = None):
     """`int_range` for a number: out of range (or nan) is argparse's one-line usage error naming
     the flag, e.g. `--min-age-hours: must be ≥ 0, got -1.0`."""
-    span = f"≥ {lo}" if hi is None else f"≤ {hi}" if lo is None else f"in {lo}..{hi}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number {span}, got {text!r}") from None
-        if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
+    return _range(float, "a number", lo, hi)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_help: str = "") -> None:
