@@ -47,6 +47,7 @@ def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from minilab.arch import load_architecture
+    from minilab.decode_layout import use_decode_layout
     from minilab.generate import generate
     from minilab.hf import save_hf_dir
     from minilab.loading import load_model_for_inference
@@ -56,7 +57,7 @@ def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path) -> dict:
     torch.manual_seed(0)
     save_hf_dir(build_model(cfg), root / shape)
     # as `Engine.load` (minilab generate / chat / serve) prepares it: weights stored (in, out)
-    ours = load_model_for_inference(str(root / shape), dtype="float32").use_decode_layout()
+    ours = use_decode_layout(load_model_for_inference(str(root / shape), dtype="float32"))
     hf = AutoModelForCausalLM.from_pretrained(root / shape, dtype=torch.float32).eval()
     prompt = torch.randint(10, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
 
@@ -83,11 +84,12 @@ def bench_batched(shape: str, new_tokens: int, batch: int, repeats: int, root: P
     from transformers import AutoModelForCausalLM
 
     from minilab.arch import load_architecture
+    from minilab.decode_layout import use_decode_layout
     from minilab.generate import generate
     from minilab.loading import load_model_for_inference
 
     cfg = load_architecture(shape)
-    ours = load_model_for_inference(str(root / shape), dtype="float32").use_decode_layout()
+    ours = use_decode_layout(load_model_for_inference(str(root / shape), dtype="float32"))
     hf = AutoModelForCausalLM.from_pretrained(root / shape, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(10, cfg.vocab_size, (4 + 6 * (i % 8),), generator=g).tolist() for i in range(batch)]

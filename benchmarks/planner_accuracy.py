@@ -77,8 +77,9 @@ def child(name: str, device: str = "cpu") -> dict:
     import torch
 
     from minilab.arch import load_architecture
+    from minilab.kvcache import KVCache
     from minilab.loading import wrap_lora
-    from minilab.model import KVCache, build_model
+    from minilab.model import build_model
     from minilab.training import accumulate_gradients, make_optimizer
 
     torch.set_num_threads(2)
@@ -119,8 +120,9 @@ def child_cuda(name: str) -> dict:
     import torch
 
     from minilab.arch import load_architecture
+    from minilab.kvcache import KVCache
     from minilab.loading import wrap_lora
-    from minilab.model import KVCache, build_model
+    from minilab.model import build_model
     from minilab.training import OptimConfig, accumulate_gradients, make_optimizer
 
     dev = torch.device("cuda")

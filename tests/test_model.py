@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from minilab.arch import load_architecture, preset_names
+from minilab.decode_layout import use_decode_layout
 from minilab.fsutil import format_params
-from minilab.model import KVCache, ModelConfig, build_model
+from minilab.kvcache import KVCache
+from minilab.model import ModelConfig, build_model
 
 SMALL = dict(vocab_size=211, n_layer=2, n_head=4, d_model=64, intermediate_size=96, max_seq_len=64)
 
@@ -126,8 +128,8 @@ def test_format_params():
 
 @pytest.fixture
 def bf16_matmul():
-    """Set minilab.model.BF16_MATMUL for one test."""
-    import minilab.model as M
+    """Set minilab.bf16.BF16_MATMUL for one test."""
+    import minilab.bf16 as M
 
     old = M.BF16_MATMUL
     yield lambda mode: setattr(M, "BF16_MATMUL", mode)
@@ -137,7 +139,7 @@ def bf16_matmul():
 def test_emulated_bf16_linear_is_a_bf16_gemm(bf16_matmul):
     """On CPUs without a bf16 GEMM the model multiplies bf16 operands with fp32 kernels: the result
     is torch's bf16 GEMM (fp32 accumulation) up to one bf16 rounding, gradients included."""
-    from minilab.model import _BF16Linear
+    from minilab.bf16 import _BF16Linear
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 17, 64, generator=g, requires_grad=True)
@@ -186,7 +188,7 @@ def test_cached_forward_is_bitwise_the_module_forward(n_kv_head, dtype):
     x = torch.randint(0, 211, (3, 20))
     for layout in (False, True):
         if layout:
-            m.use_decode_layout()
+            use_decode_layout(m)
             # fp32 weights only: torch's bf16 CPU kernel is slower in the transposed layout
             assert m.model.layers[0].self_attn.q_proj.weight.is_contiguous() == (dtype is torch.bfloat16)
         fast = CachedForward.of(m)
@@ -222,7 +224,7 @@ def test_decode_layout_keeps_values_and_export(tmp_path):
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with torch.no_grad():
         ref = m(x)
-        m.use_decode_layout()
+        use_decode_layout(m)
         torch.testing.assert_close(m(x), ref, rtol=1e-6, atol=1e-6)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert m.lm_head.weight is m.model.embed_tokens.weight

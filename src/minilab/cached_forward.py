@@ -10,30 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilab.model import (
-    Block,
-    KVCache,
-    Transformer,
-    apply_rope,
-    attention,
-    is_plain_linear,
-    linear_w,
-    rms_norm,
-)
-
-
-def joined(*layers: nn.Linear) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """The layers' weights as (in, out) views; one (in, sum of outs) view where they are consecutive
-    column ranges of one tensor (as `use_decode_layout` stores q|k|v and gate|up), else a tuple."""
-    parts = [lin.weight.t() for lin in layers]
-    first, total = parts[0], sum(p.shape[1] for p in parts)
-    offset = first.storage_offset()
-    for p in parts:
-        if p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or p.stride() != (total, 1) \
-                or p.storage_offset() != offset:
-            return tuple(parts)
-        offset += p.shape[1]
-    return first.as_strided((first.shape[0], total), (total, 1))
+from minilab.bf16 import attention, is_plain_linear, linear_w
+from minilab.decode_layout import joined
+from minilab.kvcache import KVCache
+from minilab.model import Block, Transformer, apply_rope, rms_norm
 
 
 class CachedForward:
@@ -99,8 +79,7 @@ class CachedForward:
         mm, rms, gqa = self.mm, self.rms, nkv != nh
         B, T = input_ids.shape
         N = B * T
-        if cache.pos + T > self.config.max_seq_len and self.config.rope_scaling is None and cache.pad is None:
-            raise ValueError(f"sequence of {cache.pos + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        self.model.check_length(cache.pos + T, cache)
         x = F.embedding(input_ids.reshape(N), self.embed)                               # (N, C)
         cos, sin = cache.rope(self.model, T, x.dtype)
         mask = cache.attn_mask(T)

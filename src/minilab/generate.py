@@ -36,7 +36,7 @@ import torch
 
 from minilab.cached_forward import CachedForward
 from minilab.errors import MinilabError
-from minilab.model import KVCache
+from minilab.kvcache import KVCache
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen_ids: Sequence[int] | torch.Tensor,

@@ -26,9 +26,11 @@ from typing import Any
 
 import torch
 
+from minilab.decode_layout import use_decode_layout
 from minilab.errors import MinilabError
 from minilab.generate import MAX_SEED, TextStream, encode, stream_generate, tokenizer_stop_ids
 from minilab.loading import load_model_for_inference, resolve_model_dir
+from minilab.model import Transformer
 
 log = logging.getLogger("minilab.inference")
 
@@ -189,8 +191,8 @@ class Engine:
             from minilab.export.quantize import quantize_model
 
             model = quantize_model(model, quantize)
-        if hasattr(model, "use_decode_layout"):
-            model.use_decode_layout()  # weights stored (in, out): faster decoding steps on CPU
+        if isinstance(model, Transformer):
+            use_decode_layout(model)  # weights stored (in, out): faster decoding steps on CPU
         tokenizer, tok_dir = load_tokenizer(model_dir)
         if tokenizer.get_vocab_size() > model.config.vocab_size:
             raise MinilabError(f"{model_dir}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "

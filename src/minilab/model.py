@@ -6,6 +6,11 @@ grouped-query attention, tied or untied embeddings, attention through
 where the device has them), optional gradient checkpointing and a KV cache for incremental
 decoding.
 
+What is not the model lives beside it: the KV cache with its left-padded masks and per-row
+positions (`minilab.kvcache`), the bf16 matmul emulation for CPUs without a bf16 GEMM that
+`linear` and `attention` route through (`minilab.bf16`), and the weight layout for fast CPU
+decoding (`minilab.decode_layout`).
+
 Module and parameter names are exactly those of `transformers.LlamaForCausalLM`
 (`model.layers.0.self_attn.q_proj.weight`, ...) and RoPE uses the same rotate-half layout, so
 a state dict moves between the two without renaming or permuting anything: export is lossless
@@ -20,15 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from minilab.bf16 import attention, linear
 from minilab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from minilab.kvcache import KVCache
 
 
 @dataclass
@@ -80,96 +89,6 @@ class ModelConfig:
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
-
-
-# ---- bf16 matmuls on CPUs without bf16 hardware ----------------------------------------------------
-# Without AVX512/AMX, oneDNN has no bf16 GEMM and torch falls back to a reference kernel that runs
-# 5-50x slower than its fp32 GEMM (0.9 GFLOP/s against 54 on a 2-core AVX2 EPYC), so bf16 autocast
-# made training ~40x slower than fp32. There, each bf16 matmul of the model is computed as what a
-# bf16 GEMM is: bf16-rounded operands, exact products and fp32 accumulation, the result rounded to
-# bf16, but by fp32 kernels on upcast operands (as oneDNN emulates bf16 on CPUs that lack it).
-# Numerics stay those of bf16 autocast; speed becomes that of fp32. `BF16_MATMUL` forces a path.
-BF16_MATMUL = "auto"  # "auto": emulate where the CPU has no bf16 GEMM; "native": torch's kernels; "emulate"
-
-
-def cpu_has_bf16_gemm() -> bool:
-    """Whether torch multiplies bf16 matrices on this CPU with oneDNN (AVX512 or AMX), not a reference loop."""
-    global _CPU_BF16_GEMM
-    if _CPU_BF16_GEMM is None:
-        try:
-            _CPU_BF16_GEMM = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            _CPU_BF16_GEMM = False
-    return _CPU_BF16_GEMM
-
-
-_CPU_BF16_GEMM: bool | None = None
-
-
-def emulate_bf16(x: torch.Tensor, rows: int) -> bool:
-    """True when a matmul on `x` would run in bf16 (bf16 input or CPU bf16 autocast) on a CPU whose
-    bf16 GEMM is torch's slow reference kernel; see BF16_MATMUL. Not below 32 rows (decoding a few
-    tokens): there the reference kernel is memory-bound like fp32, and upcasting the weights is not."""
-    if x.device.type != "cpu" or BF16_MATMUL == "native" or (rows < 32 and BF16_MATMUL == "auto"):
-        return False
-    in_bf16 = x.dtype is torch.bfloat16 or (torch.is_autocast_enabled("cpu")
-                                            and torch.get_autocast_dtype("cpu") is torch.bfloat16)
-    return in_bf16 and (BF16_MATMUL == "emulate" or not cpu_has_bf16_gemm())
-
-
-class _BF16Linear(torch.autograd.Function):
-    """y = x @ w.T as a bf16 GEMM (bf16 operands, fp32 accumulation, bf16 result) computed with fp32
-    kernels. Saves the bf16 operands (the memory of bf16 autocast); gradients are rounded to bf16
-    and returned in the inputs' dtypes, as autocast's cast-backward does."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        xb, wb = x.to(torch.bfloat16), w.to(torch.bfloat16)
-        ctx.save_for_backward(xb, wb)
-        ctx.dtypes = (x.dtype, w.dtype)
-        with torch.autocast("cpu", enabled=False):
-            return F.linear(xb.float(), wb.float()).to(torch.bfloat16)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        xb, wb = ctx.saved_tensors
-        g = grad.to(torch.bfloat16).float()
-        gx = gw = None
-        with torch.autocast("cpu", enabled=False):
-            if ctx.needs_input_grad[0]:
-                gx = (g @ wb.float()).to(torch.bfloat16).to(ctx.dtypes[0])
-            if ctx.needs_input_grad[1]:
-                g2, x2 = g.reshape(-1, g.shape[-1]), xb.reshape(-1, xb.shape[-1]).float()
-                gw = (g2.T @ x2).to(torch.bfloat16).to(ctx.dtypes[1])
-        return gx, gw
-
-
-def linear_w(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) (no bias), its bf16 GEMM emulated where the CPU lacks one."""
-    if (x.dtype is torch.bfloat16 or torch.is_autocast_enabled("cpu")) and \
-            emulate_bf16(x, x.numel() // max(1, x.shape[-1])):
-        return _BF16Linear.apply(x, weight)
-    return F.linear(x, weight)
-
-
-def is_plain_linear(layer: nn.Module) -> bool:
-    return type(layer) is nn.Linear and layer.bias is None
-
-
-def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`: a plain bias-free nn.Linear through `linear_w` (no Module.__call__), anything
-    else (LoRA, quantized layers) simply called."""
-    return linear_w(x, layer.weight) if is_plain_linear(layer) else layer(x)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
-    """scaled_dot_product_attention; in bf16 on a CPU without bf16 GEMM, on bf16-rounded q, k, v upcast
-    to fp32 (the fp32 flash kernel; the probabilities stay fp32), the output rounded to bf16."""
-    if emulate_bf16(q, q.shape[-2]):
-        with torch.autocast("cpu", enabled=False):
-            up = [t.to(torch.bfloat16).float() for t in (q, k, v)]
-            return F.scaled_dot_product_attention(*up, **kw).to(torch.bfloat16)
-    return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
 class RMSNorm(nn.Module):
@@ -227,95 +146,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
     HF's x * cos + cat(-x2, x1) * sin, computed as x * cos + cat(x2, x1) * cat(-sin1, sin2) (the
     same products, bit for bit) with one roll instead of chunk, neg and cat."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
-
-
-class KVCache:
-    """Preallocated keys and values for incremental decoding: one (B, nkv, max_len, hd) pair per layer,
-    written in place (no concatenation per step).
-
-    Prompts of different lengths share one cache left-padded: `pad[i]` slots at the start of row i hold
-    no token. The cache then gives each row its own positions (slot - pad[i], so a row's RoPE angles
-    are those it has alone) and an attention mask that hides the pad slots. The RoPE tables for all
-    slots are built once per cache and sliced per step.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 pad: Sequence[int] | None = None):
-        self.max_len = max_len or cfg.max_seq_len
-        shape = (batch_size, cfg.n_kv_head, self.max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-        self.pos = 0  # slots already filled (tokens stored, pad slots included)
-        self.pad: torch.Tensor | None = None  # (B,) pad slots per row; None when no row is padded
-        self._valid: torch.Tensor | None = None  # (B, 1, 1, max_len): slot j of row i holds a token
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        if pad is not None and any(pad):
-            if len(pad) != batch_size:
-                raise ValueError(f"pad has {len(pad)} rows, the cache {batch_size}")
-            self.pad = torch.as_tensor(list(pad), dtype=torch.long, device=device)
-            slots = torch.arange(self.max_len, device=device)
-            self._valid = (slots[None, :] >= self.pad[:, None])[:, None, None, :]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k, v (B, nkv, T, hd); return all keys and values so far (B, nkv, S, hd)."""
-        t = k.shape[2]
-        end = self.pos + t
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} tokens > max_len {self.max_len}")
-        keys, values = self.k[layer], self.v[layer]
-        keys.narrow(2, self.pos, t).copy_(k)
-        values.narrow(2, self.pos, t).copy_(v)
-        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
-
-    def advance(self, t: int) -> None:
-        self.pos += t
-
-    def rope(self, model: Transformer, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and `signed_sin` for the T tokens about to be stored: (T, hd), or (B, 1, T, hd) with
-        per-row positions. The values `model.rope` computes for those positions (slices of one table)."""
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache full: {self.pos + T} tokens > max_len {self.max_len}")
-        if self._rope is None or self._rope[0].dtype != dtype:
-            cos, sin = model.rope(0, self.max_len, dtype)                                # (L, hd)
-            sin = signed_sin(sin)
-            if self.pad is not None:
-                positions = (torch.arange(self.max_len, device=self.pad.device)[None, :]
-                             - self.pad[:, None]).clamp(min=0)                             # (B, L)
-                cos, sin = cos[positions][:, None], sin[positions][:, None]               # (B, 1, L, hd)
-            self._rope = cos, sin
-        cos, sin = self._rope
-        return cos[..., self.pos:self.pos + T, :], sin[..., self.pos:self.pos + T, :]
-
-    def attn_mask(self, T: int) -> torch.Tensor | None:
-        """Boolean mask (True = may attend) for T new tokens over all S = pos + T slots, or None
-        where causal attention needs none (an unpadded prompt from slot 0, or one new token)."""
-        end = self.pos + T
-        if self.pad is None:
-            if self.pos == 0 or T == 1:
-                return None
-            # A chunk after a cached prefix: query i (slot pos + i) sees slots 0..pos + i.
-            return torch.ones(T, end, dtype=torch.bool, device=self.k[0].device).tril(diagonal=self.pos)
-        valid = self._valid[..., :end]                                                  # (B, 1, 1, S)
-        if T == 1:
-            return valid
-        causal = torch.ones(T, end, dtype=torch.bool, device=valid.device).tril(diagonal=self.pos)
-        # A pad slot's query sees no token; it sees itself, so its softmax stays finite (unused output).
-        own = torch.ones(T, end, dtype=torch.bool, device=valid.device).tril(diagonal=self.pos) \
-            & ~torch.ones(T, end, dtype=torch.bool, device=valid.device).tril(diagonal=self.pos - 1)
-        return (valid & causal) | own                                                   # (B, 1, T, S)
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (a 1-D index tensor): finished sequences leave the batch."""
-        self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [t.index_select(0, rows) for t in self.v]
-        if self.pad is not None:
-            self.pad, self._valid = self.pad.index_select(0, rows), self._valid.index_select(0, rows)
-            if self._rope is not None:
-                self._rope = tuple(t.index_select(0, rows) for t in self._rope)
-
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 class Attention(nn.Module):
@@ -415,36 +245,6 @@ class Transformer(nn.Module):
         if not self.inv_freq.is_meta:
             self.inv_freq.copy_(rope_inv_freq(self.config))
 
-    def use_decode_layout(self) -> Transformer:
-        """Store each plain fp32 linear weight of a CPU model transposed, (in, out) contiguous: same
-        Parameter, shape, name and values, now a transposed view. The vector-matrix products of
-        decoding then read the weight row after row, 1.3-3x faster on CPU (the large head most).
-        A block's q, k, v weights share one (in, q+k+v) tensor and gate, up one (in, 2 * inter), each
-        weight a column range of it, so `CachedForward` computes them with one product each: fewer,
-        longer reads of memory (the per-token cost of a model larger than the CPU's caches).
-        Not bf16 weights: torch's bf16 CPU kernel is 3x slower in that layout. For inference-only
-        models (`Engine` does it); export (`save_hf_dir`) writes the same files."""
-
-        def decodable(w: torch.Tensor) -> bool:
-            return w.device.type == "cpu" and w.dtype is torch.float32 and w.dim() == 2 and w.is_contiguous()
-
-        with torch.no_grad():
-            for block in self.model.layers:
-                a, m = block.self_attn, block.mlp
-                for group in ((a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)):
-                    if all(map(is_plain_linear, group)) and all(decodable(lin.weight) for lin in group):
-                        fused = torch.cat([lin.weight.t() for lin in group], dim=1)  # (in, sum of outs)
-                        start = 0
-                        for lin in group:
-                            n = lin.weight.shape[0]
-                            lin.weight.data = fused[:, start:start + n].t()
-                            start += n
-            for module in self.modules():
-                w = module.weight if type(module) is nn.Linear else None
-                if w is not None and decodable(w):
-                    w.data = w.data.t().contiguous().t()
-        return self
-
     # ---- forward --------------------------------------------------------------------------
     def rope(self, start: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for positions start..start+T-1, each (T, hd), in fp32 then cast (as HF)."""
@@ -453,16 +253,21 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)                                         # (T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
+    def check_length(self, end: int, cache: KVCache | None = None) -> None:
+        """Refuse `end` tokens beyond max_seq_len: RoPE itself extrapolates, but the model was never
+        trained there, so say so loudly. Not with RoPE scaling, nor for a left-padded cache (its
+        slots count pad too; the batch's rows budget their own lengths)."""
+        if end > self.config.max_seq_len and self.config.rope_scaling is None and \
+                (cache is None or cache.pad is None):
+            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len {self.config.max_seq_len}")
+
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None, logits_to_keep: int = 0,
                 **_ignored) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab). With `kv_cache`, T new tokens follow the cached ones.
         `logits_to_keep` > 0 computes the head for the last that many positions only (as HF's)."""
         B, T = input_ids.shape
         start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.max_seq_len and self.config.rope_scaling is None and \
-                (kv_cache is None or kv_cache.pad is None):  # a padded batch's rows budget themselves
-            # RoPE itself extrapolates, but the model was never trained there: say so loudly.
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        self.check_length(start + T, kv_cache)
         x = self.model.embed_tokens(input_ids)                                          # (B, T, C)
         if kv_cache is None:
             cos, sin = self.rope(start, T, x.dtype)

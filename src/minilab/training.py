@@ -295,13 +295,13 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, 
     GFLOP/s where 2048 reached 50), which printed MFU above 100%; 2048 would cost seconds per run
     on a small CPU, so `MFU` measures it only when a step beats this peak. `n` times that one size.
     bf16 on a CPU without a bf16 GEMM is timed the way the model multiplies there
-    (`model.emulate_bf16`: fp32 kernels), not torch's reference kernel (~1 GFLOP/s)."""
+    (`bf16.emulate_bf16`: fp32 kernels), not torch's reference kernel (~1 GFLOP/s)."""
     sizes = [n] if n else [4096] if device.type == "cuda" else [1024, 1536]
     return max(_matmul_flops(device, dtype, size) for size in sizes)
 
 
 def _matmul_flops(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    from minilab.model import emulate_bf16, linear_w
+    from minilab.bf16 import emulate_bf16, linear_w
 
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
