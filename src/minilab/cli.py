@@ -1,9 +1,10 @@
-"""The `minilab` command: one verb per stage, each mapped to one module.
+"""The `minilab` command: one verb per stage, each mapped to one module. This module only
+dispatches; no stage imports it.
 
-Every verb module exposes `add_arguments(parser)` and `main(args) -> int | None`. Verbs that take
-a config add the shared flags with `add_config_flags`: `--config FILE` (JSON or YAML) and
-`--set KEY=VALUE` (repeatable, dotted keys, e.g. `--set train.lr=3e-4`). Multi-word flags accept
-both spellings, `--output-dir` and `--output_dir` (see `flag`).
+Every verb module exposes `add_arguments(parser)` and `main(args) -> int | None`, and declares its
+flags with the helpers in `minilab.cliargs` (`flag`, `int_range`, `add_config_flags` for
+`--config FILE` and `--set KEY=VALUE`, `config_from_args`). Multi-word flags accept both
+spellings, `--output-dir` and `--output_dir`.
 
 A `MinilabError` (a user mistake) prints one line, `minilab: error: ...`, and exits with its code
 (2 for config and usage errors); it never shows a traceback. So does an `OSError` about a named
@@ -21,6 +22,7 @@ import re
 import sys
 
 from minilab import __version__
+from minilab.cliargs import add_log_level_flag
 from minilab.errors import MinilabError
 
 # verb -> (module, one-line help). Modules are imported only when their verb runs or --help lists them.
@@ -55,49 +57,6 @@ VERBS: dict[str, tuple[str, str]] = {
 log = logging.getLogger("minilab")
 
 
-def flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, **kwargs):
-    """Add `--some-flag` and its `--some_flag` twin as one option."""
-    names = [name]
-    if "-" in name[2:]:
-        names.append("--" + name[2:].replace("-", "_"))
-    return parser.add_argument(*names, **kwargs)
-
-
-def _range(kind: type, noun: str, lo: float | None, hi: float | None):
-    span = f"≥ {lo}" if hi is None else f"≤ {hi}" if lo is None else f"in {lo}..{hi}"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {noun} {span}, got {text!r}") from None
-        if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):  # nan too
-            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
-        return value
-
-    parse.__name__ = noun.split()[-1]  # argparse's name for it in messages
-    return parse
-
-
-def int_range(lo: int | None = None, hi: int | None = None):
-    """An argparse `type=` for an integer in lo..hi (either end open when None): out of range is
-    argparse's one-line usage error naming the flag, e.g. `--port: must be in 0..65535, got 99999`."""
-    return _range(int, "an integer", lo, hi)
-
-
-def float_range(lo: float | None = None, hi: float | None = None):
-    """`int_range` for a number: out of range (or nan) is argparse's one-line usage error naming
-    the flag, e.g. `--min-age-hours: must be ≥ 0, got -1.0`."""
-    return _range(float, "a number", lo, hi)
-
-
-def add_config_flags(parser: argparse.ArgumentParser, config_help: str = "") -> None:
-    group = parser.add_argument_group("configuration")
-    group.add_argument("--config", metavar="FILE", help=f"JSON or YAML config file. {config_help}".strip())
-    group.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                       help="override one config key, dotted (e.g. --set train.lr=3e-4); repeatable")
-
-
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `verb`'s module is imported (all of them when None), so `minilab --help`
     and each verb start fast instead of importing every stage's libraries."""
@@ -111,8 +70,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if verb is not None and name != verb:
             continue  # listed in the top-level help, its options parsed only when it runs
-        flag(p, "--log-level", default="info", choices=["debug", "info", "warning", "error"],
-             help="logging verbosity; 'debug' also shows tracebacks")
+        add_log_level_flag(p)
         module = importlib.import_module(module_name)
         module.add_arguments(p)
         p.set_defaults(_main=module.main)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from minilab.cli import flag
+from minilab.cliargs import flag
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

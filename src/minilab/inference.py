@@ -254,7 +254,7 @@ class Engine:
 # ---- CLI: shared flags and the `generate` verb ----------------------------------------------------
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """MODEL, --adapter and the quantization flags (generate, chat, serve)."""
-    from minilab.cli import flag
+    from minilab.cliargs import flag
 
     p.add_argument("model", metavar="MODEL", help="registry name or model directory")
     p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory, merged into the weights at load")
@@ -272,7 +272,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
-    from minilab.cli import flag, int_range
+    from minilab.cliargs import flag, int_range
 
     g = p.add_argument_group("sampling")
     flag(g, "--max-tokens", type=int, default=max_tokens, help="most new tokens per reply")
@@ -324,7 +324,7 @@ def engine_from_args(args: argparse.Namespace) -> Engine:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag
+    from minilab.cliargs import flag
 
     add_model_flags(p)
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for several prompts")

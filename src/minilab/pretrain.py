@@ -27,8 +27,8 @@ import torch
 
 from minilab import __version__, distributed
 from minilab.arch import load_architecture
-from minilab.cli import add_config_flags, flag
-from minilab.config import DEVICE, SEED, apply_overrides, from_dict, read_config_file, to_dict
+from minilab.cliargs import add_config_flags, config_from_args, flag
+from minilab.config import DEVICE, SEED, to_dict
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import format_params, human_bytes
 from minilab.model import ModelConfig, Transformer, build_model
@@ -424,19 +424,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          help="re-hash the packed data against its manifest's SHA-256 before training (verify_data)")
 
 
-def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    data = read_config_file(args.config) if args.config else {}
-    for key in ("data_dirs", "data_weights", "tokenizer_dir", "output_dir", "max_steps", "arch"):
-        if getattr(args, key, None) is not None:
-            data[key] = getattr(args, key)
-    if getattr(args, "verify_data", False):
-        data["verify_data"] = True
-    source = args.config or "command line"
-    return from_dict(PretrainConfig, apply_overrides(data, args.overrides), source=source)
+# The flags `add_arguments` adds that are PretrainConfig keys (verify-resume reads the same ones).
+CONFIG_FLAGS = ("data_dirs", "data_weights", "tokenizer_dir", "output_dir", "max_steps", "arch", "verify_data")
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = config_from_args(PretrainConfig, args, CONFIG_FLAGS)
     result = run(cfg, resume=args.resume, dry_run=args.dry_run)
     if args.dry_run:
         plan = result["plan"]

@@ -500,7 +500,7 @@ def remove_model(name: str, root: str | os.PathLike | None = None, *, delete_fil
 
 # ---- the `models` verb ---------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag
+    from minilab.cliargs import flag
 
     def models_dir(parser: argparse.ArgumentParser, default: Any) -> None:
         # Accepted before and after the subcommand; SUPPRESS on the subparsers keeps them from

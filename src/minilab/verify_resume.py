@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from minilab.cli import flag
+from minilab.cliargs import config_from_args, flag
 from minilab.config import to_dict
 from minilab.errors import MinilabError
 from minilab.fsutil import write_json_atomic
-from minilab.pretrain import PretrainConfig, config_from_args
+from minilab.pretrain import CONFIG_FLAGS, PretrainConfig
 from minilab.pretrain import add_arguments as add_pretrain_arguments
 
 CUDA_TOLERANCE = 1e-3  # absolute, on losses and weights, when the run trains on CUDA
@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
             raise MinilabError(f"verify-resume does not take {flag_name}: it runs its own straight, killed and "
                                "resumed runs (--steps each, in --work-dir); drop it")
     args.output_dir = args.output_dir or "verify-resume"  # each run gets its own directory below
-    cfg = config_from_args(args)
+    cfg = config_from_args(PretrainConfig, args, CONFIG_FLAGS)
     if args.work_dir:
         result = verify(cfg, args.steps, Path(args.work_dir))
     else:

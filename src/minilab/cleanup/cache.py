@@ -85,7 +85,7 @@ def _match_revision(revisions: list[Any], revision: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag, float_range
+    from minilab.cliargs import flag, float_range
 
     sub = p.add_subparsers(dest="cache_cmd", metavar="COMMAND", required=True)
     ls = sub.add_parser("ls", help="cached repositories, largest first")

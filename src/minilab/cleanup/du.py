@@ -53,7 +53,7 @@ def usage(root: str | os.PathLike = ".", models_dir: str | None = None, top: int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag
+    from minilab.cliargs import flag
 
     p.add_argument("root", nargs="?", default=".", help="project directory holding data/, runs/ ... (default .)")
     flag(p, "--models-dir", metavar="DIR", help="registry root (default $MINILAB_MODELS_DIR or ./models)")

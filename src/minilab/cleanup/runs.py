@@ -238,7 +238,7 @@ def apply(actions: list[Action]) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag, float_range, int_range
+    from minilab.cliargs import flag, float_range, int_range
 
     p.add_argument("path", help="a run directory, a model directory, or a folder holding runs such as runs/")
     flag(p, "--keep-last", type=int_range(1), default=2, metavar="K",

@@ -332,7 +332,7 @@ def _manifest(cfg, name, stats, rejects, shards, seconds) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import add_config_flags, flag, int_range
+    from minilab.cliargs import add_config_flags, flag, int_range
 
     p.add_argument("--source", action="append", default=[], metavar="PATH",
                    help="file, folder, glob, 'default' (built-in English corpus) or 'hf:ID'; repeatable. "
@@ -352,7 +352,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from minilab.data.cliargs import config_from_args
+    from minilab.cliargs import config_from_args
 
     extra = {"text_field": args.text_field} if args.text_field else {}
     sources = [{"path": s, **extra} for s in args.source]
@@ -365,7 +365,7 @@ def main(args: argparse.Namespace) -> int:
     if args.dedup_threshold is not None:
         overrides.insert(0, f"dedup.threshold={args.dedup_threshold}")
     args.overrides = overrides
-    cfg = config_from_args(CorpusConfig, args, flags)
+    cfg = config_from_args(CorpusConfig, args, flags=flags)
     m = run(cfg)
     print(f"{'analysed' if cfg.analyze_only else 'corpus ' + str(cfg.output_dir)}: "
           f"{m['documents_kept']:,} of {m['documents_read']:,} documents kept, "

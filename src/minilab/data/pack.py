@@ -266,7 +266,7 @@ def open_split(packed_dir: str | Path, split: str = "train", verify: bool = Fals
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import add_config_flags, flag
+    from minilab.cliargs import add_config_flags, flag
 
     flag(p, "--corpus-dir", help="corpus directory (from `minilab corpus`)")
     flag(p, "--tokenizer-dir", help="tokenizer directory (from `minilab tokenizer`)")
@@ -280,9 +280,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from minilab.data.cliargs import config_from_args
+    from minilab.cliargs import config_from_args
 
-    cfg = config_from_args(PackConfig, args, {
+    cfg = config_from_args(PackConfig, args, flags={
         "corpus_dir": args.corpus_dir, "tokenizer_dir": args.tokenizer_dir, "output_dir": args.output_dir,
         "seq_len": args.seq_len, "val_fraction": args.val_fraction, "seed": args.seed,
         "workers": args.workers, "force": args.force})

@@ -286,7 +286,7 @@ def run(cfg: TokenizerConfig) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import add_config_flags, flag
+    from minilab.cliargs import add_config_flags, flag
 
     flag(p, "--corpus-dir", help="corpus directory (from `minilab corpus`) to train on")
     flag(p, "--output-dir", help="where to write the tokenizer")
@@ -302,10 +302,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from minilab.data.cliargs import config_from_args
+    from minilab.cliargs import config_from_args
 
     extra = args.extra_special_token
-    cfg = config_from_args(TokenizerConfig, args, {
+    cfg = config_from_args(TokenizerConfig, args, flags={
         "output_dir": args.output_dir, "corpus_dir": args.corpus_dir, "vocab_size": args.vocab_size,
         "type": args.type, "sample_chars": args.sample_chars, "from_pretrained": args.from_pretrained,
         "extra_special_tokens": [CHAT_START, CHAT_END, *extra] if extra else None, "force": args.force})

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from minilab.config import DEVICE, SEED, apply_overrides, from_dict, read_config_file, to_dict
+from minilab.config import DEVICE, SEED, to_dict
 from minilab.errors import ConfigError, MinilabError
 
 log = logging.getLogger("minilab.eval")
@@ -225,7 +225,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
 
 # ---- CLI ----------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import add_config_flags, flag
+    from minilab.cliargs import add_config_flags, flag
 
     flag(p, "--model-path", metavar="DIR|NAME", help="model directory or registry name")
     flag(p, "--data-dirs", nargs="+", metavar="DIR", help="packed datasets (perplexity on their val split)")
@@ -242,19 +242,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, "Keys: those of EvalConfig (model_path, data_dirs, text_files, mc_files, stride, ...).")
 
 
-def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    """Defaults < --config file < flags given < --set overrides."""
-    data = read_config_file(args.config) if args.config else {}
-    for key in ("model_path", "data_dirs", "output_dir", "text_files", "mc_files", "dpo_dirs", "prompts_file", "limit",
-                "seed", "device"):
-        if getattr(args, key, None) is not None:
-            data[key] = getattr(args, key)
-    source = args.config or "command line"
-    return from_dict(EvalConfig, apply_overrides(data, args.overrides), source=source)
-
-
 def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    from minilab.cliargs import config_from_args
+
+    cfg = config_from_args(EvalConfig, args, ("model_path", "data_dirs", "output_dir", "text_files", "mc_files",
+                                              "dpo_dirs", "prompts_file", "limit", "seed", "device"))
     results = run(cfg)
     for r in results["perplexity"]:
         bpb = r.get("bits_per_byte")

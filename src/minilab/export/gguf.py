@@ -197,7 +197,7 @@ def write_gguf(model: Any, model_dir: Path, out: Path, *, name: str, outtype: st
 
 # ---- the `export` verb ---------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag
+    from minilab.cliargs import flag
 
     p.add_argument("model", metavar="MODEL", help="registry name or model directory")
     p.add_argument("--format", choices=["gguf", "hf"], required=True,

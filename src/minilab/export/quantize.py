@@ -227,7 +227,7 @@ def save_int8_dir(model: nn.Module, source_dir: Path, out: Path) -> Path:
 
 # ---- the `quantize` verb -----------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag
+    from minilab.cliargs import flag
 
     p.add_argument("model", metavar="MODEL", help="registry name or model directory")
     p.add_argument("--int8", action="store_true", required=True,

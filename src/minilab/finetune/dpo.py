@@ -327,16 +327,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_tune_arguments(p)
     p.add_argument("--beta", type=float, help="DPO beta (default 0.1)")
-    from minilab.cli import flag
+    from minilab.cliargs import flag
 
     flag(p, "--precompute-ref", action="store_true", help="score the reference once before training")
 
 
 def main(args: argparse.Namespace) -> int:
-    from minilab.data.cliargs import config_from_args
-    from minilab.finetune.sft import print_result
+    from minilab.cliargs import config_from_args
+    from minilab.finetune.sft import TUNE_FLAGS, print_result
 
-    cfg = config_from_args(DPOConfig, args, {k: getattr(args, k, None) for k in (
-        "base_model", "data_dirs", "data_weights", "output_dir", "method", "max_steps", "beta", "precompute_ref")})
+    cfg = config_from_args(DPOConfig, args, (*TUNE_FLAGS, "beta", "precompute_ref"))
     print_result(run(cfg, resume=args.resume, dry_run=args.dry_run), args.dry_run)
     return 0

@@ -185,7 +185,7 @@ def _card(m: dict[str, Any], samples: list[dict[str, Any]]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import add_config_flags, flag
+    from minilab.cliargs import add_config_flags, flag
 
     p.add_argument("--source", dest="sources", nargs="+", metavar="FILE|ID|demo", help="preference sources")
     flag(p, "--tokenizer-dir", metavar="DIR", help="the policy's tokenizer or model directory")
@@ -198,10 +198,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from minilab.data.cliargs import config_from_args
+    from minilab.cliargs import config_from_args
 
-    cfg = config_from_args(DPODataConfig, args, {k: getattr(args, k) for k in (
-        "sources", "tokenizer_dir", "output_dir", "template", "max_len", "limit", "force")})
+    cfg = config_from_args(DPODataConfig, args, (
+        "sources", "tokenizer_dir", "output_dir", "template", "max_len", "limit", "force"))
     m = run(cfg)
     print(f"dpo data written to {cfg.output_dir}: {m['counts']['pairs_kept']} pairs; counts {json.dumps(m['counts'])}")
     return 0

@@ -120,7 +120,7 @@ def _register(out: Path, src: Path, manifest: dict[str, Any], params: int, arch:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag
+    from minilab.cliargs import flag
 
     p.add_argument("model", metavar="MODEL_WITH_ADAPTERS", help="registry name or directory with adapters/")
     flag(p, "--output-dir", metavar="DIR", help="where to write the merged model (default beside the source)")

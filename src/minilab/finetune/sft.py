@@ -258,7 +258,7 @@ class SFTRun:
 # ---- CLI ----------------------------------------------------------------------------------------
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     """Flags SFT and DPO share."""
-    from minilab.cli import add_config_flags, flag
+    from minilab.cliargs import add_config_flags, flag
 
     flag(p, "--base-model", metavar="NAME|DIR|HUB_ID", help="model to fine-tune")
     flag(p, "--data-dirs", nargs="+", metavar="DIR", help="prepared datasets")
@@ -271,11 +271,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, "Keys: those of the verb's config (lora.r, optim.lr, batch_size, ...).")
 
 
-def config_from_args(cls, args: argparse.Namespace):
-    from minilab.data.cliargs import config_from_args as build
-
-    return build(cls, args, {k: getattr(args, k, None) for k in (
-        "base_model", "data_dirs", "data_weights", "output_dir", "method", "max_steps")})
+# The flags `add_tune_arguments` adds that are config keys of SFT and DPO alike.
+TUNE_FLAGS = ("base_model", "data_dirs", "data_weights", "output_dir", "method", "max_steps")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -298,6 +295,8 @@ def print_result(result: dict[str, Any], dry_run: bool) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(SFTConfig, args)
+    from minilab.cliargs import config_from_args
+
+    cfg = config_from_args(SFTConfig, args, TUNE_FLAGS)
     print_result(run(cfg, resume=args.resume, dry_run=args.dry_run), args.dry_run)
     return 0

@@ -316,7 +316,7 @@ def _card(m: dict[str, Any], samples: list[str]) -> str:
 
 # ---- CLI ----------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import add_config_flags, flag
+    from minilab.cliargs import add_config_flags, flag
 
     p.add_argument("--source", dest="sources", nargs="+", metavar="FILE|ID|demo", help="conversation sources")
     flag(p, "--tokenizer-dir", metavar="DIR", help="the model's tokenizer (a model directory works too)")
@@ -331,10 +331,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from minilab.data.cliargs import config_from_args
+    from minilab.cliargs import config_from_args
 
-    cfg = config_from_args(SFTDataConfig, args, {k: getattr(args, k) for k in (
-        "sources", "tokenizer_dir", "output_dir", "template", "max_len", "overflow", "pack", "limit", "force")})
+    cfg = config_from_args(SFTDataConfig, args, (
+        "sources", "tokenizer_dir", "output_dir", "template", "max_len", "overflow", "pack", "limit", "force"))
     m = run(cfg)
     print(f"sft data written to {cfg.output_dir}: {m['splits']['train']['rows']} train rows, "
           f"{m['splits']['val']['rows']} val rows; counts {json.dumps(m['counts'])}")

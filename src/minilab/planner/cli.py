@@ -111,7 +111,7 @@ def render_compare(plans: list[dict[str, Any]]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag
+    from minilab.cliargs import flag
 
     p.add_argument("model", nargs="?", help="preset, architecture JSON, config.json, model dir, registry name, "
                                             "or a hub id in the local HF cache")

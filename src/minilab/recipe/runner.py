@@ -328,7 +328,7 @@ def resolve_recipe_path(ref: str) -> Path:
 
 # ---- CLI ------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag
+    from minilab.cliargs import flag
 
     p.add_argument("recipe", metavar="RECIPE", help="recipe file (YAML/JSON) or a shipped recipe's name (demo)")
     flag(p, "--workdir", metavar="DIR", help="where stage outputs go (default: the recipe's workdir, runs/<name>)")

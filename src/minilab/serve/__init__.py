@@ -54,7 +54,7 @@ def base_url(host: str, sock: socket.socket) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cli import flag, int_range
+    from minilab.cliargs import flag, int_range
     from minilab.inference import add_model_flags
     from minilab.serve.guard import allowed_host_arg, origin_arg
 
