@@ -95,7 +95,7 @@ def _load_base(path_or_name: str | Path, dtype: torch.dtype | str | None, device
             base = _attach_adapters(base, inner, trainable=False).merge_and_unload()
         return base, base_path, path
     cfg, weights_dir = _model_config(path)
-    from minilab.export.quantize import is_int8_dir, load_int8_dir  # `minilab quantize --int8` output
+    from minilab.quantization import is_int8_dir, load_int8_dir  # `minilab quantize --int8` output
 
     if is_int8_dir(path):
         return load_int8_dir(cfg, path, device=device), path, None
