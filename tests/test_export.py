@@ -180,7 +180,7 @@ def test_quantize_int8_registers_loads_generates_and_is_smaller(model_dir, tmp_p
     text, n, _ = q.complete(ids, SamplingParams(max_tokens=8))
     assert n > 0
     # what was saved is exactly what was quantized in memory
-    from minilab.export.quantize import quantize_int8
+    from minilab.quantization import quantize_int8
 
     mem = quantize_int8(load_model_for_inference(str(model_dir)))
     assert torch.equal(mem(torch.tensor([ids]))[0], lq)

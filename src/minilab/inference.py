@@ -188,7 +188,7 @@ class Engine:
         model_dir = resolve_model_dir(path_or_name)
         model = load_model_for_inference(path_or_name, adapter_dir=adapter_dir, dtype=dtype, device=device)
         if quantize:
-            from minilab.export.quantize import quantize_model
+            from minilab.quantization import quantize_model
 
             model = quantize_model(model, quantize)
         if isinstance(model, Transformer):
@@ -210,7 +210,7 @@ class Engine:
 
     def memory_bytes(self) -> int:
         """Bytes held by the weights (quantized packed weights included)."""
-        from minilab.export.quantize import model_bytes
+        from minilab.quantization import model_bytes
 
         return model_bytes(self.model)
 

@@ -1,7 +1,8 @@
 """The Python API for getting a model: `load_model_for_inference` and `load_model` (fine-tuning).
 
 Both accept a directory (a minilab model directory or any Llama-architecture Hugging Face
-directory) or a registry name, resolved by `minilab.registry.resolve_model_path`:
+directory) or a registry name, resolved by `resolve_model_dir` (a registry name through
+`minilab.registry.resolve_model_path`):
 
     model = load_model_for_inference("models/tiny-shakespeare")      # eval mode
     logits = model(input_ids)                                         # (B, T, vocab)
@@ -35,18 +36,18 @@ _LORA_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "rank": "r"}
 
 
 def resolve_model_dir(path_or_name: str | Path, registry_root: str | Path | None = None) -> Path:
-    """An existing directory as given, else a registry name resolved to its directory."""
+    """An existing directory as given, else a registry name resolved to its directory.
+
+    The one resolver of a local model reference: fine-tuning adds hub ids to it
+    (`finetune.models.resolve_base_dir`), the planner presets and configs (`planner.resolve`);
+    a name is looked up by `registry.resolve_model_path`."""
+    from minilab.registry import resolve_model_path
+
     path = Path(path_or_name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise MinilabError(f"{path}: is a file, expected a model directory")
         return path
-    try:
-        # Imported here: the registry is optional for loading plain directories.
-        from minilab.registry import resolve_model_path
-    except ImportError:
-        raise MinilabError(f"{path_or_name}: no such model directory (and no model registry to look "
-                           "the name up in)") from None
     return Path(resolve_model_path(str(path_or_name), root=registry_root))
 
 
@@ -95,7 +96,7 @@ def _load_base(path_or_name: str | Path, dtype: torch.dtype | str | None, device
             base = _attach_adapters(base, inner, trainable=False).merge_and_unload()
         return base, base_path, path
     cfg, weights_dir = _model_config(path)
-    from minilab.export.quantize import is_int8_dir, load_int8_dir  # `minilab quantize --int8` output
+    from minilab.quantization import is_int8_dir, load_int8_dir  # `minilab quantize --int8` output
 
     if is_int8_dir(path):
         return load_int8_dir(cfg, path, device=device), path, None

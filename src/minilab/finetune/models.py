@@ -174,7 +174,7 @@ def quantize_4bit(module: nn.Module, targets: list[str] | str, device: torch.dev
                   compute_dtype: torch.dtype = torch.float32) -> int:
     """Replace the targeted `nn.Linear` layers by bitsandbytes NF4 `Linear4bit` with double
     quantization (QLoRA), in place; returns how many were replaced."""
-    from minilab.export.quantize import linear4bit
+    from minilab.quantization import linear4bit
 
     try:
         import bitsandbytes as bnb

@@ -120,10 +120,9 @@ def resolve_model(ref: str | os.PathLike | dict[str, Any] | ModelConfig,
     if text in preset_names():
         return ModelSpec(name=text, source="preset", minilab_config=load_architecture(text))
     if text.count("-") == 4 and "/" not in text:
-        from minilab.registry import resolve_model_path
+        from minilab.loading import resolve_model_dir
 
-        model_dir = resolve_model_path(text, root=models_dir)
-        return _from_path(model_dir, text)
+        return _from_path(resolve_model_dir(text, models_dir), text)
     if text.count("/") == 1 and not text.startswith((".", "/")):
         return _from_hub_cache(text)
     raise MinilabError(f"cannot resolve model '{text}': not a file or directory, a preset "

@@ -178,7 +178,7 @@ def estimate(recipe: Recipe, steps) -> dict[str, Any]:
 def print_estimate(est: dict[str, Any], workdir: Path) -> None:
     from minilab.fsutil import human_bytes
     from minilab.planner.machine import available_ram, free_disk, free_vram
-    from minilab.recipe.runner import print_table
+    from minilab.recipe.summary import print_table
 
     if not est["stages"]:
         print("\nnothing to run: every stage is cached")

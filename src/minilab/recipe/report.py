@@ -45,7 +45,7 @@ def _sections(runner, rows) -> list[dict[str, Any]]:
 
 def write_report(runner, rows, total_s: float) -> Path:
     """Write report.md and report.html into the work directory; returns report.md's path."""
-    from minilab.recipe.runner import _fmt_s, summary_rows
+    from minilab.recipe.summary import fmt_seconds, summary_rows
 
     work = runner.recipe.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -57,7 +57,8 @@ def write_report(runner, rows, total_s: float) -> Path:
 
     rel = lambda p: os.path.relpath(p, work)  # noqa: E731
     md = [f"# {title}", "", f"{runner.recipe.description}".strip(), "",
-          f"Recipe `{runner.recipe.path}`, work directory `{work}`, written {when}; this run took {_fmt_s(total_s)}.",
+          f"Recipe `{runner.recipe.path}`, work directory `{work}`, written {when}; "
+          f"this run took {fmt_seconds(total_s)}.",
           "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in table]
     for sec in sections:
@@ -78,7 +79,7 @@ def write_report(runner, rows, total_s: float) -> Path:
          "img{max-width:520px;margin:4px}code{background:#f4f4f4}</style></head><body>",
          f"<h1>{e(title)}</h1><p>{e(runner.recipe.description)}</p>",
          f"<p>Recipe <code>{e(str(runner.recipe.path))}</code>, work directory <code>{e(str(work))}</code>, "
-         f"written {e(when)}; this run took {e(_fmt_s(total_s))}.</p>",
+         f"written {e(when)}; this run took {e(fmt_seconds(total_s))}.</p>",
          "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in head) + "</tr>"]
     h += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in table]
     h.append("</table>")

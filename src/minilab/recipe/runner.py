@@ -30,8 +30,10 @@ from typing import Any
 
 from minilab.errors import MinilabError
 from minilab.fsutil import write_json_atomic
-from minilab.recipe.spec import BUILTIN_REFS, Recipe, Stage, external_inputs, fingerprint, load_recipe, placeholder
+from minilab.recipe.refs import BUILTIN_REFS
+from minilab.recipe.spec import Recipe, Stage, external_inputs, fingerprint, load_recipe, placeholder
 from minilab.recipe.stages import KINDS, build_config, execute, jsonable, metric
+from minilab.recipe.summary import Row, fmt_seconds, print_summary, print_table
 
 log = logging.getLogger("minilab.recipe")
 
@@ -45,17 +47,6 @@ class Step:
     reason: str
     fingerprint: str = ""
     fp_config: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Row:
-    stage: str
-    kind: str
-    status: str                 # cached | ran | resumed | failed | skipped
-    wall_s: float | None
-    output: str
-    size: int | None
-    metric: str
 
 
 class Runner:
@@ -191,7 +182,7 @@ class Runner:
                                       "result": jsonable(result)})
             rows.append(Row(s.name, s.kind, "resumed" if step.action == "resume" else "ran", wall, str(out),
                             _size(out), line))
-            print(f"   {s.name}: done in {_fmt_s(wall)}{' — ' + line if line else ''}", flush=True)
+            print(f"   {s.name}: done in {fmt_seconds(wall)}{' — ' + line if line else ''}", flush=True)
         self.last_rows = rows
         return rows
 
@@ -229,7 +220,7 @@ class Runner:
         """What to chat with: the recipe's `final_model`, else the last model-making stage's output
         (its registry name when it has one)."""
         if self.recipe.final_model:
-            from minilab.recipe.spec import substitute
+            from minilab.recipe.refs import substitute
 
             return substitute(self.recipe.final_model, self._lookup)
         for kind in TRAINING_OUTPUT:
@@ -252,14 +243,6 @@ def _size(path: Path) -> int | None:
     if not path.exists():
         return None
     return path.stat().st_size if path.is_file() else dir_size(path)
-
-
-def _fmt_s(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    return f"{int(seconds // 60)} min {seconds % 60:04.1f} s"
 
 
 @contextlib.contextmanager
@@ -287,30 +270,10 @@ def workdir_lock(workdir: Path):
 
 
 # ---- printing -------------------------------------------------------------------------------------
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-
-
 def print_plan(runner: Runner, steps: list[Step]) -> None:
     print(f"recipe {runner.recipe.name} ({runner.recipe.path}) in {runner.recipe.workdir}")
     print_table(["#", "stage", "kind", "action", "why"],
                 [[str(i + 1), st.stage.name, st.stage.kind, st.action, st.reason] for i, st in enumerate(steps)])
-
-
-def summary_rows(rows: list[Row]) -> list[list[str]]:
-    from minilab.fsutil import human_bytes
-
-    return [[r.stage, r.status, _fmt_s(r.wall_s), r.output, human_bytes(r.size) if r.size is not None else "-",
-             r.metric] for r in rows]
-
-
-def print_summary(rows: list[Row]) -> None:
-    print("\n== summary")
-    print_table(["stage", "status", "time", "output", "size", "key metric"], summary_rows(rows))
 
 
 def resolve_recipe_path(ref: str) -> Path:
@@ -366,7 +329,7 @@ def main(args: argparse.Namespace) -> int:
     from minilab.recipe.report import write_report
 
     report = write_report(runner, rows, time.perf_counter() - t0)
-    print(f"\ntotal {_fmt_s(time.perf_counter() - t0)}; report: {report}")
+    print(f"\ntotal {fmt_seconds(time.perf_counter() - t0)}; report: {report}")
     if failed is not None:
         if isinstance(failed, KeyboardInterrupt):
             raise failed

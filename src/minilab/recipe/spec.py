@@ -17,15 +17,11 @@ from typing import Any
 
 from minilab.config import apply_overrides, read_config_file
 from minilab.errors import ConfigError
+from minilab.recipe.refs import BUILTIN_REFS, REF_ATTRS, find_refs
 
 TOP_KEYS = ("name", "description", "workdir", "models_dir", "final_model", "stages")
 STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 RECIPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-# ${stage} is the stage's output; ${stage.dir} its directory; ${stage.name} the registry name it got.
-REF = re.compile(r"\$\{([A-Za-z0-9_-]+)(?:\.([a-z_]+))?\}")
-REF_ATTRS = (None, "dir", "name")
-# ${recipe_dir}: the folder of the recipe file (for files shipped beside it); ${workdir}: the work directory.
-BUILTIN_REFS = ("recipe_dir", "workdir")
 
 
 @dataclass
@@ -63,28 +59,6 @@ class Recipe:
             if name in s.deps or out.intersection(s.deps):
                 out.add(s.name)
         return out
-
-
-def find_refs(value: Any) -> list[tuple[str, str | None]]:
-    """Every ${stage[.attr]} in a (nested) config value, in order."""
-    if isinstance(value, str):
-        return [(m.group(1), m.group(2)) for m in REF.finditer(value)]
-    if isinstance(value, dict):
-        return [r for v in value.values() for r in find_refs(v)]
-    if isinstance(value, list):
-        return [r for v in value for r in find_refs(v)]
-    return []
-
-
-def substitute(value: Any, lookup) -> Any:
-    """A copy of `value` with each ${stage[.attr]} replaced by `lookup(stage, attr)`."""
-    if isinstance(value, str):
-        return REF.sub(lambda m: str(lookup(m.group(1), m.group(2))), value)
-    if isinstance(value, dict):
-        return {k: substitute(v, lookup) for k, v in value.items()}
-    if isinstance(value, list):
-        return [substitute(v, lookup) for v in value]
-    return value
 
 
 def load_recipe(path: str | Path, *, workdir: str | None = None, models_dir: str | None = None,

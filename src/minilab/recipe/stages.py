@@ -116,7 +116,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
 def build_config(recipe, stage, lookup, source: str) -> tuple[Any, dict[str, Any]]:
     """(the stage's typed config, its fingerprinted form): references substituted through
     `lookup(stage, attr)`, the recipe-owned keys set, every key checked by the config class."""
-    from minilab.recipe.spec import substitute
+    from minilab.recipe.refs import substitute
 
     kind = KINDS[stage.kind]
     cls = kind.config_class()

@@ -466,7 +466,7 @@ def running_server(app: Any, host: str = "127.0.0.1", port: int = 0, log_level: 
     port (the socket is bound here, so there is no race with another process)."""
     import uvicorn
 
-    from minilab.serve import base_url, bind_socket
+    from minilab.serve.net import base_url, bind_socket
 
     sock = bind_socket(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5))
