@@ -1,7 +1,8 @@
 """Structure checks on the source tree: the import graph of src/minilab has no cycle.
 
 The graph is read with ast, not by importing: module-level AND function-level
-imports count, since a lazy import inside a function only hides a cycle.
+imports count, since a lazy import inside a function only hides a cycle. Imports under
+`if TYPE_CHECKING:` are for annotations only (never executed) and do not count.
 """
 
 from __future__ import annotations
@@ -11,11 +12,6 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = "minilab"
-
-# cli.py is being made dispatch-only (issue 14, in parallel): edges INTO
-# minilab.cli are excluded so this test does not depend on that work.
-EXCLUDED_TARGETS = {"minilab.cli"}
-
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(SRC).with_suffix("").parts)
@@ -39,7 +35,13 @@ def _resolve_from(module: str, path: Path, node: ast.ImportFrom) -> str:
 def _targets(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """Every minilab module that `module` imports, anywhere in its body."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    type_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                 and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+                 for stmt in block.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -50,7 +52,7 @@ def _targets(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
             found.update(subs)
             if len(subs) < len(node.names):
                 found.add(base)
-    return {t for t in found if t in modules and t != module and t not in EXCLUDED_TARGETS}
+    return {t for t in found if t in modules and t != module}
 
 
 def import_graph() -> dict[str, set[str]]:
