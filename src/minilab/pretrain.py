@@ -42,6 +42,7 @@ from minilab.training import (
     check_finite_loss,
     check_finite_weights,
     checkpoint_val_meta,
+    count_targets,
     eval_due,
     find_resume_checkpoint,
     lr_at,
@@ -49,6 +50,8 @@ from minilab.training import (
     optimizer_step,
     resolve_device,
     set_lr,
+    step_tokens,
+    throughput,
     token_loss_sum,
 )
 
@@ -277,16 +280,16 @@ class PretrainRun:
     def train_step(self) -> tuple[float, float]:
         cfg, info = self.cfg, self.info
         micro = [next(self.stream) for _ in range(cfg.grad_accum)]
-        local = sum(int(y.numel()) for _, y in micro)
         # DDP and FSDP average gradients over ranks; dividing by (global tokens / ranks) makes the
         # result the mean over every token of the global batch, as one process would compute.
-        normalizer = distributed.all_reduce_sum(local, info, self.device) / info.world_size
+        tokens = step_tokens(count_targets(y for _, y in micro), info, self.device)
+        normalizer = tokens / info.world_size
         loss, _ = accumulate_gradients(self.train_model, micro, cfg.precision, self.device, self.scaler,
                                        normalizer=normalizer,
                                        sync=lambda last: distributed.no_sync(self.train_model, last))
         loss = distributed.all_reduce_sum(loss, info, self.device) / info.world_size
         norm = optimizer_step(self.model, self.optimizer, self.scaler, cfg.optim.grad_clip)
-        self.tokens_seen += cfg.batch_size * cfg.grad_accum * self.seq_len * info.world_size
+        self.tokens_seen += tokens
         return loss, norm
 
     def run_eval(self, bar) -> None:
@@ -350,11 +353,12 @@ class PretrainRun:
             while self.step < cfg.max_steps:
                 lr = lr_at(self.step, cfg.max_steps, cfg.optim)
                 set_lr(self.optimizer, lr)
+                before = self.tokens_seen
                 loss, norm = self.train_step()
                 self.step += 1
                 check_finite_loss(loss, "train loss", self.step, self.ckpt_dir)
                 now = time.perf_counter()
-                tok_s = cfg.batch_size * cfg.grad_accum * self.seq_len * self.info.world_size / max(now - t_last, 1e-9)
+                tok_s = throughput(self.tokens_seen - before, now - t_last)
                 t_last = now
                 mfu = mfu_of(tok_s)
                 self.metrics.write("train", step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr,

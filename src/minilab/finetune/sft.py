@@ -36,9 +36,12 @@ from minilab.training import (
     autocast_context,
     check_finite_loss,
     checkpoint_val_meta,
+    count_targets,
     eval_due,
     lr_at,
     set_lr,
+    step_tokens,
+    throughput,
     token_loss_sum,
 )
 
@@ -155,15 +158,15 @@ class SFTRun:
     def train_step(self) -> tuple[float, float]:
         cfg, info, tune = self.cfg, self.info, self.tune
         micro = [self.next_batch() for _ in range(cfg.grad_accum)]
-        local = sum(int((y != -100).sum()) for _, y in micro)
         # Normalise by the trained tokens of the whole (global) step, as pretraining does.
-        normalizer = distributed.all_reduce_sum(local, info, self.device) / info.world_size
+        tokens = step_tokens(count_targets(y for _, y in micro), info, self.device)
+        normalizer = tokens / info.world_size
         loss, _ = accumulate_gradients(tune.train_model, micro, cfg.precision, self.device, tune.scaler,
                                        normalizer=normalizer,
                                        sync=lambda last: distributed.no_sync(tune.train_model, last))
         loss = distributed.all_reduce_sum(loss, info, self.device) / info.world_size
         norm = tune.optimizer_step()
-        self.tokens_seen += int(distributed.all_reduce_sum(local, info, self.device))
+        self.tokens_seen += tokens
         return loss, norm
 
     @torch.no_grad()
@@ -235,7 +238,7 @@ class SFTRun:
                 self.step += 1
                 check_finite_loss(loss, "train loss", self.step, self.tune.ckpt_dir)
                 now = time.perf_counter()
-                tok_s = (self.tokens_seen - before) / max(now - t_last, 1e-9)
+                tok_s = throughput(self.tokens_seen - before, now - t_last)
                 t_last = now
                 self.tune.metrics.write("train", step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr,
                                         grad_norm=norm, tokens_per_s=tok_s)
