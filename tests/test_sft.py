@@ -210,8 +210,8 @@ def test_non_finite_loss_stops_sft_without_a_final_model(setup, tmp_path, monkey
     real = SFTRun.train_step
 
     def train_step(self):
-        loss, norm = real(self)
-        return (float("nan") if self.step == 2 else loss), norm
+        loss, norm, extra = real(self)
+        return (float("nan") if self.step == 2 else loss), norm, extra
     monkeypatch.setattr(SFTRun, "train_step", train_step)
     out = tmp_path / "run"
     with pytest.raises(MinilabError, match=r"train loss is nan at step 3: training diverged") as e:
@@ -270,7 +270,7 @@ def test_a_step_all_reduces_its_token_count_once(setup, tmp_path, monkeypatch):
         return 2 * value
 
     monkeypatch.setattr(distributed, "all_reduce_sum", all_reduce_sum)
-    loss, _ = job.train_step()
+    loss, _, _ = job.train_step()
     assert len(calls) == 2, calls  # the token count, then the loss
     assert job.tokens_seen == 2 * calls[0] > 0
     assert loss == pytest.approx(calls[1])  # 2 * loss / 2 ranks
