@@ -108,3 +108,25 @@ def test_full_dpo_resume_validates_against_the_starting_weights(setup, tmp_path)
     b = _evals(tmp_path / "b")
     assert sorted(b) == [6] and b[6]["val_loss"] == a[6]["val_loss"]
     assert b[6]["val_reward_margin"] == a[6]["val_reward_margin"]
+
+
+def test_tokens_seen_counts_the_trained_tokens(setup, tmp_path):
+    """tokens_seen (checkpoint, metrics, manifest) is the answer tokens of every chosen and rejected
+    row trained on, as SFT counts its trained tokens; it was always 0."""
+    from minilab import registry
+    from minilab.checkpoint import read_meta
+    from minilab.finetune.rows import Rows, WeightedSampler
+
+    cfg = tune_cfg(DPOConfig, setup["name"], [setup["data"]], tmp_path / "run", max_steps=2, ckpt_every=1,
+                   register=False, models_dir=str(setup["models"]))
+    run_job(DPORun, cfg)
+    chosen, rejected = Rows(setup["data"], "train.chosen"), Rows(setup["data"], "train.rejected")
+    sampler = WeightedSampler([len(chosen)], None, cfg.seed, 0, 1)  # the run's draws, again
+    per_step = [sum(int(rows[i][1][1:].sum()) for _, i in (sampler.next() for _ in range(cfg.batch_size))
+                    for rows in (chosen, rejected)) for _ in range(2)]  # the first token is never a target
+    assert per_step[0] > 0
+    for step in (1, 2):
+        assert read_meta(tmp_path / "run" / "checkpoints" / f"step-00000{step}")["tokens_seen"] == sum(per_step[:step])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in records if r["kind"] == "train"] == [per_step[0], sum(per_step)]
+    assert registry.read_manifest(tmp_path / "run" / "final")["metrics"]["tokens_seen"] == sum(per_step)

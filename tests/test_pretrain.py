@@ -366,8 +366,8 @@ def test_non_finite_loss_names_the_step_and_the_kept_checkpoint(data, tmp_path, 
         real = pretrain.PretrainRun.train_step
 
         def train_step(self):
-            loss, norm = real(self)
-            return (float("inf") if self.step == 2 else loss), norm  # the loss of step 3
+            loss, norm, extra = real(self)
+            return (float("inf") if self.step == 2 else loss), norm, extra  # the loss of step 3
         monkeypatch.setattr(pretrain.PretrainRun, "train_step", train_step)
     else:
         real_eval, calls = pretrain.evaluate, []

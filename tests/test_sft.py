@@ -210,8 +210,8 @@ def test_non_finite_loss_stops_sft_without_a_final_model(setup, tmp_path, monkey
     real = SFTRun.train_step
 
     def train_step(self):
-        loss, norm = real(self)
-        return (float("nan") if self.step == 2 else loss), norm
+        loss, norm, extra = real(self)
+        return (float("nan") if self.step == 2 else loss), norm, extra
     monkeypatch.setattr(SFTRun, "train_step", train_step)
     out = tmp_path / "run"
     with pytest.raises(MinilabError, match=r"train loss is nan at step 3: training diverged") as e:
@@ -254,3 +254,23 @@ def test_merge_refuses_the_base_a_run_and_what_others_depend_on(setup, tmp_path,
     load_model_for_inference(lora, registry_root=models)  # the LoRA still finds its base
     for name in ("llama-9K-other-sft-v1", "llama-9K-other-pretrain-v1"):
         registry.remove_model(name, models)
+
+
+def test_a_step_all_reduces_its_token_count_once(setup, tmp_path, monkeypatch):
+    """Under 2 ranks one all-reduce of the trained-token count gives both the gradient normaliser
+    and the tokens_seen increment (another for the loss), not a second collective for the same sum."""
+    from minilab import distributed
+
+    job = SFTRun(_cfg(setup, tmp_path / "run"), distributed.DistInfo(), torch.device("cpu"))
+    job.info = distributed.DistInfo(rank=0, world_size=2)
+    calls = []
+
+    def all_reduce_sum(value, info, device):  # the other rank holds the same values
+        calls.append(value)
+        return 2 * value
+
+    monkeypatch.setattr(distributed, "all_reduce_sum", all_reduce_sum)
+    loss, _, _ = job.train_step()
+    assert len(calls) == 2, calls  # the token count, then the loss
+    assert job.tokens_seen == 2 * calls[0] > 0
+    assert loss == pytest.approx(calls[1])  # 2 * loss / 2 ranks

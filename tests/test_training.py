@@ -86,3 +86,12 @@ def test_bf16_autocast_runs_on_cpu():
     loss, _ = accumulate_gradients(model, [(x[:, :-1], x[:, 1:])], "bf16", torch.device("cpu"))
     assert abs(loss - math.log(97)) < 0.2
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_throughput_and_target_counts():
+    from minilab.training import count_targets, throughput
+
+    assert throughput(4 * 2 * 32 * 2, 0.5) == 1024.0  # batch 4 x accum 2 x seq 32 x 2 ranks in 0.5 s
+    assert throughput(10, 0.0) == 10 / 1e-9  # a step faster than the clock: finite, never a ZeroDivisionError
+    y = torch.tensor([[1, -100, 3], [-100, -100, 5]])
+    assert count_targets([y, y[:1]]) == 3 + 2

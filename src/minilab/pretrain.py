@@ -17,7 +17,6 @@ import logging
 import os
 import random
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,22 +32,21 @@ from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import format_params, human_bytes
 from minilab.model import ModelConfig, Transformer, build_model
 from minilab.owned import write_run_marker
+from minilab.run_skeleton import TrainingRun
 from minilab.training import (
     MFU,
     MetricsLog,
     OptimConfig,
     accumulate_gradients,
     autocast_context,
-    check_finite_loss,
     check_finite_weights,
-    checkpoint_val_meta,
-    eval_due,
+    count_targets,
     find_resume_checkpoint,
-    lr_at,
     make_optimizer,
     optimizer_step,
     resolve_device,
-    set_lr,
+    step_tokens,
+    throughput,
     token_loss_sum,
 )
 
@@ -210,8 +208,10 @@ def run(cfg: PretrainConfig, resume: str | None = None, dry_run: bool = False) -
         distributed.shutdown()
 
 
-class PretrainRun:
+class PretrainRun(TrainingRun):
     """One pretraining run: the objects a checkpoint restores, and the steps of the loop."""
+
+    final_metric = "val_ppl"
 
     def __init__(self, cfg: PretrainConfig, info: distributed.DistInfo, device: torch.device):
         from minilab.data.mixture import WeightedMixture
@@ -247,8 +247,7 @@ class PretrainRun:
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=info.is_main,
                                   tensorboard_dir=self.out / "tensorboard" if cfg.tensorboard else None)
         self.ckpt_dir = self.out / "checkpoints"
-        self.step, self.tokens_seen, self.best, self.last_eval = 0, 0, float("inf"), {}
-        self.eval_step = -1  # the step self.last_eval measured
+        self.init_progress()
         self.meta = {"config": to_dict(cfg), "model_config": to_dict(model_cfg), "tokenizer_sha256": self.tok_sha,
                      "minilab_version": __version__, "seq_len": self.seq_len, "world_size": info.world_size}
 
@@ -267,34 +266,28 @@ class PretrainRun:
             raise MinilabError(f"{ckpt} was trained with tokenizer {meta.get('tokenizer_sha256')}, "
                                f"not {self.tok_sha}; resume with the run's own tokenizer")
         self.reader.load_state_dict(meta["data_state"])
-        self.step, self.tokens_seen, self.best = meta["step"], meta["tokens_seen"], meta["best_val_loss"]
-        self.last_eval = {"val_loss": meta["val_loss"]} if meta.get("val_loss") is not None else {}
-        self.eval_step = meta.get("val_step", -1)
-        self.metrics.truncate_after(self.step)
+        self.load_progress(meta)
         log.info(f"resumed from {ckpt} at step {self.step}")
 
     # ---- one optimizer step ---------------------------------------------------------------------
-    def train_step(self) -> tuple[float, float]:
+    def train_step(self) -> tuple[float, float, None]:
         cfg, info = self.cfg, self.info
         micro = [next(self.stream) for _ in range(cfg.grad_accum)]
-        local = sum(int(y.numel()) for _, y in micro)
         # DDP and FSDP average gradients over ranks; dividing by (global tokens / ranks) makes the
         # result the mean over every token of the global batch, as one process would compute.
-        normalizer = distributed.all_reduce_sum(local, info, self.device) / info.world_size
+        tokens = step_tokens(count_targets(y for _, y in micro), info, self.device)
+        normalizer = tokens / info.world_size
         loss, _ = accumulate_gradients(self.train_model, micro, cfg.precision, self.device, self.scaler,
                                        normalizer=normalizer,
                                        sync=lambda last: distributed.no_sync(self.train_model, last))
         loss = distributed.all_reduce_sum(loss, info, self.device) / info.world_size
         norm = optimizer_step(self.model, self.optimizer, self.scaler, cfg.optim.grad_clip)
-        self.tokens_seen += cfg.batch_size * cfg.grad_accum * self.seq_len * info.world_size
-        return loss, norm
+        self.tokens_seen += tokens
+        return loss, norm, None
 
     def run_eval(self, bar) -> None:
         """Validate the current weights, log it, and note it under the progress bar (if any)."""
-        self.last_eval = evaluate(self.model, self.cfg, self.seq_len, self.device)
-        check_finite_loss(self.last_eval["val_loss"], "val loss", self.step, self.ckpt_dir)
-        self.eval_step = self.step
-        self.best = min(self.best, self.last_eval["val_loss"])
+        self.note_eval(evaluate(self.model, self.cfg, self.seq_len, self.device))
         epochs = {Path(d).name: round(self.tokens_seen * float(p) / max(1, n), 4)
                   for (d, n), p in zip(dataset_tokens(self.cfg.data_dirs).items(), self.reader.probs, strict=True)}
         self.metrics.write("eval", step=self.step, tokens=self.tokens_seen, epochs=epochs, **self.last_eval)
@@ -311,7 +304,7 @@ class PretrainRun:
         model_state, optim_state = (distributed.full_state(self.model, self.optimizer)
                                     if distributed.is_fsdp(self.model) else (None, None))
         if self.info.is_main:
-            val = checkpoint_val_meta(self.last_eval, self.eval_step, self.step, self.best)
+            val = self.val_meta()
             save_checkpoint(self.ckpt_dir, self.step, model=self.model, optimizer=self.optimizer,
                             meta={**self.meta, "tokens_seen": self.tokens_seen, "data_state": self.reader.state_dict(),
                                   **val},
@@ -331,43 +324,31 @@ class PretrainRun:
         full.load_state_dict(weights)
         return full
 
-    # ---- the loop ---------------------------------------------------------------------------------
-    def fit(self, resume: str | None) -> dict:
-        from minilab.progress import StepProgress
-
+    # ---- the loop's hooks (the loop: run_skeleton.TrainingRun.fit) ----------------------------------
+    def before_loop(self) -> None:
         cfg = self.cfg
-        self.restore(resume)
-        flops_per_token = self.model.flops_per_token(self.seq_len)
+        self.flops_per_token = self.model.flops_per_token(self.seq_len)
         # MFU's denominator: a matmul peak measured here, in the precision the run computes in.
-        mfu_of = MFU(self.device, torch.bfloat16 if cfg.precision == "bf16" else
-                     torch.float16 if cfg.precision == "fp16" else torch.float32,
-                     flops_per_token, self.info.world_size)
-        self.model.train()
-        t_last = time.perf_counter()
-        with StepProgress(cfg.max_steps, self.step, enabled=self.info.is_main) as bar:
-            if self.step == 0:
-                self.run_eval(bar)  # the untrained baseline
-            while self.step < cfg.max_steps:
-                lr = lr_at(self.step, cfg.max_steps, cfg.optim)
-                set_lr(self.optimizer, lr)
-                loss, norm = self.train_step()
-                self.step += 1
-                check_finite_loss(loss, "train loss", self.step, self.ckpt_dir)
-                now = time.perf_counter()
-                tok_s = cfg.batch_size * cfg.grad_accum * self.seq_len * self.info.world_size / max(now - t_last, 1e-9)
-                t_last = now
-                mfu = mfu_of(tok_s)
-                self.metrics.write("train", step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr,
-                                   grad_norm=norm, tokens_per_s=tok_s, flops_per_s=tok_s * flops_per_token, mfu=mfu)
-                bar.update(self.step, loss=loss, tok_s=tok_s, mfu=mfu)
-                if eval_due(self.step, cfg.eval_every, cfg.max_steps):
-                    self.run_eval(bar)
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps or self.step == cfg.interrupt_at_step:
-                    self.save()
-                if self.step == cfg.interrupt_at_step:
-                    os.kill(os.getpid(), signal.SIGKILL)  # a hard crash, exactly here: nothing else runs
-        if self.eval_step != self.step or "val_ppl" not in self.last_eval:  # e.g. resumed at the end
-            self.run_eval(None)
+        self.mfu_of = MFU(self.device, torch.bfloat16 if cfg.precision == "bf16" else
+                          torch.float16 if cfg.precision == "fp16" else torch.float32,
+                          self.flops_per_token, self.info.world_size)
+
+    def log_step(self, bar, lr: float, loss: float, norm: float, extra, tokens: int) -> None:
+        tok_s = throughput(tokens, self.step_seconds())
+        mfu = self.mfu_of(tok_s)
+        self.metrics.write("train", step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr, grad_norm=norm,
+                           tokens_per_s=tok_s, flops_per_s=tok_s * self.flops_per_token, mfu=mfu)
+        bar.update(self.step, loss=loss, tok_s=tok_s, mfu=mfu)
+
+    def checkpoint_due(self) -> bool:
+        return super().checkpoint_due() or self.step == self.cfg.interrupt_at_step
+
+    def after_step(self) -> None:
+        if self.step == self.cfg.interrupt_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # a hard crash, exactly here: nothing else runs
+
+    def finish_run(self) -> dict:
+        cfg = self.cfg
         final_eval = dict(self.last_eval)
         mix = self.reader.realised_mix()
         model = self.export_model()

@@ -117,6 +117,27 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
                            ignore_index=ignore_index, reduction="sum")
 
 
+def count_targets(targets, ignore_index: int = -100) -> int:
+    """Trained tokens of target tensors: the positions not at `ignore_index`. What token-normalised
+    accumulation divides by and what every loop's `tokens_seen` counts."""
+    return sum(int((y != ignore_index).sum()) for y in targets)
+
+
+def step_tokens(local: int, info, device: torch.device) -> int:
+    """The trained tokens of one optimizer step over every rank, from this rank's `local` count:
+    one all-reduce, whose sum advances `tokens_seen` and (divided by the ranks) normalises the
+    gradients of `accumulate_gradients`."""
+    from minilab import distributed
+
+    return int(distributed.all_reduce_sum(local, info, device))
+
+
+def throughput(count: float, seconds: float) -> float:
+    """Items (tokens, pairs) per second of a step: the one formula behind every loop's
+    `tokens_per_s` / `pairs_per_s` metric and progress bar."""
+    return count / max(seconds, 1e-9)
+
+
 def accumulate_gradients(model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
                          precision: str, device: torch.device, scaler=None, ignore_index: int = -100,
                          normalizer: float | None = None, sync=None) -> tuple[float, int]:
@@ -128,7 +149,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[tuple[torch.Tenso
     caller passes `normalizer` (global tokens / ranks) and `sync(last)`, a context that skips the
     gradient all-reduce on all but the last micro-batch. Returns (loss per token, local tokens).
     """
-    n_tokens = sum(int((y != ignore_index).sum()) for _, y in micro_batches)
+    n_tokens = count_targets((y for _, y in micro_batches), ignore_index)
     denom = normalizer if normalizer is not None else n_tokens
     if denom == 0:
         raise MinilabError("a training step has no target tokens (every label is masked)")

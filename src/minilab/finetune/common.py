@@ -31,6 +31,7 @@ from minilab.finetune.models import (
     peft_target,
 )
 from minilab.owned import write_run_marker
+from minilab.run_skeleton import TrainingRun
 from minilab.training import MetricsLog, OptimConfig, check_finite_weights, make_optimizer, optimizer_step
 
 log = logging.getLogger("minilab.finetune")
@@ -294,6 +295,26 @@ class Tuning:
             return self._registered_base()
         given = Path(self.cfg.base_model).expanduser()
         return str(given.resolve()) if given.exists() else self.cfg.base_model
+
+
+class TuningRun(TrainingRun):
+    """The training-run skeleton over a `Tuning` (`self.tune`): SFTRun and DPORun."""
+
+    @property
+    def model(self):
+        return self.tune.model
+
+    @property
+    def optimizer(self):
+        return self.tune.optimizer
+
+    @property
+    def metrics(self):
+        return self.tune.metrics
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.tune.ckpt_dir
 
 
 def _set_adapter_base(adapters: Path, base: str) -> None:

@@ -30,16 +30,14 @@ import torch.nn.functional as F
 from minilab import distributed
 from minilab.config import to_dict
 from minilab.errors import ConfigError, MinilabError
-from minilab.finetune.common import TuneConfig, Tuning
+from minilab.finetune.common import TuneConfig, Tuning, TuningRun
 from minilab.training import (
     OptimConfig,
     autocast_context,
-    check_finite_loss,
-    checkpoint_val_meta,
-    eval_due,
-    lr_at,
+    count_targets,
     sequence_logprobs,
-    set_lr,
+    step_tokens,
+    throughput,
 )
 
 log = logging.getLogger("minilab.dpo")
@@ -76,14 +74,15 @@ def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r:
 
 
 def pair_logps(model, chosen: list, rejected: list, pad_id: int, precision: str, device) -> tuple:
-    """Summed answer log-probs of chosen and rejected rows in one forward pass: (B,), (B,)."""
+    """Summed answer log-probs of chosen and rejected rows in one forward pass, (B,) and (B,), and
+    the number of answer tokens scored (the rows' trained tokens)."""
     from minilab.finetune.rows import collate
 
     x, y = collate(chosen + rejected, pad_id)
     with autocast_context(precision, device):
         logits = model(x.to(device))
     logps = sequence_logprobs(logits, y.to(device))
-    return logps[: len(chosen)], logps[len(chosen):]
+    return logps[: len(chosen)], logps[len(chosen):], count_targets([y])
 
 
 def reference_context(model, peft_model):
@@ -102,8 +101,10 @@ def run(cfg: DPOConfig, resume: str | None = None, dry_run: bool = False) -> dic
         distributed.shutdown()
 
 
-class DPORun:
+class DPORun(TuningRun):
     """One DPO run: setup -> restore -> (train_step, run_eval, save)* -> finish."""
+
+    progress_label = "dpo"
 
     def __init__(self, cfg: DPOConfig, info: distributed.DistInfo, device: torch.device):
         from minilab.finetune.rows import Rows, WeightedSampler
@@ -123,8 +124,7 @@ class DPORun:
         self.plan = self.tune.preflight(max(int(m["max_len"]) for m in self.manifests), rows_per_example=2)
         self.ref: list[np.ndarray] | None = None  # precomputed reference log-probs, train and val
         self.ref_val: list[np.ndarray] | None = None
-        self.step, self.best, self.last_eval = 0, float("inf"), {}
-        self.eval_step = -1  # the step self.last_eval measured
+        self.init_progress()
 
     # ---- reference log-probs ----------------------------------------------------------------------
     @torch.no_grad()
@@ -132,8 +132,9 @@ class DPORun:
         model = self.tune.model
         ctx = reference_context(model, self.tune.peft) if reference else contextlib.nullcontext()
         with ctx:
-            return pair_logps(model, [pairs[0][i] for i in idx], [pairs[1][i] for i in idx], self.pad_id,
-                              self.cfg.precision, self.device)
+            c, r, _ = pair_logps(model, [pairs[0][i] for i in idx], [pairs[1][i] for i in idx], self.pad_id,
+                                 self.cfg.precision, self.device)
+        return c, r
 
     def precompute_reference(self) -> None:
         """Reference log-probs of every training pair and every val pair, (n, 2) per dataset, saved
@@ -175,24 +176,21 @@ class DPORun:
         if meta is None:
             return
         self.sampler.load_state_dict(meta["data_state"])
-        self.step, self.best = meta["step"], meta["best_val_loss"]
-        self.last_eval = {"val_loss": meta["val_loss"]} if meta.get("val_loss") is not None else {}
-        self.eval_step = meta.get("val_step", -1)
-        self.tune.metrics.truncate_after(self.step)
+        self.load_progress(meta)
 
     def micro_batch(self) -> list[tuple[int, int]]:
         return [self.sampler.next() for _ in range(self.cfg.batch_size)]
 
-    def batch_stats(self, picks: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-pair loss (with grad) and metrics of one micro-batch of (dataset, row) picks."""
+    def batch_stats(self, picks: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """Per-pair loss (with grad), metrics and trained tokens of one micro-batch of (dataset, row) picks."""
         cfg, model = self.cfg, self.tune.model
         by_d: dict[int, list[int]] = {}
         for d, i in picks:
             by_d.setdefault(d, []).append(i)
-        parts = []
+        parts, tokens = [], 0
         for d, idx in by_d.items():
-            pi_c, pi_r = pair_logps(self.tune.train_model, [self.train[d][0][i] for i in idx],
-                                    [self.train[d][1][i] for i in idx], self.pad_id, cfg.precision, self.device)
+            pi_c, pi_r, n = pair_logps(self.tune.train_model, [self.train[d][0][i] for i in idx],
+                                       [self.train[d][1][i] for i in idx], self.pad_id, cfg.precision, self.device)
             if self.ref is not None:
                 ref = torch.as_tensor(self.ref[d][idx], dtype=torch.float32, device=self.device)
                 ref_c, ref_r = ref[:, 0], ref[:, 1]
@@ -202,28 +200,31 @@ class DPORun:
                 ref_c, ref_r = self.score(self.train[d], idx, reference=True)
                 model.train(was)
             parts.append((pi_c, pi_r, ref_c, ref_r))
+            tokens += n
         pi_c, pi_r, ref_c, ref_r = (torch.cat(t) for t in zip(*parts, strict=True))
         loss, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta)
         return loss, {"chosen_rewards": rc, "rejected_rewards": rr, "logps_chosen": pi_c.detach(),
-                      "logps_rejected": pi_r.detach()}
+                      "logps_rejected": pi_r.detach()}, tokens
 
-    def train_step(self) -> tuple[dict[str, float], float]:
+    def train_step(self) -> tuple[float, float, dict[str, float]]:
         cfg, tune, info = self.cfg, self.tune, self.info
         n_pairs = cfg.batch_size * cfg.grad_accum
         stats: list[dict[str, torch.Tensor]] = []
-        total = 0.0
+        total, local = 0.0, 0
         for k in range(cfg.grad_accum):
             with distributed.no_sync(tune.train_model, k == cfg.grad_accum - 1):
-                loss, s = self.batch_stats(self.micro_batch())
+                loss, s, tokens = self.batch_stats(self.micro_batch())
                 scaled = loss.sum() / n_pairs  # the mean over every pair of the step
                 (tune.scaler.scale(scaled) if tune.scaler is not None else scaled).backward()
             total += scaled.item()
             stats.append(s)
+            local += tokens
         norm = tune.optimizer_step()
+        self.tokens_seen += step_tokens(local, info, self.device)
         merged = {k: torch.cat([s[k] for s in stats]) for k in stats[0]}
         metrics = summarize(torch.tensor([total]), merged)
         metrics["loss"] = distributed.all_reduce_sum(total, info, self.device) / info.world_size
-        return metrics, norm
+        return metrics["loss"], norm, metrics
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -258,57 +259,40 @@ class DPORun:
 
     def run_eval(self, bar) -> None:
         """Validate the current weights, log it, and note it under the progress bar (if any)."""
-        self.last_eval = self.evaluate()
-        check_finite_loss(self.last_eval.get("val_loss"), "val loss", self.step, self.tune.ckpt_dir)
-        self.eval_step = self.step
-        if "val_loss" in self.last_eval:
-            self.best = min(self.best, self.last_eval["val_loss"])
-        self.tune.metrics.write("eval", step=self.step, epochs=self.sampler.epochs(), **self.last_eval)
+        self.note_eval(self.evaluate())
+        self.tune.metrics.write("eval", step=self.step, tokens=self.tokens_seen, epochs=self.sampler.epochs(),
+                                **self.last_eval)
         if self.info.is_main and self.last_eval and bar is not None:
             e = self.last_eval
             bar.note(f"step {self.step}: val loss {e['val_loss']:.4f}, reward accuracy "
                      f"{e['val_reward_accuracy']:.3f}, margin {e['val_reward_margin']:.4f}")
 
     def save(self) -> None:
-        val = checkpoint_val_meta(self.last_eval, self.eval_step, self.step, self.best)
-        self.tune.save(self.step, {"config": to_dict(self.cfg), "tokens_seen": 0,
+        val = self.val_meta()
+        self.tune.save(self.step, {"config": to_dict(self.cfg), "tokens_seen": self.tokens_seen,
                                    "data_state": self.sampler.state_dict(), **val},
                        metric=val["val_loss"])
 
-    def fit(self, resume: str | None) -> dict[str, Any]:
+    def before_loop(self) -> None:
+        if self.cfg.precompute_ref:
+            self.precompute_reference()
+
+    def log_step(self, bar, lr: float, loss: float, norm: float, metrics: dict[str, float], tokens: int) -> None:
+        pairs_s = throughput(self.cfg.batch_size * self.cfg.grad_accum, time.perf_counter() - self.t_step)
+        self.tune.metrics.write("train", step=self.step, tokens=self.tokens_seen, lr=lr, grad_norm=norm,
+                                pairs_per_s=pairs_s, **metrics)
+        bar.update(self.step, loss=loss, tok_s=pairs_s, unit="pairs/s")
+
+    def finish_run(self) -> dict[str, Any]:
         from minilab.finetune.sft import data_records
-        from minilab.progress import StepProgress
 
         cfg = self.cfg
-        self.restore(resume)
-        if cfg.precompute_ref:
-            self.precompute_reference()
-        self.tune.model.train()
-        with StepProgress(cfg.max_steps, self.step, description="dpo", enabled=self.info.is_main) as bar:
-            if self.step == 0:
-                self.run_eval(bar)  # the starting point
-            while self.step < cfg.max_steps:
-                lr = lr_at(self.step, cfg.max_steps, cfg.optim)
-                set_lr(self.tune.optimizer, lr)
-                t0 = time.perf_counter()
-                metrics, norm = self.train_step()
-                self.step += 1
-                check_finite_loss(metrics["loss"], "train loss", self.step, self.tune.ckpt_dir)
-                pairs_s = cfg.batch_size * cfg.grad_accum / max(time.perf_counter() - t0, 1e-9)
-                self.tune.metrics.write("train", step=self.step, lr=lr, grad_norm=norm, pairs_per_s=pairs_s,
-                                        **metrics)
-                bar.update(self.step, loss=metrics["loss"], tok_s=pairs_s, unit="pairs/s")
-                if eval_due(self.step, cfg.eval_every, cfg.max_steps):
-                    self.run_eval(bar)
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
-                    self.save()
-        if self.eval_step != self.step or "val_loss" not in self.last_eval:  # e.g. resumed at the end
-            self.run_eval(None)
         if not self.info.is_main:
             return {"final_dir": None, "name": None, **self.last_eval}
         dataset = cfg.dataset_name or Path(cfg.data_dirs[0]).name
         result = self.tune.finish("dpo", self.template, data_records(cfg.data_dirs), dataset,
-                                  {**self.last_eval, "steps": self.step, "beta": cfg.beta}, to_dict(cfg))
+                                  {**self.last_eval, "tokens_seen": self.tokens_seen, "steps": self.step,
+                                   "beta": cfg.beta}, to_dict(cfg))
         return {**result, **self.last_eval}
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,16 +28,14 @@ import torch
 from minilab import distributed
 from minilab.config import to_dict
 from minilab.errors import ConfigError, MinilabError
-from minilab.finetune.common import TuneConfig, Tuning
+from minilab.finetune.common import TuneConfig, Tuning, TuningRun
 from minilab.training import (
     OptimConfig,
     accumulate_gradients,
     autocast_context,
-    check_finite_loss,
-    checkpoint_val_meta,
-    eval_due,
-    lr_at,
-    set_lr,
+    count_targets,
+    step_tokens,
+    throughput,
     token_loss_sum,
 )
 
@@ -115,8 +112,10 @@ def run(cfg: SFTConfig, resume: str | None = None, dry_run: bool = False) -> dic
         distributed.shutdown()
 
 
-class SFTRun:
+class SFTRun(TuningRun):
     """One SFT run: setup here, then restore -> (train_step, run_eval, save)* -> finish."""
+
+    progress_label = "sft"
 
     def __init__(self, cfg: SFTConfig, info: distributed.DistInfo, device: torch.device):
         from minilab.finetune.rows import Rows, WeightedSampler
@@ -131,8 +130,7 @@ class SFTRun:
         self.pad_id = pad_id_of(self.tune.base.tokenizer_dir)
         self.seq_len = max(int(m["max_len"]) for m in self.manifests)
         self.plan = self.tune.preflight(self.seq_len)
-        self.step, self.tokens_seen, self.best, self.last_eval = 0, 0, float("inf"), {}
-        self.eval_step = -1  # the step self.last_eval measured
+        self.init_progress()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         from minilab.finetune.rows import collate
@@ -146,25 +144,22 @@ class SFTRun:
         if meta is None:
             return
         self.sampler.load_state_dict(meta["data_state"])
-        self.step, self.tokens_seen, self.best = meta["step"], meta["tokens_seen"], meta["best_val_loss"]
-        self.last_eval = {"val_loss": meta["val_loss"]} if meta.get("val_loss") is not None else {}
-        self.eval_step = meta.get("val_step", -1)
-        self.tune.metrics.truncate_after(self.step)
+        self.load_progress(meta)
 
     # ---- one optimizer step ---------------------------------------------------------------------
-    def train_step(self) -> tuple[float, float]:
+    def train_step(self) -> tuple[float, float, None]:
         cfg, info, tune = self.cfg, self.info, self.tune
         micro = [self.next_batch() for _ in range(cfg.grad_accum)]
-        local = sum(int((y != -100).sum()) for _, y in micro)
         # Normalise by the trained tokens of the whole (global) step, as pretraining does.
-        normalizer = distributed.all_reduce_sum(local, info, self.device) / info.world_size
+        tokens = step_tokens(count_targets(y for _, y in micro), info, self.device)
+        normalizer = tokens / info.world_size
         loss, _ = accumulate_gradients(tune.train_model, micro, cfg.precision, self.device, tune.scaler,
                                        normalizer=normalizer,
                                        sync=lambda last: distributed.no_sync(tune.train_model, last))
         loss = distributed.all_reduce_sum(loss, info, self.device) / info.world_size
         norm = tune.optimizer_step()
-        self.tokens_seen += int(distributed.all_reduce_sum(local, info, self.device))
-        return loss, norm
+        self.tokens_seen += tokens
+        return loss, norm, None
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -193,11 +188,7 @@ class SFTRun:
 
     def run_eval(self, bar) -> None:
         """Validate the current weights, log it, and note it under the progress bar (if any)."""
-        self.last_eval = self.evaluate()
-        check_finite_loss(self.last_eval.get("val_loss"), "val loss", self.step, self.tune.ckpt_dir)
-        self.eval_step = self.step
-        if "val_loss" in self.last_eval:
-            self.best = min(self.best, self.last_eval["val_loss"])
+        self.note_eval(self.evaluate())
         answers = self.tune.answer(self.template, self.cfg.eval_prompts, self.cfg.max_new_tokens) \
             if self.info.is_main and self.cfg.eval_prompts else []
         self.tune.metrics.write("eval", step=self.step, tokens=self.tokens_seen, epochs=self.sampler.epochs(),
@@ -211,41 +202,19 @@ class SFTRun:
                 bar.note(f"  {a['prompt']!r} -> {a['answer']!r}")
 
     def save(self) -> None:
-        val = checkpoint_val_meta(self.last_eval, self.eval_step, self.step, self.best)
+        val = self.val_meta()
         self.tune.save(self.step, {"config": to_dict(self.cfg), "tokens_seen": self.tokens_seen,
                                    "data_state": self.sampler.state_dict(), **val},
                        metric=val["val_loss"])
 
-    # ---- the loop ---------------------------------------------------------------------------------
-    def fit(self, resume: str | None) -> dict[str, Any]:
-        from minilab.progress import StepProgress
+    def log_step(self, bar, lr: float, loss: float, norm: float, extra, tokens: int) -> None:
+        tok_s = throughput(tokens, self.step_seconds())
+        self.tune.metrics.write("train", step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr,
+                                grad_norm=norm, tokens_per_s=tok_s)
+        bar.update(self.step, loss=loss, tok_s=tok_s)
 
+    def finish_run(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.restore(resume)
-        self.tune.model.train()
-        t_last = time.perf_counter()
-        with StepProgress(cfg.max_steps, self.step, description="sft", enabled=self.info.is_main) as bar:
-            if self.step == 0:
-                self.run_eval(bar)  # the starting point
-            while self.step < cfg.max_steps:
-                lr = lr_at(self.step, cfg.max_steps, cfg.optim)
-                set_lr(self.tune.optimizer, lr)
-                before = self.tokens_seen
-                loss, norm = self.train_step()
-                self.step += 1
-                check_finite_loss(loss, "train loss", self.step, self.tune.ckpt_dir)
-                now = time.perf_counter()
-                tok_s = (self.tokens_seen - before) / max(now - t_last, 1e-9)
-                t_last = now
-                self.tune.metrics.write("train", step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr,
-                                        grad_norm=norm, tokens_per_s=tok_s)
-                bar.update(self.step, loss=loss, tok_s=tok_s)
-                if eval_due(self.step, cfg.eval_every, cfg.max_steps):
-                    self.run_eval(bar)
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
-                    self.save()
-        if self.eval_step != self.step or "val_loss" not in self.last_eval:  # e.g. resumed at the end
-            self.run_eval(None)
         if not self.info.is_main:
             return {"final_dir": None, "name": None, **self.last_eval}
         dataset = cfg.dataset_name or Path(cfg.data_dirs[0]).name
