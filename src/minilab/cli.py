@@ -30,7 +30,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "run": ("minilab.recipe.runner", "run a recipe: the whole pipeline, stages cached by fingerprint, resumable"),
     "demo": ("minilab.demo", "run the built-in end-to-end demo on a CPU (the shipped recipe 'demo')"),
     "arch": ("minilab.arch", "list architecture presets with their true parameter counts and costs"),
-    "models": ("minilab.registry", "list, show and remove models in the registry"),
+    "models": ("minilab.models_verb", "list, show and remove models in the registry"),
     "corpus": ("minilab.data.corpus", "clean, filter and deduplicate raw text into corpus shards"),
     "tokenizer": ("minilab.data.tokenizer", "train (or adopt) a tokenizer and fingerprint it"),
     "pack": ("minilab.data.pack", "tokenize a corpus into packed train/val token files"),
