@@ -25,15 +25,12 @@ How requests are served (why):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
-import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from importlib import resources
 from typing import Any
 
@@ -42,219 +39,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from minilab.inference import Delta, Engine, SamplingParams
+from minilab.inference import Delta, Engine
 from minilab.serve import protocol as p
 from minilab.serve.guard import protect
+from minilab.serve.scheduler import Scheduler
 
 log = logging.getLogger("minilab.serve")
-_END = object()
-
-
-class _Job:
-    """One admitted request: what to decode, where its deltas go, and its cancel flag."""
-
-    def __init__(self, ids: list[int], params: SamplingParams, chat: bool, put: Any, cancel: threading.Event):
-        self.ids, self.params, self.chat, self.put, self.cancel = ids, params, chat, put, cancel
-
-
-class Scheduler:
-    """Decoding off the event loop, admission control and counters (what /health reports).
-
-    With a model that decodes a left-padded KV cache (our Transformer), one thread runs a
-    `ContinuousBatch`: up to `max_concurrency` requests decode together, each joining at the next
-    step after it arrives and leaving when its answer ends, so throughput grows with load instead
-    of requests taking turns on the CPU. Other models (transformers-backed) decode each request in
-    a pool of `max_concurrency` threads."""
-
-    def __init__(self, max_concurrency: int, max_queue: int, engine: Engine | None = None):
-        from minilab.generate import supports_continuous_batching
-
-        if max_concurrency < 1 or max_queue < 0:
-            raise ValueError("max_concurrency must be ≥ 1 and max_queue ≥ 0")
-        self.max_concurrency, self.max_queue = max_concurrency, max_queue
-        self.lock = threading.Lock()
-        self.admitted = self.running = 0
-        self.counts = {"completed": 0, "cancelled": 0, "rejected": 0, "failed": 0, "tokens": 0}
-        self.cancels: set[threading.Event] = set()
-        self.batching = engine is not None and supports_continuous_batching(engine.model)
-        self.closing = threading.Event()
-        self.batch_peak = 0  # the most requests one decoding step has served
-        if self.batching:
-            self.pending: queue.Queue[_Job] = queue.Queue()
-            self.thread = threading.Thread(target=self._batch_loop, args=(engine,), name="minilab-batch",
-                                           daemon=True)
-            self.thread.start()
-        else:
-            self.executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="minilab-generate")
-
-    def admit(self) -> None:
-        with self.lock:
-            if self.admitted >= self.max_concurrency + self.max_queue:
-                self.counts["rejected"] += 1
-                raise p.ApiError(429, f"server busy: {self.max_concurrency} requests running and "
-                                      f"{self.max_queue} queued; retry later", type="rate_limit_error",
-                                 code="queue_full")
-            self.admitted += 1
-
-    def stats(self) -> dict[str, Any]:
-        with self.lock:
-            return {"running": self.running, "queued": self.admitted - self.running,
-                    "max_concurrency": self.max_concurrency, "max_queue": self.max_queue,
-                    "batching": self.batching, "batch_peak": self.batch_peak, **self.counts}
-
-    def start(self, engine: Engine, ids: list[int], params: SamplingParams, chat: bool) -> AsyncIterator[Delta]:
-        """Admit one request (429 when full) and hand it to the decoder at once; returns its deltas.
-        Admission and the hand-over happen here, not on first iteration, so the counts stay right
-        even if the response is never read."""
-        self.admit()
-        loop = asyncio.get_running_loop()
-        out: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def put(item: Any) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed under us: server shutting down
-                loop.call_soon_threadsafe(out.put_nowait, item)
-
-        job = _Job(list(ids), params, chat, put, cancel)
-        with self.lock:
-            self.cancels.add(cancel)
-        if self.closing.is_set():
-            self._refuse(job)
-        if self.batching:
-            self.pending.put(job)
-        else:
-            try:
-                self.executor.submit(self._decode_alone, engine, job)
-            except RuntimeError:  # executor shut down
-                self._refuse(job)
-        return self._drain(out, cancel)
-
-    def _refuse(self, job: _Job) -> None:
-        with self.lock:
-            self.admitted -= 1
-            self.cancels.discard(job.cancel)
-        raise p.ApiError(503, "server shutting down", type="server_error")
-
-    def _begin(self) -> None:
-        with self.lock:
-            self.running += 1
-
-    def _end(self, job: _Job, outcome: str, tokens: int = 0, running: bool = True) -> None:
-        with self.lock:
-            self.running -= int(running)
-            self.admitted -= 1
-            self.counts[outcome] += 1
-            self.counts["tokens"] += tokens
-            self.cancels.discard(job.cancel)
-        job.put(_END)
-
-    def _decode_alone(self, engine: Engine, job: _Job) -> None:
-        """A worker thread's request: decoded by itself (models without continuous batching)."""
-        outcome, tokens = "cancelled", 0
-        self._begin()
-        try:
-            if job.cancel.is_set():
-                return
-            for d in engine.stream(job.ids, job.params, chat=job.chat, cancelled=job.cancel.is_set):
-                job.put(d)
-                if d.finish_reason is not None:
-                    outcome, tokens = "completed", d.completion_tokens
-        except Exception as e:  # surfaces as a 500 on this request only
-            outcome = "failed"
-            log.exception("generation failed")
-            job.put(e)
-        finally:
-            self._end(job, outcome, tokens)
-
-    def _batch_loop(self, engine: Engine) -> None:
-        """The continuous-batching thread: admit waiting requests into free rows, run one step
-        for all, route each row's token to its request; repeat."""
-        from minilab.generate import ContinuousBatch
-
-        batch = ContinuousBatch(engine.model, engine.stop_ids)
-        live: dict[int, tuple[_Job, Any, Any]] = {}  # id(row) -> (job, reply, row)
-
-        def route(job: _Job, reply: Any, row: Any, tok: int | None) -> None:
-            if tok is not None:
-                delta = reply.push(tok)
-                if delta is not None:
-                    job.put(delta)
-                if reply.stopped:
-                    batch.drop(row)
-            if row.done is None:
-                live[id(row)] = (job, reply, row)
-                return
-            live.pop(id(row), None)
-            end = reply.end()
-            job.put(end)
-            self._end(job, "completed", end.completion_tokens)
-
-        while not self.closing.is_set():
-            try:
-                for job, _reply, row in list(live.values()):  # clients that went away leave now
-                    if job.cancel.is_set():
-                        batch.drop(row)
-                        live.pop(id(row))
-                        self._end(job, "cancelled")
-                while len(batch) < self.max_concurrency:
-                    try:
-                        job = self.pending.get(timeout=0.05) if not len(batch) else self.pending.get_nowait()
-                    except queue.Empty:
-                        break
-                    if job.cancel.is_set():
-                        self._end(job, "cancelled", running=False)
-                        continue
-                    self._begin()
-                    prm = job.params
-                    try:  # a request that cannot start fails alone
-                        reply = engine.reply(job.ids, prm, chat=job.chat)
-                        row, tok = batch.add(job.ids, prm.max_tokens, temperature=prm.temperature, top_k=prm.top_k,
-                                             top_p=prm.top_p, repetition_penalty=prm.repetition_penalty,
-                                             seed=prm.seed)
-                    except Exception as e:
-                        log.exception("generation failed")
-                        job.put(e)
-                        self._end(job, "failed")
-                        continue
-                    route(job, reply, row, tok)
-                for row, tok in batch.step():
-                    job, reply, _ = live[id(row)]
-                    route(job, reply, row, tok)
-                self.batch_peak = max(self.batch_peak, batch.peak)
-            except Exception as e:  # every request of the broken batch gets a 500; the server goes on
-                log.exception("generation failed")
-                for job, _reply, _row in live.values():
-                    job.put(e)
-                    self._end(job, "failed")
-                live.clear()
-                batch = ContinuousBatch(engine.model, engine.stop_ids)
-        for job, _reply, _row in live.values():
-            self._end(job, "cancelled")
-
-    @staticmethod
-    async def _drain(out: asyncio.Queue, cancel: threading.Event) -> AsyncIterator[Delta]:
-        try:
-            while (item := await out.get()) is not _END:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            cancel.set()  # client gone or done: decoding stops before its next token
-
-    def shutdown(self) -> None:
-        with self.lock:
-            for c in self.cancels:
-                c.set()
-        self.closing.set()
-        if self.batching:
-            self.thread.join(timeout=30)
-            while True:  # requests that never reached the batch
-                try:
-                    self._end(self.pending.get_nowait(), "cancelled", running=False)
-                except queue.Empty:
-                    break
-        else:
-            self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 # ---- request handling -----------------------------------------------------------------------------
@@ -302,8 +92,54 @@ def _budget(engine: Engine, n_prompt: int, requested: int | None) -> int:
     return requested if requested is not None else ctx - n_prompt
 
 
+def _completion_prompt(engine: Engine, req: p.CompletionRequest) -> tuple[str | list[int], list[int]]:
+    """(the prompt as given: text or token ids, its token ids); ids outside the vocabulary are a 422."""
+    prompt = req.prompt[0] if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) \
+        else req.prompt
+    ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if any(not 0 <= t < engine.model.config.vocab_size for t in ids):
+        raise p.ApiError(422, "prompt token ids out of the vocabulary", param="prompt", code="invalid_value")
+    return prompt, ids
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _install_error_handlers(app: Any) -> None:
+    """Every error leaves as an OpenAI-style JSON error body; a client that hung up gets one log line."""
+
+    @app.exception_handler(p.ApiError)
+    async def _api_error(_request: Request, exc: p.ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, _exc: ClientDisconnect) -> Response:
+        # the client hung up before sending its whole body: one quiet line, no traceback, and an
+        # answer nobody reads (uvicorn drops what is sent to a closed connection)
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.info("%s went away before sending the whole request to %s", client, request.url.path)
+        return Response(status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(p.ApiError(exc.status_code, str(exc.detail), code=code).body(),
+                            status_code=exc.status_code)
+
+
+def _bearer_check(api_key: str | None) -> Callable[[Request], None]:
+    """The per-request API key check (a no-op when the server has no key)."""
+
+    def auth(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if given != f"Bearer {api_key}":
+            raise p.ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
+                             type="authentication_error", code="invalid_api_key")
+
+    return auth
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_concurrency: int = 8, max_queue: int = 64,
@@ -326,32 +162,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_concurrency: i
     protect(app, bind_host=host, api_key=api_key, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
     page = resources.files("minilab.serve").joinpath("page.html").read_text(encoding="utf-8")
     started = int(time.time())
-
-    @app.exception_handler(p.ApiError)
-    async def _api_error(_request: Request, exc: p.ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(ClientDisconnect)
-    async def _client_gone(request: Request, _exc: ClientDisconnect) -> Response:
-        # the client hung up before sending its whole body: one quiet line, no traceback, and an
-        # answer nobody reads (uvicorn drops what is sent to a closed connection)
-        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
-        log.info("%s went away before sending the whole request to %s", client, request.url.path)
-        return Response(status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(p.ApiError(exc.status_code, str(exc.detail), code=code).body(),
-                            status_code=exc.status_code)
-
-    def auth(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if given != f"Bearer {api_key}":
-            raise p.ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
-                             type="authentication_error", code="invalid_api_key")
+    _install_error_handlers(app)
+    auth = _bearer_check(api_key)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -386,7 +198,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_concurrency: i
         deltas = sched.start(engine, ids, params, chat=True)
         rid = p.new_id("chatcmpl")
         if req.stream:
-            return StreamingResponse(_chat_events(rid, req, deltas, len(ids)), media_type="text/event-stream",
+            return StreamingResponse(_chat_events(engine, rid, req, deltas, len(ids)),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text, n, finish = await _collect(deltas)
         return p.chat_response(rid, engine.name, text, finish, len(ids), n)
@@ -396,60 +209,57 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_concurrency: i
         auth(request)
         req = p.parse(p.CompletionRequest, await _read_json(request, max_body_bytes))
         _check_model(engine, req.model)
-        prompt = req.prompt[0] if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) \
-            else req.prompt
-        ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if any(not 0 <= t < engine.model.config.vocab_size for t in ids):
-            raise p.ApiError(422, "prompt token ids out of the vocabulary", param="prompt", code="invalid_value")
+        prompt, ids = _completion_prompt(engine, req)
         params = req.sampling(_budget(engine, len(ids), req.max_tokens))
         deltas = sched.start(engine, ids, params, chat=False)
         rid, created = p.new_id("cmpl"), int(time.time())
         echo = prompt if req.echo and isinstance(prompt, str) else ""
         if req.stream:
-            return StreamingResponse(_completion_events(rid, created, req, deltas, len(ids), echo),
+            return StreamingResponse(_completion_events(engine, rid, created, req, deltas, len(ids), echo),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         text, n, finish = await _collect(deltas)
         return p.completion_response(rid, engine.name, echo + text, finish, created, p.usage(len(ids), n))
 
-    async def _chat_events(rid: str, req: p.ChatRequest, deltas: AsyncIterator[Delta], n_prompt: int):
-        created, with_usage = int(time.time()), req.wants_usage_chunk()
-        last = Delta("", 0)
-        try:
-            yield _sse(p.chat_chunk(rid, engine.name, created, {"role": "assistant", "content": ""}, None,
-                                    with_usage))
-            async for d in deltas:
-                last = d
-                if d.text:
-                    yield _sse(p.chat_chunk(rid, engine.name, created, {"content": d.text}, None, with_usage))
-            yield _sse(p.chat_chunk(rid, engine.name, created, {}, last.finish_reason or "stop", with_usage))
-            if with_usage:
-                yield _sse(p.usage_chunk(rid, engine.name, created, "chat.completion.chunk",
-                                         p.usage(n_prompt, last.completion_tokens)))
-            yield "data: [DONE]\n\n"
-        except Exception as e:  # headers are sent: report the failure inside the stream, as OpenAI does
-            yield _sse(p.ApiError(500, f"generation failed: {e}", type="server_error").body())
-        finally:
-            await deltas.aclose()  # client gone: cancels the worker
-
-    async def _completion_events(rid: str, created: int, req: p.CompletionRequest, deltas: AsyncIterator[Delta],
-                                 n_prompt: int, echo: str):
-        last = Delta("", 0)
-        try:
-            if echo:
-                yield _sse(p.completion_response(rid, engine.name, echo, None, created, None))
-            async for d in deltas:
-                last = d
-                yield _sse(p.completion_response(rid, engine.name, d.text, d.finish_reason, created, None))
-            if req.wants_usage_chunk():
-                yield _sse(p.usage_chunk(rid, engine.name, created, "text_completion",
-                                         p.usage(n_prompt, last.completion_tokens)))
-            yield "data: [DONE]\n\n"
-        except Exception as e:
-            yield _sse(p.ApiError(500, f"generation failed: {e}", type="server_error").body())
-        finally:
-            await deltas.aclose()
-
     return app
+
+
+async def _chat_events(engine: Engine, rid: str, req: p.ChatRequest, deltas: AsyncIterator[Delta], n_prompt: int):
+    created, with_usage = int(time.time()), req.wants_usage_chunk()
+    last = Delta("", 0)
+    try:
+        yield _sse(p.chat_chunk(rid, engine.name, created, {"role": "assistant", "content": ""}, None,
+                                with_usage))
+        async for d in deltas:
+            last = d
+            if d.text:
+                yield _sse(p.chat_chunk(rid, engine.name, created, {"content": d.text}, None, with_usage))
+        yield _sse(p.chat_chunk(rid, engine.name, created, {}, last.finish_reason or "stop", with_usage))
+        if with_usage:
+            yield _sse(p.usage_chunk(rid, engine.name, created, "chat.completion.chunk",
+                                     p.usage(n_prompt, last.completion_tokens)))
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # headers are sent: report the failure inside the stream, as OpenAI does
+        yield _sse(p.ApiError(500, f"generation failed: {e}", type="server_error").body())
+    finally:
+        await deltas.aclose()  # client gone: cancels the worker
+
+async def _completion_events(engine: Engine, rid: str, created: int, req: p.CompletionRequest,
+                             deltas: AsyncIterator[Delta], n_prompt: int, echo: str):
+    last = Delta("", 0)
+    try:
+        if echo:
+            yield _sse(p.completion_response(rid, engine.name, echo, None, created, None))
+        async for d in deltas:
+            last = d
+            yield _sse(p.completion_response(rid, engine.name, d.text, d.finish_reason, created, None))
+        if req.wants_usage_chunk():
+            yield _sse(p.usage_chunk(rid, engine.name, created, "text_completion",
+                                     p.usage(n_prompt, last.completion_tokens)))
+        yield "data: [DONE]\n\n"
+    except Exception as e:
+        yield _sse(p.ApiError(500, f"generation failed: {e}", type="server_error").body())
+    finally:
+        await deltas.aclose()
 
 
 async def _collect(deltas: AsyncIterator[Delta]) -> tuple[str, int, str]:
