@@ -126,8 +126,7 @@ def verb_config_classes() -> list[type]:
     import typing
     from pathlib import Path
 
-    from minilab import docs_tables
-    from minilab import stage
+    from minilab import docs_tables, stage
     from minilab.model import ModelConfig
 
     repo = Path(__file__).resolve().parents[1]

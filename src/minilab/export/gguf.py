@@ -56,6 +56,25 @@ _TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weig
               "lm_head.weight": "output.weight"}
 
 
+@dataclass
+class ExportStageConfig:
+    """`minilab export` as a recipe stage: a GGUF file in the stage's folder, or the folder (`stage_output`)."""
+
+    model: str = field(default="", metadata={"help": "model to export: ${merge}, a directory or a registry name"})
+    output_dir: str = recipe_output_dir_field()
+    format: Literal["gguf", "hf"] = field(default="gguf", metadata={"help": "gguf file or transformers directory"})
+    outtype: Literal["f32", "f16"] = field(default="f32", metadata={"help": "gguf: weight matrices' type"})
+    dtype: str | None = field(default=None, metadata={"help": "hf: weights dtype (default as stored)"})
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapters merged in first"})
+    check: bool = field(default=True, metadata={
+        "help": "hf: prove transformers loads the export with our logits; gguf: read it back with gguf's reader"})
+    models_dir: str | None = models_dir_field(": where model names are looked up", recipe_stage=True)
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("required: the model to export (e.g. ${merge})", key="model")
+
+
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Rotate-half (HF) row layout -> adjacent-pair (llama.cpp / Meta) layout, per head. w: (n_head*hd, in)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -272,23 +291,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 # ---- the recipe stage ---------------------------------------------------------------------------
-@dataclass
-class ExportStageConfig:
-    model: str = field(default="", metadata={"help": "model to export: ${merge}, a directory or a registry name"})
-    output_dir: str = recipe_output_dir_field()
-    format: Literal["gguf", "hf"] = field(default="gguf", metadata={"help": "gguf file or transformers directory"})
-    outtype: Literal["f32", "f16"] = field(default="f32", metadata={"help": "gguf: weight matrices' type"})
-    dtype: str | None = field(default=None, metadata={"help": "hf: weights dtype (default as stored)"})
-    adapter: str | None = field(default=None, metadata={"help": "PEFT adapters merged in first"})
-    check: bool = field(default=True, metadata={
-        "help": "hf: prove transformers loads the export with our logits; gguf: read it back with gguf's reader"})
-    models_dir: str | None = models_dir_field(": where model names are looked up", recipe_stage=True)
-
-    def validate(self) -> None:
-        if not self.model:
-            raise ConfigError("required: the model to export (e.g. ${merge})", key="model")
-
-
 def stage_output(stage_dir: Path, config: dict[str, Any]) -> Path:
     """A GGUF export is one file in the stage's folder; an hf export is the folder."""
     return stage_dir / "model.gguf" if config.get("format", "gguf") == "gguf" else stage_dir

@@ -19,6 +19,22 @@ from minilab.quantization import is_int8_dir, quantize_int8, save_int8_dir
 from minilab.stage import Stage, registered_name, weights_estimate
 
 
+@dataclass
+class QuantizeStageConfig:
+    """`minilab quantize --int8` as a recipe stage: the int8 copy is written into the stage's folder."""
+
+    model: str = field(default="", metadata={"help": "model to quantize to int8"})
+    output_dir: str = recipe_output_dir_field()
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapters merged in before quantizing"})
+    name: str | None = field(default=None, metadata={"help": "registry name (default: the parent's, type int8)"})
+    models_dir: str | None = models_dir_field(
+        ": where model names are looked up and the int8 copy is registered", recipe_stage=True)
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("required: the model to quantize (e.g. ${merge})", key="model")
+
+
 # ---- the `quantize` verb -----------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from minilab.cliargs import flag
@@ -74,20 +90,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 # ---- the recipe stage ---------------------------------------------------------------------------
-@dataclass
-class QuantizeStageConfig:
-    model: str = field(default="", metadata={"help": "model to quantize to int8"})
-    output_dir: str = recipe_output_dir_field()
-    adapter: str | None = field(default=None, metadata={"help": "PEFT adapters merged in before quantizing"})
-    name: str | None = field(default=None, metadata={"help": "registry name (default: the parent's, type int8)"})
-    models_dir: str | None = models_dir_field(
-        ": where model names are looked up and the int8 copy is registered", recipe_stage=True)
-
-    def validate(self) -> None:
-        if not self.model:
-            raise ConfigError("required: the model to quantize (e.g. ${merge})", key="model")
-
-
 def _run_stage(cfg: QuantizeStageConfig) -> dict[str, Any]:
     name, dest = quantize_to_registry(cfg.model, adapter=cfg.adapter, name=cfg.name, root=cfg.models_dir,
                                       output_dir=Path(cfg.output_dir))

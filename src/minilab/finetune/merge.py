@@ -26,6 +26,23 @@ from minilab.stage import Stage, registered_name, weights_estimate
 log = logging.getLogger("minilab.merge")
 
 
+@dataclass
+class MergeStageConfig:
+    """`minilab merge` as a recipe stage: the merged model is written into the stage's folder."""
+
+    model: str = field(default="", metadata={"help": "model with adapters: ${sft}, ${dpo}, a directory or name"})
+    output_dir: str = recipe_output_dir_field()
+    dtype: str | None = field(default=None, metadata={"help": "weights dtype of the merged model"})
+    register: bool = field(default=True, metadata={
+        "help": "enter the merged model into the registry under a generated name; false: only write it"})
+    models_dir: str | None = models_dir_field(
+        ": where model names are looked up and the merged model is registered", recipe_stage=True)
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("required: the model whose adapters to merge (e.g. ${dpo})", key="model")
+
+
 def merge(model: str, *, output_dir: str | None = None, dtype: str | None = None, register: bool = True,
           models_dir: str | None = None, force: bool = False) -> dict[str, Any]:
     """Merge the adapters of `model` (registry name or directory) and write a full model.
@@ -143,21 +160,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 # ---- the recipe stage ---------------------------------------------------------------------------
-@dataclass
-class MergeStageConfig:
-    model: str = field(default="", metadata={"help": "model with adapters: ${sft}, ${dpo}, a directory or name"})
-    output_dir: str = recipe_output_dir_field()
-    dtype: str | None = field(default=None, metadata={"help": "weights dtype of the merged model"})
-    register: bool = field(default=True, metadata={
-        "help": "enter the merged model into the registry under a generated name; false: only write it"})
-    models_dir: str | None = models_dir_field(
-        ": where model names are looked up and the merged model is registered", recipe_stage=True)
-
-    def validate(self) -> None:
-        if not self.model:
-            raise ConfigError("required: the model whose adapters to merge (e.g. ${dpo})", key="model")
-
-
 def _run_stage(cfg: MergeStageConfig) -> dict[str, Any]:
     return merge(cfg.model, output_dir=cfg.output_dir, dtype=cfg.dtype, register=cfg.register,
                  models_dir=cfg.models_dir)
