@@ -62,6 +62,9 @@ class Stage:
     # config keys that describe the output and can be read before the stage ran (a tokenizer's
     # vocab_size, a packed seq_len, rows' max_len): what an estimate of a later stage asks for
     output_facts: tuple[str, ...] = ()
+    # report(stage_dir) -> {"links", "plots", "text"}: what the recipe report shows of a finished
+    # stage beyond its metric (a training stage's curves are drawn from its metrics.jsonl)
+    report: Callable[[Path], dict[str, Any]] | None = None
     rows_per_example: int = 1  # sequences per batch example in memory (DPO: chosen and rejected)
     # keys a recipe must give (the verb may take them as flags): key -> what, for the error
     required: dict[str, str] = field(default_factory=dict)

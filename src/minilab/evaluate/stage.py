@@ -287,5 +287,21 @@ def _metric(r: dict[str, Any], cfg: EvalConfig) -> str:
     return ", ".join(parts) or "report written"
 
 
-STAGE = Stage("eval", EvalConfig, run=run, metric=_metric,
+def _report_section(d: Path) -> dict[str, Any]:
+    """The recipe report's section of an eval stage: its report, plots and a few results."""
+    if not (d / "results.json").is_file():
+        return {}
+    sec: dict[str, Any] = {"links": [d / "report.md"], "text": []}
+    sec["plots"] = sorted((d / "plots").glob("*.png")) if (d / "plots").is_dir() else []
+    res = json.loads((d / "results.json").read_text(encoding="utf-8"))
+    for p in res.get("perplexity", []):
+        sec["text"].append(f"perplexity {p['perplexity']:.3f} on {p['source']} ({p['tokens']:,} tokens)")
+    gens = (res.get("generations") or {}).get("items") or (res.get("generations") or {}).get("greedy") or []
+    for g in gens[:3] if isinstance(gens, list) else []:
+        if isinstance(g, dict) and "prompt" in g:
+            sec["text"].append(f"{g['prompt']!r} -> {str(g.get('greedy', g.get('text', '')))[:160]!r}")
+    return sec
+
+
+STAGE = Stage("eval", EvalConfig, run=run, metric=_metric, report=_report_section,
               required={"model_path": "the model to evaluate (e.g. ${pretrain})"})
