@@ -27,6 +27,7 @@ def test_every_kind_module_exports_its_stage(kind):
     assert set(st.output_facts) <= names and set(st.required) <= names
     assert callable(st.run) and callable(st.metric)
     assert st.output in ("dir", "final") or callable(st.output)
+    assert st.help == stage.STAGE_MODULES[kind][1]
 
 
 def test_the_cli_lists_every_stage_kind_as_a_verb():

@@ -69,6 +69,11 @@ class Stage:
     # keys a recipe must give (the verb may take them as flags): key -> what, for the error
     required: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def help(self) -> str:
+        """The verb's one-line help (kept in the registry, so `minilab --help` imports no stage)."""
+        return STAGE_MODULES[self.kind][1]
+
     def output_path(self, stage_dir: Path, config: dict[str, Any]) -> Path:
         """Where the stage's output lies, from its folder and its config as written."""
         if callable(self.output):
