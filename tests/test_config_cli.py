@@ -126,12 +126,11 @@ def verb_config_classes() -> list[type]:
     import typing
     from pathlib import Path
 
-    from minilab import docs_tables
+    from minilab import docs_tables, stage
     from minilab.model import ModelConfig
-    from minilab.recipe.stages import KINDS
 
     repo = Path(__file__).resolve().parents[1]
-    roots = [kind.config_class() for kind in KINDS.values()] + [ModelConfig]
+    roots = [stage.get(kind).config for kind in stage.kinds()] + [ModelConfig]
     for page in docs_tables.markdown_files([repo / "README.md", repo / "docs"]):
         for m in docs_tables.REGION.finditer(page.read_text(encoding="utf-8")):
             if m["kind"] == "config-table":

@@ -1,5 +1,5 @@
 """The `minilab` command: one verb per stage, each mapped to one module. This module only
-dispatches; no stage imports it.
+dispatches; no stage imports it. Every pipeline stage kind (`minilab.stage`) is a verb too.
 
 Every verb module exposes `add_arguments(parser)` and `main(args) -> int | None`, and declares its
 flags with the helpers in `minilab.cliargs` (`flag`, `int_range`, `add_config_flags` for
@@ -24,35 +24,27 @@ import sys
 from minilab import __version__
 from minilab.cliargs import add_log_level_flag
 from minilab.errors import MinilabError
+from minilab.stage import STAGE_MODULES
 
 # verb -> (module, one-line help). Modules are imported only when their verb runs or --help lists them.
-VERBS: dict[str, tuple[str, str]] = {
+# The pipeline's stage verbs come from the stage registry (`minilab.stage.STAGE_MODULES`), in pipeline order.
+_FIRST: dict[str, tuple[str, str]] = {
     "run": ("minilab.recipe.runner", "run a recipe: the whole pipeline, stages cached by fingerprint, resumable"),
     "demo": ("minilab.demo", "run the built-in end-to-end demo on a CPU (the shipped recipe 'demo')"),
     "arch": ("minilab.arch", "list architecture presets with their true parameter counts and costs"),
     "models": ("minilab.models_verb", "list, show and remove models in the registry"),
-    "corpus": ("minilab.data.corpus", "clean, filter and deduplicate raw text into corpus shards"),
-    "tokenizer": ("minilab.data.tokenizer", "train (or adopt) a tokenizer and fingerprint it"),
-    "pack": ("minilab.data.pack", "tokenize a corpus into packed train/val token files"),
+}
+_TOOLS: dict[str, tuple[str, str]] = {
     "plan": ("minilab.planner.cli", "will it fit: params, weights, RAM/VRAM and disk plans, with a verdict"),
-    "cleanup": ("minilab.cleanup.runs", "free disk: prune checkpoints, strip optimizer state, drop failed runs"),
-    "du": ("minilab.cleanup.du", "disk used by minilab data, runs, models and the HF cache, largest first"),
-    "cache": ("minilab.cleanup.cache", "list, remove and prune the Hugging Face hub cache (dry run by default)"),
-    "eval": ("minilab.evaluate.stage",
-             "perplexity, bits per byte, multiple choice with baselines, generations and a report"),
-    "pretrain": ("minilab.pretrain", "pretrain a model from scratch on packed data (exact resume, torchrun)"),
-    "sft-data": ("minilab.finetune.sft_data", "template and tokenize conversations for SFT (loss masks, manifest)"),
-    "sft": ("minilab.finetune.sft", "supervised fine-tuning: LoRA (default), QLoRA or full; exact resume"),
-    "dpo-data": ("minilab.finetune.dpo_data", "template and tokenize preference pairs for DPO"),
-    "dpo": ("minilab.finetune.dpo", "preference tuning with DPO; the reference is the base with adapters off"),
-    "merge": ("minilab.finetune.merge", "merge LoRA/QLoRA adapters into a full-weight registry model"),
     "generate": ("minilab.inference", "generate text from prompts (KV cache, sampling, stop strings, --int8)"),
     "chat": ("minilab.chat", "chat with a model in the terminal (history, the model's chat template)"),
     "serve": ("minilab.serve", "OpenAI-compatible HTTP API and web chat page (FastAPI + uvicorn)"),
-    "export": ("minilab.export.gguf", "export a model as GGUF (llama.cpp, Ollama) or a transformers directory"),
-    "quantize": ("minilab.export.quantize", "write an int8 copy of a model into the registry (…-int8-vN)"),
+    "cleanup": ("minilab.cleanup.runs", "free disk: prune checkpoints, strip optimizer state, drop failed runs"),
+    "du": ("minilab.cleanup.du", "disk used by minilab data, runs, models and the HF cache, largest first"),
+    "cache": ("minilab.cleanup.cache", "list, remove and prune the Hugging Face hub cache (dry run by default)"),
     "verify-resume": ("minilab.verify_resume", "prove on your config that a killed run resumes exactly"),
 }
+VERBS: dict[str, tuple[str, str]] = {**_FIRST, **STAGE_MODULES, **_TOOLS}
 
 log = logging.getLogger("minilab")
 

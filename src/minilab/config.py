@@ -57,6 +57,20 @@ def check_device(value: Any) -> str | None:
 DEVICE = {"check": check_device}
 
 
+def models_dir_field(what: str = "", *, recipe_stage: bool = False) -> Any:
+    """The `models_dir` field every registry-writing config has: the registry root, `what` the
+    stage does there; a recipe-only stage's default is the recipe's registry."""
+    default = ("the recipe's (its models_dir, else $MINILAB_MODELS_DIR, else models/)" if recipe_stage
+               else "$MINILAB_MODELS_DIR, else models/")
+    return dataclasses.field(default=None, metadata={"help": f"registry root{what}; default {default}"})
+
+
+def recipe_output_dir_field() -> Any:
+    """`output_dir` of a config only a recipe runs: always the stage's folder."""
+    return dataclasses.field(default="", metadata={
+        "help": "set by the recipe: the stage's folder in its workdir (a recipe may not set it)"})
+
+
 def check_field(meta: Any, value: Any) -> str | None:
     """The error message for `value` under a field's metadata rules, or None when it passes."""
     if value is None:

@@ -19,7 +19,7 @@ import random
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,12 +27,13 @@ import torch
 from minilab import __version__, distributed
 from minilab.arch import load_architecture
 from minilab.cliargs import add_config_flags, config_from_args, flag
-from minilab.config import DEVICE, SEED, to_dict
+from minilab.config import DEVICE, SEED, models_dir_field, to_dict
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import format_params, human_bytes
 from minilab.model import ModelConfig, Transformer, build_model
 from minilab.owned import write_run_marker
 from minilab.run_skeleton import TrainingRun
+from minilab.stage import Stage
 from minilab.training import (
     MFU,
     MetricsLog,
@@ -90,8 +91,7 @@ class PretrainConfig:
     dataset_name: str | None = field(default=None, metadata={
         "help": "dataset label in the registry name; default from the first data dir"})
     register: bool = field(default=True, metadata={"help": "enter the final model into the registry"})
-    models_dir: str | None = field(default=None, metadata={
-        "help": "registry root; default $MINILAB_MODELS_DIR, else models/"})
+    models_dir: str | None = models_dir_field()
     tensorboard: bool = field(default=True, metadata={
         "help": "also write TensorBoard events to <output_dir>/tensorboard (when tensorboard is installed)"})
     verify_data: bool = field(default=False, metadata={
@@ -423,3 +423,31 @@ def main(args: argparse.Namespace) -> int:
     if result.get("name"):
         print(f"registry name: {result['name']}")
     return 0
+
+
+# ---- the recipe stage ---------------------------------------------------------------------------
+def _meta_model(ctx: Any, cfg: PretrainConfig) -> Transformer:
+    """The model this config trains, on the meta device, before its tokenizer or data exist."""
+    seq = cfg.seq_len or ctx.packed_seq_len(cfg.data_dirs[0])
+    return build_model(build_run_model(cfg, ctx.vocab_of(cfg.tokenizer_dir), seq), "meta")
+
+
+def _estimate(ctx: Any, cfg: PretrainConfig) -> dict[str, Any]:
+    from minilab.planner.disk import estimate_pretrain
+
+    model = _meta_model(ctx, cfg)
+    seq = cfg.seq_len or ctx.packed_seq_len(cfg.data_dirs[0])
+    est = estimate_pretrain(model, cfg.batch_size, seq, cfg.precision, cfg.keep_last, cfg.max_steps,
+                            cfg.ckpt_every, target=ctx.target(cfg.device))
+    return {"disk": est["disk"], "memory": est["memory"], "device": ctx.target(cfg.device),
+            "note": f"{est['params'] / 1e6:.1f} M params"}
+
+
+def _metric(r: dict[str, Any], cfg: PretrainConfig) -> str:
+    from minilab.data.pack import unigram_entropy
+
+    return f"val loss {r['val_loss']:.3f} (unigram entropy {unigram_entropy(cfg.data_dirs[0]):.3f})"
+
+
+STAGE = Stage("pretrain", PretrainConfig, run=run, metric=_metric, output="final", trains=True,
+              estimate=_estimate, meta_model=_meta_model)

@@ -33,6 +33,7 @@ from minilab.data.clean import QualityConfig
 from minilab.data.dedup import DedupConfig
 from minilab.data.sources import SourceConfig
 from minilab.errors import ConfigError, MinilabError
+from minilab.stage import Stage
 
 log = logging.getLogger("minilab.corpus")
 
@@ -376,3 +377,22 @@ def main(args: argparse.Namespace) -> int:
     for reason, n in m["rejects"].items():
         print(f"  input problem ({reason}): {n:,}{listed}")
     return 0
+
+
+# ---- the recipe stage ---------------------------------------------------------------------------
+def _sources_bytes(cfg: CorpusConfig) -> int | None:
+    from minilab.fsutil import dir_size
+
+    total = 0
+    for src in cfg.sources:
+        p = Path(getattr(src, "path", src) or "")
+        if not p.exists():
+            return None  # the built-in default or a hub dataset: known once fetched
+        total += p.stat().st_size if p.is_file() else dir_size(p)
+    return total
+
+
+STAGE = Stage(
+    "corpus", CorpusConfig, run=run,
+    metric=lambda r, cfg: f"{r['documents_kept']:,} docs, ~{r['approx_tokens']:,} tokens",
+    estimate=lambda ctx, cfg: {"disk": _sources_bytes(cfg), "memory": None, "note": "about the size of the sources"})

@@ -28,6 +28,7 @@ from typing import Any
 from minilab.config import SEED
 from minilab.errors import MinilabError, TokenizerMismatchError
 from minilab.fsutil import atomic_dir, sha256_file, write_json_atomic
+from minilab.stage import Stage
 
 log = logging.getLogger("minilab.pack")
 
@@ -290,3 +291,30 @@ def main(args: argparse.Namespace) -> int:
     print(f"packed into {cfg.output_dir}: train {m['splits']['train']['tokens']:,} tokens, "
           f"val {manifest['splits']['val']['tokens']:,} tokens ({m['dtype']}, seq_len {m['seq_len']})")
     return 0
+
+
+# ---- the recipe stage ---------------------------------------------------------------------------
+def unigram_entropy(packed_dir: str | Path) -> float:
+    """Entropy (nats) of the training tokens' unigram distribution: the loss of a model that
+    learned word frequencies and nothing else."""
+    import numpy as np
+
+    tokens, _offsets, _manifest = open_split(packed_dir, "train")
+    counts = np.bincount(tokens).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _estimate(ctx: Any, cfg: PackConfig) -> dict[str, Any]:
+    import json
+
+    m = Path(cfg.corpus_dir) / "manifest.json"
+    if m.is_file():
+        tokens = int(json.loads(m.read_text(encoding="utf-8")).get("approx_tokens", 0))
+        return {"disk": tokens * 2, "memory": None, "note": f"~{tokens:,} tokens x 2 bytes"}
+    return {"disk": None, "memory": None, "note": "known once the corpus exists"}
+
+
+STAGE = Stage(
+    "pack", PackConfig, run=run, estimate=_estimate, output_facts=("seq_len",),
+    metric=lambda r, cfg: f"{r['splits']['train']['tokens']:,} train / {r['splits']['val']['tokens']:,} val tokens")

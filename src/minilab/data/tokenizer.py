@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import atomic_dir, write_json_atomic
+from minilab.stage import Stage
 
 log = logging.getLogger("minilab.tokenizer")
 
@@ -312,3 +313,8 @@ def main(args: argparse.Namespace) -> int:
     meta = run(cfg)
     print(f"tokenizer written to {cfg.output_dir} (vocab {meta['vocab_size']}, sha256 {meta['sha256']})")
     return 0
+
+
+STAGE = Stage("tokenizer", TokenizerConfig, run=run, metric=lambda r, cfg: f"vocab {r['vocab_size']:,}",
+              estimate=lambda ctx, cfg: {"disk": cfg.vocab_size * 120, "memory": None, "note": "tokenizer.json"},
+              output_facts=("vocab_size",))

@@ -19,6 +19,7 @@ from typing import Any
 
 from minilab.config import DEVICE, SEED, to_dict
 from minilab.errors import ConfigError, MinilabError
+from minilab.stage import Stage
 
 log = logging.getLogger("minilab.eval")
 
@@ -263,3 +264,44 @@ def main(args: argparse.Namespace) -> int:
               f"(chance {b['chance']:.3f}, majority {b['majority']['accuracy']:.3f}), {r['n_items']} items")
     print(f"report: {Path(_output_dir(cfg, Path(results['model']['path']))) / 'report.md'}")
     return 0
+
+
+# ---- the recipe stage ---------------------------------------------------------------------------
+def _metric(r: dict[str, Any], cfg: EvalConfig) -> str:
+    parts = []
+    for p in r.get("perplexity", [])[:1]:
+        parts.append(f"ppl {p['perplexity']:.2f}")
+        if p.get("bits_per_byte") is not None:
+            parts.append(f"{p['bits_per_byte']:.3f} bits/byte")
+    for m in r.get("multiple_choice", [])[:1]:
+        parts.append(f"mc acc {m['accuracy']['per_byte']['accuracy']:.3f}")
+    if r.get("preference"):
+        pref = r["preference"]
+        win = pref.get("win_rate") if isinstance(pref, dict) else None
+        if win is not None:
+            parts.append(f"win rate {win:.3f}")
+    items = (r.get("generations") or {}).get("items") or []
+    if items and not parts:
+        stopped = sum(bool(it.get("greedy_stopped")) for it in items)
+        parts.append(f"{stopped}/{len(items)} greedy answers end at a stop token")
+    return ", ".join(parts) or "report written"
+
+
+def _report_section(d: Path) -> dict[str, Any]:
+    """The recipe report's section of an eval stage: its report, plots and a few results."""
+    if not (d / "results.json").is_file():
+        return {}
+    sec: dict[str, Any] = {"links": [d / "report.md"], "text": []}
+    sec["plots"] = sorted((d / "plots").glob("*.png")) if (d / "plots").is_dir() else []
+    res = json.loads((d / "results.json").read_text(encoding="utf-8"))
+    for p in res.get("perplexity", []):
+        sec["text"].append(f"perplexity {p['perplexity']:.3f} on {p['source']} ({p['tokens']:,} tokens)")
+    gens = (res.get("generations") or {}).get("items") or (res.get("generations") or {}).get("greedy") or []
+    for g in gens[:3] if isinstance(gens, list) else []:
+        if isinstance(g, dict) and "prompt" in g:
+            sec["text"].append(f"{g['prompt']!r} -> {str(g.get('greedy', g.get('text', '')))[:160]!r}")
+    return sec
+
+
+STAGE = Stage("eval", EvalConfig, run=run, metric=_metric, report=_report_section,
+              required={"model_path": "the model to evaluate (e.g. ${pretrain})"})

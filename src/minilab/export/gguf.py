@@ -29,13 +29,16 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from minilab.errors import MinilabError
+from minilab.config import models_dir_field, recipe_output_dir_field
+from minilab.errors import ConfigError, MinilabError
 from minilab.owned import EXPORT_MARKER, check_output
+from minilab.stage import Stage, weights_estimate
 
 GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file
 
@@ -51,6 +54,25 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 _TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}
+
+
+@dataclass
+class ExportStageConfig:
+    """`minilab export` as a recipe stage: a GGUF file in the stage's folder, or the folder (`stage_output`)."""
+
+    model: str = field(default="", metadata={"help": "model to export: ${merge}, a directory or a registry name"})
+    output_dir: str = recipe_output_dir_field()
+    format: Literal["gguf", "hf"] = field(default="gguf", metadata={"help": "gguf file or transformers directory"})
+    outtype: Literal["f32", "f16"] = field(default="f32", metadata={"help": "gguf: weight matrices' type"})
+    dtype: str | None = field(default=None, metadata={"help": "hf: weights dtype (default as stored)"})
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapters merged in first"})
+    check: bool = field(default=True, metadata={
+        "help": "hf: prove transformers loads the export with our logits; gguf: read it back with gguf's reader"})
+    models_dir: str | None = models_dir_field(": where model names are looked up", recipe_stage=True)
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("required: the model to export (e.g. ${merge})", key="model")
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -266,3 +288,61 @@ def main(args: argparse.Namespace) -> int:
                              dtype=args.dtype, force=args.force)
     print(f"{out} ({args.format}, {human_bytes(size)})")
     return 0
+
+
+# ---- the recipe stage ---------------------------------------------------------------------------
+def stage_output(stage_dir: Path, config: dict[str, Any]) -> Path:
+    """A GGUF export is one file in the stage's folder; an hf export is the folder."""
+    return stage_dir / "model.gguf" if config.get("format", "gguf") == "gguf" else stage_dir
+
+
+def _run_stage(cfg: ExportStageConfig) -> dict[str, Any]:
+    stage_dir = Path(cfg.output_dir)
+    out = stage_output(stage_dir, {"format": cfg.format})
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    path, size = export_model(cfg.model, cfg.format, out, adapter=cfg.adapter, outtype=cfg.outtype,
+                              dtype=cfg.dtype, force=True, registry_root=cfg.models_dir)
+    result: dict[str, Any] = {"format": cfg.format, "path": str(path), "bytes": size}
+    if cfg.check and cfg.format == "hf":
+        result["transformers_max_abs_diff"] = transformers_parity(path)
+    elif cfg.check:
+        from gguf import GGUFReader
+
+        result["gguf_tensors"] = len(GGUFReader(str(path)).tensors)
+    return result
+
+
+def transformers_parity(model_dir: Path) -> float:
+    """Max |logits difference| between our model and transformers' on the exported directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from minilab.loading import load_model_for_inference
+
+    ours = load_model_for_inference(model_dir, dtype="float32")
+    theirs = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    x = torch.randint(0, ours.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(x) - theirs(x).logits).abs().max().item()
+    if diff > 1e-4:
+        raise MinilabError(f"{model_dir}: transformers' logits differ from ours by {diff:.2e} (> 1e-4)")
+    return diff
+
+
+def _metric(r: dict[str, Any], cfg: ExportStageConfig) -> str:
+    from minilab.fsutil import human_bytes
+
+    extra = ""
+    if "transformers_max_abs_diff" in r:
+        extra = f", transformers parity {r['transformers_max_abs_diff']:.1e}"
+    elif "gguf_tensors" in r:
+        extra = f", {r['gguf_tensors']} tensors read back"
+    return f"{r['format']} {human_bytes(r['bytes'])}{extra}"
+
+
+def _estimate(ctx: Any, cfg: ExportStageConfig) -> dict[str, Any]:
+    return weights_estimate(ctx, cfg.model, 2 if cfg.outtype == "f16" else 4)
+
+
+STAGE = Stage("export", ExportStageConfig, run=_run_stage, metric=_metric, output=stage_output, model_input="model",
+              estimate=_estimate)

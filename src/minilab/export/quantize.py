@@ -9,10 +9,30 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from minilab.errors import MinilabError
+from minilab.config import models_dir_field, recipe_output_dir_field
+from minilab.errors import ConfigError, MinilabError
 from minilab.quantization import is_int8_dir, quantize_int8, save_int8_dir
+from minilab.stage import Stage, registered_name, weights_estimate
+
+
+@dataclass
+class QuantizeStageConfig:
+    """`minilab quantize --int8` as a recipe stage: the int8 copy is written into the stage's folder."""
+
+    model: str = field(default="", metadata={"help": "model to quantize to int8"})
+    output_dir: str = recipe_output_dir_field()
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapters merged in before quantizing"})
+    name: str | None = field(default=None, metadata={"help": "registry name (default: the parent's, type int8)"})
+    models_dir: str | None = models_dir_field(
+        ": where model names are looked up and the int8 copy is registered", recipe_stage=True)
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("required: the model to quantize (e.g. ${merge})", key="model")
 
 
 # ---- the `quantize` verb -----------------------------------------------------------------------
@@ -67,3 +87,14 @@ def main(args: argparse.Namespace) -> int:
     name, dest = quantize_to_registry(args.model, adapter=args.adapter, name=args.name, root=args.models_dir)
     print(f"{name}: {dest} ({human_bytes(dir_size(dest))}, was {human_bytes(dir_size(src))})")
     return 0
+
+
+# ---- the recipe stage ---------------------------------------------------------------------------
+def _run_stage(cfg: QuantizeStageConfig) -> dict[str, Any]:
+    name, dest = quantize_to_registry(cfg.model, adapter=cfg.adapter, name=cfg.name, root=cfg.models_dir,
+                                      output_dir=Path(cfg.output_dir))
+    return {"name": name, "final_dir": str(dest)}
+
+
+STAGE = Stage("quantize", QuantizeStageConfig, run=_run_stage, metric=registered_name, model_input="model",
+              estimate=lambda ctx, cfg: weights_estimate(ctx, cfg.model, 1))

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 
 from minilab import __version__, distributed
-from minilab.config import DEVICE, SEED
+from minilab.config import DEVICE, SEED, models_dir_field
 from minilab.errors import MinilabError
 from minilab.finetune.models import (
     TrainableView,
@@ -32,6 +32,7 @@ from minilab.finetune.models import (
 )
 from minilab.owned import write_run_marker
 from minilab.run_skeleton import TrainingRun
+from minilab.stage import Stage
 from minilab.training import MetricsLog, OptimConfig, check_finite_weights, make_optimizer, optimizer_step
 
 log = logging.getLogger("minilab.finetune")
@@ -101,9 +102,7 @@ class TuneConfig:
     dataset_name: str | None = field(default=None, metadata={"help": "dataset field of the registry name"})
     register: bool = field(default=True, metadata={
         "help": "enter <output_dir>/final into the registry under a generated name; false: only write it"})
-    models_dir: str | None = field(default=None, metadata={
-        "help": "registry root, also where a base model name is looked up; default $MINILAB_MODELS_DIR, "
-                "else models/"})
+    models_dir: str | None = models_dir_field(", also where a base model name is looked up")
 
 
 def planner_settings(cfg: TuneConfig, base16: bool, model_type: str,
@@ -364,3 +363,32 @@ def _dir_fingerprint(path: Path) -> str:
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
     text = "".join(f"{sha256_file(p)}  {p.name}\n" for p in files)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---- the recipe stages (sft, dpo) ----------------------------------------------------------------
+def tuning_stage(kind: str, config: type, run: Any, metric: Any, rows_per_example: int = 1) -> Stage:
+    """The Stage of a fine-tuning verb: trains `config.base_model` into <dir>/final, resumably.
+    `rows_per_example` is the one definition of how many sequences an example puts in memory,
+    read by the run's preflight and the recipe's estimate alike."""
+    def estimate(ctx: Any, cfg: TuneConfig) -> dict[str, Any]:
+        return _recipe_estimate(ctx, cfg, rows_per_example)
+
+    return Stage(kind, config, run=run, metric=metric, output="final", trains=True, estimate=estimate,
+                 model_input="base_model", rows_per_example=rows_per_example)
+
+
+def _recipe_estimate(ctx: Any, cfg: Any, rows_per_example: int) -> dict[str, Any]:
+    from minilab.planner.anatomy import inspect_model
+    from minilab.planner.disk import estimate_finetune
+
+    model = ctx.meta_model(cfg.base_model)
+    if model is None:
+        return {"disk": None, "memory": None, "note": "base model unknown"}
+    an = inspect_model(model)
+    target = ctx.target(cfg.device)
+    seq = ctx.finetune_seq_len(cfg.data_dirs)
+    settings = planner_settings(cfg, base16=False, model_type=getattr(model.config, "model_type", "llama"))
+    est = estimate_finetune(an, batch_size=cfg.batch_size * rows_per_example, seq_len=seq,
+                            keep_last=cfg.keep_last, target=target, **settings)
+    return {"disk": est["disk"], "memory": est["memory"], "device": target,
+            "note": f"{cfg.method}, base {an.params / 1e6:.1f} M params"}

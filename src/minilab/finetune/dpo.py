@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from minilab import distributed
 from minilab.config import to_dict
 from minilab.errors import ConfigError, MinilabError
-from minilab.finetune.common import TuneConfig, Tuning, TuningRun
+from minilab.finetune.common import TuneConfig, Tuning, TuningRun, tuning_stage
 from minilab.training import (
     OptimConfig,
     autocast_context,
@@ -121,7 +121,8 @@ class DPORun(TuningRun):
         self.sampler = WeightedSampler([len(c) for c, _ in self.train], cfg.data_weights, cfg.seed,
                                        info.rank, info.world_size)
         self.pad_id = pad_id_of(self.tune.base.tokenizer_dir)
-        self.plan = self.tune.preflight(max(int(m["max_len"]) for m in self.manifests), rows_per_example=2)
+        self.plan = self.tune.preflight(max(int(m["max_len"]) for m in self.manifests),
+                                        rows_per_example=STAGE.rows_per_example)
         self.ref: list[np.ndarray] | None = None  # precomputed reference log-probs, train and val
         self.ref_val: list[np.ndarray] | None = None
         self.init_progress()
@@ -323,3 +324,13 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(DPOConfig, args, (*TUNE_FLAGS, "beta", "precompute_ref"))
     print_result(run(cfg, resume=args.resume, dry_run=args.dry_run), args.dry_run)
     return 0
+
+
+# ---- the recipe stage ---------------------------------------------------------------------------
+def _metric(r: dict[str, Any], cfg: DPOConfig) -> str:
+    acc = r.get("val_reward_accuracy")
+    head = f"reward acc {acc:.3f}, " if acc is not None else ""
+    return f"{head}val loss {r['val_loss']:.3f}" + (f" ({r['name']})" if r.get("name") else "")
+
+
+STAGE = tuning_stage("dpo", DPOConfig, run, _metric, rows_per_example=2)  # chosen and rejected

@@ -29,6 +29,7 @@ from minilab.config import SEED
 from minilab.data.datacard import code_fence
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import atomic_dir, write_json_atomic, write_text_atomic
+from minilab.stage import Stage
 
 log = logging.getLogger("minilab.dpo_data")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -205,3 +206,11 @@ def main(args: argparse.Namespace) -> int:
     m = run(cfg)
     print(f"dpo data written to {cfg.output_dir}: {m['counts']['pairs_kept']} pairs; counts {json.dumps(m['counts'])}")
     return 0
+
+
+def _metric(r: dict[str, Any], cfg: DPODataConfig) -> str:
+    sp = r["splits"]
+    return f"{sp['train']['chosen']['rows']:,} train / {sp['val']['chosen']['rows']:,} val pairs"
+
+
+STAGE = Stage("dpo-data", DPODataConfig, run=run, metric=_metric, output_facts=("max_len",))

@@ -13,14 +13,34 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from minilab.errors import MinilabError
+from minilab.config import models_dir_field, recipe_output_dir_field
+from minilab.errors import ConfigError, MinilabError
+from minilab.stage import Stage, registered_name, weights_estimate
 
 log = logging.getLogger("minilab.merge")
+
+
+@dataclass
+class MergeStageConfig:
+    """`minilab merge` as a recipe stage: the merged model is written into the stage's folder."""
+
+    model: str = field(default="", metadata={"help": "model with adapters: ${sft}, ${dpo}, a directory or name"})
+    output_dir: str = recipe_output_dir_field()
+    dtype: str | None = field(default=None, metadata={"help": "weights dtype of the merged model"})
+    register: bool = field(default=True, metadata={
+        "help": "enter the merged model into the registry under a generated name; false: only write it"})
+    models_dir: str | None = models_dir_field(
+        ": where model names are looked up and the merged model is registered", recipe_stage=True)
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("required: the model whose adapters to merge (e.g. ${dpo})", key="model")
 
 
 def merge(model: str, *, output_dir: str | None = None, dtype: str | None = None, register: bool = True,
@@ -137,3 +157,13 @@ def main(args: argparse.Namespace) -> int:
     if r["name"]:
         print(f"registry name: {r['name']}")
     return 0
+
+
+# ---- the recipe stage ---------------------------------------------------------------------------
+def _run_stage(cfg: MergeStageConfig) -> dict[str, Any]:
+    return merge(cfg.model, output_dir=cfg.output_dir, dtype=cfg.dtype, register=cfg.register,
+                 models_dir=cfg.models_dir)
+
+
+STAGE = Stage("merge", MergeStageConfig, run=_run_stage, metric=registered_name, model_input="model",
+              estimate=lambda ctx, cfg: weights_estimate(ctx, cfg.model, 4))

@@ -28,7 +28,7 @@ import torch
 from minilab import distributed
 from minilab.config import to_dict
 from minilab.errors import ConfigError, MinilabError
-from minilab.finetune.common import TuneConfig, Tuning, TuningRun
+from minilab.finetune.common import TuneConfig, Tuning, TuningRun, tuning_stage
 from minilab.training import (
     OptimConfig,
     accumulate_gradients,
@@ -269,3 +269,11 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(SFTConfig, args, TUNE_FLAGS)
     print_result(run(cfg, resume=args.resume, dry_run=args.dry_run), args.dry_run)
     return 0
+
+
+# ---- the recipe stage ---------------------------------------------------------------------------
+def _metric(r: dict[str, Any], cfg: SFTConfig) -> str:
+    return f"val loss {r['val_loss']:.3f}" + (f" ({r['name']})" if r.get("name") else "")
+
+
+STAGE = tuning_stage("sft", SFTConfig, run, _metric)

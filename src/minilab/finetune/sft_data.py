@@ -31,6 +31,7 @@ from minilab.config import SEED
 from minilab.data.datacard import code_fence
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import atomic_dir, sha256_file, write_json_atomic, write_text_atomic
+from minilab.stage import Stage
 
 log = logging.getLogger("minilab.sft_data")
 
@@ -339,3 +340,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"sft data written to {cfg.output_dir}: {m['splits']['train']['rows']} train rows, "
           f"{m['splits']['val']['rows']} val rows; counts {json.dumps(m['counts'])}")
     return 0
+
+
+STAGE = Stage("sft-data", SFTDataConfig, run=run, output_facts=("max_len",),
+              metric=lambda r, cfg: f"{r['splits']['train']['rows']:,} train / {r['splits']['val']['rows']:,} val rows")

@@ -12,7 +12,8 @@ config, and `${other_stage}` references wire outputs to inputs:
       pretrain:  {data_dirs: ["${pack}"], tokenizer_dir: "${tokenizer}", arch: micro, max_steps: 600}
 
 - `spec.py`: reading and checking a recipe, resolving references, fingerprints.
-- `stages.py`: what each stage kind runs, where its output is, its key metric and estimates.
+- `stages.py`: a stage kind's config as a recipe stage, its result as state; what each kind runs,
+  where its output is, its key metric and estimate are its module's `STAGE` (`minilab.stage`).
 - `runner.py`: the plan (what is cached, what reruns and why), execution with per-stage state
   files, resume of an interrupted training stage, the summary table and the CLI verb.
 - `report.py`: the recipe's report (Markdown and HTML) with every training stage's plots.

@@ -5,6 +5,9 @@ checkpoints, logs and final model take; data stages are estimated from their inp
 (sources' sizes, the corpus' approximate token count); merge, export and quantize from the
 model's parameter count. Models are built on the `meta` device: nothing is allocated. A value
 that cannot be known before an upstream stage runs (a hub dataset's size) is shown as unknown.
+
+Each stage kind estimates itself (`Stage.estimate`, in its own module); this module gives it the
+`Context` to ask the rest of the recipe through, adds the rows up and prints the verdict.
 """
 
 from __future__ import annotations
@@ -15,141 +18,87 @@ from pathlib import Path
 from typing import Any
 
 from minilab.recipe.spec import Recipe, placeholder
-from minilab.recipe.stages import KINDS, build_config
+from minilab.recipe.stages import build_config
+from minilab.stage import get as get_stage
 
 log = logging.getLogger("minilab.recipe")
 
 
-def _vocab_of(recipe: Recipe, tokenizer_dir: str) -> int:
-    """The vocabulary size of a tokenizer folder, or of the recipe stage that will write it."""
-    tok = Path(tokenizer_dir) / "tokenizer.json"
-    if tok.is_file():
-        from minilab.data.tokenizer import load_tokenizer
+class Context:
+    """What a stage's estimate may ask about the rest of the recipe (`Stage.estimate(ctx, cfg)`):
+    facts about folders that an earlier stage will write, and the models stages read or write,
+    answered from the files once they exist, else from the recipe stages that will write them."""
 
-        return load_tokenizer(tok).get_vocab_size()
-    for s in recipe.stages:
-        if s.kind == "tokenizer" and str(recipe.stage_dir(s.name)) == str(tokenizer_dir):
-            return int(s.config.get("vocab_size", 32768))
-        if s.kind in ("pretrain", "sft", "dpo") and str(tokenizer_dir).startswith(str(recipe.stage_dir(s.name))):
-            return _vocab_of(recipe, str(s.config.get("tokenizer_dir", "")))
-    return 32768
+    def __init__(self, recipe: Recipe, cfgs: dict[str, Any]):
+        self.recipe, self.cfgs = recipe, cfgs
 
+    def _planned(self, folder: str, key: str):
+        """The recipe stage that writes `folder` and declares `key` among its output facts."""
+        return next((s for s in self.recipe.stages if key in get_stage(s.kind).output_facts
+                     and str(self.recipe.stage_dir(s.name)) == str(folder)), None)
 
-def _packed_seq_len(recipe: Recipe, packed_dir: str) -> int:
-    m = Path(packed_dir) / "manifest.json"
-    if m.is_file():
-        return int(json.loads(m.read_text(encoding="utf-8")).get("seq_len", 1024))
-    for s in recipe.stages:
-        if s.kind == "pack" and str(recipe.stage_dir(s.name)) == str(packed_dir):
-            return int(s.config.get("seq_len", 1024))
-    return 1024
+    def vocab_of(self, tokenizer_dir: str) -> int:
+        """The vocabulary size of a tokenizer folder, or of the recipe stage that will write it."""
+        recipe = self.recipe
+        tok = Path(tokenizer_dir) / "tokenizer.json"
+        if tok.is_file():
+            from minilab.data.tokenizer import load_tokenizer
 
+            return load_tokenizer(tok).get_vocab_size()
+        for s in recipe.stages:
+            st = get_stage(s.kind)
+            if "vocab_size" in st.output_facts and str(recipe.stage_dir(s.name)) == str(tokenizer_dir):
+                return int(s.config.get("vocab_size", 32768))
+            # a training stage's output holds the tokenizer it was given
+            if st.trains and str(tokenizer_dir).startswith(str(recipe.stage_dir(s.name))):
+                return self.vocab_of(str(s.config.get("tokenizer_dir", "")))
+        return 32768
 
-def _finetune_seq_len(recipe: Recipe, data_dirs: list[str]) -> int:
-    """The longest row of SFT/DPO data (what the run pads its batches to): from the datasets'
-    manifests once they exist, else from the recipe stages that will write them."""
-    lengths = []
-    for d in data_dirs:
-        m = Path(d) / "manifest.json"
+    def packed_seq_len(self, packed_dir: str) -> int:
+        m = Path(packed_dir) / "manifest.json"
         if m.is_file():
-            lengths.append(int(json.loads(m.read_text(encoding="utf-8")).get("max_len", 512)))
-            continue
-        stage = next((s for s in recipe.stages if s.kind in ("sft-data", "dpo-data")
-                      and str(recipe.stage_dir(s.name)) == str(d)), None)
-        lengths.append(int(stage.config.get("max_len", 512)) if stage is not None else 512)
-    return max(lengths, default=512)
+            return int(json.loads(m.read_text(encoding="utf-8")).get("seq_len", 1024))
+        stage = self._planned(packed_dir, "seq_len")
+        return int(stage.config.get("seq_len", 1024)) if stage is not None else 1024
 
+    def finetune_seq_len(self, data_dirs: list[str]) -> int:
+        """The longest row of SFT/DPO data (what the run pads its batches to): from the datasets'
+        manifests once they exist, else from the recipe stages that will write them."""
+        lengths = []
+        for d in data_dirs:
+            m = Path(d) / "manifest.json"
+            if m.is_file():
+                lengths.append(int(json.loads(m.read_text(encoding="utf-8")).get("max_len", 512)))
+                continue
+            stage = self._planned(d, "max_len")
+            lengths.append(int(stage.config.get("max_len", 512)) if stage is not None else 512)
+        return max(lengths, default=512)
 
-def _meta_model(recipe: Recipe, ref: str, cfgs: dict[str, Any]):
-    """The model a stage reads (an upstream pretrain's output, or any model the planner resolves), on meta."""
-    from minilab.model import build_model
+    def meta_model(self, ref: str):
+        """The model a stage reads (an upstream stage's output, or any model the planner resolves), on meta."""
+        recipe = self.recipe
+        for s in recipe.stages:
+            st = get_stage(s.kind)
+            if ref != str(st.output_path(recipe.stage_dir(s.name), s.config)):
+                continue
+            cfg = self.cfgs.get(s.name)
+            if st.meta_model is not None and cfg is not None:
+                return st.meta_model(self, cfg)
+            if st.model_input is not None and cfg is not None:
+                base = getattr(cfg, st.model_input, None)
+                return self.meta_model(base) if base else None
+        from minilab.planner.resolve import build_meta, resolve_model
 
-    for s in recipe.stages:
-        out = str(KINDS[s.kind].output_path(recipe.stage_dir(s.name), s.config))
-        if ref != out:
-            continue
-        cfg = cfgs.get(s.name)
-        if s.kind == "pretrain" and cfg is not None:
-            from minilab.pretrain import build_run_model
+        return build_meta(resolve_model(ref, recipe.models_dir))
 
-            seq = cfg.seq_len or _packed_seq_len(recipe, cfg.data_dirs[0])
-            return build_model(build_run_model(cfg, _vocab_of(recipe, cfg.tokenizer_dir), seq), "meta")
-        if s.kind in ("sft", "dpo", "merge", "export", "quantize") and cfg is not None:
-            base = getattr(cfg, "base_model", None) or getattr(cfg, "model", None)
-            return _meta_model(recipe, base, cfgs) if base else None
-    from minilab.planner.resolve import build_meta, resolve_model
+    @staticmethod
+    def target(device: str) -> str:
+        """Where a stage's config runs it: cuda, or cpu (`auto` is cuda when this machine has one)."""
+        if device == "auto":
+            import torch
 
-    return build_meta(resolve_model(ref, recipe.models_dir))
-
-
-def _target(device: str) -> str:
-    """Where a stage's config runs it: cuda, or cpu (`auto` is cuda when this machine has one)."""
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if device.startswith("cuda") else "cpu"
-
-
-def _sources_bytes(cfg: Any) -> int | None:
-    from minilab.fsutil import dir_size
-
-    total = 0
-    for src in cfg.sources:
-        p = Path(getattr(src, "path", src) or "")
-        if not p.exists():
-            return None  # the built-in default or a hub dataset: known once fetched
-        total += p.stat().st_size if p.is_file() else dir_size(p)
-    return total
-
-
-def stage_estimate(recipe: Recipe, s, cfg: Any, cfgs: dict[str, Any]) -> dict[str, Any]:
-    """{"disk": bytes | None, "memory": bytes | None, "note": str} for one stage."""
-    from minilab.planner.anatomy import inspect_model
-
-    kind = s.kind
-    if kind == "corpus":
-        return {"disk": _sources_bytes(cfg), "memory": None, "note": "about the size of the sources"}
-    if kind == "tokenizer":
-        return {"disk": cfg.vocab_size * 120, "memory": None, "note": "tokenizer.json"}
-    if kind == "pack":
-        m = Path(cfg.corpus_dir) / "manifest.json"
-        if m.is_file():
-            tokens = int(json.loads(m.read_text(encoding="utf-8")).get("approx_tokens", 0))
-            return {"disk": tokens * 2, "memory": None, "note": f"~{tokens:,} tokens x 2 bytes"}
-        return {"disk": None, "memory": None, "note": "known once the corpus exists"}
-    if kind == "pretrain":
-        from minilab.planner.disk import estimate_pretrain
-
-        model = _meta_model(recipe, str(recipe.stage_dir(s.name) / "final"), cfgs)
-        seq = cfg.seq_len or _packed_seq_len(recipe, cfg.data_dirs[0])
-        est = estimate_pretrain(model, cfg.batch_size, seq, cfg.precision, cfg.keep_last, cfg.max_steps,
-                                cfg.ckpt_every, target=_target(cfg.device))
-        return {"disk": est["disk"], "memory": est["memory"], "device": _target(cfg.device),
-                "note": f"{est['params'] / 1e6:.1f} M params"}
-    if kind in ("sft", "dpo"):
-        from minilab.finetune.common import planner_settings
-        from minilab.planner.disk import estimate_finetune
-
-        model = _meta_model(recipe, cfg.base_model, cfgs)
-        if model is None:
-            return {"disk": None, "memory": None, "note": "base model unknown"}
-        an = inspect_model(model)
-        target = _target(cfg.device)
-        seq = _finetune_seq_len(recipe, cfg.data_dirs)
-        settings = planner_settings(cfg, base16=False, model_type=getattr(model.config, "model_type", "llama"))
-        est = estimate_finetune(an, batch_size=cfg.batch_size * (2 if kind == "dpo" else 1), seq_len=seq,
-                                keep_last=cfg.keep_last, target=target, **settings)
-        return {"disk": est["disk"], "memory": est["memory"], "device": target,
-                "note": f"{cfg.method}, base {an.params / 1e6:.1f} M params"}
-    if kind in ("merge", "export", "quantize"):
-        model = _meta_model(recipe, cfg.model, cfgs)
-        if model is None:
-            return {"disk": None, "memory": None, "note": ""}
-        params = sum(p.numel() for p in model.parameters())
-        per = 1 if kind == "quantize" else (2 if getattr(cfg, "outtype", "f32") == "f16" else 4)
-        return {"disk": params * per, "memory": params * 4 * 2, "note": f"{params / 1e6:.1f} M params"}
-    return {"disk": None, "memory": None, "note": ""}
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if device.startswith("cuda") else "cpu"
 
 
 def estimate(recipe: Recipe, steps) -> dict[str, Any]:
@@ -157,12 +106,13 @@ def estimate(recipe: Recipe, steps) -> dict[str, Any]:
     cfgs = {}
     for s in recipe.stages:
         cfgs[s.name], _ = build_config(recipe, s, lambda ref, attr: placeholder(recipe, ref, attr), str(recipe.path))
+    ctx = Context(recipe, cfgs)
     rows = []
     for st in steps:
         if st.action not in ("run", "resume"):
             continue
         try:
-            e = stage_estimate(recipe, st.stage, cfgs[st.stage.name], cfgs)
+            e = get_stage(st.stage.kind).plan(ctx, cfgs[st.stage.name])
         except Exception as err:  # an estimate must never stop a dry run
             log.debug("estimate of %s failed", st.stage.name, exc_info=True)
             e = {"disk": None, "memory": None, "note": f"not estimated ({type(err).__name__}: {err})"[:100]}

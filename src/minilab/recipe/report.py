@@ -8,13 +8,13 @@ eval stages' results with their plots and sample generations (linked to their ow
 from __future__ import annotations
 
 import html
-import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from minilab.fsutil import write_text_atomic
+from minilab.stage import get as get_stage
 
 
 def _sections(runner, rows) -> list[dict[str, Any]]:
@@ -27,18 +27,11 @@ def _sections(runner, rows) -> list[dict[str, Any]]:
         d = runner.recipe.stage_dir(r.stage)
         sec: dict[str, Any] = {"row": r, "kind": stage.kind, "plots": [], "links": [], "text": []}
         metrics = d / "metrics.jsonl"
-        if stage.kind in ("pretrain", "sft", "dpo") and metrics.is_file():
+        st = get_stage(stage.kind)
+        if st.trains and metrics.is_file():
             sec["plots"] = plot_training(read_metrics(metrics), work / "report-plots" / r.stage)
-        if stage.kind == "eval" and (d / "results.json").is_file():
-            sec["links"].append(d / "report.md")
-            sec["plots"] = sorted((d / "plots").glob("*.png")) if (d / "plots").is_dir() else []
-            res = json.loads((d / "results.json").read_text(encoding="utf-8"))
-            for p in res.get("perplexity", []):
-                sec["text"].append(f"perplexity {p['perplexity']:.3f} on {p['source']} ({p['tokens']:,} tokens)")
-            gens = (res.get("generations") or {}).get("items") or (res.get("generations") or {}).get("greedy") or []
-            for g in gens[:3] if isinstance(gens, list) else []:
-                if isinstance(g, dict) and "prompt" in g:
-                    sec["text"].append(f"{g['prompt']!r} -> {str(g.get('greedy', g.get('text', '')))[:160]!r}")
+        if st.report is not None:
+            sec.update(st.report(d))
         out.append(sec)
     return out
 

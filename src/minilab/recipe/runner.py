@@ -32,8 +32,9 @@ from minilab.errors import MinilabError
 from minilab.fsutil import write_json_atomic
 from minilab.recipe.refs import BUILTIN_REFS
 from minilab.recipe.spec import Recipe, Stage, external_inputs, fingerprint, load_recipe, placeholder
-from minilab.recipe.stages import KINDS, build_config, execute, jsonable, metric
+from minilab.recipe.stages import build_config, jsonable
 from minilab.recipe.summary import Row, fmt_seconds, print_summary, print_table
+from minilab.stage import get as get_stage
 
 log = logging.getLogger("minilab.recipe")
 
@@ -88,7 +89,7 @@ class Runner:
         return {d: (self.state(d) or {}).get("run_id") for d in stage.deps}
 
     def _output_of(self, stage: Stage) -> Path:
-        return KINDS[stage.kind].output_path(self.recipe.stage_dir(stage.name), stage.config)
+        return get_stage(stage.kind).output_path(self.recipe.stage_dir(stage.name), stage.config)
 
     # ---- plan -----------------------------------------------------------------------------------------
     def plan(self) -> list[Step]:
@@ -124,7 +125,7 @@ class Runner:
             return "run", "config or input files changed"
         if st.get("status") != "done":
             what = "was interrupted" if st.get("status") == "running" else "failed"
-            if KINDS[s.kind].trains:
+            if get_stage(s.kind).trains:
                 from minilab.checkpoint import checkpoint_step, latest_checkpoint
 
                 ckpt = latest_checkpoint(self.recipe.stage_dir(s.name) / "checkpoints")
@@ -165,7 +166,7 @@ class Runner:
             self.write_state(s.name, {**base, "status": "running"})
             try:
                 cfg, _ = build_config(self.recipe, s, self._lookup, str(self.recipe.path))
-                result = execute(s.kind, cfg, self.recipe.stage_dir(s.name))
+                result = get_stage(s.kind).execute(cfg)
             except BaseException as e:
                 self.write_state(s.name, {**base, "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})
                 rows.append(Row(s.name, s.kind, "failed", time.perf_counter() - t0, "", None, str(e)[:80]))
@@ -175,7 +176,7 @@ class Runner:
             wall = time.perf_counter() - t0
             self._drop_names([n for n in stale if n not in _registered(result)])
             base["stale_names"] = []
-            line = metric(s.kind, result, cfg)
+            line = get_stage(s.kind).key_metric(result, cfg)
             self.write_state(s.name, {**base, "status": "done", "run_id": uuid.uuid4().hex, "wall_s": round(wall, 2),
                                       "finished": datetime.now(UTC).isoformat(timespec="seconds"),
                                       "output": str(out), "metric": line, "registered": _registered(result),

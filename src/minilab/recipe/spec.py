@@ -64,7 +64,7 @@ class Recipe:
 def load_recipe(path: str | Path, *, workdir: str | None = None, models_dir: str | None = None,
                 overrides: list[str] | None = None) -> Recipe:
     """Read and check the recipe at `path`; `overrides` are dotted KEY=VALUE (stages.sft.max_steps=50)."""
-    from minilab.recipe.stages import KINDS
+    from minilab.stage import kinds
 
     path = Path(path)
     data = read_config_file(path)
@@ -93,8 +93,8 @@ def load_recipe(path: str | Path, *, workdir: str | None = None, models_dir: str
             raise ConfigError("expected a mapping of the stage's config keys", source=source, key=key)
         cfg = dict(cfg)
         kind = cfg.pop("stage", sname)
-        if kind not in KINDS:
-            raise ConfigError(f"unknown stage kind '{kind}' (kinds: {', '.join(KINDS)}; name the kind with "
+        if kind not in kinds():
+            raise ConfigError(f"unknown stage kind '{kind}' (kinds: {', '.join(kinds())}; name the kind with "
                               f"'stage: KIND' when the stage's name is not one)", source=source, key=f"{key}.stage")
         known = {s.name for s in stages}
         deps: list[str] = []
@@ -128,7 +128,7 @@ def load_recipe(path: str | Path, *, workdir: str | None = None, models_dir: str
 
 def placeholder(recipe: Recipe, ref: str, attr: str | None) -> str:
     """What a reference stands for (a path; a marker for a registry name not known before its stage ran)."""
-    from minilab.recipe.stages import KINDS
+    from minilab.stage import get as get_stage
 
     if ref == "recipe_dir":
         return str(recipe.path.resolve().parent)
@@ -138,7 +138,7 @@ def placeholder(recipe: Recipe, ref: str, attr: str | None) -> str:
         return f"<registry name of {ref}>"
     stage = recipe.stage(ref)
     d = recipe.stage_dir(ref)
-    return str(d if attr == "dir" else KINDS[stage.kind].output_path(d, stage.config))
+    return str(d if attr == "dir" else get_stage(stage.kind).output_path(d, stage.config))
 
 
 # ---- fingerprints ---------------------------------------------------------------------------------
