@@ -16,8 +16,9 @@ from minilab.data import sources
 from minilab.data.clean import QualityConfig, QualityFilter, clean_text
 from minilab.data.corpus import CorpusConfig, run
 from minilab.data.dedup import DedupConfig, Deduplicator
+from minilab.data.readers import strip_wikitext
 from minilab.data.shards import iter_corpus, verify_corpus
-from minilab.data.sources import SourceConfig, strip_wikitext
+from minilab.data.sources import SourceConfig
 from minilab.errors import MinilabError
 
 _rng = random.Random(7)

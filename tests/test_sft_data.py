@@ -10,8 +10,9 @@ from fixtures import make_packed
 from tokenizers import Tokenizer
 
 from minilab.errors import TokenizerMismatchError
+from minilab.finetune.records import oasst_paths, to_messages
 from minilab.finetune.rows import Rows, WeightedSampler, check_data_tokenizer, collate
-from minilab.finetune.sft_data import SFTDataConfig, oasst_paths, run, to_messages
+from minilab.finetune.sft_data import SFTDataConfig, run
 from minilab.finetune.templates import IGNORE, encode_conversation, labels_from_mask, resolve_template
 
 

@@ -129,6 +129,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file whose top level is an object (a model's config.json); a parse error names the
+    file and line. What the HF loader and the planner's model resolution read alike."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"line {e.lineno}: invalid JSON: {e.msg}", source=str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError("expected a JSON object", source=str(path))
+    return data
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """`train.lr=3e-4` -> ("train.lr", 0.0003). The value is parsed as a YAML scalar."""
     key, sep, raw = item.partition("=")

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from minilab.config import read_json_object
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import atomic_dir, write_json_atomic
 from minilab.model import ModelConfig, Transformer, build_model, rope_inv_freq
@@ -352,13 +353,7 @@ def read_hf_config(path: str | Path) -> ModelConfig:
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise MinilabError(f"{cfg_file}: not found (is {path} a Hugging Face model directory?)")
-    try:
-        data = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"line {e.lineno}: invalid JSON: {e.msg}", source=str(cfg_file)) from None
-    if not isinstance(data, dict):
-        raise ConfigError("expected a JSON object", source=str(cfg_file))
-    return from_hf_config(data, str(cfg_file))
+    return from_hf_config(read_json_object(cfg_file), str(cfg_file))
 
 
 def load_hf_dir(path: str | Path, *, dtype: torch.dtype | str | None = None,

@@ -38,17 +38,15 @@ from minilab.training import (
     MFU,
     MetricsLog,
     OptimConfig,
-    accumulate_gradients,
     autocast_context,
     check_finite_weights,
-    count_targets,
     find_resume_checkpoint,
     make_optimizer,
     optimizer_step,
     resolve_device,
-    step_tokens,
     throughput,
     token_loss_sum,
+    token_step,
 )
 
 log = logging.getLogger("minilab.pretrain")
@@ -273,14 +271,7 @@ class PretrainRun(TrainingRun):
     def train_step(self) -> tuple[float, float, None]:
         cfg, info = self.cfg, self.info
         micro = [next(self.stream) for _ in range(cfg.grad_accum)]
-        # DDP and FSDP average gradients over ranks; dividing by (global tokens / ranks) makes the
-        # result the mean over every token of the global batch, as one process would compute.
-        tokens = step_tokens(count_targets(y for _, y in micro), info, self.device)
-        normalizer = tokens / info.world_size
-        loss, _ = accumulate_gradients(self.train_model, micro, cfg.precision, self.device, self.scaler,
-                                       normalizer=normalizer,
-                                       sync=lambda last: distributed.no_sync(self.train_model, last))
-        loss = distributed.all_reduce_sum(loss, info, self.device) / info.world_size
+        loss, tokens = token_step(self.train_model, micro, cfg.precision, self.device, self.scaler, info)
         norm = optimizer_step(self.model, self.optimizer, self.scaler, cfg.optim.grad_clip)
         self.tokens_seen += tokens
         return loss, norm, None

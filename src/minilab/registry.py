@@ -11,6 +11,7 @@ Names are `{architecture}-{size}-{dataset}-{training_type}-v{N}`, e.g.
 architecture and dataset are lowercase `[a-z0-9][a-z0-9_.]*` (`make_name` lowercases them and
 turns `-` and spaces into `_`); size is the TRUE parameter count through `fsutil.format_params`
 (`1.8M`, `23M`, `1.1B`); training_type is one of `TRAINING_TYPES`; the version is `v1`, `v2`, ...
+Those rules live in `registry_names.py` (`validate_name`, `parse_name`, available here too).
 
 Where entries live. The root is `models/` (relative to the working directory), overridden by
 `MINILAB_MODELS_DIR` or a `root=` argument / `--models-dir`. The root holds `registry.json`, a
@@ -46,70 +47,22 @@ from typing import Any
 from minilab import __version__
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import atomic_dir, dir_size, format_params, sha256_file, write_json_atomic
+from minilab.registry_names import MAX_NAME, parse_name, slug, validate_name
+from minilab.registry_names import TRAINING_TYPES as TRAINING_TYPES  # registry.X stays the public library
 
-TRAINING_TYPES = ("pretrain", "sft", "lora", "dpo", "merged", "ft", "int8")
 INDEX = "registry.json"
 log = logging.getLogger("minilab.registry")
 MANIFEST = "manifest.json"
 ENV_VAR = "MINILAB_MODELS_DIR"
-_FIELD_RE = re.compile(r"^[a-z0-9][a-z0-9_.]*$")
-_SIZE_RE = re.compile(r"^(\d+(\.\d)?[KMB]|\d+)$")
-_VERSION_RE = re.compile(r"^v([1-9]\d*)$")
-_EXAMPLE = "llama-23M-tinystories-pretrain-v1"
-_MAX_NAME = 128
 
 
 # ---- names ---------------------------------------------------------------------------------
-def validate_name(name: str) -> str:
-    """Return `name` if it follows the convention, else raise a one-line `ConfigError`."""
-    if not isinstance(name, str) or not name.strip():
-        raise ConfigError("model name is empty", key="name")
-    if "/" in name or "\\" in name or os.sep in name or Path(name).is_absolute():
-        raise ConfigError(f"model name '{name}' must not contain path separators", key="name")
-    if ".." in name:
-        raise ConfigError(f"model name '{name}' must not contain '..'", key="name")
-    if len(name) > _MAX_NAME:
-        raise ConfigError(f"model name is longer than {_MAX_NAME} characters", key="name")
-    parts = name.split("-")
-    if len(parts) != 5:
-        raise ConfigError(f"model name '{name}' must be ARCH-SIZE-DATASET-TYPE-vN (five fields separated "
-                          f"by '-'), e.g. {_EXAMPLE}", key="name")
-    arch, size, dataset, ttype, version = parts
-    for label, value in (("architecture", arch), ("dataset", dataset)):
-        if not _FIELD_RE.match(value):
-            raise ConfigError(f"model name '{name}': {label} '{value}' must be lowercase [a-z0-9][a-z0-9_.]*",
-                              key="name")
-    if not _SIZE_RE.match(size):
-        raise ConfigError(f"model name '{name}': size '{size}' must look like 1.8M, 23M or 1.1B", key="name")
-    if ttype not in TRAINING_TYPES:
-        raise ConfigError(f"model name '{name}': training type '{ttype}' is not one of "
-                          f"{', '.join(TRAINING_TYPES)}", key="name")
-    if not _VERSION_RE.match(version):
-        raise ConfigError(f"model name '{name}': version '{version}' must be v1, v2, ...", key="name")
-    return name
-
-
-def parse_name(name: str) -> dict[str, Any]:
-    """The fields of a valid name; `version` is an int and `base` the name without `-vN`."""
-    arch, size, dataset, ttype, version = validate_name(name).split("-")
-    return {"architecture": arch, "size": size, "dataset": dataset, "training_type": ttype,
-            "version": int(version[1:]), "base": name.rsplit("-", 1)[0]}
-
-
-def _slug(value: str, label: str) -> str:
-    text = re.sub(r"[\s\-]+", "_", str(value).strip().lower())
-    if not _FIELD_RE.match(text) or ".." in text:
-        raise ConfigError(f"{label} '{value}' cannot be used in a model name (need [a-z0-9][a-z0-9_.]*)",
-                          key=label)
-    return text
-
-
 def make_name(architecture: str, params: int | str, dataset: str, training_type: str,
               root: str | os.PathLike | None = None) -> str:
     """The convention name with the next free version in the registry (highest existing + 1,
     so a removed version's number is not silently reused while it may still be in lineages)."""
     size = format_params(params) if isinstance(params, int) else str(params)
-    base = f"{_slug(architecture, 'architecture')}-{size}-{_slug(dataset, 'dataset')}-{training_type}"
+    base = f"{slug(architecture, 'architecture')}-{size}-{slug(dataset, 'dataset')}-{training_type}"
     validate_name(f"{base}-v1")
     root_path = models_root(root)
     taken = set(_entries(root_path))
@@ -278,10 +231,10 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def _unknown(name: str, root: Path, names: list[str]) -> MinilabError:
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5) if len(name) <= _MAX_NAME else []
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5) if len(name) <= MAX_NAME else []
     hint = f"; did you mean {', '.join(close)}?" if close else \
         f" ({len(names)} registered; see 'minilab models list')"
-    shown = name if len(name) <= _MAX_NAME else f"{name[:40]}…({len(name):,} characters)"
+    shown = name if len(name) <= MAX_NAME else f"{name[:40]}…({len(name):,} characters)"
     return MinilabError(f"unknown model '{shown}': not a directory and not in the registry at {root}{hint}")
 
 

@@ -165,6 +165,21 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[tuple[torch.Tenso
     return total, n_tokens
 
 
+def token_step(model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
+               device: torch.device, scaler, info) -> tuple[float, int]:
+    """Forward/backward of one optimizer step's micro-batches (pretrain and SFT alike), before the
+    optimizer step; returns (loss per token averaged over ranks, the step's trained tokens over
+    every rank). DDP and FSDP average gradients over ranks; dividing by (global tokens / ranks)
+    makes the result the mean over every token of the global batch, as one process would compute."""
+    from minilab import distributed
+
+    tokens = step_tokens(count_targets(y for _, y in micro_batches), info, device)
+    loss, _ = accumulate_gradients(model, micro_batches, precision, device, scaler,
+                                   normalizer=tokens / info.world_size,
+                                   sync=lambda last: distributed.no_sync(model, last))
+    return distributed.all_reduce_sum(loss, info, device) / info.world_size, tokens
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

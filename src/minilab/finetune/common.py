@@ -19,8 +19,8 @@ from typing import Any, Literal
 import torch
 
 from minilab import __version__, distributed
-from minilab.config import DEVICE, SEED, models_dir_field
-from minilab.errors import MinilabError
+from minilab.config import DEVICE, SEED, models_dir_field, to_dict
+from minilab.errors import ConfigError, MinilabError
 from minilab.finetune.models import (
     TrainableView,
     apply_method,
@@ -57,7 +57,8 @@ class LoraSettings:
 
 @dataclass
 class TuneConfig:
-    """Settings every fine-tuning loop has (SFTConfig and DPOConfig embed these fields)."""
+    """Settings every fine-tuning loop has (SFTConfig and DPOConfig embed these fields; each names
+    the verb its `data_dirs` come from), and the checks their `validate` shares."""
 
     base_model: str = field(default="", metadata={"help": "registry name, model directory, or hub id"})
     output_dir: str = field(default="", metadata={"help": "run directory (checkpoints, metrics, final/)"})
@@ -103,6 +104,19 @@ class TuneConfig:
     register: bool = field(default=True, metadata={
         "help": "enter <output_dir>/final into the registry under a generated name; false: only write it"})
     models_dir: str | None = models_dir_field(", also where a base model name is looked up")
+    data_dirs: list[str] = field(default_factory=list, metadata={"help": "prepared datasets"})
+    data_weights: list[float] | None = field(default=None, metadata={
+        "help": "sampling weight per dataset; default proportional to their sizes"})
+
+    def check_required(self) -> None:
+        for key in ("base_model", "output_dir", "data_dirs"):
+            if not getattr(self, key):
+                raise ConfigError("required", key=key)
+
+    def check_positive(self) -> None:
+        for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "ckpt_every", "keep_last"):
+            if getattr(self, key) <= 0:
+                raise ConfigError("must be positive", key=key)
 
 
 def planner_settings(cfg: TuneConfig, base16: bool, model_type: str,
@@ -296,8 +310,22 @@ class Tuning:
         return str(given.resolve()) if given.exists() else self.cfg.base_model
 
 
+def run_tuning(run_class: type[TuningRun], cfg: TuneConfig, resume: str | None, dry_run: bool) -> dict[str, Any]:
+    """Run `run_class` (SFTRun, DPORun) on every rank of this launch; with `dry_run`, only its plan."""
+    from minilab.training import resolve_device
+
+    info, device = distributed.init(resolve_device(cfg.device))
+    try:
+        job = run_class(cfg, info, device)
+        return {"plan": job.plan} if dry_run else job.fit(resume)
+    finally:
+        distributed.shutdown()
+
+
 class TuningRun(TrainingRun):
-    """The training-run skeleton over a `Tuning` (`self.tune`): SFTRun and DPORun."""
+    """The training-run skeleton over a `Tuning` (`self.tune`): SFTRun and DPORun. Both resume,
+    checkpoint and finish alike (trainable weights, sampler position, registry output); each
+    supplies its steps, evals and `final_metrics`."""
 
     @property
     def model(self):
@@ -314,6 +342,35 @@ class TuningRun(TrainingRun):
     @property
     def ckpt_dir(self) -> Path:
         return self.tune.ckpt_dir
+
+    def restore(self, resume: str | None) -> None:
+        meta = self.tune.restore(resume)
+        if meta is None:
+            return
+        self.sampler.load_state_dict(meta["data_state"])
+        self.load_progress(meta)
+
+    def save(self) -> None:
+        val = self.val_meta()
+        self.tune.save(self.step, {"config": to_dict(self.cfg), "tokens_seen": self.tokens_seen,
+                                   "data_state": self.sampler.state_dict(), **val},
+                       metric=val["val_loss"])
+
+    def final_metrics(self) -> dict[str, Any]:
+        """What the model manifest's metrics hold besides the last eval, tokens seen and steps."""
+        return {}
+
+    def finish_run(self) -> dict[str, Any]:
+        from minilab.finetune.rows import data_records
+
+        cfg = self.cfg
+        if not self.info.is_main:
+            return {"final_dir": None, "name": None, **self.last_eval}
+        dataset = cfg.dataset_name or Path(cfg.data_dirs[0]).name
+        result = self.tune.finish(self.tune.stage, self.template, data_records(cfg.data_dirs), dataset,
+                                  {**self.last_eval, "tokens_seen": self.tokens_seen, "steps": self.step,
+                                   **self.final_metrics()}, to_dict(cfg))
+        return {**result, **self.last_eval}
 
 
 def _set_adapter_base(adapters: Path, base: str) -> None:

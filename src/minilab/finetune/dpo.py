@@ -20,7 +20,6 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,9 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from minilab import distributed
-from minilab.config import to_dict
 from minilab.errors import ConfigError, MinilabError
-from minilab.finetune.common import TuneConfig, Tuning, TuningRun, tuning_stage
+from minilab.finetune.common import TuneConfig, Tuning, TuningRun, run_tuning, tuning_stage
 from minilab.training import (
     OptimConfig,
     autocast_context,
@@ -46,8 +44,6 @@ log = logging.getLogger("minilab.dpo")
 @dataclass
 class DPOConfig(TuneConfig):
     data_dirs: list[str] = field(default_factory=list, metadata={"help": "datasets from `minilab dpo-data`"})
-    data_weights: list[float] | None = field(default=None, metadata={
-        "help": "sampling weight per dataset; default proportional to their sizes"})
     beta: float = field(default=0.1, metadata={"help": "strength of the KL anchor to the reference"})
     precompute_ref: bool = field(default=False, metadata={
         "help": "score the training pairs under the reference once, before training"})
@@ -55,14 +51,10 @@ class DPOConfig(TuneConfig):
                                metadata={"help": "AdamW and its warmup + cosine lr schedule (optim.lr, ...)"})
 
     def validate(self) -> None:
-        for key in ("base_model", "output_dir", "data_dirs"):
-            if not getattr(self, key):
-                raise ConfigError("required", key=key)
+        self.check_required()
         if self.beta <= 0:
             raise ConfigError("must be positive", key="beta")
-        for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "ckpt_every", "keep_last"):
-            if getattr(self, key) <= 0:
-                raise ConfigError("must be positive", key=key)
+        self.check_positive()
 
 
 def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, beta: float
@@ -91,14 +83,7 @@ def reference_context(model, peft_model):
 
 
 def run(cfg: DPOConfig, resume: str | None = None, dry_run: bool = False) -> dict[str, Any]:
-    from minilab.training import resolve_device
-
-    info, device = distributed.init(resolve_device(cfg.device))
-    try:
-        job = DPORun(cfg, info, device)
-        return {"plan": job.plan} if dry_run else job.fit(resume)
-    finally:
-        distributed.shutdown()
+    return run_tuning(DPORun, cfg, resume, dry_run)
 
 
 class DPORun(TuningRun):
@@ -107,8 +92,8 @@ class DPORun(TuningRun):
     progress_label = "dpo"
 
     def __init__(self, cfg: DPOConfig, info: distributed.DistInfo, device: torch.device):
-        from minilab.finetune.rows import Rows, WeightedSampler
-        from minilab.finetune.sft import load_datasets, pad_id_of
+        from minilab.finetune.rows import Rows, WeightedSampler, load_datasets
+        from minilab.finetune.sft import pad_id_of
 
         if cfg.method == "full" and not cfg.precompute_ref:
             raise ConfigError("full fine-tuning has no adapters to switch off for the reference; "
@@ -171,14 +156,7 @@ class DPORun(TuningRun):
             out[idx, 0], out[idx, 1] = c.double().cpu().numpy(), r.double().cpu().numpy()
         return out
 
-    # ---- resume / step ------------------------------------------------------------------------------
-    def restore(self, resume: str | None) -> None:
-        meta = self.tune.restore(resume)
-        if meta is None:
-            return
-        self.sampler.load_state_dict(meta["data_state"])
-        self.load_progress(meta)
-
+    # ---- steps ---------------------------------------------------------------------------------------
     def micro_batch(self) -> list[tuple[int, int]]:
         return [self.sampler.next() for _ in range(self.cfg.batch_size)]
 
@@ -268,12 +246,6 @@ class DPORun(TuningRun):
             bar.note(f"step {self.step}: val loss {e['val_loss']:.4f}, reward accuracy "
                      f"{e['val_reward_accuracy']:.3f}, margin {e['val_reward_margin']:.4f}")
 
-    def save(self) -> None:
-        val = self.val_meta()
-        self.tune.save(self.step, {"config": to_dict(self.cfg), "tokens_seen": self.tokens_seen,
-                                   "data_state": self.sampler.state_dict(), **val},
-                       metric=val["val_loss"])
-
     def before_loop(self) -> None:
         if self.cfg.precompute_ref:
             self.precompute_reference()
@@ -284,17 +256,8 @@ class DPORun(TuningRun):
                                 pairs_per_s=pairs_s, **metrics)
         bar.update(self.step, loss=loss, tok_s=pairs_s, unit="pairs/s")
 
-    def finish_run(self) -> dict[str, Any]:
-        from minilab.finetune.sft import data_records
-
-        cfg = self.cfg
-        if not self.info.is_main:
-            return {"final_dir": None, "name": None, **self.last_eval}
-        dataset = cfg.dataset_name or Path(cfg.data_dirs[0]).name
-        result = self.tune.finish("dpo", self.template, data_records(cfg.data_dirs), dataset,
-                                  {**self.last_eval, "tokens_seen": self.tokens_seen, "steps": self.step,
-                                   "beta": cfg.beta}, to_dict(cfg))
-        return {**result, **self.last_eval}
+    def final_metrics(self) -> dict[str, Any]:
+        return {"beta": self.cfg.beta}
 
 
 def summarize(loss: torch.Tensor, s: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -308,7 +271,7 @@ def summarize(loss: torch.Tensor, s: dict[str, torch.Tensor]) -> dict[str, float
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.finetune.sft import add_tune_arguments
+    from minilab.finetune.tune_cli import add_tune_arguments
 
     add_tune_arguments(p)
     p.add_argument("--beta", type=float, help="DPO beta (default 0.1)")
@@ -319,7 +282,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from minilab.cliargs import config_from_args
-    from minilab.finetune.sft import TUNE_FLAGS, print_result
+    from minilab.finetune.tune_cli import TUNE_FLAGS, print_result
 
     cfg = config_from_args(DPOConfig, args, (*TUNE_FLAGS, "beta", "precompute_ref"))
     print_result(run(cfg, resume=args.resume, dry_run=args.dry_run), args.dry_run)

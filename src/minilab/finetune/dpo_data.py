@@ -15,14 +15,11 @@ with its end-of-turn token trained); empty fields, chosen == rejected and pairs 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
-import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from minilab.config import SEED
@@ -71,7 +68,7 @@ def _hh_messages(text: str) -> list[dict[str, str]]:
 
 def to_triplet(rec: dict[str, Any]) -> tuple[list[dict[str, str]], str, str]:
     """(prompt messages, chosen answer, rejected answer) of one record in any supported shape."""
-    from minilab.finetune.sft_data import to_messages
+    from minilab.finetune.records import to_messages
 
     def answer(v: Any) -> str:
         if isinstance(v, list):  # [{"role": "assistant", "content": ...}]
@@ -102,19 +99,10 @@ def encode_pair(tok, template, prompt: list[dict[str, str]], chosen: str, reject
 
 
 def run(cfg: DPODataConfig) -> dict[str, Any]:
-    from minilab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-    from minilab.finetune.models import resolve_tokenizer_dir
+    from minilab.finetune.records import iter_records, manifest_head, prepare, source_info, split_held_out
     from minilab.finetune.rows import write_rows
-    from minilab.finetune.sft_data import _source_info, iter_records
-    from minilab.finetune.templates import resolve_template
-    from minilab.owned import check_output
 
-    out = Path(cfg.output_dir)
-    cfg = dataclasses.replace(cfg, tokenizer_dir=str(resolve_tokenizer_dir(cfg.tokenizer_dir)))
-    reading = (cfg.tokenizer_dir, *(Path(s).expanduser() for s in cfg.sources))
-    check_output(out, cfg.force, {"dpo_data"}, reading=reading)
-    template = resolve_template(cfg.template, cfg.tokenizer_dir)
-    tok = load_tokenizer(cfg.tokenizer_dir)
+    out, cfg, template, tok = prepare(cfg, "dpo_data")
     counts: Counter = Counter()
     pairs, samples = [], []
     for source in cfg.sources:
@@ -149,21 +137,16 @@ def run(cfg: DPODataConfig) -> dict[str, Any]:
                                 **({"constructed": rec["constructed"]} if "constructed" in rec else {})})
     if not pairs:
         raise MinilabError(f"no usable preference pairs in {', '.join(cfg.sources)} ({dict(counts)})")
-    order = list(range(len(pairs)))
-    random.Random(cfg.seed).shuffle(order)
-    n_val = int(round(cfg.val_fraction * len(pairs))) if len(pairs) > 1 else 0
-    splits = {"val": [pairs[i] for i in order[:n_val]], "train": [pairs[i] for i in order[n_val:]]}
+    splits = split_held_out(pairs, cfg.val_fraction, cfg.seed)
     with atomic_dir(out, overwrite=cfg.force) as tmp:
         stats = {}
         for split, rows in splits.items():
             stats[split] = {side: write_rows(tmp, f"{split}.{side}", [p[k] for p in rows], tok.get_vocab_size())
                             for k, side in enumerate(("chosen", "rejected"))}
-        manifest = {"kind": "minilab.dpo_data", "tokenizer_sha256": tokenizer_fingerprint(cfg.tokenizer_dir),
-                    "tokenizer_dir": str(Path(cfg.tokenizer_dir).resolve()),
-                    "template": {"name": template.name, "jinja": template.jinja, "end_token": template.end_token},
+        manifest = {**manifest_head("dpo_data", cfg.tokenizer_dir, template),
                     "counts": {"pairs_kept": len(pairs), **counts}, "max_len": cfg.max_len, "seed": cfg.seed,
                     "constructed": "demo" in cfg.sources,
-                    "sources": [_source_info(s) for s in cfg.sources], "splits": stats}
+                    "sources": [source_info(s) for s in cfg.sources], "splits": stats}
         write_json_atomic(tmp / "manifest.json", manifest)
         write_text_atomic(tmp / "DATACARD.md", _card(manifest, samples))
     log.info("dpo data %s: %d train pairs, %d val pairs (%s)", out, len(splits["train"]), len(splits["val"]),

@@ -1,4 +1,5 @@
-"""On-disk rows of tokenized fine-tuning examples, and the weighted, exactly resumable sampler.
+"""On-disk rows of tokenized fine-tuning examples, the datasets' manifests (tokenizer and chat
+template checked) that SFT and DPO load alike, and the weighted, exactly resumable sampler.
 
 A split is three NumPy files (loaded with `allow_pickle=False`, memory-mapped):
 `{split}.ids.npy` (all token ids end to end), `{split}.mask.npy` (1 where the token is trained
@@ -82,6 +83,34 @@ def check_data_tokenizer(dirs: list[str], kind: str, tokenizer_sha256: str) -> l
                 "model's tokenizer")
         manifests.append(m)
     return manifests
+
+
+def load_datasets(data_dirs: list[str], tokenizer_sha: str, kind: str = "sft_data") -> tuple[list[dict], Any]:
+    """Manifests of the datasets (tokenizer checked: the blocking error) and their shared template
+    (SFT and DPO read their prepared data alike)."""
+    from minilab.finetune.templates import ChatTemplate
+
+    manifests = check_data_tokenizer(data_dirs, kind, tokenizer_sha)
+    t = manifests[0]["template"]
+    for d, m in zip(data_dirs[1:], manifests[1:], strict=True):
+        if m["template"]["jinja"] != t["jinja"]:
+            raise MinilabError(f"{d} uses chat template '{m['template']['name']}' but {data_dirs[0]} uses "
+                               f"'{t['name']}'; build every dataset with one template")
+    tok_cfg = Path(manifests[0].get("tokenizer_dir", "")) / "tokenizer_config.json"
+    eos = "</s>"
+    if tok_cfg.is_file():
+        import json
+
+        eos = json.loads(tok_cfg.read_text(encoding="utf-8")).get("eos_token") or eos
+    return manifests, ChatTemplate(t["name"], t["jinja"], t["end_token"], "", eos if isinstance(eos, str) else "</s>")
+
+
+def data_records(data_dirs: list[str]) -> list[dict[str, Any]]:
+    """The datasets as the model manifest records them: absolute path and manifest hash."""
+    from minilab.fsutil import sha256_file
+
+    return [{"path": str(Path(d).resolve()), "manifest_sha256": sha256_file(Path(d) / "manifest.json")}
+            for d in data_dirs]
 
 
 class WeightedSampler:

@@ -26,18 +26,9 @@ import numpy as np
 import torch
 
 from minilab import distributed
-from minilab.config import to_dict
-from minilab.errors import ConfigError, MinilabError
-from minilab.finetune.common import TuneConfig, Tuning, TuningRun, tuning_stage
-from minilab.training import (
-    OptimConfig,
-    accumulate_gradients,
-    autocast_context,
-    count_targets,
-    step_tokens,
-    throughput,
-    token_loss_sum,
-)
+from minilab.errors import ConfigError
+from minilab.finetune.common import TuneConfig, Tuning, TuningRun, run_tuning, tuning_stage
+from minilab.training import OptimConfig, autocast_context, throughput, token_loss_sum, token_step
 
 log = logging.getLogger("minilab.sft")
 
@@ -45,48 +36,15 @@ log = logging.getLogger("minilab.sft")
 @dataclass
 class SFTConfig(TuneConfig):
     data_dirs: list[str] = field(default_factory=list, metadata={"help": "datasets from `minilab sft-data`"})
-    data_weights: list[float] | None = field(default=None, metadata={
-        "help": "sampling weight per dataset; default proportional to their sizes"})
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, weight_decay=0.0, warmup_frac=0.03),
                                metadata={"help": "AdamW and its warmup + cosine lr schedule (optim.lr, ...)"})
 
     def validate(self) -> None:
-        for key in ("base_model", "output_dir", "data_dirs"):
-            if not getattr(self, key):
-                raise ConfigError("required", key=key)
+        self.check_required()
         if self.data_weights is not None and len(self.data_weights) != len(self.data_dirs):
             raise ConfigError(f"{len(self.data_weights)} weights for {len(self.data_dirs)} datasets",
                               key="data_weights")
-        for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "ckpt_every", "keep_last"):
-            if getattr(self, key) <= 0:
-                raise ConfigError("must be positive", key=key)
-
-
-def load_datasets(data_dirs: list[str], tokenizer_sha: str, kind: str = "sft_data") -> tuple[list[dict], Any]:
-    """Manifests of the datasets (tokenizer checked: the blocking error) and their shared template."""
-    from minilab.finetune.rows import check_data_tokenizer
-    from minilab.finetune.templates import ChatTemplate
-
-    manifests = check_data_tokenizer(data_dirs, kind, tokenizer_sha)
-    t = manifests[0]["template"]
-    for d, m in zip(data_dirs[1:], manifests[1:], strict=True):
-        if m["template"]["jinja"] != t["jinja"]:
-            raise MinilabError(f"{d} uses chat template '{m['template']['name']}' but {data_dirs[0]} uses "
-                               f"'{t['name']}'; build every dataset with one template")
-    tok_cfg = Path(manifests[0].get("tokenizer_dir", "")) / "tokenizer_config.json"
-    eos = "</s>"
-    if tok_cfg.is_file():
-        import json
-
-        eos = json.loads(tok_cfg.read_text(encoding="utf-8")).get("eos_token") or eos
-    return manifests, ChatTemplate(t["name"], t["jinja"], t["end_token"], "", eos if isinstance(eos, str) else "</s>")
-
-
-def data_records(data_dirs: list[str]) -> list[dict[str, Any]]:
-    from minilab.fsutil import sha256_file
-
-    return [{"path": str(Path(d).resolve()), "manifest_sha256": sha256_file(Path(d) / "manifest.json")}
-            for d in data_dirs]
+        self.check_positive()
 
 
 def pad_id_of(tokenizer_dir: Path) -> int:
@@ -100,16 +58,7 @@ def pad_id_of(tokenizer_dir: Path) -> int:
 
 
 def run(cfg: SFTConfig, resume: str | None = None, dry_run: bool = False) -> dict[str, Any]:
-    from minilab.training import resolve_device
-
-    info, device = distributed.init(resolve_device(cfg.device))
-    try:
-        job = SFTRun(cfg, info, device)
-        if dry_run:
-            return {"plan": job.plan}
-        return job.fit(resume)
-    finally:
-        distributed.shutdown()
+    return run_tuning(SFTRun, cfg, resume, dry_run)
 
 
 class SFTRun(TuningRun):
@@ -118,7 +67,7 @@ class SFTRun(TuningRun):
     progress_label = "sft"
 
     def __init__(self, cfg: SFTConfig, info: distributed.DistInfo, device: torch.device):
-        from minilab.finetune.rows import Rows, WeightedSampler
+        from minilab.finetune.rows import Rows, WeightedSampler, load_datasets
 
         self.cfg, self.info, self.device = cfg, info, device
         self.tune = Tuning(cfg, cfg.optim, info, device, "sft")
@@ -138,25 +87,12 @@ class SFTRun(TuningRun):
         picks = [self.sampler.next() for _ in range(self.cfg.batch_size)]
         return collate([self.train_rows[d][i] for d, i in picks], self.pad_id)
 
-    # ---- resume ---------------------------------------------------------------------------------
-    def restore(self, resume: str | None) -> None:
-        meta = self.tune.restore(resume)
-        if meta is None:
-            return
-        self.sampler.load_state_dict(meta["data_state"])
-        self.load_progress(meta)
-
     # ---- one optimizer step ---------------------------------------------------------------------
     def train_step(self) -> tuple[float, float, None]:
         cfg, info, tune = self.cfg, self.info, self.tune
         micro = [self.next_batch() for _ in range(cfg.grad_accum)]
-        # Normalise by the trained tokens of the whole (global) step, as pretraining does.
-        tokens = step_tokens(count_targets(y for _, y in micro), info, self.device)
-        normalizer = tokens / info.world_size
-        loss, _ = accumulate_gradients(tune.train_model, micro, cfg.precision, self.device, tune.scaler,
-                                       normalizer=normalizer,
-                                       sync=lambda last: distributed.no_sync(tune.train_model, last))
-        loss = distributed.all_reduce_sum(loss, info, self.device) / info.world_size
+        # Normalised by the trained tokens of the whole (global) step, as pretraining does.
+        loss, tokens = token_step(tune.train_model, micro, cfg.precision, self.device, tune.scaler, info)
         norm = tune.optimizer_step()
         self.tokens_seen += tokens
         return loss, norm, None
@@ -201,70 +137,26 @@ class SFTRun(TuningRun):
             for a in answers[:3]:
                 bar.note(f"  {a['prompt']!r} -> {a['answer']!r}")
 
-    def save(self) -> None:
-        val = self.val_meta()
-        self.tune.save(self.step, {"config": to_dict(self.cfg), "tokens_seen": self.tokens_seen,
-                                   "data_state": self.sampler.state_dict(), **val},
-                       metric=val["val_loss"])
-
     def log_step(self, bar, lr: float, loss: float, norm: float, extra, tokens: int) -> None:
         tok_s = throughput(tokens, self.step_seconds())
         self.tune.metrics.write("train", step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr,
                                 grad_norm=norm, tokens_per_s=tok_s)
         bar.update(self.step, loss=loss, tok_s=tok_s)
 
-    def finish_run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        if not self.info.is_main:
-            return {"final_dir": None, "name": None, **self.last_eval}
-        dataset = cfg.dataset_name or Path(cfg.data_dirs[0]).name
-        result = self.tune.finish("sft", self.template, data_records(cfg.data_dirs), dataset,
-                                  {**self.last_eval, "tokens_seen": self.tokens_seen, "steps": self.step,
-                                   "epochs": self.sampler.epochs()}, to_dict(cfg))
-        return {**result, **self.last_eval}
+    def final_metrics(self) -> dict[str, Any]:
+        return {"epochs": self.sampler.epochs()}
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
-def add_tune_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags SFT and DPO share."""
-    from minilab.cliargs import add_config_flags, flag
-
-    flag(p, "--base-model", metavar="NAME|DIR|HUB_ID", help="model to fine-tune")
-    flag(p, "--data-dirs", nargs="+", metavar="DIR", help="prepared datasets")
-    flag(p, "--data-weights", nargs="+", type=float, metavar="W", help="sampling weight per dataset")
-    flag(p, "--output-dir", metavar="DIR", help="run directory")
-    p.add_argument("--method", choices=["lora", "qlora", "full"], help="default lora")
-    flag(p, "--max-steps", type=int, metavar="N", help="optimizer steps")
-    p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest checkpoint or a given one")
-    flag(p, "--dry-run", action="store_true", help="print the resource plan and exit")
-    add_config_flags(p, "Keys: those of the verb's config (lora.r, optim.lr, batch_size, ...).")
-
-
-# The flags `add_tune_arguments` adds that are config keys of SFT and DPO alike.
-TUNE_FLAGS = ("base_model", "data_dirs", "data_weights", "output_dir", "method", "max_steps")
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from minilab.finetune.tune_cli import add_tune_arguments
+
     add_tune_arguments(p)
-
-
-def print_result(result: dict[str, Any], dry_run: bool) -> None:
-    from minilab.fsutil import human_bytes
-
-    if dry_run:
-        plan = result["plan"]
-        print(f"params {plan['params']:,} ({plan['trainable']:,} trainable); peak memory "
-              f"~{human_bytes(plan['memory'])}; disk ~{human_bytes(plan['disk'])}")
-        return
-    if result["final_dir"] is None:  # a torchrun rank other than 0: rank 0 wrote and reports the model
-        return
-    print(f"final model: {result['final_dir']}")
-    if result.get("name"):
-        print(f"registry name: {result['name']}")
 
 
 def main(args: argparse.Namespace) -> int:
     from minilab.cliargs import config_from_args
+    from minilab.finetune.tune_cli import TUNE_FLAGS, print_result
 
     cfg = config_from_args(SFTConfig, args, TUNE_FLAGS)
     print_result(run(cfg, resume=args.resume, dry_run=args.dry_run), args.dry_run)

@@ -7,7 +7,8 @@ Accepted record shapes (JSONL, JSON list, or a Hugging Face dataset id through `
 Alpaca `{instruction, input, output}`; OpenAI `{messages: [{role, content}]}`; ShareGPT
 `{conversations: [{from, value}]}`; OASST1 message trees, flat (`message_id`, `parent_id`,
 `role`, `text`, `rank`) or nested (`{prompt: {text, role, replies: [...]}}`), from which the
-top-ranked path is kept. `--source demo` uses the built-in chatterbot conversations.
+top-ranked path is kept (`finetune/records.py` reads them, for dpo-data too). `--source demo`
+uses the built-in chatterbot conversations.
 
 Labels are -100 everywhere except assistant tokens and their end-of-turn token. Examples longer
 than `max_len` are truncated (kept while a trained token remains) or dropped, and counted.
@@ -16,28 +17,22 @@ than `max_len` are truncated (kept while a trained token remains) or dropped, an
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import logging
-import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from minilab.config import SEED
 from minilab.data.datacard import code_fence
 from minilab.errors import ConfigError, MinilabError
-from minilab.fsutil import atomic_dir, sha256_file, write_json_atomic, write_text_atomic
+from minilab.finetune.records import iter_records, oasst_paths, to_messages
+from minilab.fsutil import atomic_dir, write_json_atomic, write_text_atomic
 from minilab.stage import Stage
 
 log = logging.getLogger("minilab.sft_data")
-
-_ROLE_ALIASES = {"human": "user", "user": "user", "prompter": "user", "gpt": "assistant", "assistant": "assistant",
-                 "bot": "assistant", "chatgpt": "assistant", "model": "assistant", "system": "system"}
-
 
 @dataclass
 class SFTDataConfig:
@@ -70,107 +65,7 @@ class SFTDataConfig:
             raise ConfigError("must be within [0, 1)", key="val_fraction")
 
 
-# ---- reading records ------------------------------------------------------------------------
-def iter_records(source: str, split: str = "train") -> Iterator[dict[str, Any]]:
-    """Dicts from a JSONL or JSON file, or rows of a Hugging Face dataset (id or local path)."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            yield from json.loads(text)
-            return
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise MinilabError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-        return
-    if path.exists() or source.startswith((".", "/")):
-        raise MinilabError(f"{source}: not a JSONL/JSON file")
-    try:
-        import datasets  # optional: pip install 'minilab[hf]'
-    except ImportError:
-        raise MinilabError(f"{source}: not a file; reading Hugging Face dataset ids needs the 'datasets' "
-                           "package (pip install 'minilab[hf]')") from None
-    try:
-        yield from datasets.load_dataset(source, split=split)  # respects HF_HOME / HF_DATASETS_CACHE
-    except Exception as e:  # noqa: BLE001 - datasets raises many types; one line for the user
-        raise MinilabError(f"cannot load dataset '{source}': {str(e).splitlines()[0]}") from None
-
-
-def _role(raw: Any) -> str:
-    role = _ROLE_ALIASES.get(str(raw).lower())
-    if role is None:
-        raise MinilabError(f"unknown role {raw!r}")
-    return role
-
-
-def to_messages(rec: dict[str, Any]) -> list[dict[str, str]]:
-    """One record in any supported shape (except flat OASST, see `oasst_paths`) as messages."""
-    from minilab.finetune.templates import validate_messages
-
-    if "messages" in rec:
-        return validate_messages([{"role": _role(m.get("role")), "content": m.get("content")}
-                                  for m in rec["messages"]])
-    if "conversations" in rec:
-        return validate_messages([{"role": _role(m.get("from", m.get("role"))),
-                                   "content": m.get("value", m.get("content"))} for m in rec["conversations"]])
-    if "instruction" in rec and "output" in rec:
-        user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
-        return validate_messages([{"role": "user", "content": user},
-                                  {"role": "assistant", "content": rec["output"]}])
-    if isinstance(rec.get("prompt"), dict) and "replies" in rec["prompt"]:
-        return oasst_nested_path(rec["prompt"])
-    if "prompt" in rec and ("response" in rec or "completion" in rec):
-        return validate_messages([{"role": "user", "content": rec["prompt"]},
-                                  {"role": "assistant", "content": rec.get("response", rec.get("completion"))}])
-    raise MinilabError(f"unrecognised record shape (keys {sorted(rec)[:6]}); expected messages, "
-                       "conversations, instruction/output, or an OASST tree")
-
-
-def _best(replies: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The top-ranked reply (rank 0 is best; unranked replies come last; ties keep file order)."""
-    if not replies:
-        return None
-    return min(replies, key=lambda r: (r.get("rank") is None, r.get("rank") or 0))
-
-
-def _trim_to_assistant(path: list[dict[str, str]]) -> list[dict[str, str]]:
-    while path and path[-1]["role"] != "assistant":
-        path.pop()
-    if not path:
-        raise MinilabError("OASST tree without an assistant reply")
-    return path
-
-
-def oasst_nested_path(node: dict[str, Any]) -> list[dict[str, str]]:
-    """Top-ranked path through a nested OASST tree (the `*.trees.jsonl` export)."""
-    path = []
-    while node is not None:
-        if not node.get("deleted"):
-            path.append({"role": _role(node.get("role")), "content": str(node.get("text", ""))})
-        node = _best(node.get("replies") or [])
-    return _trim_to_assistant(path)
-
-
-def oasst_paths(records: list[dict[str, Any]]) -> Iterator[list[dict[str, str]]]:
-    """Top-ranked path of every tree in flat OASST messages (`message_id`, `parent_id`, ...)."""
-    children: dict[Any, list[dict[str, Any]]] = {}
-    for r in records:
-        if not r.get("deleted"):
-            children.setdefault(r.get("parent_id"), []).append(r)
-    for root in children.get(None, []):
-        node, path = root, []
-        while node is not None:
-            path.append({"role": _role(node.get("role")), "content": str(node.get("text", ""))})
-            node = _best(children.get(node["message_id"], []))
-        try:
-            yield _trim_to_assistant(path)
-        except MinilabError:
-            continue
-
-
+# ---- reading conversations --------------------------------------------------------------------
 def conversations(source: str, split: str, limit: int | None, bad: Counter) -> Iterator[list[dict[str, str]]]:
     """Conversations of one source as messages; malformed records are counted in `bad`."""
     if source == "demo":
@@ -236,18 +131,11 @@ def pack_rows(rows: list[tuple[list[int], list[bool]]], max_len: int) -> list[tu
 
 def run(cfg: SFTDataConfig) -> dict[str, Any]:
     """Write the SFT dataset described by `cfg`; returns its manifest."""
-    from minilab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-    from minilab.finetune.models import resolve_tokenizer_dir
+    from minilab.finetune.records import manifest_head, prepare, source_info, split_held_out
     from minilab.finetune.rows import write_rows
-    from minilab.finetune.templates import encode_conversation, resolve_template
-    from minilab.owned import check_output
+    from minilab.finetune.templates import encode_conversation
 
-    out = Path(cfg.output_dir)
-    cfg = dataclasses.replace(cfg, tokenizer_dir=str(resolve_tokenizer_dir(cfg.tokenizer_dir)))
-    reading = (cfg.tokenizer_dir, *(Path(s).expanduser() for s in cfg.sources))
-    check_output(out, cfg.force, {"sft_data"}, reading=reading)
-    template = resolve_template(cfg.template, cfg.tokenizer_dir)
-    tok = load_tokenizer(cfg.tokenizer_dir)
+    out, cfg, template, tok = prepare(cfg, "sft_data")
     counts: Counter = Counter()
     bad: Counter = Counter()
     examples: list[tuple[list[int], list[bool]]] = []
@@ -272,37 +160,20 @@ def run(cfg: SFTDataConfig) -> dict[str, Any]:
     counts["invalid"] = sum(bad.values())
     if not examples:
         raise MinilabError(f"no usable examples in {', '.join(cfg.sources)} ({dict(counts)})")
-    rng = random.Random(cfg.seed)
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    n_val = int(round(cfg.val_fraction * len(examples))) if len(examples) > 1 else 0
-    splits = {"val": [examples[i] for i in order[:n_val]], "train": [examples[i] for i in order[n_val:]]}
+    splits = split_held_out(examples, cfg.val_fraction, cfg.seed)
     if cfg.pack:
         splits = {k: pack_rows(v, cfg.max_len) for k, v in splits.items()}
     with atomic_dir(out, overwrite=cfg.force) as tmp:
         stats = {k: write_rows(tmp, k, v, tok.get_vocab_size()) for k, v in splits.items()}
-        manifest = {"kind": "minilab.sft_data", "tokenizer_sha256": tokenizer_fingerprint(cfg.tokenizer_dir),
-                    "tokenizer_dir": str(Path(cfg.tokenizer_dir).resolve()),
-                    "template": {"name": template.name, "jinja": template.jinja, "end_token": template.end_token},
+        manifest = {**manifest_head("sft_data", cfg.tokenizer_dir, template),
                     "counts": {"examples_kept": len(examples), **counts}, "invalid_reasons": dict(bad),
                     "max_len": cfg.max_len, "overflow": cfg.overflow, "pack": cfg.pack, "seed": cfg.seed,
-                    "sources": [_source_info(s) for s in cfg.sources], "splits": stats}
+                    "sources": [source_info(s) for s in cfg.sources], "splits": stats}
         write_json_atomic(tmp / "manifest.json", manifest)
         write_text_atomic(tmp / "DATACARD.md", _card(manifest, samples))
     log.info("sft data %s: %d train rows, %d val rows (%s)", out, stats["train"]["rows"], stats["val"]["rows"],
              dict(counts))
     return manifest
-
-
-def _source_info(source: str) -> dict[str, Any]:
-    path = Path(source)
-    if path.is_file():
-        return {"source": str(path.resolve()), "sha256": sha256_file(path)}
-    if source == "demo":
-        from minilab.finetune.demo_data import provenance
-
-        return {"source": "demo", **provenance()}
-    return {"source": source, "kind": "huggingface dataset"}
 
 
 def _card(m: dict[str, Any], samples: list[str]) -> str:

@@ -17,7 +17,6 @@ other architecture is built by `transformers.AutoModelForCausalLM.from_config` u
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minilab.config import read_json_object
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import hf_hub_cache
 from minilab.model import ModelConfig
@@ -46,16 +46,6 @@ class ModelSpec:
     @property
     def kind(self) -> str:
         return "minilab" if self.minilab_config is not None else "transformers"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"line {e.lineno}: invalid JSON: {e.msg}", source=str(path)) from None
-    if not isinstance(data, dict):
-        raise ConfigError("expected a JSON object", source=str(path))
-    return data
 
 
 def _is_hf_config(data: dict[str, Any]) -> bool:
@@ -80,8 +70,8 @@ def _from_path(path: Path, label: str) -> ModelSpec:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise MinilabError(f"{path}: no config.json (expected a model directory)")
-        return spec_from_hf_config(_read_json(cfg_file), label, str(cfg_file))
-    data = _read_json(path) if path.suffix == ".json" else None
+        return spec_from_hf_config(read_json_object(cfg_file), label, str(cfg_file))
+    data = read_json_object(path) if path.suffix == ".json" else None
     if data is not None and _is_hf_config(data):
         return spec_from_hf_config(data, label, str(path))
     from minilab.arch import load_architecture
@@ -97,7 +87,7 @@ def _from_hub_cache(repo_id: str) -> ModelSpec:
     if not isinstance(found, str):
         raise MinilabError(f"'{repo_id}' is not in the local Hugging Face cache ({cache}); minilab plan never "
                            f"downloads: run 'hf download {repo_id} config.json' or give a local config.json")
-    return spec_from_hf_config(_read_json(Path(found)), repo_id, found)
+    return spec_from_hf_config(read_json_object(Path(found)), repo_id, found)
 
 
 def resolve_model(ref: str | os.PathLike | dict[str, Any] | ModelConfig,
