@@ -108,7 +108,8 @@ class DPORun(TuningRun):
 
     def __init__(self, cfg: DPOConfig, info: distributed.DistInfo, device: torch.device):
         from minilab.finetune.rows import Rows, WeightedSampler
-        from minilab.finetune.sft import load_datasets, pad_id_of
+        from minilab.finetune.sft import load_datasets
+        from minilab.tokenization import pad_id_of
 
         if cfg.method == "full" and not cfg.precompute_ref:
             raise ConfigError("full fine-tuning has no adapters to switch off for the reference; "

@@ -101,12 +101,12 @@ def encode_pair(tok, template, prompt: list[dict[str, str]], chosen: str, reject
 
 
 def run(cfg: DPODataConfig) -> dict[str, Any]:
-    from minilab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
     from minilab.finetune.models import resolve_tokenizer_dir
     from minilab.finetune.rows import write_rows
     from minilab.finetune.sft_data import _source_info, iter_records
     from minilab.finetune.templates import resolve_template
     from minilab.owned import check_output
+    from minilab.tokenization import load_tokenizer, tokenizer_fingerprint
 
     out = Path(cfg.output_dir)
     cfg = dataclasses.replace(cfg, tokenizer_dir=str(resolve_tokenizer_dir(cfg.tokenizer_dir)))

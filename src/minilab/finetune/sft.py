@@ -66,6 +66,7 @@ def load_datasets(data_dirs: list[str], tokenizer_sha: str, kind: str = "sft_dat
     """Manifests of the datasets (tokenizer checked: the blocking error) and their shared template."""
     from minilab.finetune.rows import check_data_tokenizer
     from minilab.finetune.templates import ChatTemplate
+    from minilab.tokenization import EOS_TOKEN
 
     manifests = check_data_tokenizer(data_dirs, kind, tokenizer_sha)
     t = manifests[0]["template"]
@@ -74,12 +75,13 @@ def load_datasets(data_dirs: list[str], tokenizer_sha: str, kind: str = "sft_dat
             raise MinilabError(f"{d} uses chat template '{m['template']['name']}' but {data_dirs[0]} uses "
                                f"'{t['name']}'; build every dataset with one template")
     tok_cfg = Path(manifests[0].get("tokenizer_dir", "")) / "tokenizer_config.json"
-    eos = "</s>"
+    eos = EOS_TOKEN
     if tok_cfg.is_file():
         import json
 
         eos = json.loads(tok_cfg.read_text(encoding="utf-8")).get("eos_token") or eos
-    return manifests, ChatTemplate(t["name"], t["jinja"], t["end_token"], "", eos if isinstance(eos, str) else "</s>")
+    return manifests, ChatTemplate(t["name"], t["jinja"], t["end_token"], "",
+                                   eos if isinstance(eos, str) else EOS_TOKEN)
 
 
 def data_records(data_dirs: list[str]) -> list[dict[str, Any]]:
@@ -87,16 +89,6 @@ def data_records(data_dirs: list[str]) -> list[dict[str, Any]]:
 
     return [{"path": str(Path(d).resolve()), "manifest_sha256": sha256_file(Path(d) / "manifest.json")}
             for d in data_dirs]
-
-
-def pad_id_of(tokenizer_dir: Path) -> int:
-    from minilab.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_dir)
-    for name in ("<pad>", "</s>", "<|endoftext|>", "<eos>"):
-        if (tid := tok.token_to_id(name)) is not None:
-            return tid
-    return 0  # padded positions are never targets and never attended to by earlier tokens
 
 
 def run(cfg: SFTConfig, resume: str | None = None, dry_run: bool = False) -> dict[str, Any]:
@@ -119,6 +111,7 @@ class SFTRun(TuningRun):
 
     def __init__(self, cfg: SFTConfig, info: distributed.DistInfo, device: torch.device):
         from minilab.finetune.rows import Rows, WeightedSampler
+        from minilab.tokenization import pad_id_of
 
         self.cfg, self.info, self.device = cfg, info, device
         self.tune = Tuning(cfg, cfg.optim, info, device, "sft")

@@ -235,11 +235,11 @@ def pack_rows(rows: list[tuple[list[int], list[bool]]], max_len: int) -> list[tu
 
 def run(cfg: SFTDataConfig) -> dict[str, Any]:
     """Write the SFT dataset described by `cfg`; returns its manifest."""
-    from minilab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
     from minilab.finetune.models import resolve_tokenizer_dir
     from minilab.finetune.rows import write_rows
     from minilab.finetune.templates import encode_conversation, resolve_template
     from minilab.owned import check_output
+    from minilab.tokenization import load_tokenizer, tokenizer_fingerprint
 
     out = Path(cfg.output_dir)
     cfg = dataclasses.replace(cfg, tokenizer_dir=str(resolve_tokenizer_dir(cfg.tokenizer_dir)))

@@ -24,7 +24,7 @@ def _vocab_of(recipe: Recipe, tokenizer_dir: str) -> int:
     """The vocabulary size of a tokenizer folder, or of the recipe stage that will write it."""
     tok = Path(tokenizer_dir) / "tokenizer.json"
     if tok.is_file():
-        from minilab.data.tokenizer import load_tokenizer
+        from minilab.tokenization import load_tokenizer
 
         return load_tokenizer(tok).get_vocab_size()
     for s in recipe.stages:
