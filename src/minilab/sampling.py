@@ -103,6 +103,7 @@ class Sampler:
 
 
 def check_sampling(temperature: float, top_p: float | None, repetition_penalty: float) -> None:
+    """Refuse sampling arguments with no meaning before any forward pass is spent on them."""
     if temperature < 0:
         raise MinilabError(f"temperature must be ≥ 0, got {temperature}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -115,6 +116,7 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0..2**64-1 (negatives 
 
 
 def make_generator(seed: int | None) -> torch.Generator:
+    """The CPU generator one call draws every sample from: seeded, or fresh entropy without `seed`."""
     generator = torch.Generator()
     if seed is not None:
         generator.manual_seed(seed)
