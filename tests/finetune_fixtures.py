@@ -16,8 +16,8 @@ TINY = dict(vocab_size=300, d_model=32, n_layer=2, n_head=2, n_kv_head=2, head_d
 def make_base(root: Path, models_dir: Path, seed: int = 0) -> dict[str, Path | str]:
     """tokenizer -> random tiny model -> HF dir registered as a pretrain model."""
     from minilab import registry
-    from minilab.data.tokenizer import tokenizer_fingerprint
     from minilab.hf import save_hf_dir
+    from minilab.tokenization import tokenizer_fingerprint
 
     d = make_packed(root)
     torch.manual_seed(seed)

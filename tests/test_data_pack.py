@@ -12,9 +12,10 @@ from minilab.cli import main as cli_main
 from minilab.data.mixture import WeightedMixture
 from minilab.data.pack import PackConfig, check_tokenizer_match, open_split
 from minilab.data.pack import run as pack_run
-from minilab.data.tokenizer import TokenizerConfig, read_tokenizer_meta, tokenizer_fingerprint
+from minilab.data.tokenizer import TokenizerConfig
 from minilab.data.tokenizer import run as tok_run
 from minilab.errors import ConfigError, MinilabError, TokenizerMismatchError
+from minilab.tokenization import read_tokenizer_meta, tokenizer_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +266,7 @@ def _tokenizer_copy(built, tmp_path):
 
 
 def test_truncated_tokenizer_json_is_one_line_naming_the_file(built, tmp_path, capsys):
-    from minilab.data.tokenizer import load_tokenizer
+    from minilab.tokenization import load_tokenizer
 
     tok = _tokenizer_copy(built, tmp_path)
     f = tok / "tokenizer.json"
@@ -284,7 +285,7 @@ def test_truncated_tokenizer_json_is_one_line_naming_the_file(built, tmp_path, c
 def test_load_tokenizer_checks_the_recorded_fingerprint(built, tmp_path):
     """A tokenizer.json that still parses but was edited (two tokens' ids swapped) no longer
     matches the sha256 in minilab_tokenizer.json: refused, so no id silently means another token."""
-    from minilab.data.tokenizer import load_tokenizer
+    from minilab.tokenization import load_tokenizer
 
     tok = _tokenizer_copy(built, tmp_path)
     assert load_tokenizer(tok).get_vocab_size() == load_tokenizer(built / "tok" / "tokenizer.json").get_vocab_size()

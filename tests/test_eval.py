@@ -175,11 +175,12 @@ def run_dir(tmp_path_factory):
     from minilab.data.pack import PackConfig
     from minilab.data.pack import run as pack_run
     from minilab.data.shards import ShardWriter
-    from minilab.data.tokenizer import TokenizerConfig, tokenizer_fingerprint
+    from minilab.data.tokenizer import TokenizerConfig
     from minilab.data.tokenizer import run as tok_run
     from minilab.fsutil import write_json_atomic
     from minilab.hf import save_hf_dir
     from minilab.registry import write_manifest
+    from minilab.tokenization import tokenizer_fingerprint
 
     root = tmp_path_factory.mktemp("evalrun")
     rng = random.Random(0)
@@ -260,8 +261,8 @@ def test_eval_accepts_pretrain_data_after_the_chat_template_changed(run_dir, tmp
     id: the model can still be scored on the data it was pretrained on. Another vocabulary cannot."""
     import shutil
 
-    from minilab.data.tokenizer import tokenizer_fingerprint
     from minilab.registry import write_manifest
+    from minilab.tokenization import tokenizer_fingerprint
 
     model = tmp_path / "instruct"
     shutil.copytree(run_dir / "run" / "final", model)

@@ -4,8 +4,9 @@ top-k=1 is greedy, the CTRL repetition penalty, max_seq_len, and parity with tra
 import pytest
 import torch
 
-from minilab.generate import apply_repetition_penalty, generate, generate_text, top_k_filter, top_p_filter
+from minilab.generate import generate, generate_text
 from minilab.model import ModelConfig, build_model
+from minilab.sampling import apply_repetition_penalty, top_k_filter, top_p_filter
 
 VOCAB = 64
 PROMPTS = [[5, 9, 2, 40, 7], [11], [3, 3, 60, 1, 2, 8, 30, 31, 17]]

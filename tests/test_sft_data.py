@@ -81,7 +81,7 @@ def test_overflow_counts_manifest_and_mismatch(tok_dir, tmp_path):
     packed = run(SFTDataConfig(sources=[str(src)], tokenizer_dir=str(tok_dir), output_dir=str(tmp_path / "p"),
                                max_len=400, pack=True, val_fraction=0))
     assert packed["splits"]["train"]["rows"] < packed["counts"]["examples_kept"]
-    from minilab.data.tokenizer import tokenizer_fingerprint
+    from minilab.tokenization import tokenizer_fingerprint
     assert trunc["tokenizer_sha256"] == tokenizer_fingerprint(tok_dir)
     with pytest.raises(TokenizerMismatchError, match="Tokenizer mismatch"):
         check_data_tokenizer([str(tmp_path / "t")], "sft_data", "0" * 64)

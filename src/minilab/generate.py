@@ -17,7 +17,7 @@ Design choices (why):
   reproducible and never touches (or is disturbed by) the global RNG. Each step draws the rows'
   samples in row order from that one generator, so a batch is reproducible as a whole (a single
   prompt draws exactly as `stream_generate` does).
-- Logits are processed in transformers' order: repetition penalty -> temperature -> top-k ->
+- Logits are processed (`minilab.sampling`) in transformers' order: repetition penalty -> temperature -> top-k ->
   top-p -> sample. `temperature == 0` is greedy (argmax after the repetition penalty).
 - A stop token (eos or any of `stop_token_ids`) ends that prompt's generation and is not
   included in the output. Output holds only the new tokens, never the prompt.
@@ -37,88 +37,8 @@ import torch
 from minilab.cached_forward import CachedForward
 from minilab.errors import MinilabError
 from minilab.kvcache import KVCache
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen_ids: Sequence[int] | torch.Tensor,
-                             penalty: float) -> torch.Tensor:
-    """CTRL-style penalty (Keskar et al. 2019, as transformers): for every token already seen,
-    a positive logit is divided by `penalty` and a negative one multiplied by it, so the token
-    becomes less likely either way when penalty > 1. logits: (V,) or (B, V); returns a new tensor."""
-    if penalty == 1.0 or len(seen_ids) == 0:
-        return logits
-    ids = torch.as_tensor(seen_ids, dtype=torch.long, device=logits.device).unique()
-    out = logits.clone()
-    picked = out[..., ids]
-    out[..., ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return out
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits (ties at the k-th value are kept too), -inf elsewhere. (..., V)."""
-    if k <= 0 or k >= logits.size(-1):
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]                            # (..., 1)
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches `p`
-    (the most likely token is always kept). (..., V)."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    probs = sorted_logits.softmax(dim=-1)
-    # Mass strictly before each token: a token is dropped once the tokens ahead of it reach p.
-    before = probs.cumsum(dim=-1) - probs
-    drop_sorted = before >= p
-    drop_sorted[..., 0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def _penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """`apply_repetition_penalty` for a batch, with the seen tokens as a (B, V) boolean mask."""
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-
-
-class _Sampler:
-    """Next tokens of a batch from its (B, V) logits: repetition penalty -> temperature -> top-k ->
-    top-p -> sample (or argmax when greedy), each row as `apply_repetition_penalty`, `top_k_filter`
-    and `top_p_filter` treat it alone."""
-
-    def __init__(self, prompts: list[list[int]], *, temperature: float, top_k: int | None, top_p: float | None,
-                 repetition_penalty: float, generator: torch.Generator | None):
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.penalty, self.generator = repetition_penalty, generator
-        self.prompts = prompts if repetition_penalty != 1.0 else None
-        self.seen: torch.Tensor | None = None  # (B, V) tokens of each row so far, built on first use
-
-    def __call__(self, logits: torch.Tensor) -> list[int]:
-        logits = logits.float()
-        if self.prompts is not None:
-            if self.seen is None:
-                self.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-                for i, p in enumerate(self.prompts):
-                    self.seen[i, p] = True
-            logits = _penalise(logits, self.seen, self.penalty)
-        if self.temperature <= 0.0:
-            return logits.argmax(dim=-1).tolist()
-        logits = logits / self.temperature
-        if self.top_k is not None:
-            logits = top_k_filter(logits, self.top_k)
-        if self.top_p is not None:
-            logits = top_p_filter(logits, self.top_p)
-        probs = logits.softmax(dim=-1).cpu()
-        # multinomial on CPU with a CPU generator, row by row: reproducible whatever the device.
-        return [int(torch.multinomial(row, 1, generator=self.generator)) for row in probs]
-
-    def observe(self, tokens: torch.Tensor) -> None:
-        if self.seen is not None:
-            self.seen[torch.arange(len(tokens), device=self.seen.device), tokens] = True
-
-    def select(self, keep: torch.Tensor) -> None:
-        if self.seen is not None:
-            self.seen = self.seen.index_select(0, keep)
+from minilab.sampling import Sampler, check_sampling, make_generator
+from minilab.tokenization import tokenizer_stop_ids
 
 
 def _as_prompts(input_ids: Sequence[Sequence[int]] | torch.Tensor) -> list[list[int]]:
@@ -189,7 +109,7 @@ class BatchDecoder:
         pad = [width - len(p) for p in prompts]
         cache = KVCache(model.config, len(rows), max_len=width + max(self.budgets[r] for r in rows),
                         dtype=dtype, device=device, pad=pad) if self.use_cache else None
-        sampler = _Sampler(prompts, generator=self.generator, **self.pick)
+        sampler = Sampler(prompts, generator=self.generator, **self.pick)
         seqs = [list(p) for p in prompts]  # only for the no-cache reference path
         produced = dict.fromkeys(rows, 0)
         fast = CachedForward.of(model) if cache is not None else None
@@ -225,27 +145,6 @@ class BatchDecoder:
                     logits = model(torch.tensor(seqs, dtype=torch.long, device=device))[:, -1]
 
 
-def _check_sampling(temperature: float, top_p: float | None, repetition_penalty: float) -> None:
-    if temperature < 0:
-        raise MinilabError(f"temperature must be ≥ 0, got {temperature}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise MinilabError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
-        raise MinilabError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-
-
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0..2**64-1 (negatives alias large seeds)
-
-
-def _make_generator(seed: int | None) -> torch.Generator:
-    generator = torch.Generator()
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()  # fresh entropy for this call only; the global RNG stays untouched
-    return generator
-
-
 def _budget(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> int:
     """New tokens allowed for `prompt`: max_new_tokens, capped so the total fits max_seq_len."""
     max_len = model.config.max_seq_len
@@ -266,11 +165,11 @@ def stream_generate(model: torch.nn.Module, prompt: Sequence[int], *, max_new_to
     """New token ids of one prompt as they are decoded: the same tokens `generate` returns for it
     with the same arguments. The model must already be in eval mode (this never toggles it, so
     several streams may share one model from different threads)."""
-    _check_sampling(temperature, top_p, repetition_penalty)
+    check_sampling(temperature, top_p, repetition_penalty)
     ids = _as_prompts([prompt])[0]
     pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     decoder = BatchDecoder(model, [ids], [_budget(model, ids, max_new_tokens)], set(stop_token_ids),
-                           _make_generator(seed), pick)
+                           make_generator(seed), pick)
     return (tok for _, tok in decoder)
 
 
@@ -284,10 +183,10 @@ def generate(model: torch.nn.Module, input_ids: Sequence[Sequence[int]] | torch.
     decoded together (see the module docstring). `kv_cache=False` recomputes every step, one prompt
     at a time (the reference path).
     """
-    _check_sampling(temperature, top_p, repetition_penalty)
+    check_sampling(temperature, top_p, repetition_penalty)
     prompts = _as_prompts(input_ids)
     budgets = [_budget(model, p, max_new_tokens) for p in prompts]
-    generator = _make_generator(seed)
+    generator = make_generator(seed)
     pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     stop = set(stop_token_ids)
     was_training = model.training
@@ -305,24 +204,6 @@ def generate(model: torch.nn.Module, input_ids: Sequence[Sequence[int]] | torch.
 
 
 # ---- text in, text out ---------------------------------------------------------------------------
-_EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "<|im_end|>")
-
-
-def tokenizer_stop_ids(tokenizer: Any) -> list[int]:
-    """eos-like token ids of a `tokenizers.Tokenizer` or HF tokenizer (those present in its vocab)."""
-    ids: list[int] = []
-    eos_id = getattr(tokenizer, "eos_token_id", None)  # HF tokenizers know their eos
-    if isinstance(eos_id, int):
-        ids.append(eos_id)
-    for name in _EOS_NAMES:
-        tid = tokenizer.token_to_id(name) if hasattr(tokenizer, "token_to_id") else \
-            tokenizer.convert_tokens_to_ids(name)
-        unk = getattr(tokenizer, "unk_token_id", None)
-        if isinstance(tid, int) and tid != unk and tid not in ids:
-            ids.append(tid)
-    return ids
-
-
 def encode(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[int]:
     """Token ids of `text` with a `tokenizers.Tokenizer` (returns an Encoding) or an HF tokenizer."""
     enc = tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -352,12 +233,12 @@ def generate_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str
     """Continuations of several prompts, decoded together (see `generate`); each row ends on its own
     at a stop token (default: the tokenizer's eos-like tokens), its budget, or a stop string, which
     is cut from the text (`TextStream`), and then leaves the batch."""
-    _check_sampling(temperature, top_p, repetition_penalty)
+    check_sampling(temperature, top_p, repetition_penalty)
     ids = _as_prompts([encode(tokenizer, p, add_special_tokens) for p in prompts])
     budgets = [_budget(model, p, max_new_tokens) for p in ids]
     stop_ids = set(tokenizer_stop_ids(tokenizer) if stop_token_ids is None else stop_token_ids)
     pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
-    generator = _make_generator(seed)
+    generator = make_generator(seed)
     streams = [TextStream(tokenizer, stop) for _ in prompts]
     was_training = model.training
     model.eval()
@@ -459,7 +340,7 @@ class BatchRow:
 
     def __init__(self, prompt: list[int], budget: int, pick: dict[str, Any], generator: torch.Generator | None):
         self.prompt, self.budget = prompt, budget
-        self.sampler = _Sampler([prompt], generator=generator, **pick)
+        self.sampler = Sampler([prompt], generator=generator, **pick)
         self.produced = 0
         self.last: int | None = None           # the token the next step feeds
         self.done: str | None = None           # "stop" (a stop token) or "length" (its budget)
@@ -511,10 +392,10 @@ class ContinuousBatch:
             seed: int | None = None) -> tuple[BatchRow, int | None]:
         """Prefill `prompt` and sample its first token: (row, token, None for a stop token). The
         row joins the batch at the next `step` unless it is already done or dropped."""
-        _check_sampling(temperature, top_p, repetition_penalty)
+        check_sampling(temperature, top_p, repetition_penalty)
         ids = _as_prompts([prompt])[0]
         pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
-        row = BatchRow(ids, _budget(self.model, ids, max_new_tokens), pick, _make_generator(seed))
+        row = BatchRow(ids, _budget(self.model, ids, max_new_tokens), pick, make_generator(seed))
         if row.budget <= 0:
             row.done = "length"
             return row, None

@@ -29,6 +29,7 @@ from minilab.config import read_json_object
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import atomic_dir, write_json_atomic
 from minilab.model import ModelConfig, Transformer, build_model, rope_inv_freq
+from minilab.tokenization import load_tokenizer, special_token_ids
 
 # Files a tokenizer dir may hold that must never overwrite the model's own files.
 _MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
@@ -153,36 +154,6 @@ def from_hf_config(config_dict: dict, source: str) -> ModelConfig:
 
 
 # ---- export -------------------------------------------------------------------------------------
-def _special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
-    """bos/eos/pad ids of the tokenizer in `tokenizer_dir`, from its HF config files; empty if unknown."""
-    tok_file = tokenizer_dir / "tokenizer.json"
-    if not tok_file.is_file():
-        return {}
-    from minilab.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tok_file)
-    names: dict[str, Any] = {}
-    for fname in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
-        f = tokenizer_dir / fname
-        if f.is_file():
-            data = json.loads(f.read_text(encoding="utf-8"))
-            names.update({k: data[k] for k in ("bos_token", "eos_token", "pad_token") if data.get(k)})
-    # Without config files, fall back on the special tokens' usual spellings.
-    fallback = {"bos_token": ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>"),
-                "eos_token": ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>"),
-                "pad_token": ("<pad>", "<|pad|>")}
-    ids: dict[str, int] = {}
-    for key, candidates in fallback.items():
-        name = names.get(key)
-        name = name.get("content") if isinstance(name, dict) else name
-        for cand in ([name] if name else list(candidates)):
-            tid = tok.token_to_id(cand)
-            if tid is not None:
-                ids[key.replace("_token", "_token_id")] = tid
-                break
-    return ids
-
-
 def _copy_tokenizer(tokenizer_dir: Path, out: Path, ids: dict[str, int], max_len: int) -> None:
     """Copy every plain file of `tokenizer_dir`; add a minimal tokenizer_config.json if there is
     none, so `AutoTokenizer.from_pretrained(out)` works on the export."""
@@ -192,9 +163,7 @@ def _copy_tokenizer(tokenizer_dir: Path, out: Path, ids: dict[str, int], max_len
         if f.is_file() and not f.name.startswith(".") and f.name not in _MODEL_FILES:
             shutil.copy2(f, out / f.name)
     if (out / "tokenizer.json").is_file() and not (out / "tokenizer_config.json").is_file():
-        from minilab.data.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(out / "tokenizer.json", verify=False)  # a copy of the one read above
+        tok = load_tokenizer(out, verify=False)  # a copy of the one read above
         cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
         for key, tid in ids.items():
             cfg[key.removesuffix("_id")] = tok.id_to_token(tid)
@@ -247,7 +216,7 @@ def save_hf_dir(model: Transformer, out_dir: str | Path, *, tokenizer_dir: str |
         tensors[name] = (t.to(target) if target is not None else t).contiguous()
     stored = target or next(iter(tensors.values())).dtype
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
-    ids = _special_token_ids(tok_dir) if tok_dir is not None else {}
+    ids = special_token_ids(tok_dir) if tok_dir is not None else {}
 
     hf_cfg = to_llama_config(cfg)
     for key, value in ids.items():

@@ -28,9 +28,18 @@ import torch
 
 from minilab.decode_layout import use_decode_layout
 from minilab.errors import MinilabError
-from minilab.generate import MAX_SEED, TextStream, encode, stream_generate, tokenizer_stop_ids
+from minilab.generate import TextStream, encode, stream_generate
 from minilab.loading import load_model_for_inference, resolve_model_dir
 from minilab.model import Transformer
+from minilab.sampling import MAX_SEED
+from minilab.tokenization import (
+    chat_template_source,
+    compile_chat_template,
+    end_of_turn_id,
+    render_chat,
+    token_text,
+    tokenizer_stop_ids,
+)
 
 log = logging.getLogger("minilab.inference")
 
@@ -39,7 +48,6 @@ FALLBACK_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}")
 FALLBACK_STOP = ["\nUser:", "\nSystem:"]  # the transcript's next turn marks the end of a reply
-_END_OF_TURN_NAMES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
 @dataclass
@@ -68,21 +76,13 @@ class ChatFormat:
     """Messages -> prompt text with the tokenizer's chat template (or the fallback)."""
 
     def __init__(self, template: str | None, special: dict[str, str]):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:  # templates call this on bad input (HF convention)
-            raise MinilabError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
         self.is_fallback = not template
         self.source = template or FALLBACK_TEMPLATE
-        self.template = env.from_string(self.source)
+        compile_chat_template(self.source)  # a template that does not compile fails at load, not per request
         self.special = special
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                    **self.special)
+        return render_chat(self.source, messages, add_generation_prompt=add_generation_prompt, **self.special)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -92,14 +92,10 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise MinilabError(f"{path} is not valid JSON: {e}") from None
 
 
-def _token_name(value: Any) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value
-
-
 def load_tokenizer(model_dir: Path, _depth: int = 0):
     """(`tokenizers.Tokenizer`, its directory) stored with a model; an adapter-only directory
     (a registered LoRA result) uses its base model's tokenizer."""
-    from minilab.data.tokenizer import load_tokenizer as load_tokenizer_file
+    from minilab.tokenization import load_tokenizer as load_tokenizer_file
 
     for d in (model_dir, model_dir / "tokenizer", model_dir / "adapters"):
         if (d / "tokenizer.json").is_file():
@@ -152,16 +148,12 @@ class Engine:
         self.warnings: list[str] = []
         tok_cfg = _read_json(tokenizer_dir / "tokenizer_config.json") if tokenizer_dir else {}
         meta = _read_json(tokenizer_dir / "minilab_tokenizer.json") if tokenizer_dir else {}
-        template = tok_cfg.get("chat_template")
-        if not template and tokenizer_dir is not None and (tokenizer_dir / "chat_template.jinja").is_file():
-            template = (tokenizer_dir / "chat_template.jinja").read_text(encoding="utf-8")
-        if isinstance(template, list):  # HF allows named templates; use the default one
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        special = {k: _token_name(tok_cfg.get(k)) or "" for k in ("bos_token", "eos_token")}
-        self.chat = ChatFormat(template, special)
+        special = {k: token_text(tok_cfg.get(k)) for k in ("bos_token", "eos_token")}
+        self.chat = ChatFormat(chat_template_source(tok_cfg, tokenizer_dir), special)
         self.stop_ids = tokenizer_stop_ids(tokenizer)
         self.chat_stop: list[str] = []
-        self.end_of_turn = self._end_of_turn(meta.get("chat_end_token"))
+        self.end_of_turn = end_of_turn_id(tokenizer, meta.get("chat_end_token"),
+                                          None if self.chat.is_fallback else self.chat.source)
         if self.chat.is_fallback:
             self.chat_stop = list(FALLBACK_STOP)
             self.warnings.append("the tokenizer has no chat_template: chat uses the fallback plain transcript "
@@ -171,15 +163,6 @@ class Engine:
                                  f"at eos ({special['eos_token'] or 'none known'}) or max_tokens (fallback)")
         if self.end_of_turn is not None and self.end_of_turn not in self.stop_ids:
             self.stop_ids.append(self.end_of_turn)
-
-    def _end_of_turn(self, recorded: str | None) -> int | None:
-        names = [recorded] if recorded else []
-        names += [n for n in _END_OF_TURN_NAMES if not self.chat.is_fallback and n in self.chat.source]
-        for n in names:
-            tid = self.tokenizer.token_to_id(n)
-            if tid is not None:
-                return tid
-        return None
 
     @classmethod
     def load(cls, path_or_name: str, *, adapter_dir: str | None = None, quantize: str | None = None,

@@ -182,7 +182,7 @@ def dataset_tokens(data_dirs: list[str]) -> dict[str, int]:
 
 # ---- the run ----------------------------------------------------------------------------------
 def tokenizer_vocab_size(tokenizer_dir: str | Path) -> int:
-    from minilab.data.tokenizer import load_tokenizer
+    from minilab.tokenization import load_tokenizer
 
     return load_tokenizer(tokenizer_dir).get_vocab_size()
 
@@ -214,7 +214,7 @@ class PretrainRun(TrainingRun):
     def __init__(self, cfg: PretrainConfig, info: distributed.DistInfo, device: torch.device):
         from minilab.data.mixture import WeightedMixture
         from minilab.data.pack import check_packed, check_tokenizer_match
-        from minilab.data.tokenizer import encoding_fingerprint, tokenizer_fingerprint
+        from minilab.tokenization import encoding_fingerprint, tokenizer_fingerprint
 
         self.cfg, self.info, self.device = cfg, info, device
         self.out = Path(cfg.output_dir)

@@ -107,7 +107,7 @@ _TOK = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _TOK
-    from minilab.data.tokenizer import load_tokenizer
+    from minilab.tokenization import load_tokenizer
 
     _TOK = load_tokenizer(tokenizer_path, verify=False)  # `run` checked it before starting the workers
 
@@ -174,15 +174,15 @@ def _write_splits(tmp: Path, cfg: PackConfig, eos_id: int, dtype, n_docs: int) -
 def run(cfg: PackConfig) -> dict[str, Any]:
     """Pack `cfg.corpus_dir` with `cfg.tokenizer_dir`; returns the written manifest."""
     from minilab.data.shards import manifest_hash, verify_corpus
-    from minilab.data.tokenizer import encoding_fingerprint, load_tokenizer, read_tokenizer_meta
     from minilab.owned import check_output
+    from minilab.tokenization import EOS_TOKEN, encoding_fingerprint, load_tokenizer, read_tokenizer_meta
 
     out = Path(cfg.output_dir)
     check_output(out, cfg.force, {"packed"}, reading=(cfg.corpus_dir, cfg.tokenizer_dir))
     corpus = verify_corpus(cfg.corpus_dir)
     tok_meta = read_tokenizer_meta(cfg.tokenizer_dir)
     tok = load_tokenizer(cfg.tokenizer_dir, verify=False)  # read_tokenizer_meta just checked it
-    eos = tok_meta.get("eos_token", "</s>")
+    eos = tok_meta.get("eos_token", EOS_TOKEN)
     eos_id = tok.token_to_id(eos)
     if eos_id is None:
         raise MinilabError(f"{cfg.tokenizer_dir}: eos token {eos!r} is not in the vocabulary")

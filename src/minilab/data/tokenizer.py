@@ -13,13 +13,14 @@ records it; `pack` and the mixture reader refuse data packed with a different on
 The *encoding* fingerprint is the same hash without the chat template: what decides the token
 ids of a text. Packed data records both, so a model whose template changed in SFT (same
 vocabulary, same ids) can still be scored on the data it was pretrained on.
+
+This module is the stage only; loading a tokenizer, both fingerprints, the special-token
+defaults and the ChatML template are the library's, in `minilab.tokenization`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,22 +30,20 @@ from typing import Any, Literal
 from minilab.errors import ConfigError, MinilabError
 from minilab.fsutil import atomic_dir, write_json_atomic
 from minilab.stage import Stage
+from minilab.tokenization import (
+    BOS_TOKEN,
+    CHAT_END,
+    CHAT_START,
+    CHATML_TEMPLATE,
+    EOS_TOKEN,
+    META,
+    PAD_TOKEN,
+    UNK_TOKEN,
+    encoding_fingerprint,
+    tokenizer_fingerprint,
+)
 
 log = logging.getLogger("minilab.tokenizer")
-
-META = "minilab_tokenizer.json"
-CHAT_START, CHAT_END = "<|im_start|>", "<|im_end|>"
-# ChatML: the same template Qwen and SmolLM use, so chat data and servers need no custom code.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-# tokenizer_config keys that change how text is encoded or decoded; the rest (model_max_length,
-# tokenizer_class, ...) do not change token ids and stay out of the fingerprint.
-_FINGERPRINT_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "additional_special_tokens",
-                     "extra_special_tokens", "chat_template", "add_bos_token", "add_eos_token")
 
 
 @dataclass
@@ -61,10 +60,10 @@ class TokenizerConfig:
     min_frequency: int = field(default=2, metadata={"help": "BPE: minimum pair count to merge", "min": 0})
     sample_chars: int = field(default=0, metadata={
         "help": "train on at most this many characters of the corpus (0 = all)", "min": 0})
-    bos_token: str = field(default="<s>", metadata={"help": "beginning-of-sequence token"})
-    eos_token: str = field(default="</s>", metadata={"help": "end-of-document token (pack appends it)"})
-    pad_token: str = field(default="<pad>", metadata={"help": "padding token"})
-    unk_token: str = field(default="<unk>", metadata={"help": "unknown token"})
+    bos_token: str = field(default=BOS_TOKEN, metadata={"help": "beginning-of-sequence token"})
+    eos_token: str = field(default=EOS_TOKEN, metadata={"help": "end-of-document token (pack appends it)"})
+    pad_token: str = field(default=PAD_TOKEN, metadata={"help": "padding token"})
+    unk_token: str = field(default=UNK_TOKEN, metadata={"help": "unknown token"})
     extra_special_tokens: list[str] = field(default_factory=lambda: [CHAT_START, CHAT_END], metadata={
         "help": "further special tokens; the ChatML tokens are always included"})
     model_max_length: int = field(default=1024, metadata={"help": "recorded as the tokenizer's max length",
@@ -89,84 +88,6 @@ class TokenizerConfig:
         tokens = [self.bos_token, self.eos_token, self.pad_token, self.unk_token, CHAT_START, CHAT_END]
         tokens += self.extra_special_tokens
         return list(dict.fromkeys(tokens))  # de-duplicated, order kept: ids 0.. are stable
-
-
-_REDO = "copy the tokenizer directory again, or re-create it with `minilab tokenizer`"
-
-
-def _read_json(path: Path) -> Any:
-    """A tokenizer file's JSON; a truncated or damaged file is a one-line error naming it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MinilabError(f"{path}: not valid JSON ({e}); the file is truncated or damaged: {_REDO}") from None
-
-
-def load_tokenizer(path: str | Path, verify: bool = True):
-    """The `tokenizers.Tokenizer` of a tokenizer (or model) directory's tokenizer.json, or of that
-    file itself: the one place minilab loads one. A missing, truncated or garbage file is a
-    one-line `MinilabError`. With `verify`, a directory that records its encoding fingerprint in
-    `minilab_tokenizer.json` must still encode alike: the token ids are what a changed file would
-    silently remap. (Not the full `sha256`: a model directory copies that file, and fine-tuning
-    legitimately sets another chat template there, which the model's manifest records.)"""
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
-        raise MinilabError(f"{file.parent}: no tokenizer.json (not a fast tokenizer directory)")
-    try:
-        tok = Tokenizer.from_file(str(file))
-    except Exception as e:  # the Rust parser's error: truncated JSON, not a tokenizer, unknown model
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise MinilabError(f"{file}: cannot be loaded as a tokenizer ({first[:160]}); the file is truncated "
-                           f"or damaged: {_REDO}") from None
-    recorded = _read_json(file.parent / META).get("encoding_sha256") if verify and (file.parent / META).is_file() \
-        else None
-    if recorded and encoding_fingerprint(file.parent) != recorded:
-        raise MinilabError(f"{file}: its vocabulary or encoding differs from the fingerprint recorded in {META} "
-                           f"({recorded[:12]}…); the file changed after training: {_REDO}")
-    return tok
-
-
-def tokenizer_fingerprint(tokenizer_dir: str | Path, encoding_only: bool = False) -> str:
-    """SHA-256 of a tokenizer directory's content (canonical JSON; independent of path and time).
-    `encoding_only` leaves the chat template out (see `encoding_fingerprint`)."""
-    tokenizer_dir = Path(tokenizer_dir)
-    path = tokenizer_dir / "tokenizer.json"
-    if not path.is_file():
-        raise MinilabError(f"{tokenizer_dir}: no tokenizer.json (not a fast tokenizer directory)")
-    content: dict[str, Any] = {"tokenizer": _read_json(path)}
-    cfg_path = tokenizer_dir / "tokenizer_config.json"
-    if cfg_path.is_file():
-        cfg = _read_json(cfg_path)
-        content["config"] = {k: cfg[k] for k in _FINGERPRINT_KEYS
-                             if k in cfg and not (encoding_only and k == "chat_template")}
-    jinja = tokenizer_dir / "chat_template.jinja"  # transformers 5 may store the template here
-    if jinja.is_file() and not encoding_only:
-        content["chat_template_file"] = jinja.read_text(encoding="utf-8")
-    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def encoding_fingerprint(tokenizer_dir: str | Path) -> str:
-    """The fingerprint of what maps text to token ids (vocabulary, merges, normaliser, special
-    tokens), without the chat template: equal for two tokenizers that encode every text alike."""
-    return tokenizer_fingerprint(tokenizer_dir, encoding_only=True)
-
-
-def read_tokenizer_meta(tokenizer_dir: str | Path) -> dict[str, Any]:
-    """`minilab_tokenizer.json`, checked against the directory's content (edits are caught here)."""
-    path = Path(tokenizer_dir) / META
-    if not path.is_file():
-        raise MinilabError(f"{tokenizer_dir}: no {META}; create the tokenizer with `minilab tokenizer` "
-                           "(or adopt an existing one with `minilab tokenizer --from DIR`)")
-    meta = _read_json(path)
-    actual = tokenizer_fingerprint(tokenizer_dir)
-    if meta.get("sha256") != actual:
-        raise MinilabError(f"{tokenizer_dir}: tokenizer content hash {actual[:12]}… differs from the "
-                           f"recorded {str(meta.get('sha256'))[:12]}…; the files changed after training")
-    return meta
 
 
 def _corpus_texts(corpus_dir: str, sample_chars: int) -> tuple[Iterator[str], dict[str, Any]]:

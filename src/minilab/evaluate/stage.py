@@ -81,20 +81,6 @@ def _json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def stop_ids(model_dir: Path, tokenizer: Any) -> list[int]:
-    """eos ids from generation_config.json / config.json (what transformers would stop on), then
-    the tokenizer's eos-like tokens; the first is also the document separator."""
-    from minilab.generate import tokenizer_stop_ids
-
-    ids: list[int] = []
-    for name in ("generation_config.json", "config.json"):
-        eos = _json(model_dir / name).get("eos_token_id")
-        for tid in eos if isinstance(eos, list) else [eos]:
-            if isinstance(tid, int) and tid not in ids:
-                ids.append(tid)
-    return ids + [t for t in tokenizer_stop_ids(tokenizer) if t not in ids]
-
-
 def read_prompts(path: str | None) -> list[str]:
     """Prompts from a text file (one per non-empty line) or JSONL ({"prompt": ...}); defaults if None."""
     if path is None:
@@ -129,9 +115,10 @@ def chat_formatter(model_dir: Path):
     if not chat or not isinstance(jinja, str):
         return None
     from minilab.finetune.templates import ChatTemplate
+    from minilab.tokenization import EOS_TOKEN
 
     template = ChatTemplate(chat["template"], jinja, chat["end_token"], "",
-                            str(_json(model_dir / "tokenizer_config.json").get("eos_token") or "</s>"))
+                            str(_json(model_dir / "tokenizer_config.json").get("eos_token") or EOS_TOKEN))
     return lambda p: template.render([{"role": "user", "content": p}], add_generation_prompt=True)
 
 
@@ -166,9 +153,9 @@ def _output_dir(cfg: EvalConfig, model_dir: Path) -> Path:
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate `cfg.model_path`; write the report; return the results (as in results.json)."""
-    from minilab.data.tokenizer import load_tokenizer
     from minilab.evaluate import multiple_choice, perplexity, report
     from minilab.loading import load_model_for_inference, resolve_model_dir
+    from minilab.tokenization import load_tokenizer, model_stop_ids
     from minilab.training import resolve_device
 
     model_dir = resolve_model_dir(cfg.model_path)
@@ -179,15 +166,15 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     manifest = _json(model_dir / "manifest.json")
     if cfg.data_dirs:
         from minilab.data.pack import check_tokenizer_match
-        from minilab.data.tokenizer import encoding_fingerprint
+        from minilab.tokenization import encoding_fingerprint
 
         # Scoring data packed with another tokenizer gives meaningless numbers: refuse. A chat
         # template set by fine-tuning changes no token id, so the data it was pretrained on still fits.
         check_tokenizer_match(cfg.data_dirs, manifest.get("tokenizer_sha256"), encoding_fingerprint(model_dir))
     device = resolve_device(cfg.device)
     model = load_model_for_inference(model_dir, dtype=cfg.dtype, device=device)
-    tokenizer = load_tokenizer(tok_file)
-    stops = stop_ids(model_dir, tokenizer)
+    tokenizer = load_tokenizer(model_dir)
+    stops = model_stop_ids(model_dir, tokenizer)
     prefix = stops[0] if stops else None  # packed documents follow an eos: texts start the same way
     mc_cfg = model.config
     results: dict[str, Any] = {

@@ -127,7 +127,9 @@ def tokenizer_metadata(model_dir: Path, vocab_size: int) -> dict[str, Any]:
     """Vocabulary, token types, merges, special ids and chat template of a byte-level BPE tokenizer."""
     from gguf import TokenType
 
-    tok_json = _read_json(model_dir / "tokenizer.json")
+    from minilab.tokenization import CHAT_END, tokenizer_json
+
+    tok_json = tokenizer_json(model_dir)
     if not tok_json:
         raise MinilabError(f"{model_dir}: no tokenizer.json to put in the GGUF file")
     bpe, pre = tok_json.get("model", {}), tok_json.get("pre_tokenizer") or {}
@@ -159,7 +161,7 @@ def tokenizer_metadata(model_dir: Path, vocab_size: int) -> dict[str, Any]:
         name = name.get("content") if isinstance(name, dict) else name
         if name is not None and name in tokens:
             ids[key] = tokens.index(name)
-    eot = meta.get("chat_end_token") or ("<|im_end|>" if "<|im_end|>" in tokens else None)
+    eot = meta.get("chat_end_token") or (CHAT_END if CHAT_END in tokens else None)
     if eot in tokens:
         ids["eot_token"] = tokens.index(eot)
     return {"tokens": tokens, "types": types, "merges": merges, "ids": ids,

@@ -222,12 +222,11 @@ class Tuning:
     def answer(self, template, prompts: list[str], max_new_tokens: int) -> list[dict[str, str]]:
         """Greedy answers to `prompts`, each formatted as a one-turn conversation by `template`;
         generation stops at the template's end-of-turn token (or eos)."""
-        from minilab.data.tokenizer import load_tokenizer
         from minilab.generate import generate
+        from minilab.tokenization import chat_stop_ids, load_tokenizer
 
         tok = load_tokenizer(self.base.tokenizer_dir)
-        stops = [t for t in {tok.token_to_id(template.end_token), tok.token_to_id(template.eos_token or "</s>")}
-                 if t is not None]
+        stops = chat_stop_ids(tok, template.end_token, template.eos_token)
         was = self.model.training
         self.model.eval()
         out = []
@@ -385,8 +384,8 @@ def _set_adapter_base(adapters: Path, base: str) -> None:
 def write_chat_tokenizer(tokenizer_dir: Path, out: Path, template) -> None:
     """Copy the tokenizer files; its chat_template becomes the training template and the
     generation config stops at both eos and the end-of-turn token."""
-    from minilab.data.tokenizer import load_tokenizer
     from minilab.fsutil import write_json_atomic
+    from minilab.tokenization import chat_stop_ids, load_tokenizer
 
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tokenizer_dir / name).is_file() and not (out / name).is_file():
@@ -396,9 +395,8 @@ def write_chat_tokenizer(tokenizer_dir: Path, out: Path, template) -> None:
     cfg["chat_template"] = template.jinja
     write_json_atomic(cfg_path, cfg)
     (out / "chat_template.jinja").unlink(missing_ok=True)  # would shadow the config's template
-    tok = load_tokenizer(out / "tokenizer.json", verify=False)  # its template was just rewritten
-    stops = [t for t in dict.fromkeys([tok.token_to_id(template.eos_token or "</s>"),
-                                       tok.token_to_id(template.end_token)]) if t is not None]
+    tok = load_tokenizer(out, verify=False)  # its template was just rewritten
+    stops = chat_stop_ids(tok, template.end_token, template.eos_token)
     gen_path = out / "generation_config.json"
     gen = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
     gen["eos_token_id"] = stops
@@ -406,7 +404,7 @@ def write_chat_tokenizer(tokenizer_dir: Path, out: Path, template) -> None:
 
 
 def _fingerprint(tokenizer_dir: Path) -> str:
-    from minilab.data.tokenizer import tokenizer_fingerprint
+    from minilab.tokenization import tokenizer_fingerprint
 
     return tokenizer_fingerprint(tokenizer_dir)
 

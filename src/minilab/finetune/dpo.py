@@ -93,7 +93,7 @@ class DPORun(TuningRun):
 
     def __init__(self, cfg: DPOConfig, info: distributed.DistInfo, device: torch.device):
         from minilab.finetune.rows import Rows, WeightedSampler, load_datasets
-        from minilab.finetune.sft import pad_id_of
+        from minilab.tokenization import pad_id_of
 
         if cfg.method == "full" and not cfg.precompute_ref:
             raise ConfigError("full fine-tuning has no adapters to switch off for the reference; "

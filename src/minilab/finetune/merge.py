@@ -54,6 +54,7 @@ def merge(model: str, *, output_dir: str | None = None, dtype: str | None = None
     from minilab.finetune.templates import ChatTemplate
     from minilab.hf import save_hf_dir
     from minilab.loading import load_model_for_inference, resolve_model_dir
+    from minilab.tokenization import EOS_TOKEN
 
     src = resolve_model_dir(model, models_dir)
     if not (src / "adapters" / "adapter_config.json").is_file() and not (src / "adapter_config.json").is_file():
@@ -70,7 +71,7 @@ def merge(model: str, *, output_dir: str | None = None, dtype: str | None = None
     if chat:  # keep the chat template and the end-of-turn stop of the adapted model
         cfg = registry._read_json(src / "tokenizer_config.json")
         write_chat_tokenizer(src, out, ChatTemplate(chat["template"], cfg.get("chat_template", ""),
-                                                    chat["end_token"], "", str(cfg.get("eos_token") or "</s>")))
+                                                    chat["end_token"], "", str(cfg.get("eos_token") or EOS_TOKEN)))
     return _register(out, src, manifest, merged.num_params(), "llama", register, models_dir)
 
 

@@ -138,10 +138,10 @@ def source_info(source: str) -> dict[str, Any]:
 def prepare(cfg: Any, kind: str) -> tuple[Path, Any, Any, Any]:
     """(output dir, `cfg` with its tokenizer resolved to a folder, chat template, tokenizer), after
     checking that the output may be written (`kind`: sft_data or dpo_data)."""
-    from minilab.data.tokenizer import load_tokenizer
     from minilab.finetune.models import resolve_tokenizer_dir
     from minilab.finetune.templates import resolve_template
     from minilab.owned import check_output
+    from minilab.tokenization import load_tokenizer
 
     out = Path(cfg.output_dir)
     cfg = dataclasses.replace(cfg, tokenizer_dir=str(resolve_tokenizer_dir(cfg.tokenizer_dir)))
@@ -162,7 +162,7 @@ def split_held_out(items: list, val_fraction: float, seed: int) -> dict[str, lis
 
 def manifest_head(kind: str, tokenizer_dir: str, template) -> dict[str, Any]:
     """The first fields of a fine-tuning dataset's manifest: its kind, tokenizer and chat template."""
-    from minilab.data.tokenizer import tokenizer_fingerprint
+    from minilab.tokenization import tokenizer_fingerprint
 
     return {"kind": f"minilab.{kind}", "tokenizer_sha256": tokenizer_fingerprint(tokenizer_dir),
             "tokenizer_dir": str(Path(tokenizer_dir).resolve()),

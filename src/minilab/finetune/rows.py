@@ -89,6 +89,7 @@ def load_datasets(data_dirs: list[str], tokenizer_sha: str, kind: str = "sft_dat
     """Manifests of the datasets (tokenizer checked: the blocking error) and their shared template
     (SFT and DPO read their prepared data alike)."""
     from minilab.finetune.templates import ChatTemplate
+    from minilab.tokenization import EOS_TOKEN
 
     manifests = check_data_tokenizer(data_dirs, kind, tokenizer_sha)
     t = manifests[0]["template"]
@@ -97,12 +98,13 @@ def load_datasets(data_dirs: list[str], tokenizer_sha: str, kind: str = "sft_dat
             raise MinilabError(f"{d} uses chat template '{m['template']['name']}' but {data_dirs[0]} uses "
                                f"'{t['name']}'; build every dataset with one template")
     tok_cfg = Path(manifests[0].get("tokenizer_dir", "")) / "tokenizer_config.json"
-    eos = "</s>"
+    eos = EOS_TOKEN
     if tok_cfg.is_file():
         import json
 
         eos = json.loads(tok_cfg.read_text(encoding="utf-8")).get("eos_token") or eos
-    return manifests, ChatTemplate(t["name"], t["jinja"], t["end_token"], "", eos if isinstance(eos, str) else "</s>")
+    return manifests, ChatTemplate(t["name"], t["jinja"], t["end_token"], "",
+                                   eos if isinstance(eos, str) else EOS_TOKEN)
 
 
 def data_records(data_dirs: list[str]) -> list[dict[str, Any]]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,16 +46,6 @@ class SFTConfig(TuneConfig):
         self.check_positive()
 
 
-def pad_id_of(tokenizer_dir: Path) -> int:
-    from minilab.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_dir)
-    for name in ("<pad>", "</s>", "<|endoftext|>", "<eos>"):
-        if (tid := tok.token_to_id(name)) is not None:
-            return tid
-    return 0  # padded positions are never targets and never attended to by earlier tokens
-
-
 def run(cfg: SFTConfig, resume: str | None = None, dry_run: bool = False) -> dict[str, Any]:
     return run_tuning(SFTRun, cfg, resume, dry_run)
 
@@ -68,6 +57,7 @@ class SFTRun(TuningRun):
 
     def __init__(self, cfg: SFTConfig, info: distributed.DistInfo, device: torch.device):
         from minilab.finetune.rows import Rows, WeightedSampler, load_datasets
+        from minilab.tokenization import pad_id_of
 
         self.cfg, self.info, self.device = cfg, info, device
         self.tune = Tuning(cfg, cfg.optim, info, device, "sft")

@@ -16,11 +16,18 @@ the prompt (tokenized up to the generation prompt, then generated token by token
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
-from minilab.data.tokenizer import CHAT_END, CHATML_TEMPLATE
 from minilab.errors import ConfigError, MinilabError
+from minilab.tokenization import (
+    CHAT_END,
+    CHATML_TEMPLATE,
+    EOS_TOKEN,
+    chat_template_source,
+    guess_end_token,
+    render_chat,
+    token_text,
+)
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -65,8 +72,8 @@ class ChatTemplate:
     eos_token: str = ""
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return _compile(self.jinja).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                           bos_token=self.bos_token, eos_token=self.eos_token)
+        return render_chat(self.jinja, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=self.bos_token, eos_token=self.eos_token)
 
     def segments(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
         """(text, trained_on) pieces whose concatenation is `render(messages)`; trained pieces are
@@ -91,53 +98,20 @@ class ChatTemplate:
         return [(text, trained) for text, trained in out if text]
 
 
-@lru_cache(maxsize=16)
-def _compile(source: str):
-    """Jinja in a sandbox, as transformers renders chat templates (templates come with models)."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str):
-        raise MinilabError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(source)
-    except TemplateError as e:
-        raise MinilabError(f"chat template does not compile: {e}") from None
-
-
 def resolve_template(name: str, tokenizer_dir: str | None = None) -> ChatTemplate:
     """`chatml`, `instruct`, `chat`, `alpaca`, or `model` (the tokenizer's own chat_template)."""
     cfg = _tokenizer_config(tokenizer_dir)
-    bos, eos = _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")) or "</s>"
+    bos, eos = token_text(cfg.get("bos_token")), token_text(cfg.get("eos_token")) or EOS_TOKEN
     if name == "model":
-        jinja = cfg.get("chat_template")
-        if isinstance(jinja, list):  # several named templates: the default one
-            jinja = next((t["template"] for t in jinja if t.get("name") == "default"), None)
+        jinja = chat_template_source(cfg, tokenizer_dir)
         if not jinja:
             raise ConfigError(f"{tokenizer_dir}: the tokenizer has no chat_template; pick chatml, "
                               "instruct, chat or alpaca", key="template")
-        end = CHAT_END if CHAT_END in jinja else _guess_end(jinja, eos)
-        return ChatTemplate("model", jinja, end, bos, eos)
+        return ChatTemplate("model", jinja, guess_end_token(jinja, eos), bos, eos)
     if name not in BUILTIN:
         raise ConfigError(f"unknown template '{name}' (choose chatml, instruct, chat, alpaca, model)",
                           key="template")
     return ChatTemplate(name, BUILTIN[name], CHAT_END if name == "chatml" else eos, bos, eos)
-
-
-def _guess_end(jinja: str, eos: str) -> str:
-    for token in ("<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>"):
-        if token in jinja:
-            return token
-    return eos
-
-
-def _token_text(tok: Any) -> str:
-    if isinstance(tok, dict):  # AddedToken serialised by old transformers
-        return str(tok.get("content", ""))
-    return tok or ""
 
 
 def _tokenizer_config(tokenizer_dir: str | None) -> dict[str, Any]:
@@ -147,11 +121,7 @@ def _tokenizer_config(tokenizer_dir: str | None) -> dict[str, Any]:
     if not tokenizer_dir:
         return {}
     path = Path(tokenizer_dir) / "tokenizer_config.json"
-    cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    jinja = Path(tokenizer_dir) / "chat_template.jinja"
-    if jinja.is_file() and not cfg.get("chat_template"):
-        cfg["chat_template"] = jinja.read_text(encoding="utf-8")
-    return cfg
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def encode_conversation(tokenizer: Any, template: ChatTemplate, messages: list[dict[str, str]]

@@ -42,7 +42,7 @@ class Context:
         recipe = self.recipe
         tok = Path(tokenizer_dir) / "tokenizer.json"
         if tok.is_file():
-            from minilab.data.tokenizer import load_tokenizer
+            from minilab.tokenization import load_tokenizer
 
             return load_tokenizer(tok).get_vocab_size()
         for s in recipe.stages:

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from minilab.generate import MAX_SEED
 from minilab.inference import SamplingParams
+from minilab.sampling import MAX_SEED
 
 
 class ApiError(Exception):
