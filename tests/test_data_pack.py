@@ -10,8 +10,9 @@ from fixtures import WORDS, make_corpus
 
 from minilab.cli import main as cli_main
 from minilab.data.mixture import WeightedMixture
-from minilab.data.pack import PackConfig, check_tokenizer_match, open_split
+from minilab.data.pack import PackConfig
 from minilab.data.pack import run as pack_run
+from minilab.data.packed import check_tokenizer_match, open_split
 from minilab.data.tokenizer import TokenizerConfig
 from minilab.data.tokenizer import run as tok_run
 from minilab.errors import ConfigError, MinilabError, TokenizerMismatchError

@@ -264,3 +264,17 @@ def test_rm_and_show_refuse_what_is_not_a_registered_model(tmp_path, root, capsy
         assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert len(err) < 400
     assert (plain / "a.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("index", ["[1, 2]", '{"models": ', '"text"'])
+def test_a_damaged_registry_index_is_an_error_and_is_never_rewritten(tmp_path, root, index):
+    """A registry.json that is not a JSON object was read as an AttributeError traceback (a list) or
+    could be taken for empty; registering into it would have replaced the user's index."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "registry.json").write_text(index, encoding="utf-8")
+    src = make_model_dir(tmp_path / "m")
+    with pytest.raises(MinilabError, match="registry.json: .*(invalid JSON|expected a JSON object)"):
+        registry.list_models(root)
+    with pytest.raises(MinilabError, match="registry.json"):
+        registry.register(src, "llama-5K-ts-pretrain-v1", root=root)
+    assert (root / "registry.json").read_text(encoding="utf-8") == index

@@ -132,3 +132,36 @@ def test_no_import_cycles():
     cycles = find_cycles(import_graph())
     message = "\n".join(" -> ".join(c) for c in cycles)  # one shortest cycle per tangle
     assert not cycles, f"import cycles in src/minilab:\n{message}"
+
+
+# Modules that run stages rather than being one: they may import a stage module. The recipe goes
+# through `minilab.stage.get` (no static import at all); `verify_resume` is pretrain's own proof
+# (it runs pretrain's verb with pretrain's flags, straight and killed); a stage's package
+# `__init__` re-exports its stage.
+STAGE_DRIVERS = {"minilab.verify_resume": {"minilab.pretrain"}, "minilab.evaluate": {"minilab.evaluate.stage"}}
+
+
+def stage_imports(graph: dict[str, set[str]], stages: set[str]) -> list[str]:
+    """'importer -> stage' for every import of a stage module by another module, drivers aside."""
+    return [f"{m} -> {t}" for m in sorted(graph) for t in sorted(graph[m] & stages)
+            if t not in STAGE_DRIVERS.get(m, set())]
+
+
+def test_stage_imports_reports_a_stage_importing_another():
+    graph = {"minilab.finetune.dpo": {"minilab.finetune.sft", "minilab.training"},
+             "minilab.verify_resume": {"minilab.pretrain"}}
+    stages = {"minilab.finetune.dpo", "minilab.finetune.sft", "minilab.pretrain"}
+    assert stage_imports(graph, stages) == ["minilab.finetune.dpo -> minilab.finetune.sft"]
+
+
+def test_no_module_imports_a_stage_module():
+    """Stages never import each other, nor does shared code import a stage: what two stages
+    share lives below them (packed-data reading in data/packed.py, tokenizers in tokenization.py,
+    SFT/DPO pieces in finetune/common.py, rows.py, records.py, tune_cli.py)."""
+    from minilab.stage import STAGE_MODULES
+
+    stages = {module for module, _help in STAGE_MODULES.values()}
+    graph = import_graph()
+    assert stages <= set(graph), "a registered stage module is missing from src/minilab"
+    found = stage_imports(graph, stages)
+    assert not found, "stage modules imported outside the stage registry:\n" + "\n".join(found)

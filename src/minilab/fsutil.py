@@ -122,6 +122,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def read_json_if_present(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object file that may be absent (a model's tokenizer_config.json, manifest.json, the
+    registry index): {} when it is missing; a file that is not a JSON object is a one-line error
+    naming it, never read as empty (a caller that rewrites it would lose what it held)."""
+    from minilab.errors import MinilabError
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"line {e.lineno}: " if isinstance(e, json.JSONDecodeError) else ""
+        raise MinilabError(f"{path}: {where}invalid JSON: {getattr(e, 'msg', e)}") from None
+    if not isinstance(data, dict):
+        raise MinilabError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 

@@ -28,6 +28,7 @@ import torch
 
 from minilab.decode_layout import use_decode_layout
 from minilab.errors import MinilabError
+from minilab.fsutil import read_json_if_present
 from minilab.generate import TextStream, encode, stream_generate
 from minilab.loading import load_model_for_inference, resolve_model_dir
 from minilab.model import Transformer
@@ -85,13 +86,6 @@ class ChatFormat:
         return render_chat(self.source, messages, add_generation_prompt=add_generation_prompt, **self.special)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise MinilabError(f"{path} is not valid JSON: {e}") from None
-
-
 def load_tokenizer(model_dir: Path, _depth: int = 0):
     """(`tokenizers.Tokenizer`, its directory) stored with a model; an adapter-only directory
     (a registered LoRA result) uses its base model's tokenizer."""
@@ -100,9 +94,9 @@ def load_tokenizer(model_dir: Path, _depth: int = 0):
     for d in (model_dir, model_dir / "tokenizer", model_dir / "adapters"):
         if (d / "tokenizer.json").is_file():
             return load_tokenizer_file(d), d
-    base = (_read_json(model_dir / "adapter_config.json").get("base_model_name_or_path")
-            or _read_json(model_dir / "adapters" / "adapter_config.json").get("base_model_name_or_path")
-            or _read_json(model_dir / "manifest.json").get("parent"))
+    base = (read_json_if_present(model_dir / "adapter_config.json").get("base_model_name_or_path")
+            or read_json_if_present(model_dir / "adapters" / "adapter_config.json").get("base_model_name_or_path")
+            or read_json_if_present(model_dir / "manifest.json").get("parent"))
     if base and _depth < 4:
         return load_tokenizer(resolve_model_dir(base), _depth + 1)
     raise MinilabError(f"{model_dir}: no tokenizer.json (export the model with its tokenizer directory)")
@@ -146,8 +140,8 @@ class Engine:
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.context_length = int(model.config.max_seq_len)
         self.warnings: list[str] = []
-        tok_cfg = _read_json(tokenizer_dir / "tokenizer_config.json") if tokenizer_dir else {}
-        meta = _read_json(tokenizer_dir / "minilab_tokenizer.json") if tokenizer_dir else {}
+        tok_cfg = read_json_if_present(tokenizer_dir / "tokenizer_config.json") if tokenizer_dir else {}
+        meta = read_json_if_present(tokenizer_dir / "minilab_tokenizer.json") if tokenizer_dir else {}
         special = {k: token_text(tok_cfg.get(k)) for k in ("bos_token", "eos_token")}
         self.chat = ChatFormat(chat_template_source(tok_cfg, tokenizer_dir), special)
         self.stop_ids = tokenizer_stop_ids(tokenizer)

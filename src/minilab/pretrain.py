@@ -213,7 +213,7 @@ class PretrainRun(TrainingRun):
 
     def __init__(self, cfg: PretrainConfig, info: distributed.DistInfo, device: torch.device):
         from minilab.data.mixture import WeightedMixture
-        from minilab.data.pack import check_packed, check_tokenizer_match
+        from minilab.data.packed import check_packed, check_tokenizer_match
         from minilab.tokenization import encoding_fingerprint, tokenizer_fingerprint
 
         self.cfg, self.info, self.device = cfg, info, device
@@ -435,7 +435,7 @@ def _estimate(ctx: Any, cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def _metric(r: dict[str, Any], cfg: PretrainConfig) -> str:
-    from minilab.data.pack import unigram_entropy
+    from minilab.data.packed import unigram_entropy
 
     return f"val loss {r['val_loss']:.3f} (unigram entropy {unigram_entropy(cfg.data_dirs[0]):.3f})"
 

@@ -46,7 +46,7 @@ from typing import Any
 
 from minilab import __version__
 from minilab.errors import ConfigError, MinilabError
-from minilab.fsutil import atomic_dir, dir_size, format_params, sha256_file, write_json_atomic
+from minilab.fsutil import atomic_dir, dir_size, format_params, read_json_if_present, sha256_file, write_json_atomic
 from minilab.registry_names import MAX_NAME, parse_name, slug, validate_name
 from minilab.registry_names import TRAINING_TYPES as TRAINING_TYPES  # registry.X stays the public library
 
@@ -158,17 +158,10 @@ def count_params(model_dir: str | os.PathLike) -> int | None:
                 for d in st.get_slice(key).get_shape():
                     n *= d
                 shapes[key] = n
-    config = _read_json(model_dir / "config.json")
+    config = read_json_if_present(model_dir / "config.json")
     if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in shapes:
         shapes.pop("lm_head.weight", None)
     return sum(shapes.values())
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise MinilabError(f"{path} is not valid JSON: {e}") from None
 
 
 # ---- the index -----------------------------------------------------------------------------
@@ -195,7 +188,7 @@ def _locked(root: Path) -> Iterator[None]:
 
 
 def _read_index(root: Path) -> dict[str, dict[str, Any]]:
-    data = _read_json(root / INDEX)
+    data = read_json_if_present(root / INDEX)
     return dict(data.get("models", {}))
 
 
@@ -270,7 +263,7 @@ def resolve_model_path(path_or_name: str | os.PathLike, root: str | os.PathLike 
 
 # ---- register / list / show / remove -------------------------------------------------------
 def _derive_name(model_dir: Path, fields: dict[str, Any], root: Path) -> str:
-    config = _read_json(model_dir / "config.json")
+    config = read_json_if_present(model_dir / "config.json")
     arch = fields.get("architecture") or config.get("model_type")
     params = fields.get("params") or count_params(model_dir)
     dataset, ttype = fields.get("dataset"), fields.get("training_type")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from minilab.errors import MinilabError
+from minilab.fsutil import read_json_if_present
 
 META = "minilab_tokenizer.json"
 
@@ -170,20 +171,12 @@ def tokenizer_stop_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def _model_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise MinilabError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
-    return data if isinstance(data, dict) else {}
-
-
 def model_stop_ids(model_dir: Path, tokenizer: Any) -> list[int]:
     """eos ids from generation_config.json / config.json (what transformers would stop on), then
     the tokenizer's eos-like tokens; the first is also the document separator."""
     ids: list[int] = []
     for name in ("generation_config.json", "config.json"):
-        eos = _model_json(model_dir / name).get("eos_token_id")
+        eos = read_json_if_present(model_dir / name).get("eos_token_id")
         for tid in eos if isinstance(eos, list) else [eos]:
             if isinstance(tid, int) and tid not in ids:
                 ids.append(tid)

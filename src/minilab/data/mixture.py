@@ -38,7 +38,7 @@ class WeightedMixture:
     def __init__(self, packed_dirs: Sequence[str | Path], weights: Sequence[float] | None, seq_len: int,
                  seed: int, split: str = "train", rank: int = 0, world_size: int = 1,
                  tokenizer_sha256: str | None = None):
-        from minilab.data.pack import check_tokenizer_match, open_split
+        from minilab.data.packed import check_tokenizer_match, open_split
 
         self.dirs = [str(d) for d in packed_dirs]
         if not self.dirs:

@@ -10,8 +10,8 @@ Output (`data/packed/<name>/`):
 Documents go to train or val as whole documents (no leakage of a document across splits), by a
 seeded draw over document indices, so the split is reproducible. Tokenization runs in worker
 processes on batches (`encode_batch`) and results are written as they arrive, so memory stays
-flat whatever the corpus size. `check_tokenizer_match` is the blocking check every consumer of
-packed data runs before training.
+flat whatever the corpus size. Reading and checking packed data (`open_split`, `check_packed`,
+`check_tokenizer_match`) is `minilab.data.packed`, shared by every stage that reads it.
 """
 
 from __future__ import annotations
@@ -20,20 +20,18 @@ import argparse
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from minilab.config import SEED
-from minilab.errors import MinilabError, TokenizerMismatchError
+from minilab.data.packed import SPLITS, token_dtype
+from minilab.errors import MinilabError
 from minilab.fsutil import atomic_dir, sha256_file, write_json_atomic
 from minilab.stage import Stage
 
 log = logging.getLogger("minilab.pack")
-
-SPLITS = ("train", "val")
-
 
 @dataclass
 class PackConfig:
@@ -49,45 +47,6 @@ class PackConfig:
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0 = all CPU cores)", "min": 0})
     batch_docs: int = field(default=256, metadata={"help": "documents per encode_batch call", "min": 1})
     force: bool = field(default=False, metadata={"help": "replace an existing output directory"})
-
-
-def token_dtype(vocab_size: int):
-    import numpy as np
-
-    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
-
-
-def check_tokenizer_match(packed_dirs: Iterable[str | Path], tokenizer_sha256: str | None,
-                          encoding_sha256: str | None = None) -> str:
-    """Refuse packed data made with another tokenizer; returns the shared fingerprint.
-
-    Every directory must carry the same tokenizer fingerprint, equal to `tokenizer_sha256`
-    when one is given. A mismatch means token ids would be read with the wrong vocabulary
-    (loss ~10 instead of ~4), so it is a blocking `TokenizerMismatchError`. Tokenizers that
-    differ only in their chat template encode alike: data whose recorded encoding fingerprint
-    equals `encoding_sha256` (or the first directory's) is accepted.
-    """
-    from minilab.data.shards import load_manifest
-
-    expected, expected_from = tokenizer_sha256, "the tokenizer in use"
-    expected_encoding = encoding_sha256
-    for d in packed_dirs:
-        manifest = load_manifest(d, "packed")
-        got, got_encoding = manifest["tokenizer_sha256"], manifest.get("tokenizer_encoding_sha256")
-        if expected is None:
-            expected, expected_from = got, str(d)
-            expected_encoding = expected_encoding or got_encoding
-        elif got != expected and not (got_encoding and got_encoding == expected_encoding):
-            raise TokenizerMismatchError(
-                f"Tokenizer mismatch between datasets: {d} was packed with tokenizer {got} but "
-                f"{expected_from} has {expected}; re-pack it with that tokenizer "
-                f"(minilab pack --tokenizer-dir ... --output-dir {d} --force)")
-        elif got != expected:
-            log.info("%s: packed with a tokenizer that differs from %s only in its chat template "
-                     "(the same token ids)", d, expected_from)
-    if expected is None:
-        raise MinilabError("no packed datasets given")
-    return expected
 
 
 def _val_mask(n_docs: int, fraction: float, seed: int):
@@ -216,56 +175,6 @@ def run(cfg: PackConfig) -> dict[str, Any]:
     return manifest
 
 
-def check_packed(packed_dir: str | Path, splits: Iterable[str] = SPLITS, verify: bool = False) -> dict[str, Any]:
-    """Check a packed directory's files against its manifest.json before anything reads them.
-
-    Always: every split's .bin and .idx file is there and has the size the manifest's counts give
-    (tokens x dtype size; (documents + 1) x 8 bytes of offsets), so a truncated, emptied or missing
-    file is refused instead of silently trained on. With `verify`, each file's SHA-256 is compared
-    with the manifest too (catches a changed byte; reads every byte). Returns the manifest.
-    """
-    import numpy as np
-
-    from minilab.data.shards import load_manifest
-
-    packed_dir = Path(packed_dir)
-    manifest = load_manifest(packed_dir, "packed")
-    redo = f"re-pack it (minilab pack --output-dir {packed_dir} --force)"
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    for split in splits:
-        if split not in manifest["splits"]:
-            raise MinilabError(f"{packed_dir}: no split '{split}' (have {', '.join(manifest['splits'])})")
-        info = manifest["splits"][split]
-        expected = {"bin": (int(info["tokens"]) * itemsize, f"{int(info['tokens']):,} tokens"),
-                    "idx": ((int(info["documents"]) + 1) * 8, f"{int(info['documents']):,} documents")}
-        for kind, (size, what) in expected.items():
-            path = packed_dir / f"{split}.{kind}"
-            if not path.is_file():
-                raise MinilabError(f"{path}: missing (manifest.json lists it); {redo}")
-            got = path.stat().st_size
-            if got != size:
-                raise MinilabError(f"{path}: {got:,} bytes, but manifest.json records {what} ({size:,} bytes): "
-                                   f"the file is truncated or changed; {redo}")
-            if verify and sha256_file(path) != info[f"{kind}_sha256"]:
-                raise MinilabError(f"{path}: SHA-256 differs from manifest.json (the file changed after "
-                                   f"packing); {redo}")
-    return manifest
-
-
-def open_split(packed_dir: str | Path, split: str = "train", verify: bool = False):
-    """(tokens memmap, doc offsets, manifest) of one split, after `check_packed` (sizes; `verify`:
-    SHA-256 too)."""
-    import numpy as np
-
-    packed_dir = Path(packed_dir)
-    manifest = check_packed(packed_dir, (split,), verify)
-    if manifest["splits"][split]["tokens"] == 0:
-        return np.zeros(0, dtype=manifest["dtype"]), np.zeros(1, np.uint64), manifest
-    tokens = np.memmap(packed_dir / f"{split}.bin", dtype=manifest["dtype"], mode="r")
-    offsets = np.fromfile(packed_dir / f"{split}.idx", dtype=np.uint64)
-    return tokens, offsets, manifest
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from minilab.cliargs import add_config_flags, flag
 
@@ -294,17 +203,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 # ---- the recipe stage ---------------------------------------------------------------------------
-def unigram_entropy(packed_dir: str | Path) -> float:
-    """Entropy (nats) of the training tokens' unigram distribution: the loss of a model that
-    learned word frequencies and nothing else."""
-    import numpy as np
-
-    tokens, _offsets, _manifest = open_split(packed_dir, "train")
-    counts = np.bincount(tokens).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 def _estimate(ctx: Any, cfg: PackConfig) -> dict[str, Any]:
     import json
 

@@ -123,7 +123,7 @@ def packed_perplexity(model: torch.nn.Module, packed_dir: str | Path, *, split: 
     """
     import numpy as np
 
-    from minilab.data.pack import open_split
+    from minilab.data.packed import open_split
 
     tokens, _offsets, manifest = open_split(packed_dir, split)
     seq_len = min(seq_len or int(manifest.get("seq_len", model.config.max_seq_len)), model.config.max_seq_len)

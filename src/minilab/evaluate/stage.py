@@ -19,6 +19,7 @@ from typing import Any
 
 from minilab.config import DEVICE, SEED, to_dict
 from minilab.errors import ConfigError, MinilabError
+from minilab.fsutil import read_json_if_present
 from minilab.stage import Stage
 
 log = logging.getLogger("minilab.eval")
@@ -73,14 +74,6 @@ class EvalConfig:
             raise ConfigError("must be ≥ 0", key="temperature")
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise MinilabError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
-    return data if isinstance(data, dict) else {}
-
-
 def read_prompts(path: str | None) -> list[str]:
     """Prompts from a text file (one per non-empty line) or JSONL ({"prompt": ...}); defaults if None."""
     if path is None:
@@ -110,15 +103,16 @@ def read_prompts(path: str | None) -> list[str]:
 def chat_formatter(model_dir: Path):
     """For a chat-tuned model (its manifest records the template it was trained with): a function
     wrapping a prompt as one user turn plus the generation prompt; None for plain models."""
-    chat = _json(model_dir / "manifest.json").get("chat")
-    jinja = _json(model_dir / "tokenizer_config.json").get("chat_template")
+    chat = read_json_if_present(model_dir / "manifest.json").get("chat")
+    tok_cfg = read_json_if_present(model_dir / "tokenizer_config.json")
+    jinja = tok_cfg.get("chat_template")
     if not chat or not isinstance(jinja, str):
         return None
     from minilab.finetune.templates import ChatTemplate
     from minilab.tokenization import EOS_TOKEN
 
     template = ChatTemplate(chat["template"], jinja, chat["end_token"], "",
-                            str(_json(model_dir / "tokenizer_config.json").get("eos_token") or EOS_TOKEN))
+                            str(tok_cfg.get("eos_token") or EOS_TOKEN))
     return lambda p: template.render([{"role": "user", "content": p}], add_generation_prompt=True)
 
 
@@ -145,7 +139,7 @@ def generations(model, tokenizer, cfg: EvalConfig, stops: list[int], fmt=None) -
 def _output_dir(cfg: EvalConfig, model_dir: Path) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir)
-    run_dir = _json(model_dir / "manifest.json").get("run_dir")
+    run_dir = read_json_if_present(model_dir / "manifest.json").get("run_dir")
     if run_dir:
         return Path(run_dir) / "eval"
     raise ConfigError("required: where to write the report (--output-dir DIR)", key="output_dir")
@@ -163,9 +157,9 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     tok_file = model_dir / "tokenizer.json"
     if not tok_file.is_file():
         raise MinilabError(f"{model_dir}: no tokenizer.json (export the model with its tokenizer)")
-    manifest = _json(model_dir / "manifest.json")
+    manifest = read_json_if_present(model_dir / "manifest.json")
     if cfg.data_dirs:
-        from minilab.data.pack import check_tokenizer_match
+        from minilab.data.packed import check_tokenizer_match
         from minilab.tokenization import encoding_fingerprint
 
         # Scoring data packed with another tokenizer gives meaningless numbers: refuse. A chat

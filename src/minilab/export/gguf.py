@@ -25,7 +25,6 @@ and comparing the logits with ours.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ import numpy as np
 
 from minilab.config import models_dir_field, recipe_output_dir_field
 from minilab.errors import ConfigError, MinilabError
+from minilab.fsutil import read_json_if_present
 from minilab.owned import EXPORT_MARKER, check_output
 from minilab.stage import Stage, weights_estimate
 
@@ -119,10 +119,6 @@ def gguf_tensors(model: Any, outtype: str = "f32") -> dict[str, np.ndarray]:
 
 
 # ---- tokenizer -----------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def tokenizer_metadata(model_dir: Path, vocab_size: int) -> dict[str, Any]:
     """Vocabulary, token types, merges, special ids and chat template of a byte-level BPE tokenizer."""
     from gguf import TokenType
@@ -153,8 +149,8 @@ def tokenizer_metadata(model_dir: Path, vocab_size: int) -> dict[str, Any]:
             tokens.append(f"[PAD{i}]")
             types.append(TokenType.UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
-    cfg = _read_json(model_dir / "tokenizer_config.json")
-    meta = _read_json(model_dir / "minilab_tokenizer.json")
+    cfg = read_json_if_present(model_dir / "tokenizer_config.json")
+    meta = read_json_if_present(model_dir / "minilab_tokenizer.json")
     ids = {}
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
         name = cfg.get(key)

@@ -52,6 +52,7 @@ def merge(model: str, *, output_dir: str | None = None, dtype: str | None = None
     from minilab import registry
     from minilab.finetune.common import write_chat_tokenizer
     from minilab.finetune.templates import ChatTemplate
+    from minilab.fsutil import read_json_if_present
     from minilab.hf import save_hf_dir
     from minilab.loading import load_model_for_inference, resolve_model_dir
     from minilab.tokenization import EOS_TOKEN
@@ -69,7 +70,7 @@ def merge(model: str, *, output_dir: str | None = None, dtype: str | None = None
     save_hf_dir(merged, out, tokenizer_dir=src, overwrite=True)  # an existing `out` was allowed above
     chat = manifest.get("chat") or {}
     if chat:  # keep the chat template and the end-of-turn stop of the adapted model
-        cfg = registry._read_json(src / "tokenizer_config.json")
+        cfg = read_json_if_present(src / "tokenizer_config.json")
         write_chat_tokenizer(src, out, ChatTemplate(chat["template"], cfg.get("chat_template", ""),
                                                     chat["end_token"], "", str(cfg.get("eos_token") or EOS_TOKEN)))
     return _register(out, src, manifest, merged.num_params(), "llama", register, models_dir)
