@@ -169,15 +169,12 @@ def _card(m: dict[str, Any], samples: list[dict[str, Any]]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cliargs import add_config_flags, flag
+    from minilab.cliargs import add_config_flags
+    from minilab.finetune.records import add_data_flags
 
-    p.add_argument("--source", dest="sources", nargs="+", metavar="FILE|ID|demo", help="preference sources")
-    flag(p, "--tokenizer-dir", metavar="DIR", help="the policy's tokenizer or model directory")
-    flag(p, "--output-dir", metavar="DIR", help="output directory")
-    p.add_argument("--template", help="model (default), chatml, instruct, chat, alpaca")
-    flag(p, "--max-len", type=int, metavar="N", help="max tokens of prompt + answer (default 256)")
-    p.add_argument("--limit", type=int, metavar="N", help="at most N records per source")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    add_data_flags(p, sources="preference sources", tokenizer="the policy's tokenizer or model directory",
+                   template="model (default), chatml, instruct, chat, alpaca",
+                   max_len="max tokens of prompt + answer (default 256)", limit="at most N records per source")
     add_config_flags(p, "Keys: those of DPODataConfig.")
 
 

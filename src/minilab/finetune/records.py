@@ -167,3 +167,16 @@ def manifest_head(kind: str, tokenizer_dir: str, template) -> dict[str, Any]:
     return {"kind": f"minilab.{kind}", "tokenizer_sha256": tokenizer_fingerprint(tokenizer_dir),
             "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
             "template": {"name": template.name, "jinja": template.jinja, "end_token": template.end_token}}
+
+
+def add_data_flags(p: Any, *, sources: str, tokenizer: str, template: str, max_len: str, limit: str) -> None:
+    """The flags sft-data and dpo-data share (each says in its own words what they mean to it)."""
+    from minilab.cliargs import flag
+
+    p.add_argument("--source", dest="sources", nargs="+", metavar="FILE|ID|demo", help=sources)
+    flag(p, "--tokenizer-dir", metavar="DIR", help=tokenizer)
+    flag(p, "--output-dir", metavar="DIR", help="output directory")
+    p.add_argument("--template", help=template)
+    flag(p, "--max-len", type=int, metavar="N", help=max_len)
+    p.add_argument("--limit", type=int, metavar="N", help=limit)
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")

@@ -188,17 +188,15 @@ def _card(m: dict[str, Any], samples: list[str]) -> str:
 
 # ---- CLI ----------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minilab.cliargs import add_config_flags, flag
+    from minilab.cliargs import add_config_flags
+    from minilab.finetune.records import add_data_flags
 
-    p.add_argument("--source", dest="sources", nargs="+", metavar="FILE|ID|demo", help="conversation sources")
-    flag(p, "--tokenizer-dir", metavar="DIR", help="the model's tokenizer (a model directory works too)")
-    flag(p, "--output-dir", metavar="DIR", help="output directory")
-    p.add_argument("--template", help="chatml (default), instruct, chat, alpaca, model")
-    flag(p, "--max-len", type=int, metavar="N", help="tokens per example (default 512)")
+    add_data_flags(p, sources="conversation sources",
+                   tokenizer="the model's tokenizer (a model directory works too)",
+                   template="chatml (default), instruct, chat, alpaca, model",
+                   max_len="tokens per example (default 512)", limit="at most N examples per source")
     p.add_argument("--overflow", choices=["truncate", "drop"], help="over-long examples (default truncate)")
     p.add_argument("--pack", action="store_true", help="pack short examples together")
-    p.add_argument("--limit", type=int, metavar="N", help="at most N examples per source")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
     add_config_flags(p, "Keys: those of SFTDataConfig.")
 
 
