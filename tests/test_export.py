@@ -162,12 +162,12 @@ def test_export_verb_gguf_and_hf(model_dir, tmp_path, capsys):
 
 def test_quantize_int8_registers_loads_generates_and_is_smaller(model_dir, tmp_path, capsys):
     from minilab.fsutil import dir_size
-    from minilab.registry import read_manifest, resolve_model_path
+    from minilab.registry import read_manifest, resolve_model_dir
 
     assert cli(["quantize", str(model_dir), "--int8"]) == 0
     name = capsys.readouterr().out.split(":")[0]
     assert name.startswith("llama-") and name.endswith("-int8-v1")
-    path = resolve_model_path(name)
+    path = resolve_model_dir(name)
     assert dir_size(path) < 0.6 * dir_size(model_dir)
     assert read_manifest(path)["training_type"] == "int8"
     q = Engine.load(name)

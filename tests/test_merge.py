@@ -41,7 +41,7 @@ def test_chain_pretrain_sft_dpo_merge_eval(tmp_path, capsys):
     assert dpo["name"].endswith("-dpo-v1") and [s["name"] for s in dpo["lineage"]] == [base, sft["name"]]
     assert cli(["merge", dpo["name"]]) == 0
     merged_name = [r["name"] for r in registry.list_models() if r["type"] == "merged"][0]
-    merged = registry.read_manifest(registry.resolve_model_path(merged_name))
+    merged = registry.read_manifest(registry.resolve_model_dir(merged_name))
     assert merged["parent"] == dpo["name"] and len(merged["lineage"]) == 3
     x = torch.randint(0, 300, (1, 12))
     with torch.no_grad():

@@ -133,24 +133,24 @@ def test_register_rejects_non_model_dirs(tmp_path, root):
         registry.register(make_model_dir(tmp_path / "m"), root=root)
 
 
-def test_resolve_model_path(tmp_path, root):
+def test_resolve_model_dir(tmp_path, root):
     src = make_model_dir(tmp_path / "final")
     registry.register(src, "llama-5K-ts-pretrain-v1", root=root)
-    assert registry.resolve_model_path("llama-5K-ts-pretrain-v1", root) == src.resolve()
-    assert registry.resolve_model_path(str(src), root) == src
-    assert registry.resolve_model_path(src) == src
+    assert registry.resolve_model_dir("llama-5K-ts-pretrain-v1", root) == src.resolve()
+    assert registry.resolve_model_dir(str(src), root) == src
+    assert registry.resolve_model_dir(src) == src
     with pytest.raises(MinilabError, match="did you mean llama-5K-ts-pretrain-v1") as e:
-        registry.resolve_model_path("llama-5K-ts-pretrain-v2", root)
+        registry.resolve_model_dir("llama-5K-ts-pretrain-v2", root)
     assert "\n" not in str(e.value)
     with pytest.raises(MinilabError, match="unknown model"):
-        registry.resolve_model_path("../nowhere", root)
+        registry.resolve_model_dir("../nowhere", root)
 
 
 def test_env_var_root(tmp_path, monkeypatch):
     monkeypatch.setenv("MINILAB_MODELS_DIR", str(tmp_path / "envroot"))
     registry.register(make_model_dir(tmp_path / "m"), "llama-5K-ts-ft-v1")
     assert (tmp_path / "envroot" / "registry.json").is_file()
-    assert registry.resolve_model_path("llama-5K-ts-ft-v1") == (tmp_path / "m").resolve()
+    assert registry.resolve_model_dir("llama-5K-ts-ft-v1") == (tmp_path / "m").resolve()
 
 
 def test_cli_list_show_rm(tmp_path, root, capsys, monkeypatch):
@@ -233,7 +233,7 @@ def test_show_refuses_a_huge_name_and_a_folder_that_is_not_a_model(tmp_path, roo
     code, out, _ = run_cli(["models", "show", "llama-5K-ts-pretrain-v1", "--models-dir", str(root)], capsys)
     assert code == 0 and "model.safetensors" in out
     with pytest.raises(MinilabError, match="unknown model"):
-        registry.resolve_model_path("b" * 5000, root)
+        registry.resolve_model_dir("b" * 5000, root)
 
 
 def test_rm_refuses_a_model_others_name_as_parent_or_base(tmp_path, root, capsys):

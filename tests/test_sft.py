@@ -249,8 +249,8 @@ def test_merge_refuses_the_base_a_run_and_what_others_depend_on(setup, tmp_path,
     assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "run").rglob("*")) == before
     assert any("step-" in p for p in before)
     assert sorted(p.name for p in setup["base"].iterdir()) == base_files
-    assert registry.resolve_model_path(setup["name"], models).resolve() == setup["base"].resolve()
-    assert registry.resolve_model_path("llama-9K-other-pretrain-v1", models).resolve() == other.resolve()
+    assert registry.resolve_model_dir(setup["name"], models).resolve() == setup["base"].resolve()
+    assert registry.resolve_model_dir("llama-9K-other-pretrain-v1", models).resolve() == other.resolve()
     load_model_for_inference(lora, registry_root=models)  # the LoRA still finds its base
     for name in ("llama-9K-other-sft-v1", "llama-9K-other-pretrain-v1"):
         registry.remove_model(name, models)

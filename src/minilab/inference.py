@@ -30,8 +30,9 @@ from minilab.decode_layout import use_decode_layout
 from minilab.errors import MinilabError
 from minilab.fsutil import read_json_if_present
 from minilab.generate import TextStream, encode, stream_generate
-from minilab.loading import load_model_for_inference, resolve_model_dir
+from minilab.loading import load_model_for_inference
 from minilab.model import Transformer
+from minilab.registry import resolve_model_dir
 from minilab.sampling import MAX_SEED
 from minilab.tokenization import (
     chat_template_source,

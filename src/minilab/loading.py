@@ -1,8 +1,7 @@
 """The Python API for getting a model: `load_model_for_inference` and `load_model` (fine-tuning).
 
 Both accept a directory (a minilab model directory or any Llama-architecture Hugging Face
-directory) or a registry name, resolved by `resolve_model_dir` (a registry name through
-`minilab.registry.resolve_model_path`):
+directory) or a registry name, resolved by `minilab.registry.resolve_model_dir`:
 
     model = load_model_for_inference("models/tiny-shakespeare")      # eval mode
     logits = model(input_ids)                                         # (B, T, vocab)
@@ -28,27 +27,12 @@ from minilab.config import read_config_file
 from minilab.errors import ConfigError, MinilabError
 from minilab.hf import from_hf_config, load_weights_dir
 from minilab.model import ModelConfig, Transformer
+from minilab.registry import resolve_model_dir
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_DEFAULTS: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": LORA_TARGETS}
 # Short spellings people write in configs, mapped to peft's field names.
 _LORA_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "rank": "r"}
-
-
-def resolve_model_dir(path_or_name: str | Path, registry_root: str | Path | None = None) -> Path:
-    """An existing directory as given, else a registry name resolved to its directory.
-
-    The one resolver of a local model reference: fine-tuning adds hub ids to it
-    (`finetune.models.resolve_base_dir`), the planner presets and configs (`planner.resolve`);
-    a name is looked up by `registry.resolve_model_path`."""
-    from minilab.registry import resolve_model_path
-
-    path = Path(path_or_name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise MinilabError(f"{path}: is a file, expected a model directory")
-        return path
-    return Path(resolve_model_path(str(path_or_name), root=registry_root))
 
 
 def _model_config(path: Path) -> tuple[ModelConfig, Path]:

@@ -233,8 +233,12 @@ def _unknown(name: str, root: Path, names: list[str]) -> MinilabError:
 
 def _is_dir(path: Path) -> bool:
     """`path.is_dir()`, False where the OS cannot even look it up (a name too long, ...)."""
+    return _stat_test(path, Path.is_dir)
+
+
+def _stat_test(path: Path, test) -> bool:
     try:
-        return path.is_dir()
+        return test(path)
     except OSError:
         return False
 
@@ -246,11 +250,15 @@ def is_model_dir(path: Path) -> bool:
     return output_kind(path) == "model"
 
 
-def resolve_model_path(path_or_name: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
-    """An existing directory as is; otherwise the directory of a registered name."""
-    path = Path(path_or_name)
+def resolve_model_dir(path_or_name: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """The one resolver of a local model reference: an existing directory as given (`~` expanded),
+    else the directory of a name registered under `root`. Fine-tuning adds hub ids on top of it
+    (`finetune.models.resolve_base_dir`), the planner presets and config files (`planner.resolve`)."""
+    path = Path(path_or_name).expanduser()
     if _is_dir(path):
         return path
+    if _stat_test(path, Path.is_file):
+        raise MinilabError(f"{path}: is a file, expected a model directory")
     root_path = models_root(root)
     entries = _entries(root_path)
     entry = entries.get(str(path_or_name))
@@ -406,7 +414,7 @@ def list_models(root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
 def show_model(name: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
     """Registry entry, manifest and the files actually on disk (path, size) of one model."""
     root_path = models_root(root)
-    path = resolve_model_path(name, root_path)
+    path = resolve_model_dir(name, root_path)
     entry = _entries(root_path).get(name, {})
     if not entry and not is_model_dir(path):
         raise MinilabError(f"{name}: a directory but not a minilab model (no model manifest.json in it); "

@@ -51,8 +51,7 @@ def preference_eval(model_path: str | Path, data_dirs: list[str], *, beta: float
                     batch_size: int = 8) -> list[dict[str, Any]]:
     """Win rate and chosen/rejected perplexities per DPO dataset (from `minilab dpo-data`)."""
     from minilab.finetune.rows import Rows, check_data_tokenizer
-    from minilab.loading import resolve_model_dir
-    from minilab.registry import read_manifest
+    from minilab.registry import read_manifest, resolve_model_dir
     from minilab.tokenization import pad_id_of
 
     model_dir = resolve_model_dir(model_path, registry_root)

@@ -148,7 +148,8 @@ def _output_dir(cfg: EvalConfig, model_dir: Path) -> Path:
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate `cfg.model_path`; write the report; return the results (as in results.json)."""
     from minilab.evaluate import multiple_choice, perplexity, report
-    from minilab.loading import load_model_for_inference, resolve_model_dir
+    from minilab.loading import load_model_for_inference
+    from minilab.registry import resolve_model_dir
     from minilab.tokenization import load_tokenizer, model_stop_ids
     from minilab.training import resolve_device
 

@@ -251,7 +251,8 @@ def export_model(model_ref: str, fmt: str, output: str | Path, *, adapter: str |
     """Export `model_ref` (registry name or directory) as one GGUF file or a transformers
     directory at `output`; returns (path, bytes written)."""
     from minilab.fsutil import dir_size
-    from minilab.loading import load_model_for_inference, resolve_model_dir
+    from minilab.loading import load_model_for_inference
+    from minilab.registry import resolve_model_dir
 
     src = resolve_model_dir(model_ref, registry_root)
     out = Path(output)

@@ -52,7 +52,8 @@ def quantize_to_registry(model_ref: str, *, adapter: str | None = None, name: st
     """Quantize `model_ref` to int8 and register it; returns (name, directory). The model is
     copied into the registry root, or written to `output_dir` and registered there (linked)."""
     from minilab import registry
-    from minilab.loading import load_model_for_inference, resolve_model_dir
+    from minilab.loading import load_model_for_inference
+    from minilab.registry import resolve_model_dir
 
     src = resolve_model_dir(model_ref, root)
     if is_int8_dir(src):
@@ -81,7 +82,7 @@ def quantize_to_registry(model_ref: str, *, adapter: str | None = None, name: st
 
 def main(args: argparse.Namespace) -> int:
     from minilab.fsutil import dir_size, human_bytes
-    from minilab.loading import resolve_model_dir
+    from minilab.registry import resolve_model_dir
 
     src = resolve_model_dir(args.model, args.models_dir)
     name, dest = quantize_to_registry(args.model, adapter=args.adapter, name=args.name, root=args.models_dir)

@@ -54,7 +54,8 @@ def merge(model: str, *, output_dir: str | None = None, dtype: str | None = None
     from minilab.finetune.templates import ChatTemplate
     from minilab.fsutil import read_json_if_present
     from minilab.hf import save_hf_dir
-    from minilab.loading import load_model_for_inference, resolve_model_dir
+    from minilab.loading import load_model_for_inference
+    from minilab.registry import resolve_model_dir
     from minilab.tokenization import EOS_TOKEN
 
     src = resolve_model_dir(model, models_dir)
@@ -90,7 +91,7 @@ def _check_output(out: Path, src: Path, manifest: dict[str, Any], *, force: bool
     parent = manifest.get("parent")
     if isinstance(parent, str):
         with contextlib.suppress(MinilabError):
-            reading.append(registry.resolve_model_path(parent, models_dir))
+            reading.append(registry.resolve_model_dir(parent, models_dir))
     check_output(out, force, {"model"}, reading=tuple(reading))
     if out.is_dir():
         registry.refuse_if_depended_on(str(out), out, registry.models_root(models_dir),

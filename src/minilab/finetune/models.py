@@ -66,7 +66,7 @@ class LogitsOnly(nn.Module):
 def resolve_base_dir(name: str, registry_root: str | None = None) -> tuple[Path, str]:
     """(directory, how it was found): a directory, a registry name, or a hub id downloaded through
     huggingface_hub into its cache."""
-    from minilab.loading import resolve_model_dir
+    from minilab.registry import resolve_model_dir
 
     try:
         return resolve_model_dir(name, registry_root), "local"

@@ -110,7 +110,7 @@ def resolve_model(ref: str | os.PathLike | dict[str, Any] | ModelConfig,
     if text in preset_names():
         return ModelSpec(name=text, source="preset", minilab_config=load_architecture(text))
     if text.count("-") == 4 and "/" not in text:
-        from minilab.loading import resolve_model_dir
+        from minilab.registry import resolve_model_dir
 
         return _from_path(resolve_model_dir(text, models_dir), text)
     if text.count("/") == 1 and not text.startswith((".", "/")):
