@@ -87,19 +87,19 @@ class ChatFormat:
         return render_chat(self.source, messages, add_generation_prompt=add_generation_prompt, **self.special)
 
 
-def load_tokenizer(model_dir: Path, _depth: int = 0):
+def model_tokenizer(model_dir: Path, _depth: int = 0):
     """(`tokenizers.Tokenizer`, its directory) stored with a model; an adapter-only directory
     (a registered LoRA result) uses its base model's tokenizer."""
-    from minilab.tokenization import load_tokenizer as load_tokenizer_file
+    from minilab.tokenization import load_tokenizer
 
     for d in (model_dir, model_dir / "tokenizer", model_dir / "adapters"):
         if (d / "tokenizer.json").is_file():
-            return load_tokenizer_file(d), d
+            return load_tokenizer(d), d
     base = (read_json_if_present(model_dir / "adapter_config.json").get("base_model_name_or_path")
             or read_json_if_present(model_dir / "adapters" / "adapter_config.json").get("base_model_name_or_path")
             or read_json_if_present(model_dir / "manifest.json").get("parent"))
     if base and _depth < 4:
-        return load_tokenizer(resolve_model_dir(base), _depth + 1)
+        return model_tokenizer(resolve_model_dir(base), _depth + 1)
     raise MinilabError(f"{model_dir}: no tokenizer.json (export the model with its tokenizer directory)")
 
 
@@ -171,7 +171,7 @@ class Engine:
             model = quantize_model(model, quantize)
         if isinstance(model, Transformer):
             use_decode_layout(model)  # weights stored (in, out): faster decoding steps on CPU
-        tokenizer, tok_dir = load_tokenizer(model_dir)
+        tokenizer, tok_dir = model_tokenizer(model_dir)
         if tokenizer.get_vocab_size() > model.config.vocab_size:
             raise MinilabError(f"{model_dir}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
                                f"{model.config.vocab_size}: not this model's tokenizer")
