@@ -165,3 +165,23 @@ def test_no_module_imports_a_stage_module():
     assert stages <= set(graph), "a registered stage module is missing from src/minilab"
     found = stage_imports(graph, stages)
     assert not found, "stage modules imported outside the stage registry:\n" + "\n".join(found)
+
+
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 500, 80
+
+
+def test_no_module_or_function_grows_past_what_a_reader_holds():
+    """A file over 500 lines or a function over 80 is where a second concept has moved in: split
+    it along its seam (as generate.py -> sampling.py, serve/app.py -> scheduler.py were)."""
+    too_long = []
+    for path in sorted((SRC / PACKAGE).rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        name = path.relative_to(SRC)
+        if text.count("\n") > MAX_FILE_LINES:
+            too_long.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}:{node.lineno} {node.name}(): {length} lines")
+    assert not too_long, "over the limits:\n" + "\n".join(too_long)
