@@ -115,6 +115,10 @@ class PretrainConfig:
         if self.parallel == "fsdp" and self.precision == "fp16":
             # GradScaler's inf check would see only this rank's gradient shard: ranks could disagree.
             raise ConfigError("fp16 grad scaling is not supported with fsdp; use bf16", key="precision")
+        if self.parallel == "fsdp" and self.optim.optimizer == "muon":
+            # Muon orthogonalises each whole matrix; FSDP hands every rank a shard of it.
+            raise ConfigError("muon needs whole matrices and fsdp shards them; use parallel ddp or "
+                              "optimizer adamw", key="optim.optimizer")
 
 
 # ---- preflight (the planner will replace this one function) ------------------------------------

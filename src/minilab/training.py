@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from minilab.errors import ConfigError, MinilabError
 
 @dataclass
 class OptimConfig:
+    optimizer: Literal["adamw", "muon"] = field(default="adamw", metadata={
+        "help": "adamw; muon: Muon on the blocks' matrices, AdamW on embeddings, head and norms, one lr "
+                "(minilab.optimizers)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a fraction of lr"})
     warmup_frac: float = field(default=0.1, metadata={"help": "linear warmup, as a fraction of max_steps"})
@@ -71,14 +75,21 @@ def checkpoint_val_meta(last_eval: dict, eval_step: int, step: int, best: float)
     return {"best_val_loss": best, "val_loss": val, "val_step": step if val is not None else -1}
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on 2-D+ weights except embeddings; none on norms and embeddings.
+def make_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on 2-D+ weights except embeddings; none on norms and embeddings
+    (`optimizer: muon`: the blocks' matrices go to Muon instead, `minilab.optimizers`).
 
     The fused kernel on CUDA and on CPU too: on CPU it is one pass over each tensor, measured 6x
     faster than the foreach implementation here (7 ms against 45 ms a step for the `tiny` shape on
     one thread), whose dozen elementwise ops per step each pay a thread barrier (with a busy
     second core, 0.4 s against 2.9 s).
     """
+    fused = device.type in ("cuda", "cpu")
+    if cfg.optimizer == "muon":
+        from minilab.optimizers import MuonAdamW
+
+        return MuonAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+                         eps=cfg.eps, fused=fused)
     decay, no_decay = [], []
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -88,8 +99,7 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> 
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type in ("cuda", "cpu"))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
 def resolve_device(name: str) -> torch.device:
