@@ -15,6 +15,11 @@ with `--seeds` seeds (greedy once), at most `--max-tokens` tokens, and scored:
 - mean tokens per answer.
 
 One JSON line per setting on stdout.
+
+`--conversation` instead sends ten questions in a row, each with the whole conversation so far,
+to `minilab serve`'s app (in process) as the chat page before issue 15 sent them (temperature
+0.7, max_tokens 128) and as it sends them now (the new defaults, `truncation: "auto"`, keeping
+only what the server kept): answered, errors, notices, replies that ended by themselves.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ SETTINGS = [  # (name, temperature, top_p, repetition_penalty)
     ("T0.5 top-p 0.9", 0.5, 0.9, 1.0),
     ("T0.3 top-p 0.9", 0.3, 0.9, 1.0),
     ("T0.3 top-p 0.9 rep 1.1", 0.3, 0.9, 1.1),
+    ("T0.2 top-p 0.9", 0.2, 0.9, 1.0),
 ]
 WORD = re.compile(r"[a-z']+")
 
@@ -63,21 +69,61 @@ def distinct4(ids: list[int]) -> float | None:
     return len(set(grams)) / len(grams) if grams else None
 
 
+QUESTIONS = ["Hello, how are you?", "What is your name?", "Do you like books?", "Tell me a joke.", "What is AI?",
+             "Who are you?", "What do you eat?", "Do you have feelings?", "What is your favorite color?", "Goodbye!"]
+PAGES = {"old page": {"temperature": 0.7, "max_tokens": 128},
+         "new page": {"temperature": 0.3, "top_p": 0.9, "repetition_penalty": 1.0, "max_tokens": 128,
+                      "truncation": "auto"}}
+
+
+def conversation(engine: Engine) -> None:
+    from fastapi.testclient import TestClient
+
+    from minilab.serve.app import create_app
+
+    for label, fields in PAGES.items():
+        history, errors, notices, ended = [], [], [], 0
+        with TestClient(create_app(engine), base_url="http://localhost") as client:
+            for i, question in enumerate(QUESTIONS):
+                history.append({"role": "user", "content": question})
+                r = client.post("/v1/chat/completions",
+                                json={"model": engine.name, "messages": history, "seed": i, **fields})
+                if r.status_code != 200:
+                    errors.append(r.json()["error"]["message"])
+                    history.pop()  # what the page does with a failed turn
+                    continue
+                body = r.json()
+                trunc = body.get("minilab", {}).get("truncation") or {"dropped_messages": 0, "notice": None}
+                history = history[trunc["dropped_messages"]:]
+                notices += [trunc["notice"]] if trunc["notice"] else []
+                ended += body["choices"][0]["finish_reason"] == "stop"
+                history.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
+        print(json.dumps({"requests": label, "answered": len(QUESTIONS) - len(errors), "errors": len(errors),
+                          "first_error": errors[0] if errors else None, "notices": notices, "ended": ended}),
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model")
     ap.add_argument("--prompts", type=int, default=40)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--conversation", action="store_true", help="the ten-turn conversation, old vs new page")
+    ap.add_argument("--only", nargs="*", default=None, help="run only the settings whose names start so")
     ap.add_argument("--corpus", default=None, help="a corpus directory (shard-*.jsonl) of the pretraining text")
     args = ap.parse_args()
     torch.set_num_threads(1)
     engine = Engine.load(args.model)
+    if args.conversation:
+        return conversation(engine)
     convs = demo_conversations()
     step = max(1, len(convs) // args.prompts)
     prompts = [c["messages"][0]["content"] for c in convs[::step]][: args.prompts]
     vocab = known_words(args.corpus)
     for name, temp, top_p, rep in SETTINGS:
+        if args.only and not any(name.startswith(o) for o in args.only):
+            continue
         stops, d4, known, lengths = [], [], [], []
         for prompt in prompts:
             ids = engine.chat_prompt([{"role": "user", "content": prompt}])
