@@ -2,7 +2,8 @@
 
 Only what minilab can honour is accepted: one choice (`n=1`), no logprobs, no presence or
 frequency penalties (our CTRL `repetition_penalty` and `top_k` are accepted as extensions, as
-vLLM does; so is `truncation`, the field and meaning of OpenAI's Responses API, on chat requests). Anything else the official client may send is ignored, as OpenAI ignores unknown
+vLLM does; so is `truncation`, the field and meaning of OpenAI's Responses API, on chat
+requests). Anything else the official client may send is ignored, as OpenAI ignores unknown
 fields. Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 """
 
