@@ -84,7 +84,8 @@ def test_generate_verb_json_and_stop(model_dir, engine, capsys):
 
 def test_chat_verb_over_stdin_keeps_history(model_dir, engine, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("the cat sat\n\nand then?\n/reset\nthe cat sat\n/exit\nignored\n"))
-    assert cli(["chat", str(model_dir), "--max-tokens", "10"]) == 0
+    # greedy, as this test checks exact text (chat samples by default: temperature 0.3, top-p 0.9)
+    assert cli(["chat", str(model_dir), "--max-tokens", "10", "--temperature", "0", "--top-p", "1"]) == 0
     out = capsys.readouterr().out
     params = SamplingParams(max_tokens=10)
     first = engine.complete(engine.chat_prompt([{"role": "user", "content": "the cat sat"}]), params, chat=True)[0]

@@ -107,3 +107,40 @@ def _drive(browser, By, WebDriverWait):
         messages += [{"role": "assistant", "content": expect}, {"role": "user", "content": "and then"}]
         assert history[3]["content"] == engine.complete(engine.chat_prompt(messages), SamplingParams(max_tokens=12),
                                                         chat=True)[0]
+
+
+def test_chat_page_keeps_a_10_turn_conversation_going_on_a_short_context(browser):
+    """Issue 15: on a 256-token model the second message failed ('max_tokens 128 is out of range').
+    The page sends truncation "auto": 10 turns on a 128-token model, every one answered, no error
+    shown, and a notice (not an error) says older messages were dropped."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engine = Engine.load(str(shared_model_dir()))
+    try:
+        with running_server(create_app(engine)) as url:
+            browser.get(url + "/")
+            wait = WebDriverWait(browser, 30)
+            wait.until(lambda d: engine.name in d.find_element(By.ID, "model-name").text)
+            box = browser.find_element(By.ID, "temperature")
+            box.clear()
+            box.send_keys("0")
+            for turn in range(1, 11):
+                browser.find_element(By.ID, "input").send_keys(f"the cat sat on the mat number {turn} and then")
+                browser.find_element(By.ID, "send").click()
+                wait.until(lambda d, n=turn: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-state=done]"))
+                           == n or d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+                assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error"), \
+                    browser.find_element(By.CSS_SELECTOR, ".msg.error").text
+            notices = [n.text for n in browser.find_elements(By.CSS_SELECTOR, ".msg.notice")]
+            assert notices and all("to fit the model's 128-token context" in n or "reply limited" in n
+                                   for n in notices)
+            assert any("dropped" in n for n in notices)
+            history = json.loads(browser.execute_script("return JSON.stringify(history)"))
+            # the page sends only what the server kept: the last request fitted without dropping it all
+            assert history[-2:][0]["role"] == "user" and len(history) < 20
+            assert len(engine.chat_prompt(history[:-1])) < engine.context_length
+    finally:
+        torch.set_num_threads(threads)

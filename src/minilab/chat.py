@@ -2,7 +2,9 @@
 
 Each line read is a user turn; the reply streams as it is decoded. The whole conversation is
 rendered with the model's chat template every turn (as a server would), and when it no longer
-fits the context the oldest turns are dropped (a system prompt is kept). Commands: `/reset`
+fits the context the oldest turns are dropped and the reply capped (a system prompt is kept;
+`minilab.conversation` is the rule, the same as the server's `truncation: "auto"`), with a
+one-line notice on stderr. Commands: `/reset`
 forgets the conversation, `/system TEXT` sets the system prompt, `/exit` (or end of input) quits.
 Reading stdin makes it scriptable: `printf 'hi\\nmore\\n' | minilab chat my-model`.
 """
@@ -12,34 +14,41 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from typing import Any
 
+from minilab.conversation import ContextFull, Fit, default_reply_tokens, fit_conversation
 from minilab.errors import MinilabError
 from minilab.inference import Engine, SamplingParams, add_model_flags, add_sampling_flags, engine_from_args
 from minilab.inference import sampling_from_args as _sampling
 
 log = logging.getLogger("minilab.chat")
 
+# The sampling defaults of a conversation with a small model (docs/stages/09-serve.md says why,
+# with the figures of benchmarks/chat_defaults.py); `generate` keeps greedy decoding.
+CHAT_SAMPLING = {"temperature": 0.3, "top_p": 0.9, "repetition_penalty": 1.0}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     p.add_argument("--system", default=None, help="system prompt")
-    add_sampling_flags(p, max_tokens=256)
+    add_sampling_flags(p, max_tokens=None, **CHAT_SAMPLING)
 
 
-def fit_history(engine: Engine, system: str | None, turns: list[dict[str, str]], reserve: int) -> list[int]:
-    """Prompt ids of the conversation, dropping the oldest user/assistant pairs until `reserve`
-    new tokens fit; the latest user turn is never dropped."""
-    while True:
-        messages = ([{"role": "system", "content": system}] if system else []) + turns
-        ids = engine.chat_prompt(messages)
-        if len(ids) + reserve <= engine.context_length or len(turns) <= 1:
-            break
-        del turns[:2]
-    if len(ids) >= engine.context_length:
-        raise MinilabError(f"the message alone has {len(ids)} tokens, more than the context "
-                           f"({engine.context_length}); shorten it")
-    return ids
+def fit_history(engine: Engine, system: str | None, turns: list[dict[str, str]], requested: int) -> Fit:
+    """The prompt of the conversation that fits (`minilab.conversation.fit_conversation`); the
+    dropped turns are removed from `turns`, and a one-line notice goes to stderr."""
+    messages = ([{"role": "system", "content": system}] if system else []) + turns
+    try:
+        fit = fit_conversation(engine, messages, requested)
+    except ContextFull as e:
+        turns.pop()  # the message that cannot be answered is not kept
+        raise MinilabError(f"the message alone has {e.n_prompt} tokens with the system prompt, more than the "
+                           f"context ({e.context}); shorten it") from None
+    del turns[:fit.dropped_messages]
+    if fit.notice:
+        print(f"({fit.notice})", file=sys.stderr)
+    return fit
 
 
 def reply(engine: Engine, ids: list[int], params: SamplingParams, out: Any) -> str:
@@ -77,10 +86,16 @@ def run_chat(engine: Engine, params: SamplingParams, system: str | None, lines: 
             print(f"(system prompt {'set' if system else 'cleared'})", file=sys.stderr)
             continue
         turns.append({"role": "user", "content": text})
-        ids = fit_history(engine, system, turns, reserve=min(params.max_tokens, 32))
+        requested = params.max_tokens or default_reply_tokens(engine.context_length)
+        try:
+            fit = fit_history(engine, system, turns, requested)
+        except MinilabError as e:  # one message too long: say so, the conversation goes on
+            print(f"error: {e}", file=sys.stderr)
+            continue
         if interactive:
             print("assistant> ", end="", file=sys.stderr, flush=True)
-        turns.append({"role": "assistant", "content": reply(engine, ids, params, out)})
+        answer = reply(engine, fit.ids, replace(params, max_tokens=fit.max_tokens), out)
+        turns.append({"role": "assistant", "content": answer})
     return turns
 
 

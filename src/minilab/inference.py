@@ -249,28 +249,35 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: 1 for models under 50M parameters, else torch's default)")
 
 
-def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int | None = 128, temperature: float = 0.0,
+                       top_p: float | None = None, repetition_penalty: float = 1.0) -> None:
+    """The sampling flags; `max_tokens=None` means the verb picks a budget from the context."""
     from minilab.cliargs import flag, int_range
 
     g = p.add_argument_group("sampling")
-    flag(g, "--max-tokens", type=int, default=max_tokens, help="most new tokens per reply")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    flag(g, "--max-tokens", type=int, default=max_tokens,
+         help="most new tokens per reply" + ("" if max_tokens else
+                                             " (default: half the context, at most 256; capped to what fits)"))
+    g.add_argument("--temperature", type=float, default=temperature, help="0 is greedy")
     flag(g, "--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    flag(g, "--top-p", type=float, default=None, help="nucleus sampling mass")
-    flag(g, "--repetition-penalty", type=float, default=1.0, help="CTRL penalty on seen tokens (>1 discourages)")
+    flag(g, "--top-p", type=float, default=top_p, help="nucleus sampling mass (1 keeps every token)")
+    flag(g, "--repetition-penalty", type=float, default=repetition_penalty,
+         help="CTRL penalty on seen tokens (>1 discourages)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string; repeatable")
     g.add_argument("--seed", type=int_range(0, MAX_SEED), default=None,
                    help="makes sampling reproducible (0 .. 2**64-1)")
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
-    if args.max_tokens < 1:
+    """The flags as `SamplingParams`; `max_tokens` stays None (0 in the params) when the verb picks it."""
+    if args.max_tokens is not None and args.max_tokens < 1:
         raise MinilabError(f"--max-tokens must be ≥ 1, got {args.max_tokens}")
     if args.temperature < 0:
         raise MinilabError(f"--temperature must be ≥ 0, got {args.temperature}")
     stop = [s.encode().decode("unicode_escape") for s in args.stop]  # so --stop '\n' means a newline
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=stop, seed=args.seed)
+    return SamplingParams(max_tokens=args.max_tokens or 0, temperature=args.temperature, top_k=args.top_k,
+                          top_p=None if args.top_p == 1.0 else args.top_p,
+                          repetition_penalty=args.repetition_penalty, stop=stop, seed=args.seed)
 
 
 def set_threads(model: torch.nn.Module, threads: int | None) -> int:

@@ -21,6 +21,11 @@ How requests are served (why):
   Origin (403). Then, before admission, in OpenAI's order of concerns: auth (401), body size
   (413), Content-Type application/json (415), JSON (400), schema (422), model name (404), prompt
   length vs context (413), max_tokens (422).
+- A chat request with `truncation: "auto"` (OpenAI's Responses API name for it; the chat page
+  sends it) gets no 413/422 for a conversation that outgrew the context: its oldest turns are
+  dropped and max_tokens capped (`minilab.conversation`), and the response says what was done
+  under `minilab.truncation` (the body, or the stream chunk with the finish reason). The
+  default, "disabled", keeps OpenAI's errors.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from minilab.conversation import ContextFull, fit_conversation
 from minilab.inference import Delta, Engine
 from minilab.serve import protocol as p
 from minilab.serve.guard import protect
@@ -90,6 +96,24 @@ def _budget(engine: Engine, n_prompt: int, requested: int | None) -> int:
                               f"context {ctx}, so at most {ctx - n_prompt} new tokens fit",
                          param="max_tokens", code="invalid_value")
     return requested if requested is not None else ctx - n_prompt
+
+
+def _chat_prompt(engine: Engine, req: p.ChatRequest) -> tuple[list[int], int, dict[str, Any] | None]:
+    """(prompt ids, max_tokens, what truncation did: None unless `truncation: "auto"`). Without it,
+    a conversation that does not fit is a 413/422, as OpenAI answers; with it, the oldest turns
+    are dropped and max_tokens capped (`minilab.conversation.fit_conversation`)."""
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    if req.truncation != "auto":
+        ids = engine.chat_prompt(messages)
+        return ids, _budget(engine, len(ids), req.requested_tokens()), None
+    try:
+        fit = fit_conversation(engine, messages, req.requested_tokens())
+    except ContextFull as e:
+        raise p.ApiError(413, f"{e}; even the system prompt and the latest message alone do not fit",
+                         param="messages", code="context_length_exceeded") from None
+    if fit.notice:
+        log.info("truncation: %s", fit.notice)
+    return fit.ids, fit.max_tokens, {"truncation": fit.report()}
 
 
 def _completion_prompt(engine: Engine, req: p.CompletionRequest) -> tuple[str | list[int], list[int]]:
@@ -193,16 +217,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_concurrency: i
         auth(request)
         req = p.parse(p.ChatRequest, await _read_json(request, max_body_bytes))
         _check_model(engine, req.model)
-        ids = engine.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
-        params = req.sampling(_budget(engine, len(ids), req.max_completion_tokens or req.max_tokens))
-        deltas = sched.start(engine, ids, params, chat=True)
+        ids, max_tokens, extra = _chat_prompt(engine, req)
+        deltas = sched.start(engine, ids, req.sampling(max_tokens), chat=True)
         rid = p.new_id("chatcmpl")
         if req.stream:
-            return StreamingResponse(_chat_events(engine, rid, req, deltas, len(ids)),
+            return StreamingResponse(_chat_events(engine, rid, req, deltas, len(ids), extra),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text, n, finish = await _collect(deltas)
-        return p.chat_response(rid, engine.name, text, finish, len(ids), n)
+        return p.chat_response(rid, engine.name, text, finish, len(ids), n, extra)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -223,7 +246,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_concurrency: i
     return app
 
 
-async def _chat_events(engine: Engine, rid: str, req: p.ChatRequest, deltas: AsyncIterator[Delta], n_prompt: int):
+async def _chat_events(engine: Engine, rid: str, req: p.ChatRequest, deltas: AsyncIterator[Delta], n_prompt: int,
+                       extra: dict[str, Any] | None = None):
+    """The stream's chunks; what truncation did (`extra`) rides on the chunk with the finish reason."""
     created, with_usage = int(time.time()), req.wants_usage_chunk()
     last = Delta("", 0)
     try:
@@ -233,7 +258,7 @@ async def _chat_events(engine: Engine, rid: str, req: p.ChatRequest, deltas: Asy
             last = d
             if d.text:
                 yield _sse(p.chat_chunk(rid, engine.name, created, {"content": d.text}, None, with_usage))
-        yield _sse(p.chat_chunk(rid, engine.name, created, {}, last.finish_reason or "stop", with_usage))
+        yield _sse(p.chat_chunk(rid, engine.name, created, {}, last.finish_reason or "stop", with_usage, extra))
         if with_usage:
             yield _sse(p.usage_chunk(rid, engine.name, created, "chat.completion.chunk",
                                      p.usage(n_prompt, last.completion_tokens)))

@@ -2,7 +2,8 @@
 
 Only what minilab can honour is accepted: one choice (`n=1`), no logprobs, no presence or
 frequency penalties (our CTRL `repetition_penalty` and `top_k` are accepted as extensions, as
-vLLM does). Anything else the official client may send is ignored, as OpenAI ignores unknown
+vLLM does; so is `truncation`, the field and meaning of OpenAI's Responses API, on chat
+requests). Anything else the official client may send is ignored, as OpenAI ignores unknown
 fields. Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 """
 
@@ -94,6 +95,12 @@ class _Common(BaseModel):
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name for max_tokens
+    # OpenAI's Responses API name for it: "auto" drops the oldest turns and caps max_tokens to what
+    # fits the context (`minilab.conversation`), reported under "minilab"; "disabled" answers 413/422
+    truncation: Literal["auto", "disabled"] = "disabled"
+
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(_Common):
@@ -130,21 +137,28 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_response(rid: str, model: str, text: str, finish: str, prompt_tokens: int, n: int) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish}],
-            "usage": usage(prompt_tokens, n)}
+def chat_response(rid: str, model: str, text: str, finish: str, prompt_tokens: int, n: int,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A whole chat completion; `extra` (what `truncation: "auto"` did) goes under "minilab"."""
+    out = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+           "system_fingerprint": None,
+           "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                        "finish_reason": finish}],
+           "usage": usage(prompt_tokens, n)}
+    if extra is not None:
+        out["minilab"] = extra
+    return out
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish: str | None,
-               with_usage: bool) -> dict[str, Any]:
+               with_usage: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
              "system_fingerprint": None,
              "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
     if with_usage:
         chunk["usage"] = None  # OpenAI: null on every chunk but the last, usage-only one
+    if extra is not None:
+        chunk["minilab"] = extra
     return chunk
 
 
