@@ -44,7 +44,9 @@ from minilab.training import OptimConfig, Schedule
 
 log = logging.getLogger("minilab.pretrain")
 clock = time.perf_counter
-FAKE_SECONDS: dict[str, float] | None = None  # tests: {"setup": 1.0, "step": 0.1, ...}, every kind
+# Tests: every lap of a kind lasts FAKE_SECONDS[kind] (setup, step, eval, save, export), and the probe
+# reports them too (or FAKE_SECONDS["probe_step"] etc. where given: a probe that misjudges the pace).
+FAKE_SECONDS: dict[str, float] | None = None
 REPLANS = 4  # wsd re-plans at most, each halfway from the last plan to its decay start
 PLANNING_STEPS_PER_SECOND = 100  # the preflight's assumption before anything is measured
 
@@ -356,4 +358,7 @@ def probe(run) -> dict[str, float]:
         from minilab import distributed
 
         export_s = distributed.all_reduce_sum(export_s, run.info, device)
-    return {"step": step_s, "eval": eval_s, "save": 3 * export_s, "export": export_s}
+    measured = {"step": step_s, "eval": eval_s, "save": 3 * export_s, "export": export_s}
+    if FAKE_SECONDS is not None:  # tests: `probe_KIND` if given (a probe that misjudges), else KIND
+        return {k: FAKE_SECONDS.get(f"probe_{k}", FAKE_SECONDS[k]) for k in measured}
+    return measured

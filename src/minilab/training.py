@@ -353,14 +353,15 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """On resume from the checkpoint taken after `step` steps, drop what the killed run logged
-        later (train records past `step`, evals and time-budget plans at `step` or later, which the
-        resumed run repeats)."""
+        later: train and eval records past `step` (the eval of `step` ran before its checkpoint and
+        is not repeated), time-budget plans at `step` or later (made at the start of the next step,
+        which the resumed run repeats)."""
         if not (self.enabled and self.path.exists()):
             return
 
         def before(record: dict) -> bool:
             s = record.get("step", 0)
-            return s < step if record.get("kind") in ("eval", "plan") else s <= step
+            return s < step if record.get("kind") == "plan" else s <= step
 
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and before(json.loads(line))]
