@@ -11,7 +11,8 @@ How a budgeted run goes:
    in them, the final eval and export) fits what the setup left of the budget (`fit_steps`);
    warmup and decay are sized to it (`training.Schedule`).
 4. wsd only: the lr of the stable phase does not depend on the length, so during it the plan is
-   redone from the measured pace (mean step, eval and save times so far) up to `REPLANS` times,
+   redone from the measured pace (the mean step time since the last plan, eval and save times so
+   far) up to `REPLANS` times,
    each halfway from the last plan to its decay start; the warmup stays, the decay start and
    `max_steps` move. Cosine's lr depends on the length at every step: a cosine run keeps its
    first plan.
@@ -47,7 +48,8 @@ clock = time.perf_counter
 # Tests: every lap of a kind lasts FAKE_SECONDS[kind] (setup, step, eval, save, export), and the probe
 # reports them too (or FAKE_SECONDS["probe_step"] etc. where given: a probe that misjudges the pace).
 FAKE_SECONDS: dict[str, float] | None = None
-REPLANS = 4  # wsd re-plans at most, each halfway from the last plan to its decay start
+REPLANS = 6  # wsd re-plans at most, each halfway from the last plan to its decay start
+RECENT_STEPS = 8  # a re-plan's step time: the mean since the last plan when it covers this many
 PLANNING_STEPS_PER_SECOND = 100  # the preflight's assumption before anything is measured
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -189,10 +191,12 @@ class TimeBudget:
         """At the start of step `step`: a wsd run's new schedule when a re-plan is due, else None."""
         if self.next_replan is None or step < self.next_replan:
             return None
-        p = self.probe
-        pace = Pace(**self.agree({"step": self.ledger.mean("step", p["step"]),
-                                  "eval": self.ledger.mean("eval", p["eval"]),
-                                  "save": self.ledger.mean("save", p["save"]), "export": p["export"]}))
+        p, led, last = self.probe, self.ledger, self.plans[-1]
+        recent = led.counts.get("step", 0) - last["ledger_steps"]  # the pace since the last plan follows drift
+        step_s = ((led.seconds["step"] - last["ledger_step_s"]) / recent if recent >= RECENT_STEPS
+                  else led.mean("step", p["step"]))
+        pace = Pace(**self.agree({"step": step_s, "eval": led.mean("eval", p["eval"]),
+                                  "save": led.mean("save", p["save"]), "export": p["export"]}))
         elapsed = self.agree({"elapsed": self.ledger.elapsed})["elapsed"]
         n = max(step + 1, fit_steps(step, self.seconds - elapsed, pace, self.eval_every, self.ckpt_every))
         decay_start = max(step, self.schedule.warmup, n - int(self.optim.decay_frac * n))
@@ -201,7 +205,9 @@ class TimeBudget:
     def _adopt(self, step: int, schedule: Schedule, pace: Pace, elapsed: float) -> Schedule:
         self.schedule = schedule
         self.plans.append({"step": step, **schedule.to_dict(), "elapsed_s": elapsed,
-                           **{f"{k}_s": v for k, v in asdict(pace).items()}})
+                           **{f"{k}_s": v for k, v in asdict(pace).items()},
+                           "ledger_steps": self.ledger.counts.get("step", 0),
+                           "ledger_step_s": self.ledger.seconds.get("step", 0.0)})
         nxt = max(schedule.warmup, step + (schedule.decay_start - step) // 2)
         due = schedule.shape == "wsd" and len(self.plans) <= REPLANS and step < nxt < schedule.decay_start
         self.next_replan = nxt if due else None
