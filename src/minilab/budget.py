@@ -49,7 +49,7 @@ clock = time.perf_counter
 # reports them too (or FAKE_SECONDS["probe_step"] etc. where given: a probe that misjudges the pace).
 FAKE_SECONDS: dict[str, float] | None = None
 REPLANS = 6  # wsd re-plans at most, each halfway from the last plan to its decay start
-RECENT_STEPS = 8  # a re-plan's step time: the mean since the last plan when it covers this many
+RECENT_STEPS = 8  # re-plans at least this many steps apart; the step time is the mean since the last
 PLANNING_STEPS_PER_SECOND = 100  # the preflight's assumption before anything is measured
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -193,7 +193,7 @@ class TimeBudget:
             return None
         p, led, last = self.probe, self.ledger, self.plans[-1]
         recent = led.counts.get("step", 0) - last["ledger_steps"]  # the pace since the last plan follows drift
-        step_s = ((led.seconds["step"] - last["ledger_step_s"]) / recent if recent >= RECENT_STEPS
+        step_s = ((led.seconds["step"] - last["ledger_step_s"]) / recent if recent > 0
                   else led.mean("step", p["step"]))
         pace = Pace(**self.agree({"step": step_s, "eval": led.mean("eval", p["eval"]),
                                   "save": led.mean("save", p["save"]), "export": p["export"]}))
@@ -209,7 +209,8 @@ class TimeBudget:
                            "ledger_steps": self.ledger.counts.get("step", 0),
                            "ledger_step_s": self.ledger.seconds.get("step", 0.0)})
         nxt = max(schedule.warmup, step + (schedule.decay_start - step) // 2)
-        due = schedule.shape == "wsd" and len(self.plans) <= REPLANS and step < nxt < schedule.decay_start
+        due = (schedule.shape == "wsd" and len(self.plans) <= REPLANS and nxt < schedule.decay_start
+               and nxt - step >= RECENT_STEPS)
         self.next_replan = nxt if due else None
         return schedule
 
