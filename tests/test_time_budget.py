@@ -18,6 +18,7 @@ import torch
 from fixtures import make_packed
 from safetensors.torch import load_file
 
+import minilab
 from minilab import budget
 from minilab.budget import Pace, count_due, fit_steps, parse_duration
 from minilab.cli import main as cli_main
@@ -244,3 +245,27 @@ def test_resume_keeps_the_eval_of_its_checkpoint_step(tmp_path):
     kept = [(r["kind"], r["step"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
     assert kept == [("plan", 0), ("train", 1), ("plan", 1), ("train", 2), ("plan", 2), ("train", 3),
                     ("plan", 3), ("train", 4), ("plan", 4), ("train", 5), ("eval", 5)]
+
+
+def test_recipe_stage_key_is_checked_and_part_of_the_fingerprint(tmp_path):
+    """`stages.pretrain.time_budget` changes what is produced: another budget reruns the stage
+    (tensorboard, a runtime key, does not); a bad one is a one-line error naming the recipe key."""
+    from minilab.config import ConfigError
+    from minilab.recipe.spec import fingerprint, load_recipe, placeholder
+    from minilab.recipe.stages import build_config
+
+    demo = Path(minilab.__file__).parent / "recipes" / "demo.yaml"
+
+    def pretrain_fp(*overrides):
+        recipe = load_recipe(demo, workdir=str(tmp_path), overrides=list(overrides))
+        stage = next(s for s in recipe.stages if s.name == "pretrain")
+        cfg, fp_cfg = build_config(recipe, stage, lambda ref, attr: placeholder(recipe, ref, attr), "demo.yaml")
+        return cfg, fingerprint(stage.kind, fp_cfg, {}, {})
+
+    plain_cfg, plain = pretrain_fp()
+    cfg, ten = pretrain_fp("stages.pretrain.time_budget=10m")
+    assert cfg.time_budget == "10m" and plain_cfg.time_budget is None
+    assert len({plain, ten, pretrain_fp("stages.pretrain.time_budget=20m")[1]}) == 3
+    assert pretrain_fp("stages.pretrain.time_budget=10m", "stages.pretrain.tensorboard=false")[1] == ten
+    with pytest.raises(ConfigError, match=r"key 'stages\.pretrain\.time_budget': expected a duration"):
+        pretrain_fp("stages.pretrain.time_budget=soon")
