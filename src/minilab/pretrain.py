@@ -228,8 +228,9 @@ class PretrainRun(BudgetHooks, TrainingRun):
         from minilab.tokenization import encoding_fingerprint, tokenizer_fingerprint
 
         self.cfg, self.info, self.device = cfg, info, device
+        # First: a budget's clock starts here, so the setup counts against it.
         self.budget = None if cfg.time_budget is None else TimeBudget(
-            parse_duration(cfg.time_budget), cfg.optim, cfg.eval_every, cfg.ckpt_every, self.agree)  # first
+            parse_duration(cfg.time_budget), cfg.optim, cfg.eval_every, cfg.ckpt_every, self.agree)
         self.out = Path(cfg.output_dir)
         self.tok_sha = tokenizer_fingerprint(cfg.tokenizer_dir)
         check_tokenizer_match(cfg.data_dirs, self.tok_sha, encoding_fingerprint(cfg.tokenizer_dir))
@@ -291,6 +292,7 @@ class PretrainRun(BudgetHooks, TrainingRun):
         return loss, norm, None
 
     def validate(self) -> dict[str, float]:
+        """The val loss of the current weights (nothing recorded; the time budget's probe times it)."""
         return evaluate(self.model, self.cfg, self.seq_len, self.device)
 
     def run_eval(self, bar) -> None:
