@@ -67,6 +67,8 @@ def test_wsd_lr_by_hand():
     assert lrs[89] == pytest.approx(1 - 0.9 * 10 / 20)
     assert lrs[99] == pytest.approx(0.1)                                          # the floor at the last step
     assert Schedule.of(100, cfg) == Schedule(100, 10, 80, "wsd")
+    short = [lr_at(s, 3, cfg) for s in range(3)]  # 0.2 x 3 steps rounds to 0: still one decay step
+    assert short == [1.0, 1.0, pytest.approx(0.1)]
     no_decay = OptimConfig(lr=1.0, warmup_frac=0.0, schedule="wsd", decay_frac=0.0)
     assert [lr_at(s, 10, no_decay) for s in range(10)] == [1.0] * 10              # constant lr
 
@@ -269,3 +271,32 @@ def test_recipe_stage_key_is_checked_and_part_of_the_fingerprint(tmp_path):
     assert pretrain_fp("stages.pretrain.time_budget=10m", "stages.pretrain.tensorboard=false")[1] == ten
     with pytest.raises(ConfigError, match=r"key 'stages\.pretrain\.time_budget': expected a duration"):
         pretrain_fp("stages.pretrain.time_budget=soon")
+
+
+def test_wsd_replan_follows_a_slower_pace_and_an_exhausted_budget_still_ends_at_the_floor(monkeypatch):
+    cfg = OptimConfig(schedule="wsd")
+
+    def run_to_replan(step_s):
+        monkeypatch.setattr(budget, "FAKE_SECONDS", {**FAKE, "step": step_s})  # laps slower than the probe's
+        plan = budget.TimeBudget(8.0, cfg, 10, 20)
+        first = plan.first_plan({k: FAKE[k] for k in ("step", "eval", "save", "export")})
+        assert first == Schedule.of(68, cfg) == Schedule(68, 6, 55, "wsd") and plan.next_replan == 27
+        plan.ledger.lap("eval")  # step 0
+        for step in range(1, 28):
+            plan.ledger.lap("step")
+            if step % 10 == 0:
+                plan.ledger.lap("eval")
+            if step % 20 == 0:
+                plan.ledger.lap("save")
+        assert plan.maybe_replan(26) is None
+        return plan, plan.maybe_replan(27)
+
+    plan, second = run_to_replan(0.125)  # twice the probe's step time
+    # 1 + 0.25 + 27 x 0.125 + 2 x 0.25 + 0.125 = 5.25 s spent: 2.75 s left at 0.125 s a step
+    assert plan.ledger.elapsed == 5.25 and plan.plans[-1]["step_s"] == 0.125
+    n = fit_steps(27, 2.75, Pace(0.125, 0.25, 0.125, 0.25), 10, 20)
+    assert n == 40  # 13 steps, evals after 30 and 40, a save after 40 and the export: 2.5 s
+    assert second == Schedule(40, 6, 32, "wsd")  # warmup kept, decay the last 8 steps
+    plan, last = run_to_replan(1.0)  # 16 times: the budget is gone by the re-plan
+    assert last == Schedule(28, 6, 27, "wsd")  # one more step, and it decays to the floor
+    assert last.lr(27, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio)

@@ -199,7 +199,7 @@ class TimeBudget:
                                   "save": led.mean("save", p["save"]), "export": p["export"]}))
         elapsed = self.agree({"elapsed": self.ledger.elapsed})["elapsed"]
         n = max(step + 1, fit_steps(step, self.seconds - elapsed, pace, self.eval_every, self.ckpt_every))
-        decay_start = max(step, self.schedule.warmup, n - int(self.optim.decay_frac * n))
+        decay_start = max(step, self.schedule.warmup, n - Schedule.decay_steps(n, self.optim))
         return self._adopt(step, Schedule(n, self.schedule.warmup, decay_start, "wsd"), pace, elapsed)
 
     def _adopt(self, step: int, schedule: Schedule, pace: Pace, elapsed: float) -> Schedule:

@@ -72,8 +72,14 @@ class Schedule:
     @classmethod
     def of(cls, max_steps: int, cfg: OptimConfig) -> Schedule:
         warmup = int(cfg.warmup_frac * max_steps)
-        decay = int(cfg.decay_frac * max_steps) if cfg.schedule == "wsd" else 0
+        decay = cls.decay_steps(max_steps, cfg) if cfg.schedule == "wsd" else 0
         return cls(max_steps, warmup, max(warmup, max_steps - decay), cfg.schedule)
+
+    @staticmethod
+    def decay_steps(max_steps: int, cfg: OptimConfig) -> int:
+        """wsd's final decay: `decay_frac` of the steps, at least one unless decay_frac is 0 (so
+        the last step is at the floor however short the run)."""
+        return max(1, int(cfg.decay_frac * max_steps)) if cfg.decay_frac > 0 else 0
 
     def lr(self, step: int, cfg: OptimConfig) -> float:
         if step < self.warmup:
