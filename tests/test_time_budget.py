@@ -280,23 +280,47 @@ def test_wsd_replan_follows_a_slower_pace_and_an_exhausted_budget_still_ends_at_
         monkeypatch.setattr(budget, "FAKE_SECONDS", {**FAKE, "step": step_s})  # laps slower than the probe's
         plan = budget.TimeBudget(8.0, cfg, 10, 20)
         first = plan.first_plan({k: FAKE[k] for k in ("step", "eval", "save", "export")})
-        assert first == Schedule.of(68, cfg) == Schedule(68, 6, 55, "wsd") and plan.next_replan == 27
+        # The first re-plan comes once 8 real steps have measured the pace (the warmup is 6 steps).
+        assert first == Schedule.of(68, cfg) == Schedule(68, 6, 55, "wsd") and plan.next_replan == 8
         plan.ledger.lap("eval")  # step 0
-        for step in range(1, 28):
+        for step in range(1, 9):
             plan.ledger.lap("step")
             if step % 10 == 0:
                 plan.ledger.lap("eval")
             if step % 20 == 0:
                 plan.ledger.lap("save")
-        assert plan.maybe_replan(26) is None
-        return plan, plan.maybe_replan(27)
+        assert plan.maybe_replan(7) is None
+        return plan, plan.maybe_replan(8)
 
     plan, second = run_to_replan(0.125)  # twice the probe's step time
-    # 1 + 0.25 + 27 x 0.125 + 2 x 0.25 + 0.125 = 5.25 s spent: 2.75 s left at 0.125 s a step
-    assert plan.ledger.elapsed == 5.25 and plan.plans[-1]["step_s"] == 0.125
-    n = fit_steps(27, 2.75, Pace(0.125, 0.25, 0.125, 0.25), 10, 20)
-    assert n == 40  # 13 steps, evals after 30 and 40, a save after 40 and the export: 2.5 s
+    # 1 s setup + 0.25 s step-0 eval + 8 x 0.125 s = 2.25 s spent: 5.75 s left at 0.125 s a step
+    assert plan.ledger.elapsed == 2.25 and plan.plans[-1]["step_s"] == 0.125
+    n = fit_steps(8, 5.75, Pace(0.125, 0.25, 0.125, 0.25), 10, 20)
+    assert n == 40  # 32 steps (4 s), evals after 10, 20, 30, 40 (1 s), saves after 20, 40, the export: 5.5 s
     assert second == Schedule(40, 6, 32, "wsd")  # warmup kept, decay the last 8 steps
+    assert plan.next_replan == 20  # halfway to the new decay start
     plan, last = run_to_replan(1.0)  # 16 times: the budget is gone by the re-plan
-    assert last == Schedule(28, 6, 27, "wsd")  # one more step, and it decays to the floor
-    assert last.lr(27, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    assert last == Schedule(9, 6, 8, "wsd")  # one more step, and it decays to the floor
+    assert last.lr(8, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+
+
+def test_cosine_replans_once_at_the_end_of_its_warmup(monkeypatch):
+    """Cosine's warmup lr depends only on the warmup's length: the run re-plans there, once."""
+    cfg = OptimConfig(schedule="cosine")
+    monkeypatch.setattr(budget, "FAKE_SECONDS", {**FAKE, "step": 0.125})
+    plan = budget.TimeBudget(30.0, cfg, 10, 20)
+    first = plan.first_plan({k: FAKE[k] for k in ("step", "eval", "save", "export")})
+    assert first == Schedule.of(first.max_steps, cfg) and plan.next_replan == first.warmup >= 8
+    plan.ledger.lap("eval")
+    for step in range(1, first.warmup + 1):
+        plan.ledger.lap("step")
+        if step % 10 == 0:
+            plan.ledger.lap("eval")
+        if step % 20 == 0:
+            plan.ledger.lap("save")
+    second = plan.maybe_replan(first.warmup)
+    assert second.warmup == first.warmup and second.shape == "cosine" and second.max_steps < first.max_steps
+    assert plan.next_replan is None
+    # the lr of every step already trained is the same under both plans
+    assert [first.lr(s, cfg) for s in range(first.warmup + 1)] == [second.lr(s, cfg) for s in range(first.warmup + 1)]
+    assert second.lr(second.max_steps, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio)

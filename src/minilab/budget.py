@@ -10,12 +10,13 @@ How a budgeted run goes:
 3. The plan: the largest `max_steps` whose time (the steps, the evals and checkpoints that fall
    in them, the final eval and export) fits what the setup left of the budget (`fit_steps`);
    warmup and decay are sized to it (`training.Schedule`).
-4. wsd only: the lr of the stable phase does not depend on the length, so during it the plan is
-   redone from the measured pace (the mean step time since the last plan, eval and save times so
-   far) up to `REPLANS` times,
-   each halfway from the last plan to its decay start; the warmup stays, the decay start and
-   `max_steps` move. Cosine's lr depends on the length at every step: a cosine run keeps its
-   first plan.
+4. Re-plans from the measured pace (the mean step time since the last plan, the mean eval and
+   save times so far), the warmup kept. The warmup's lr depends only on its own length, so both
+   shapes re-plan once real steps have measured the pace (the probe misses per-step costs such
+   as data loading and the metrics line): cosine at the end of its warmup (its only re-plan, as
+   after warmup its lr depends on the length at every step), wsd after its warmup (at most
+   halfway to the decay). wsd's stable lr does not depend on the length either, so it re-plans
+   again halfway to each new decay start, up to `REPLANS` times, `RECENT_STEPS` apart at least.
 5. The run ends at `max_steps` with the lr at its final value, never cut mid-schedule; its record
    (budget, measured times, every plan, elapsed against the budget) goes to metrics.jsonl, the
    final model's manifest and the run's result.
@@ -188,7 +189,7 @@ class TimeBudget:
         return self._adopt(0, Schedule.of(n, self.optim), pace, elapsed)
 
     def maybe_replan(self, step: int) -> Schedule | None:
-        """At the start of step `step`: a wsd run's new schedule when a re-plan is due, else None."""
+        """At the start of step `step`: the run's new schedule when a re-plan is due, else None."""
         if self.next_replan is None or step < self.next_replan:
             return None
         p, led, last = self.probe, self.ledger, self.plans[-1]
@@ -199,8 +200,9 @@ class TimeBudget:
                                   "save": led.mean("save", p["save"]), "export": p["export"]}))
         elapsed = self.agree({"elapsed": self.ledger.elapsed})["elapsed"]
         n = max(step + 1, fit_steps(step, self.seconds - elapsed, pace, self.eval_every, self.ckpt_every))
-        decay_start = max(step, self.schedule.warmup, n - Schedule.decay_steps(n, self.optim))
-        return self._adopt(step, Schedule(n, self.schedule.warmup, decay_start, "wsd"), pace, elapsed)
+        warmup, shape = self.schedule.warmup, self.schedule.shape
+        decay_start = max(step, warmup, n - Schedule.decay_steps(n, self.optim)) if shape == "wsd" else n
+        return self._adopt(step, Schedule(n, warmup, decay_start, shape), pace, elapsed)
 
     def _adopt(self, step: int, schedule: Schedule, pace: Pace, elapsed: float) -> Schedule:
         self.schedule = schedule
@@ -208,9 +210,13 @@ class TimeBudget:
                            **{f"{k}_s": v for k, v in asdict(pace).items()},
                            "ledger_steps": self.ledger.counts.get("step", 0),
                            "ledger_step_s": self.ledger.seconds.get("step", 0.0)})
-        nxt = max(schedule.warmup, step + (schedule.decay_start - step) // 2)
-        due = (schedule.shape == "wsd" and len(self.plans) <= REPLANS and nxt < schedule.decay_start
-               and nxt - step >= RECENT_STEPS)
+        wsd, warmup = schedule.shape == "wsd", schedule.warmup
+        if len(self.plans) == 1:  # the probe's plan: re-plan once real steps have measured the pace
+            nxt = max(RECENT_STEPS, min(warmup, schedule.decay_start // 2)) if wsd else warmup
+            due = nxt >= RECENT_STEPS and nxt < schedule.decay_start
+        else:  # wsd: halfway to the decay start, while the stable phase lasts
+            nxt = step + (schedule.decay_start - step) // 2
+            due = wsd and len(self.plans) <= REPLANS and nxt - step >= RECENT_STEPS
         self.next_replan = nxt if due else None
         return schedule
 
@@ -333,7 +339,7 @@ def probe(run) -> dict[str, float]:
     pretraining `run` (a `PretrainRun`: its model, optimizer and `validate()`), measured on random
     tokens (the eval on its own validation windows) without changing the weights, the optimizer's
     state, the data position or any generator's state."""
-    from minilab.training import set_lr, token_step
+    from minilab.training import optimizer_step, set_lr, token_step
 
     cfg, model, device = run.cfg, run.model, run.device
     gen = torch.Generator().manual_seed(0)
@@ -347,8 +353,7 @@ def probe(run) -> dict[str, float]:
             if p.grad is not None:
                 p.grad.zero_()  # with lr 0 and zero gradients the AdamW step changes no weight
         set_lr(run.optimizer, 0.0)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, run.optimizer, None, cfg.optim.grad_clip)  # clip, step, zero_grad
 
     step_s = _timed(step, device, 2)
     run.optimizer.state.clear()  # the first real step starts AdamW afresh
