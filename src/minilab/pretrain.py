@@ -26,6 +26,7 @@ import torch
 
 from minilab import __version__, distributed
 from minilab.arch import load_architecture
+from minilab.budget import BudgetHooks, TimeBudget, check_time_budget, parse_duration, planning_steps
 from minilab.cliargs import add_config_flags, config_from_args, flag
 from minilab.config import DEVICE, SEED, models_dir_field, to_dict
 from minilab.errors import ConfigError, MinilabError
@@ -68,9 +69,14 @@ class PretrainConfig:
                                                                 "min": 1})
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    max_steps: int = field(default=200, metadata={"help": "optimizer steps (time_budget, when set, derives it)"})
+    time_budget: str | float | None = field(default=None, metadata={
+        "help": "train for this long instead of max_steps: 90s, 10m, 1.5h or seconds; max_steps is derived from "
+                "the measured step time (setup, evals, checkpoints and the final export included), the lr schedule "
+                "sized to it and saved in every checkpoint; optim.schedule=wsd re-plans it from the pace",
+        "check": check_time_budget})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={
-        "help": "AdamW and its warmup + cosine lr schedule (optim.lr, ...)"})
+        "help": "AdamW and its warmup + cosine or wsd lr schedule (optim.lr, ...)"})
     precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={
         "help": "fp32, bf16 autocast (CPU or CUDA), fp16 autocast with grad scaling (CUDA)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ...", **DEVICE})
@@ -132,7 +138,12 @@ def estimate_resources(model: Transformer, cfg: PretrainConfig, seq_len: int, wo
 
     shards = world_size if cfg.parallel == "fsdp" else 1
     return estimate_pretrain(model, cfg.batch_size, seq_len, cfg.precision, cfg.keep_last,
-                             cfg.max_steps, cfg.ckpt_every, shards=shards)
+                             planned_steps(cfg), cfg.ckpt_every, shards=shards)
+
+
+def planned_steps(cfg: PretrainConfig) -> int:
+    """The run's steps as the planner sees them before it starts (a time budget: an upper estimate)."""
+    return cfg.max_steps if cfg.time_budget is None else planning_steps(parse_duration(cfg.time_budget))
 
 
 def preflight(est: dict[str, int], output_dir: Path, device: torch.device) -> None:
@@ -210,7 +221,7 @@ def run(cfg: PretrainConfig, resume: str | None = None, dry_run: bool = False) -
         distributed.shutdown()
 
 
-class PretrainRun(TrainingRun):
+class PretrainRun(BudgetHooks, TrainingRun):
     """One pretraining run: the objects a checkpoint restores, and the steps of the loop."""
 
     final_metric = "val_ppl"
@@ -221,6 +232,9 @@ class PretrainRun(TrainingRun):
         from minilab.tokenization import encoding_fingerprint, tokenizer_fingerprint
 
         self.cfg, self.info, self.device = cfg, info, device
+        # First: a budget's clock starts here, so the setup counts against it.
+        self.budget = None if cfg.time_budget is None else TimeBudget(
+            parse_duration(cfg.time_budget), cfg.optim, cfg.eval_every, cfg.ckpt_every, self.agree)
         self.out = Path(cfg.output_dir)
         self.tok_sha = tokenizer_fingerprint(cfg.tokenizer_dir)
         check_tokenizer_match(cfg.data_dirs, self.tok_sha, encoding_fingerprint(cfg.tokenizer_dir))
@@ -269,6 +283,7 @@ class PretrainRun(TrainingRun):
                                f"not {self.tok_sha}; resume with the run's own tokenizer")
         self.reader.load_state_dict(meta["data_state"])
         self.load_progress(meta)
+        self.load_budget(meta, ckpt)
         log.info(f"resumed from {ckpt} at step {self.step}")
 
     # ---- one optimizer step ---------------------------------------------------------------------
@@ -280,15 +295,20 @@ class PretrainRun(TrainingRun):
         self.tokens_seen += tokens
         return loss, norm, None
 
+    def validate(self) -> dict[str, float]:
+        """The val loss of the current weights (nothing recorded; the time budget's probe times it)."""
+        return evaluate(self.model, self.cfg, self.seq_len, self.device)
+
     def run_eval(self, bar) -> None:
         """Validate the current weights, log it, and note it under the progress bar (if any)."""
-        self.note_eval(evaluate(self.model, self.cfg, self.seq_len, self.device))
+        self.note_eval(self.validate())
+        self.lap("eval")
         epochs = {Path(d).name: round(self.tokens_seen * float(p) / max(1, n), 4)
                   for (d, n), p in zip(dataset_tokens(self.cfg.data_dirs).items(), self.reader.probs, strict=True)}
         self.metrics.write("eval", step=self.step, tokens=self.tokens_seen, epochs=epochs, **self.last_eval)
         if self.info.is_main and bar is not None:
             bar.note(f"step {self.step}: val loss {self.last_eval['val_loss']:.4f}, "
-                     f"ppl {self.last_eval['val_ppl']:.2f}, {100 * self.step / self.cfg.max_steps:.0f}% done, "
+                     f"ppl {self.last_eval['val_ppl']:.2f}, {100 * self.step / self.max_steps:.0f}% done, "
                      f"epochs {epochs}")
 
     def save(self) -> None:
@@ -300,12 +320,14 @@ class PretrainRun(TrainingRun):
                                     if distributed.is_fsdp(self.model) else (None, None))
         if self.info.is_main:
             val = self.val_meta()
+            budget = {"time_budget": self.budget.state()} if self.budget is not None else {}
             save_checkpoint(self.ckpt_dir, self.step, model=self.model, optimizer=self.optimizer,
                             meta={**self.meta, "tokens_seen": self.tokens_seen, "data_state": self.reader.state_dict(),
-                                  **val},
+                                  **val, **budget},
                             keep_last=self.cfg.keep_last, keep_best=True, metric=val["val_loss"], scaler=self.scaler,
                             model_state=model_state, optimizer_state=optim_state)
         distributed.barrier(self.info)
+        self.lap("save")
 
     def export_model(self) -> Transformer | None:
         """The model `finish` writes: the trained one, or under FSDP a plain copy with the full
@@ -327,6 +349,7 @@ class PretrainRun(TrainingRun):
         self.mfu_of = MFU(self.device, torch.bfloat16 if cfg.precision == "bf16" else
                           torch.float16 if cfg.precision == "fp16" else torch.float32,
                           self.flops_per_token, self.info.world_size)
+        self.start_budget()
 
     def log_step(self, bar, lr: float, loss: float, norm: float, extra, tokens: int) -> None:
         tok_s = throughput(tokens, self.step_seconds())
@@ -334,6 +357,7 @@ class PretrainRun(TrainingRun):
         self.metrics.write("train", step=self.step, tokens=self.tokens_seen, loss=loss, lr=lr, grad_norm=norm,
                            tokens_per_s=tok_s, flops_per_s=tok_s * self.flops_per_token, mfu=mfu)
         bar.update(self.step, loss=loss, tok_s=tok_s, mfu=mfu)
+        self.lap("step")
 
     def checkpoint_due(self) -> bool:
         return super().checkpoint_due() or self.step == self.cfg.interrupt_at_step
@@ -347,9 +371,14 @@ class PretrainRun(TrainingRun):
         final_eval = dict(self.last_eval)
         mix = self.reader.realised_mix()
         model = self.export_model()
-        if not self.info.is_main:
-            return {"final_dir": None, "name": None, **final_eval}
-        return finish(model, cfg, self.out, self.meta, final_eval, mix, self.tokens_seen)
+        budget = self.budget.summary() if self.budget is not None else None  # in the manifest: before export
+        result = (finish(model, cfg, self.out, self.meta, final_eval, mix, self.tokens_seen, budget)
+                  if self.info.is_main else {"final_dir": None, "name": None, **final_eval})
+        if self.budget is not None:
+            self.lap("export")
+            result["time_budget"] = self.budget.summary()
+            self.metrics.write("time_budget", step=self.step, **result["time_budget"])
+        return result
 
 
 def dataset_name(cfg: PretrainConfig) -> str:
@@ -358,7 +387,7 @@ def dataset_name(cfg: PretrainConfig) -> str:
 
 
 def finish(model: Transformer, cfg: PretrainConfig, out: Path, run_meta: dict, final_eval: dict,
-           realised_mix: dict, tokens_seen: int) -> dict:
+           realised_mix: dict, tokens_seen: int, budget: dict | None = None) -> dict:
     """Write `<out>/final/` (HF format + manifest) and enter it into the registry."""
     from minilab import registry
     from minilab.fsutil import sha256_file
@@ -375,7 +404,8 @@ def finish(model: Transformer, cfg: PretrainConfig, out: Path, run_meta: dict, f
              "corpus_manifest_sha256": packed_manifest(d)["corpus_manifest_sha256"]} for d in cfg.data_dirs]
     fields = dict(training_type="pretrain", parent=None, data=data, tokenizer_sha256=run_meta["tokenizer_sha256"],
                   config=run_meta["config"], model_config=run_meta["model_config"],
-                  metrics={**final_eval, "tokens_seen": tokens_seen, "realised_mix": realised_mix},
+                  metrics={**final_eval, "tokens_seen": tokens_seen, "realised_mix": realised_mix,
+                           **({"time_budget": budget} if budget else {})},
                   params=model.num_params(), run_dir=str(out.resolve()))
     if cfg.register:
         registry.write_manifest(final, name=name, **fields)
@@ -393,6 +423,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--tokenizer-dir", metavar="DIR", help="tokenizer the data was packed with")
     flag(p, "--output-dir", metavar="DIR", help="run directory")
     flag(p, "--max-steps", type=int, metavar="N", help="optimizer steps")
+    flag(p, "--time-budget", metavar="DURATION", help="train for this long (90s, 10m, 1.5h) instead of --max-steps")
     p.add_argument("--arch", help="architecture preset (micro, tiny, small, base) or JSON file")
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest checkpoint or a given one")
     flag(p, "--dry-run", action="store_true", help="print the resource plan and exit")
@@ -401,7 +432,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # The flags `add_arguments` adds that are PretrainConfig keys (verify-resume reads the same ones).
-CONFIG_FLAGS = ("data_dirs", "data_weights", "tokenizer_dir", "output_dir", "max_steps", "arch", "verify_data")
+CONFIG_FLAGS = ("data_dirs", "data_weights", "tokenizer_dir", "output_dir", "max_steps", "time_budget", "arch",
+                "verify_data")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -432,7 +464,7 @@ def _estimate(ctx: Any, cfg: PretrainConfig) -> dict[str, Any]:
 
     model = _meta_model(ctx, cfg)
     seq = cfg.seq_len or ctx.packed_seq_len(cfg.data_dirs[0])
-    est = estimate_pretrain(model, cfg.batch_size, seq, cfg.precision, cfg.keep_last, cfg.max_steps,
+    est = estimate_pretrain(model, cfg.batch_size, seq, cfg.precision, cfg.keep_last, planned_steps(cfg),
                             cfg.ckpt_every, target=ctx.target(cfg.device))
     return {"disk": est["disk"], "memory": est["memory"], "device": ctx.target(cfg.device),
             "note": f"{est['params'] / 1e6:.1f} M params"}

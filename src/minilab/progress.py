@@ -65,6 +65,13 @@ class StepProgress:
                   f"elapsed {elapsed:.0f}s ETA {eta:.0f}s", file=sys.stderr, flush=True)
             self._next_line = step + max(1, self.total // 20)
 
+    def set_total(self, total: int) -> None:
+        """A new number of steps (a time-budgeted run re-planned its length)."""
+        if total != self.total:
+            self.total = total
+            if self._progress is not None:
+                self._progress.update(self._task, total=total)
+
     def note(self, text: str) -> None:
         """A line printed above the bar (eval results)."""
         if not self.enabled:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from minilab.training import check_finite_loss, checkpoint_val_meta, eval_due, lr_at, set_lr
+from minilab.training import Schedule, check_finite_loss, checkpoint_val_meta, eval_due, set_lr
 
 
 class TrainingRun:
@@ -25,6 +25,7 @@ class TrainingRun:
         self.step, self.tokens_seen, self.best, self.last_eval = 0, 0, float("inf"), {}
         self.eval_step = -1  # the step self.last_eval measured
         self.t_last = self.t_step = time.perf_counter()  # end of the last step, start of this one
+        self.schedule = Schedule.of(self.cfg.max_steps, self.cfg.optim)  # a time budget replaces it
 
     def load_progress(self, meta: dict[str, Any]) -> None:
         """Continue the counters of the checkpoint `meta`; drop what the killed run logged later."""
@@ -49,8 +50,16 @@ class TrainingRun:
     def before_loop(self) -> None:
         """After restore, before the first step (DPO: the reference scores; pretrain: MFU's peak)."""
 
+    @property
+    def max_steps(self) -> int:
+        """The run's length: `cfg.max_steps`, or what a time budget derived (`self.schedule`)."""
+        return self.schedule.max_steps
+
+    def before_step(self) -> None:
+        """At the start of each step, before its lr is read (pretrain: a time budget's re-plan)."""
+
     def checkpoint_due(self) -> bool:
-        return self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.max_steps
+        return self.step % self.cfg.ckpt_every == 0 or self.step == self.max_steps
 
     def after_step(self) -> None:
         """After the step's eval and checkpoint (pretrain: the simulated crash)."""
@@ -64,19 +73,21 @@ class TrainingRun:
         self.before_loop()
         self.model.train()
         self.t_last = time.perf_counter()
-        with StepProgress(cfg.max_steps, self.step, description=self.progress_label,
+        with StepProgress(self.max_steps, self.step, description=self.progress_label,
                           enabled=self.info.is_main) as bar:
             if self.step == 0:
                 self.run_eval(bar)  # the starting point
-            while self.step < cfg.max_steps:
-                lr = lr_at(self.step, cfg.max_steps, cfg.optim)
+            while self.step < self.max_steps:
+                self.before_step()
+                bar.set_total(self.max_steps)
+                lr = self.schedule.lr(self.step, cfg.optim)
                 set_lr(self.optimizer, lr)
                 self.t_step, before = time.perf_counter(), self.tokens_seen
                 loss, norm, extra = self.train_step()
                 self.step += 1
                 check_finite_loss(loss, "train loss", self.step, self.ckpt_dir)
                 self.log_step(bar, lr, loss, norm, extra, self.tokens_seen - before)
-                if eval_due(self.step, cfg.eval_every, cfg.max_steps):
+                if eval_due(self.step, cfg.eval_every, self.max_steps):
                     self.run_eval(bar)
                 if self.checkpoint_due():
                     self.save()

@@ -29,8 +29,15 @@ class OptimConfig:
         "help": "adamw; muon: Muon on the blocks' matrices, AdamW on embeddings, head and norms, one lr "
                 "(minilab.optimizers)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a fraction of lr"})
+    min_lr_ratio: float = field(default=0.1, metadata={
+        "help": "the final lr (cosine floor, end of the wsd decay) as a fraction of lr"})
     warmup_frac: float = field(default=0.1, metadata={"help": "linear warmup, as a fraction of max_steps"})
+    schedule: Literal["cosine", "wsd"] = field(default="cosine", metadata={
+        "help": "lr shape after warmup: cosine (down to min_lr_ratio * lr over the remaining steps) or wsd "
+                "(warmup-stable-decay, a trapezoid: lr held until the last decay_frac of the steps, then a "
+                "straight line down to min_lr_ratio * lr at the last step)"})
+    decay_frac: float = field(default=0.2, metadata={
+        "help": "wsd: the final linear decay, as a fraction of max_steps (cosine ignores it)", "min": 0, "max": 1})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (never on norms/embeddings)"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW decay rate of the gradient's running mean"})
     beta2: float = field(default=0.95, metadata={"help": "AdamW decay rate of the squared gradient's running mean"})
@@ -44,20 +51,65 @@ class OptimConfig:
             raise ConfigError("must be within [0, 1]", key="min_lr_ratio")
         if not 0 <= self.warmup_frac < 1:
             raise ConfigError("must be within [0, 1)", key="warmup_frac")
+        if self.schedule == "wsd" and self.warmup_frac + self.decay_frac > 1:
+            raise ConfigError(f"warmup_frac + decay_frac must be at most 1 with the wsd schedule, got "
+                              f"{self.warmup_frac} + {self.decay_frac}", key="decay_frac")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A run's LR schedule as explicit step counts: `warmup` steps of linear warmup, then (cosine)
+    a cosine down to the floor at `max_steps`, or (wsd) the peak held until `decay_start` and a
+    straight line down to the floor at the last step, `max_steps - 1`.
+
+    `Schedule.of(max_steps, optim)` derives the counts from the fractions; a time-budgeted run
+    keeps its own (the warmup fixed at the first plan, `decay_start` and `max_steps` re-planned
+    during the stable phase) and saves them in every checkpoint, so a resume never re-derives them.
+    """
+
+    max_steps: int
+    warmup: int
+    decay_start: int  # wsd: the first step of the final decay; cosine: unused (= max_steps)
+    shape: str = "cosine"
+
+    @classmethod
+    def of(cls, max_steps: int, cfg: OptimConfig) -> Schedule:
+        warmup = int(cfg.warmup_frac * max_steps)
+        decay = cls.decay_steps(max_steps, cfg) if cfg.schedule == "wsd" else 0
+        return cls(max_steps, warmup, max(warmup, max_steps - decay), cfg.schedule)
+
+    @staticmethod
+    def decay_steps(max_steps: int, cfg: OptimConfig) -> int:
+        """wsd's final decay: `decay_frac` of the steps, at least one unless decay_frac is 0 (so
+        the last step is at the floor however short the run)."""
+        return max(1, int(cfg.decay_frac * max_steps)) if cfg.decay_frac > 0 else 0
+
+    def lr(self, step: int, cfg: OptimConfig) -> float:
+        if step < self.warmup:
+            return cfg.lr * (step + 1) / (self.warmup + 1)
+        floor = cfg.lr * cfg.min_lr_ratio
+        if self.shape == "wsd":
+            if step < self.decay_start:
+                return cfg.lr
+            decay = max(1, self.max_steps - self.decay_start)  # step decay_start - 1 is the last at the peak
+            return max(floor, cfg.lr - (cfg.lr - floor) * (step - self.decay_start + 1) / decay)
+        progress = min(1.0, (step - self.warmup) / max(1, self.max_steps - self.warmup))
+        return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+    def to_dict(self) -> dict:
+        return {"max_steps": self.max_steps, "warmup": self.warmup, "decay_start": self.decay_start,
+                "shape": self.shape}
 
 
 def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
-    """Linear warmup to `lr`, then cosine down to `lr * min_lr_ratio` at `max_steps`.
+    """The lr of optimizer step `step` (counted from 0) in a run of `max_steps`: linear warmup to
+    `lr` over `warmup_frac * max_steps` steps, then `cfg.schedule`'s shape (see `Schedule`).
 
-    `step` counts optimizer steps from 0; warmup reaches the peak at step `warmup` (not before),
-    so step 0 trains with a small but non-zero rate.
+    Warmup reaches the peak at step `warmup` (not before), so step 0 trains with a small but
+    non-zero rate. Cosine reaches `lr * min_lr_ratio` at `max_steps` (one past the last step);
+    wsd reaches it at the last step, `max_steps - 1`.
     """
-    warmup = int(cfg.warmup_frac * max_steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+    return Schedule.of(max_steps, cfg).lr(step, cfg)
 
 
 def eval_due(step: int, eval_every: int, max_steps: int) -> bool:
@@ -316,13 +368,15 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """On resume from the checkpoint taken after `step` steps, drop what the killed run logged
-        later (train records past `step`, evals at `step` or later, which the resumed run repeats)."""
+        later: train and eval records past `step` (the eval of `step` ran before its checkpoint and
+        is not repeated), time-budget plans at `step` or later (made at the start of the next step,
+        which the resumed run repeats)."""
         if not (self.enabled and self.path.exists()):
             return
 
         def before(record: dict) -> bool:
             s = record.get("step", 0)
-            return s < step if record.get("kind") == "eval" else s <= step
+            return s < step if record.get("kind") == "plan" else s <= step
 
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and before(json.loads(line))]

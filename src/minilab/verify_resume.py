@@ -72,7 +72,9 @@ def verify(cfg: PretrainConfig, steps: int, work: Path) -> dict:
     if steps < 2:
         raise MinilabError("--steps must be at least 2 (the run is interrupted at steps / 2)")
     half = steps // 2
-    cfg = dataclasses.replace(cfg, max_steps=steps, register=False, tensorboard=False, interrupt_at_step=None)
+    # A time budget's length depends on the clock: verified here as --steps steps (same lr shape).
+    cfg = dataclasses.replace(cfg, max_steps=steps, register=False, tensorboard=False, interrupt_at_step=None,
+                              time_budget=None)
     _train(cfg, work / "uninterrupted")
     code = _train(dataclasses.replace(cfg, interrupt_at_step=half), work / "interrupted")
     if code != -signal.SIGKILL:
