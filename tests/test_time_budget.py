@@ -140,10 +140,11 @@ def run_with_fake_clock(fake: dict, argv: list[str]) -> subprocess.CompletedProc
                           capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("shape", ["wsd", "cosine"])
-def test_fixed_step_time_plan_ends_on_budget_and_probe_leaves_no_trace(data, tmp_path, shape):
+@pytest.mark.parametrize("shape,optimizer", [("wsd", "adamw"), ("cosine", "adamw"), ("wsd", "muon")])
+def test_fixed_step_time_plan_ends_on_budget_and_probe_leaves_no_trace(data, tmp_path, shape, optimizer):
     run = tmp_path / "budget"
-    done = run_with_fake_clock(FAKE, args(data, run, "--time-budget", "8s", "--set", f"optim.schedule={shape}"))
+    opt = ["--set", f"optim.optimizer={optimizer}"]
+    done = run_with_fake_clock(FAKE, args(data, run, "--time-budget", "8s", "--set", f"optim.schedule={shape}", *opt))
     assert done.returncode == 0, done.stderr[-2000:]
     n = expected_steps(8.0)
     # 8 s - 1 s setup - 0.25 s step-0 eval - 0.25 s export = 6.5 s = 68 steps x 0.0625 s + 7 evals x 0.25 s
@@ -167,7 +168,8 @@ def test_fixed_step_time_plan_ends_on_budget_and_probe_leaves_no_trace(data, tmp
         return
     # The probe changed nothing: the same steps without a budget give the same weights, bitwise.
     plain = tmp_path / "plain"
-    done = run_with_fake_clock(None, args(data, plain, "--max-steps", str(n), "--set", f"optim.schedule={shape}"))
+    done = run_with_fake_clock(None, args(data, plain, "--max-steps", str(n), "--set", f"optim.schedule={shape}",
+                                          *opt))
     assert done.returncode == 0, done.stderr[-2000:]
     assert same_weights(run, plain)
 
@@ -187,10 +189,13 @@ def test_real_clock_run_ends_near_its_budget(data, tmp_path):
     assert train[-1]["lr"] == pytest.approx(1e-3 * 0.1)
 
 
-def test_killed_and_resumed_budgeted_run_is_bitwise_the_uninterrupted_one(data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_killed_and_resumed_budgeted_run_is_bitwise_the_uninterrupted_one(data, tmp_path, optimizer):
     # The probe misjudges the step (0.05 s, really 0.0625): the wsd run re-plans shorter from the pace.
+    # Muon: both halves' state (momentum buffers, AdamW moments) comes back from the checkpoint.
     fake = {**FAKE, "probe_step": 0.05}
-    extra = ["--time-budget", "8s", "--set", "optim.schedule=wsd", "--set", "ckpt_every=5", "--set", "keep_last=2"]
+    extra = ["--time-budget", "8s", "--set", "optim.schedule=wsd", "--set", "ckpt_every=5", "--set", "keep_last=2",
+             "--set", f"optim.optimizer={optimizer}"]
     ref = tmp_path / "ref"
     done = run_with_fake_clock(fake, args(data, ref, *extra))
     assert done.returncode == 0, done.stderr[-2000:]

@@ -339,6 +339,7 @@ def probe(run) -> dict[str, float]:
     pretraining `run` (a `PretrainRun`: its model, optimizer and `validate()`), measured on random
     tokens (the eval on its own validation windows) without changing the weights, the optimizer's
     state, the data position or any generator's state."""
+    from minilab.optimizers import reset_state
     from minilab.training import optimizer_step, set_lr, token_step
 
     cfg, model, device = run.cfg, run.model, run.device
@@ -356,7 +357,7 @@ def probe(run) -> dict[str, float]:
         optimizer_step(model, run.optimizer, None, cfg.optim.grad_clip)  # clip, step, zero_grad
 
     step_s = _timed(step, device, 2)
-    run.optimizer.state.clear()  # the first real step starts AdamW afresh
+    reset_state(run.optimizer)  # the first real step starts the optimizer afresh
     t0 = clock()
     run.validate()  # a real eval: fresh seeded reader, no gradient, nothing kept
     eval_s = clock() - t0

@@ -86,3 +86,10 @@ class MuonAdamW:
         self.muon.load_state_dict(state["muon"])
         if self.adamw is not None:
             self.adamw.load_state_dict(state["adamw"])
+
+
+def reset_state(optimizer: Any) -> None:
+    """Forget every step taken (moments, momentum buffers, step counts): the next step is the
+    first, for AdamW and for both halves of a `MuonAdamW`."""
+    for o in getattr(optimizer, "halves", [optimizer]):
+        o.state.clear()
