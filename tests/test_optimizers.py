@@ -104,3 +104,13 @@ def test_a_model_without_block_matrices_is_a_config_error():
 
     with pytest.raises(ConfigError, match="optimizer muon"):
         MuonAdamW(OnlyEmbedding(), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8)
+
+
+def test_muon_with_fsdp_is_refused_in_one_line(tmp_path, capsys):
+    from minilab.cli import main as cli_main
+
+    code = cli_main(["pretrain", "--data_dirs", str(tmp_path), "--tokenizer_dir", str(tmp_path), "--output_dir",
+                     str(tmp_path / "run"), "--set", "parallel=fsdp", "--set", "optim.optimizer=muon"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "optim.optimizer" in err and "fsdp" in err
+    assert not (tmp_path / "run").exists()
