@@ -35,9 +35,11 @@ minilab needs to reach nanoGPT's largest-budget bpb, and one JSON line. See docs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -121,7 +123,8 @@ def nanogpt_logits(nanogpt_dir: str | Path, ckpt_path: str | Path) -> Callable:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    model = mod.GPT(mod.GPTConfig(**ckpt["model_args"]))
+    with contextlib.redirect_stdout(io.StringIO()):  # GPT() prints its parameter count
+        model = mod.GPT(mod.GPTConfig(**ckpt["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
     model.eval()
     # GPT.forward returns only the last position's logits without targets; with them, all of them.
@@ -146,7 +149,8 @@ def build_packed(source: str, root: Path) -> Path:
               "--output-dir", str(packed), "--seq-len", str(SEQ_LEN), "--val-fraction", "0.05", "--force")]
     for step in steps:
         print(f"[data] minilab {' '.join(step)}", flush=True)
-        subprocess.run(minilab_cmd("--log-level", "warning", *step), check=True)
+        if subprocess.run(minilab_cmd(step[0], "--log-level", "warning", *step[1:])).returncode != 0:
+            raise SystemExit(f"minilab {step[0]} failed (its error is above); the data in {root} is incomplete")
     return packed
 
 
