@@ -341,7 +341,10 @@ def run_pairs(systems: list, budgets: list[float], seeds: int, step_s: dict, roo
             r = system.train(work, seed, system.schedule(budget * 60, step_s[system.name]))
             r["bpb"] = eval_one(system.logits(r))["bits_per_byte"]
             shutil.rmtree(work)
+            # The machine's speed drifts (other load): this run's median step time sizes the next one.
+            step_s[system.name] = statistics.median(r["step_times"][1:-1] or r["step_times"])
             rows.append({"system": system.name, "budget_min": budget, "seed": seed,
+                         "loop_over_budget": r["loop_s"] / (budget * 60),
                          **{k: r[k] for k in ("steps", "tokens", "loop_s", "wall_s", "bpb")}})
             done += budget * 60
             elapsed = time.perf_counter() - t0
@@ -358,7 +361,8 @@ def summarize_runs(rows: list, budgets: list[float], names: list[str]) -> dict:
         for name in names:
             rs = [r for r in rows if r["budget_min"] == b and r["system"] == name]
             cell[name] = {"bpb": statistics.mean(r["bpb"] for r in rs), "bpb_per_seed": [r["bpb"] for r in rs],
-                          **{k: statistics.mean(r[k] for r in rs) for k in ("tokens", "steps", "loop_s", "wall_s")}}
+                          **{k: statistics.mean(r[k] for r in rs)
+                             for k in ("tokens", "steps", "loop_s", "wall_s", "loop_over_budget")}}
         out["by_budget"][str(b)] = cell
         if len(names) == 2:
             out["ratio"][str(b)] = cell["minilab"]["bpb"] / cell["nanogpt"]["bpb"]
@@ -378,16 +382,21 @@ def summarize_runs(rows: list, budgets: list[float], names: list[str]) -> dict:
 
 def print_table(summary: dict, names: list[str]) -> None:
     print(f"\n{'budget':>7} {'system':8} {'bpb mean':>9} {'per seed':>20} {'tokens':>11} {'steps':>7} "
-          f"{'loop s':>7} {'wall s':>7}")
+          f"{'loop s':>7} {'wall s':>7} {'loop/budget':>11}")
     for b, cell in summary["by_budget"].items():
         for name in names:
             c = cell[name]
             seeds = " ".join(f"{x:.4f}" for x in c["bpb_per_seed"])
             print(f"{b + ' min':>7} {name:8} {c['bpb']:9.4f} {seeds:>20} {c['tokens']:11,.0f} {c['steps']:7.0f} "
-                  f"{c['loop_s']:7.0f} {c['wall_s']:7.0f}")
+                  f"{c['loop_s']:7.0f} {c['wall_s']:7.0f} {c['loop_over_budget']:11.2f}")
         if b in summary["ratio"]:
             r = summary["ratio"][b]
             print(f"{'':7} ratio minilab/nanoGPT {r:.3f} ({100 * (1 - r):+.1f}% lower bpb)")
+    off = [f"{b} min {n}" for b, cell in summary["by_budget"].items() for n in names
+           if abs(cell[n]["loop_over_budget"] - 1) > 0.2]
+    if off:
+        print(f"note: training loops more than 20% off their budget ({', '.join(off)}): the machine's speed "
+              "changed between runs; compare bpb at the loop seconds shown, not at the budget")
     t = summary.get("minilab_time_to_peer_bpb")
     if t:
         when = f"{t['seconds'] / 60:.2f} min" if t["seconds"] is not None else "-"

@@ -123,3 +123,20 @@ def test_nanogpt_tiny_run_is_scored_on_minilab_tokens(tmp_path):
     windows = speedrun.heldout_windows(d["packed"], 4, seq_len=32)
     got = speedrun.heldout_bpb(system.logits(r), windows, 1000)
     assert got["tokens"] == 4 * 32 and 0 < got["bits_per_byte"] < 100
+
+
+def test_summary_ratios_targets_and_table(capsys):
+    def row(system, budget, seed, bpb, loop):
+        return {"system": system, "budget_min": budget, "seed": seed, "bpb": bpb, "loop_s": loop, "wall_s": loop + 5,
+                "steps": 10, "tokens": 100, "loop_over_budget": loop / (budget * 60)}
+    rows = [row("minilab", 2, 0, 1.9, 120), row("minilab", 2, 1, 2.1, 120), row("nanogpt", 2, 0, 2.5, 120),
+            row("nanogpt", 2, 1, 2.5, 120), row("minilab", 10, 0, 1.0, 600), row("nanogpt", 10, 0, 1.5, 600)]
+    s = speedrun.summarize_runs(rows, [2, 10], ["minilab", "nanogpt"])
+    assert s["by_budget"]["2"]["minilab"]["bpb_per_seed"] == [1.9, 2.1]
+    assert s["ratio"] == {"2": pytest.approx(0.8), "10": pytest.approx(1.0 / 1.5)}
+    t = s["minilab_time_to_peer_bpb"]
+    assert t["seconds"] == pytest.approx(math.exp(math.log(120) + 0.5 * math.log(5)))  # bpb 1.5: halfway
+    assert s["targets"] == {"bpb_10pct_lower_every_budget": True, "peer_largest_budget_bpb_in_half_the_time": True}
+    speedrun.print_table(s, ["minilab", "nanogpt"])
+    out = capsys.readouterr().out
+    assert "ratio minilab/nanoGPT 0.800 (+20.0% lower bpb)" in out and "in 4.47 min" in out
