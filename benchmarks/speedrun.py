@@ -185,12 +185,14 @@ def steps_for(budget_s: float, step_s: float) -> int:
 
 
 def minilab_schedule(budget_s: float, step_s: float) -> dict:
-    """minilab's schedule keys for a budget: `time_budget` once PretrainConfig has it (the run
-    sizes its own schedule; max_steps only a cap), else max_steps from the calibrated step time."""
+    """minilab's schedule keys for a budget: `time_budget` (seconds) once PretrainConfig has it
+    (the run derives max_steps from its own pace, setup and export included; evals and checkpoints
+    kept to the end), else max_steps from the measured step time."""
     from minilab.pretrain import PretrainConfig
 
     if "time_budget" in {f.name for f in dataclasses.fields(PretrainConfig)}:
-        return {"time_budget": budget_s, "max_steps": 10 * steps_for(budget_s, step_s)}
+        never = 10 * steps_for(budget_s, step_s)
+        return {"time_budget": budget_s, "eval_every": never, "ckpt_every": never}
     return {"max_steps": steps_for(budget_s, step_s)}
 
 
@@ -217,10 +219,10 @@ class Minilab:
         self.recipe = recipe or MINILAB_RECIPE
 
     def train(self, workdir: Path, seed: int, schedule: dict) -> dict:
-        steps = schedule["max_steps"]
-        cfg = {**self.recipe, **schedule, "data_dirs": [str(self.packed)], "tokenizer_dir": str(self.tokenizer),
-               "output_dir": str(workdir / "run"), "seed": 1337 + seed, "eval_every": steps, "eval_batches": 1,
-               "ckpt_every": steps, "keep_last": 1, "register": False, "tensorboard": False}
+        every = schedule.get("max_steps", 1)  # one eval and one checkpoint, at the end
+        cfg = {**self.recipe, "eval_every": every, "ckpt_every": every, **schedule, "data_dirs": [str(self.packed)],
+               "tokenizer_dir": str(self.tokenizer), "output_dir": str(workdir / "run"), "seed": 1337 + seed,
+               "eval_batches": 1, "keep_last": 1, "register": False, "tensorboard": False}
         (workdir / "config.json").write_text(json.dumps(cfg))
         wall = run_logged(minilab_cmd("pretrain", "--config", str(workdir / "config.json")), workdir / "train.log",
                           thread_env(self.threads))
