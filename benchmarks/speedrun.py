@@ -14,7 +14,7 @@ the packed val split, non-overlapping), in fp32 under no_grad with the same batc
 predict the same targets; neither tool's own eval is used.
 
     PYTHONPATH=src python benchmarks/speedrun.py --nanogpt-dir ../nanoGPT          # 2, 5, 10 min x 2 seeds
-    PYTHONPATH=src python benchmarks/speedrun.py --nanogpt-dir ../nanoGPT --quick  # smoke run (~3 min)
+    PYTHONPATH=src python benchmarks/speedrun.py --nanogpt-dir ../nanoGPT --quick  # smoke run (~5 min)
     python benchmarks/speedrun.py --budgets 1 2 --seeds 1 --data data/packed/mine --nanogpt-dir ../nanoGPT
     python benchmarks/speedrun.py --text my.txt --nanogpt-dir ../nanoGPT
 
