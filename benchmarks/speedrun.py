@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -185,15 +184,11 @@ def steps_for(budget_s: float, step_s: float) -> int:
 
 
 def minilab_schedule(budget_s: float, step_s: float) -> dict:
-    """minilab's schedule keys for a budget: `time_budget` (seconds) once PretrainConfig has it
-    (the run derives max_steps from its own pace, setup and export included; evals and checkpoints
-    kept to the end), else max_steps from the measured step time."""
-    from minilab.pretrain import PretrainConfig
-
-    if "time_budget" in {f.name for f in dataclasses.fields(PretrainConfig)}:
-        never = 10 * steps_for(budget_s, step_s)
-        return {"time_budget": budget_s, "eval_every": never, "ckpt_every": never}
-    return {"max_steps": steps_for(budget_s, step_s)}
+    """minilab's schedule keys for a budget: its own `time_budget` (seconds: the run derives
+    max_steps from its own pace, setup and export included), evals and checkpoints kept to the end
+    (`step_s` only bounds "never")."""
+    never = 10 * steps_for(budget_s, step_s)
+    return {"time_budget": budget_s, "eval_every": never, "ckpt_every": never}
 
 
 def thread_env(threads: int) -> dict:
