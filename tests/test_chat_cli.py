@@ -13,15 +13,7 @@ from minilab.cli import main as cli
 from minilab.generate import TextStream, decode, generate, stream_generate
 from minilab.inference import Engine, SamplingParams
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Decoding a tiny model is fastest on one thread (the verbs pick that too); restore the
-    # suite's setting afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import json
 
 import httpx
 import pytest
-import torch
 from inference_fixtures import shared_model_dir
 
 from minilab.cli import main as cli
@@ -77,12 +76,7 @@ def test_fit_refuses_when_system_and_latest_alone_fill_the_context():
 
 
 # ---- the API --------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from minilab.export.gguf import permute_qk, unpermute_qk, write_gguf
 from minilab.inference import Engine, SamplingParams
 from minilab.loading import load_model_for_inference
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

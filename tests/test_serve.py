@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-import torch
 from inference_fixtures import shared_model_dir
 
 from minilab.inference import Engine, SamplingParams
@@ -20,12 +19,7 @@ from minilab.serve.app import create_app, running_server
 KEY = "sk-test-key"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # what `minilab serve` picks for small models
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # what `minilab serve` picks for small models
 
 
 @pytest.fixture(scope="module")
