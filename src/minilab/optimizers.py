@@ -26,6 +26,25 @@ from torch import nn
 from minilab.errors import ConfigError
 
 
+def trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) of every parameter that trains, a tied one once."""
+    seen: set[int] = set()
+    out = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
+    return out
+
+
+def adamw_groups(named: list[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's two groups: weight decay on 2-D+ weights except embeddings, none on norms and embeddings."""
+    decays = [p.dim() >= 2 and "embed" not in name for name, p in named]
+    decay = [p for (_, p), d in zip(named, decays, strict=True) if d]
+    no_decay = [p for (_, p), d in zip(named, decays, strict=True) if not d]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
     """A 2-D weight inside a transformer block (attention and MLP projections): what Muon trains."""
     return p.dim() == 2 and "embed" not in name and "lm_head" not in name
@@ -36,23 +55,15 @@ class MuonAdamW:
 
     def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
                  eps: float, momentum: float = 0.95, fused: bool = False):
-        matrices, decay, no_decay = [], [], []
-        seen: set[int] = set()
-        for name, p in model.named_parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            if is_hidden_matrix(name, p):
-                matrices.append(p)
-            else:
-                (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+        matrices, rest = [], []
+        for name, p in trainable(model):
+            (matrices if is_hidden_matrix(name, p) else rest).append((name, p))
         if not matrices:
             raise ConfigError("optimizer muon: the model has no 2-D weights inside its blocks to train with it; "
                               "use optimizer adamw", key="optim.optimizer")
-        self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
+        self.muon = torch.optim.Muon([p for _, p in matrices], lr=lr, weight_decay=weight_decay, momentum=momentum,
                                      nesterov=True, adjust_lr_fn="match_rms_adamw")
-        groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        groups = [g for g in adamw_groups(rest, weight_decay) if g["params"]]
         # (adapters alone, e.g. LoRA's A and B, are all block matrices: no AdamW half then)
         self.adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused) if groups else None
         self.halves = [o for o in (self.muon, self.adamw) if o is not None]

@@ -136,21 +136,13 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> 
     one thread), whose dozen elementwise ops per step each pay a thread barrier (with a busy
     second core, 0.4 s against 2.9 s).
     """
+    from minilab.optimizers import MuonAdamW, adamw_groups, trainable
+
     fused = device.type in ("cuda", "cpu")
     if cfg.optimizer == "muon":
-        from minilab.optimizers import MuonAdamW
-
         return MuonAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                          eps=cfg.eps, fused=fused)
-    decay, no_decay = [], []
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = adamw_groups(trainable(model), cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
