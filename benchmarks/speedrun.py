@@ -208,12 +208,34 @@ def run_logged(cmd: list[str], log: Path, env: dict, cwd: Path | None = None) ->
     return time.perf_counter() - t0
 
 
-class Minilab:
-    name = "minilab"
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """`NAME:KEY=VALUE[,KEY=VALUE...]` -> (NAME, MINILAB_RECIPE with the overrides). Dotted keys
+    reach nested sections (`optim.lr=4e-3`); values are read as YAML (`1e-3`, `wsd`, `true`)."""
+    import copy
 
-    def __init__(self, packed: Path, tokenizer: Path, threads: int, recipe: dict | None = None):
+    import yaml
+
+    name, sep, body = spec.partition(":")
+    if not sep or not name or name in SYSTEMS or not body:
+        raise SystemExit(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...] with NAME not one of {SYSTEMS}")
+    recipe = copy.deepcopy(MINILAB_RECIPE)
+    for item in body.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"--variant {spec!r}: {item!r} is not KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node = recipe
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return name, recipe
+
+
+class Minilab:
+    def __init__(self, packed: Path, tokenizer: Path, threads: int, recipe: dict | None = None,
+                 name: str = "minilab"):
         self.packed, self.tokenizer, self.threads = packed, tokenizer, threads
-        self.recipe = recipe or MINILAB_RECIPE
+        self.recipe, self.name = recipe or MINILAB_RECIPE, name
 
     def train(self, workdir: Path, seed: int, schedule: dict) -> dict:
         every = schedule.get("max_steps", 1)  # one eval and one checkpoint, at the end
@@ -329,12 +351,13 @@ def time_to_reach(points: list[tuple[float, float]], target: float) -> dict:
 
 
 def run_pairs(systems: list, budgets: list[float], seeds: int, step_s: dict, root: Path, eval_one: Callable) -> list:
-    """Every (budget, seed, system) run, alternating which system goes first; one progress line each."""
+    """Every (budget, seed, system) run, rotating which system goes first (with two: flipping every
+    pair) so a noisy stretch of the machine falls on all of them; one progress line each."""
     pairs = [(b, s) for b in budgets for s in range(seeds)]
     total = sum(b for b, _ in pairs) * 60 * len(systems)
     done, rows, t0 = 0.0, [], time.perf_counter()
     for k, (budget, seed) in enumerate(pairs):
-        for system in (systems if k % 2 == 0 else systems[::-1]):
+        for system in systems[k % len(systems):] + systems[:k % len(systems)]:
             work = root / f"{system.name}-{budget}-{seed}"
             work.mkdir()
             r = system.train(work, seed, system.schedule(budget * 60, step_s[system.name]))
@@ -363,9 +386,15 @@ def summarize_runs(rows: list, budgets: list[float], names: list[str]) -> dict:
                           **{k: statistics.mean(r[k] for r in rs)
                              for k in ("tokens", "steps", "loop_s", "wall_s", "loop_over_budget")}}
         out["by_budget"][str(b)] = cell
-        if len(names) == 2:
+        if "nanogpt" in names:
             out["ratio"][str(b)] = cell["minilab"]["bpb"] / cell["nanogpt"]["bpb"]
-    if len(names) == 2:
+        variants = [n for n in names if n not in SYSTEMS]
+        if variants:  # ablations: each variant's bpb against the recipe's, same budget, same seeds
+            out.setdefault("variant_vs_minilab", {})[str(b)] = {
+                v: {"delta_bpb": cell[v]["bpb"] - cell["minilab"]["bpb"],
+                    "delta_per_seed": [x - y for x, y in zip(cell[v]["bpb_per_seed"], cell["minilab"]["bpb_per_seed"],
+                                                             strict=True)]} for v in variants}
+    if "nanogpt" in names:
         last = out["by_budget"][str(max(budgets))]
         target = last["nanogpt"]["bpb"]
         points = [(out["by_budget"][str(b)]["minilab"]["loop_s"], out["by_budget"][str(b)]["minilab"]["bpb"])
@@ -391,6 +420,10 @@ def print_table(summary: dict, names: list[str]) -> None:
         if b in summary["ratio"]:
             r = summary["ratio"][b]
             print(f"{'':7} ratio minilab/nanoGPT {r:.3f} ({100 * (1 - r):+.1f}% lower bpb)")
+    for b, deltas in summary.get("variant_vs_minilab", {}).items():
+        for v, d in deltas.items():
+            seeds = " ".join(f"{x:+.4f}" for x in d["delta_per_seed"])
+            print(f"{b + ' min':>7} {v} - minilab: {d['delta_bpb']:+.4f} bpb (per seed {seeds})")
     off = [f"{b} min {n}" for b, cell in summary["by_budget"].items() for n in names
            if abs(cell[n]["loop_over_budget"] - 1) > 0.2]
     if off:
@@ -415,6 +448,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads of both systems (default: all cores)")
     p.add_argument("--eval-windows", type=int, default=128, help="held-out windows of 256 tokens (default 128)")
     p.add_argument("--calib-steps", type=int, default=30, help="steps of each calibration run (default 30)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="an ablation: minilab's recipe with these overrides (e.g. wsd:optim.schedule=wsd), trained "
+                        "in the same rotation and reported as its bpb difference; repeatable")
     p.add_argument("--quick", action="store_true", help="smoke run: budgets 0.25 0.5 min, 1 seed, 32 windows")
     a = p.parse_args(argv)
     if a.quick:
@@ -439,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     windows = heldout_windows(packed, a.eval_windows)
     n_bytes = target_bytes(tokenizer, windows)
     systems: list = [Minilab(packed, tok_dir, threads)]
+    systems += [Minilab(packed, tok_dir, threads, recipe, name) for name, recipe in map(parse_variant, a.variant)]
     problem = nanogpt_problem(a.nanogpt_dir, manifest)
     if problem:
         print(f"nanoGPT skipped: {problem}; reporting minilab's figures only", flush=True)
@@ -462,8 +499,9 @@ def main(argv: list[str] | None = None) -> None:
                       "threads": threads, "loadavg_start": load0[0], "loadavg_end": os.getloadavg()[0],
                       "data": str(packed), "vocab_size": tokenizer.get_vocab_size(),
                       "eval": {"windows": len(windows), "seq_len": SEQ_LEN, "bytes": n_bytes},
-                      "recipes": {"minilab": MINILAB_RECIPE, "nanogpt": {"config": NANOGPT_CONFIG, **NANOGPT_RECIPE,
-                                                                         "warmup_frac": NANOGPT_WARMUP_FRAC}},
+                      "recipes": {**{s.name: s.recipe for s in systems if isinstance(s, Minilab)},
+                                  "nanogpt": {"config": NANOGPT_CONFIG, **NANOGPT_RECIPE,
+                                              "warmup_frac": NANOGPT_WARMUP_FRAC}},
                       "step_s": step_s, "budgets_min": a.budgets, "seeds": a.seeds, "runs": rows,
                       "peer_skipped": problem, **summary}))
 
