@@ -62,12 +62,20 @@ def test_text_stream_deltas_reassemble_and_cut_at_stop_strings(engine):
 
 def test_generate_verb_json_and_stop(model_dir, engine, capsys):
     assert cli(["generate", str(model_dir), "--prompt", "the cat", "--prompt", "rain", "--max-tokens", "12",
-                "--json"]) == 0
+                "--json", "--temperature", "0", "--repetition-penalty", "1"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in rows] == ["the cat", "rain"]
     for r in rows:
         expect = engine.complete(engine.encode(r["prompt"]), SamplingParams(max_tokens=12))
         assert (r["text"], r["completion_tokens"], r["finish_reason"]) == expect
+    # by default it samples with sampling.GENERATE_SAMPLING (greedy loops on small models)
+    from minilab.sampling import GENERATE_SAMPLING
+
+    assert cli(["generate", str(model_dir), "--prompt", "the cat", "--max-tokens", "12", "--json", "--seed", "3"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    params = SamplingParams(max_tokens=12, seed=3, **GENERATE_SAMPLING)
+    assert (row["text"], row["completion_tokens"], row["finish_reason"]) == engine.complete(engine.encode("the cat"),
+                                                                                            params)
     assert cli(["generate", str(model_dir), "--prompt", "the cat"]) == 0  # plain text output
     assert capsys.readouterr().out.strip()
     assert cli(["generate", str(model_dir), "--max-tokens", "0", "--prompt", "x"]) == 1
@@ -127,7 +135,7 @@ def test_adapter_flag_merges_lora(model_dir, engine, tmp_path, capsys):
     expect = decode(engine.tokenizer, generate(merged, [ids], max_new_tokens=12,
                                                stop_token_ids=engine.stop_ids)[0])
     assert cli(["generate", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", "the cat",
-                "--max-tokens", "12", "--json"]) == 0
+                "--max-tokens", "12", "--json", "--temperature", "0", "--repetition-penalty", "1"]) == 0
     got = json.loads(capsys.readouterr().out)["text"]
     assert got == expect
     assert got != engine.complete(ids, SamplingParams(max_tokens=12))[0]

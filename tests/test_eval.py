@@ -235,7 +235,15 @@ def test_cli_eval_writes_results_report_and_pngs(run_dir, tmp_path, capsys):
     gens = results["generations"]["items"]
     assert [g["prompt"] for g in gens] == ["the cat", "the dog ran"]
     assert all(isinstance(g["greedy"], str) and isinstance(g["sampled"], str) for g in gens)
+    # a plain model's samples use `minilab generate`'s defaults; the summary counts the items
+    from minilab.sampling import GENERATE_SAMPLING
+
+    sampling, summary = results["generations"]["sampling"], results["generations"]["summary"]
+    assert {k: sampling[k] for k in GENERATE_SAMPLING} == GENERATE_SAMPLING and sampling["top_k"] is None
+    for how in ("greedy", "sampled"):
+        assert summary[how]["stopped"] == sum(g[f"{how}_stopped"] for g in gens)
     report = (out / "report.md").read_text()
+    assert "| decoding | ended at a stop token | distinct 4-grams (mean) |" in report
     for needle in ("## Perplexity", "## Multiple choice", "majority class", "## Generations", "plots/loss.png"):
         assert needle in report
     assert set(results["plots"]) == {"plots/loss.png", "plots/lr.png", "plots/throughput.png",
@@ -286,3 +294,11 @@ def test_eval_accepts_pretrain_data_after_the_chat_template_changed(run_dir, tmp
     err = capsys.readouterr().err
     assert "Tokenizer mismatch" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "refused").exists()
+
+
+def test_distinct_ngrams_scores_loops_low():
+    from minilab.evaluate.stage import distinct_ngrams
+
+    assert distinct_ngrams([1, 2, 3, 4, 5, 6]) == 1.0
+    assert distinct_ngrams([1, 2, 3, 1, 2, 3, 1, 2, 3]) == 3 / 6  # (1,2,3,1) (2,3,1,2) (3,1,2,3) x2
+    assert distinct_ngrams([1, 2, 3]) is None

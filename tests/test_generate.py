@@ -85,6 +85,22 @@ def test_repetition_penalty_changes_greedy_choice(model):
     assert len(set(penalised)) == len(penalised)
 
 
+def test_repetition_penalty_spares_stop_tokens(model):
+    """A chat prompt holds an end-of-turn token after every earlier turn: the penalty must not push
+    it down, or a small model runs past the end of its answer."""
+    from minilab.sampling import Sampler
+
+    logits = torch.tensor([[1.0, 1.2, 0.0]])  # id 1 (the stop token) narrowly ahead of id 0
+    pick = dict(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.5, generator=None)
+    assert Sampler([[1, 2]], **pick)(logits) == [0]  # penalised: 1.2 / 1.5 < 1.0
+    assert Sampler([[1, 2]], exempt=[1], **pick)(logits) == [1]
+    # both decoders hand their stop ids to the sampler
+    from minilab.generate import ContinuousBatch
+
+    row, _ = ContinuousBatch(model, [5, 7]).add(PROMPTS[2], 4, repetition_penalty=1.3)
+    assert row.sampler.exempt == [5, 7]
+
+
 def test_filters():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
     assert torch.isinf(top_p_filter(logits, 0.6)).tolist() == [False, False, True]

@@ -230,7 +230,10 @@ def test_startup_warning_and_remote_guard(engine, caplog, capsys, tmp_path):
     with caplog.at_level("WARNING", logger="minilab.serve"), \
             TestClient(create_app(e), base_url="http://localhost") as client:
         assert client.get("/health").json()["warnings"] == e.warnings
-        assert "<title>minilab chat</title>" in client.get("/").text
+        page = client.get("/").text
+        assert "<title>minilab chat</title>" in page and "{{" not in page
+        # the page's sampling fields start at `minilab chat`'s defaults (sampling.CHAT_SAMPLING)
+        assert 'id="temperature" type="number" min="0" max="2" step="0.1" value="0.3"' in page
     assert "fallback plain transcript" in caplog.text
     assert cli(["serve", str(tmp_path / "not-loaded"), "--host", "0.0.0.0"]) == 1
     assert "without an API key" in capsys.readouterr().err

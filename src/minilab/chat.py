@@ -21,12 +21,10 @@ from minilab.conversation import ContextFull, Fit, default_reply_tokens, fit_con
 from minilab.errors import MinilabError
 from minilab.inference import Engine, SamplingParams, add_model_flags, add_sampling_flags, engine_from_args
 from minilab.inference import sampling_from_args as _sampling
+from minilab.sampling import CHAT_SAMPLING
 
 log = logging.getLogger("minilab.chat")
 
-# The sampling defaults of a conversation with a small model (docs/stages/09-serve.md says why,
-# with the figures of benchmarks/chat_defaults.py); `generate` keeps greedy decoding.
-CHAT_SAMPLING = {"temperature": 0.3, "top_p": 0.9, "repetition_penalty": 1.0}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

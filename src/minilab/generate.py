@@ -109,7 +109,7 @@ class BatchDecoder:
         pad = [width - len(p) for p in prompts]
         cache = KVCache(model.config, len(rows), max_len=width + max(self.budgets[r] for r in rows),
                         dtype=dtype, device=device, pad=pad) if self.use_cache else None
-        sampler = Sampler(prompts, generator=self.generator, **self.pick)
+        sampler = Sampler(prompts, generator=self.generator, exempt=self.stop, **self.pick)
         seqs = [list(p) for p in prompts]  # only for the no-cache reference path
         produced = dict.fromkeys(rows, 0)
         fast = CachedForward.of(model) if cache is not None else None
@@ -145,7 +145,7 @@ class BatchDecoder:
                     logits = model(torch.tensor(seqs, dtype=torch.long, device=device))[:, -1]
 
 
-def _budget(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> int:
+def new_token_budget(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> int:
     """New tokens allowed for `prompt`: max_new_tokens, capped so the total fits max_seq_len."""
     max_len = model.config.max_seq_len
     if len(prompt) >= max_len:
@@ -168,7 +168,7 @@ def stream_generate(model: torch.nn.Module, prompt: Sequence[int], *, max_new_to
     check_sampling(temperature, top_p, repetition_penalty)
     ids = _as_prompts([prompt])[0]
     pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
-    decoder = BatchDecoder(model, [ids], [_budget(model, ids, max_new_tokens)], set(stop_token_ids),
+    decoder = BatchDecoder(model, [ids], [new_token_budget(model, ids, max_new_tokens)], set(stop_token_ids),
                            make_generator(seed), pick)
     return (tok for _, tok in decoder)
 
@@ -185,7 +185,7 @@ def generate(model: torch.nn.Module, input_ids: Sequence[Sequence[int]] | torch.
     """
     check_sampling(temperature, top_p, repetition_penalty)
     prompts = _as_prompts(input_ids)
-    budgets = [_budget(model, p, max_new_tokens) for p in prompts]
+    budgets = [new_token_budget(model, p, max_new_tokens) for p in prompts]
     generator = make_generator(seed)
     pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     stop = set(stop_token_ids)
@@ -235,7 +235,7 @@ def generate_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str
     is cut from the text (`TextStream`), and then leaves the batch."""
     check_sampling(temperature, top_p, repetition_penalty)
     ids = _as_prompts([encode(tokenizer, p, add_special_tokens) for p in prompts])
-    budgets = [_budget(model, p, max_new_tokens) for p in ids]
+    budgets = [new_token_budget(model, p, max_new_tokens) for p in ids]
     stop_ids = set(tokenizer_stop_ids(tokenizer) if stop_token_ids is None else stop_token_ids)
     pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     generator = make_generator(seed)
@@ -338,9 +338,10 @@ class TextStream:
 class BatchRow:
     """One sequence of a `ContinuousBatch`: its sampler, budget, and what it has produced."""
 
-    def __init__(self, prompt: list[int], budget: int, pick: dict[str, Any], generator: torch.Generator | None):
+    def __init__(self, prompt: list[int], budget: int, pick: dict[str, Any], generator: torch.Generator | None,
+                 stop: Iterable[int] = ()):
         self.prompt, self.budget = prompt, budget
-        self.sampler = Sampler([prompt], generator=generator, **pick)
+        self.sampler = Sampler([prompt], generator=generator, exempt=stop, **pick)
         self.produced = 0
         self.last: int | None = None           # the token the next step feeds
         self.done: str | None = None           # "stop" (a stop token) or "length" (its budget)
@@ -395,7 +396,7 @@ class ContinuousBatch:
         check_sampling(temperature, top_p, repetition_penalty)
         ids = _as_prompts([prompt])[0]
         pick = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
-        row = BatchRow(ids, _budget(self.model, ids, max_new_tokens), pick, make_generator(seed))
+        row = BatchRow(ids, new_token_budget(self.model, ids, max_new_tokens), pick, make_generator(seed), self.stop)
         if row.budget <= 0:
             row.done = "length"
             return row, None

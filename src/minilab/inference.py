@@ -33,7 +33,7 @@ from minilab.generate import TextStream, encode, stream_generate
 from minilab.loading import load_model_for_inference
 from minilab.model import Transformer
 from minilab.registry import resolve_model_dir
-from minilab.sampling import MAX_SEED
+from minilab.sampling import GENERATE_SAMPLING, MAX_SEED
 from minilab.tokenization import (
     chat_template_source,
     compile_chat_template,
@@ -316,7 +316,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--prompts-file", metavar="FILE", help="one prompt per line ('-' reads stdin)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    add_sampling_flags(p)
+    add_sampling_flags(p, **GENERATE_SAMPLING)
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:

@@ -13,7 +13,7 @@ logits; both the batch decoder and the server's continuous batch sample through 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -57,6 +57,18 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+# The sampling defaults, defined once (docs/stages/09-serve.md and docs/stages/05-generate... say why,
+# with the figures of benchmarks/chat_defaults.py and benchmarks/generate_defaults.py):
+# - free text from a small model (`minilab generate`, eval's sampled continuations): greedy decoding
+#   loops ("the first of the first time, and the first of the first time"); a mild temperature, a
+#   nucleus and a CTRL penalty of 1.15 give sentences that move on;
+# - a conversation (`minilab chat`, the chat page, eval of chat models): a low temperature keeps a
+#   small model on the answers it learned, and no penalty, since answers are short and the prompt
+#   repeats the user's words on purpose.
+GENERATE_SAMPLING = {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.15}
+CHAT_SAMPLING = {"temperature": 0.3, "top_p": 0.9, "repetition_penalty": 1.0}
+
+
 def _penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """`apply_repetition_penalty` for a batch, with the seen tokens as a (B, V) boolean mask."""
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
@@ -65,13 +77,18 @@ def _penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch
 class Sampler:
     """Next tokens of a batch from its (B, V) logits: repetition penalty -> temperature -> top-k ->
     top-p -> sample (or argmax when greedy), each row as `apply_repetition_penalty`, `top_k_filter`
-    and `top_p_filter` treat it alone."""
+    and `top_p_filter` treat it alone.
+
+    The repetition penalty never applies to `exempt` ids (the stop tokens): a chat prompt holds an
+    end-of-turn token after every earlier turn, and penalising it makes a small model run past the
+    end of its answer (measured: docs/stages/09-serve.md)."""
 
     def __init__(self, prompts: list[list[int]], *, temperature: float, top_k: int | None, top_p: float | None,
-                 repetition_penalty: float, generator: torch.Generator | None):
+                 repetition_penalty: float, generator: torch.Generator | None, exempt: Iterable[int] = ()):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.penalty, self.generator = repetition_penalty, generator
         self.prompts = prompts if repetition_penalty != 1.0 else None
+        self.exempt = sorted(set(exempt))
         self.seen: torch.Tensor | None = None  # (B, V) tokens of each row so far, built on first use
 
     def __call__(self, logits: torch.Tensor) -> list[int]:
@@ -81,6 +98,7 @@ class Sampler:
                 self.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
                 for i, p in enumerate(self.prompts):
                     self.seen[i, p] = True
+                self.seen[:, [e for e in self.exempt if e < self.seen.shape[1]]] = False
             logits = _penalise(logits, self.seen, self.penalty)
         if self.temperature <= 0.0:
             return logits.argmax(dim=-1).tolist()
@@ -94,7 +112,7 @@ class Sampler:
         return [int(torch.multinomial(row, 1, generator=self.generator)) for row in probs]
 
     def observe(self, tokens: torch.Tensor) -> None:
-        if self.seen is not None:
+        if self.seen is not None:  # a stop token ends its row, so no exempt id is observed
             self.seen[torch.arange(len(tokens), device=self.seen.device), tokens] = True
 
     def select(self, keep: torch.Tensor) -> None:

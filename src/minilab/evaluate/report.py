@@ -158,14 +158,19 @@ def _mc_md(mc: list[dict[str, Any]]) -> list[str]:
 
 
 def _generations_md(gens: dict[str, Any]) -> list[str]:
-    s = gens["sampling"]
+    s, n = gens["sampling"], len(gens["items"])
     lines = ["## Generations", "",
              f"Greedy, and sampled with seed {s['seed']}, temperature {s['temperature']}, top-k {s['top_k']}, "
-             f"top-p {s['top_p']}; at most {gens['max_new_tokens']} new tokens.", ""]
+             f"top-p {s['top_p']}, repetition penalty {s['repetition_penalty']}; at most {gens['max_new_tokens']} "
+             "new tokens.", "", "| decoding | ended at a stop token | distinct 4-grams (mean) |", "|---|---|---|"]
+    for how, f in gens["summary"].items():
+        d4 = "-" if f["distinct4"] is None else f"{f['distinct4']:.3f}"
+        lines.append(f"| {how} | {f['stopped']}/{n} | {d4} |")
+    lines.append("")
+    end = {True: " (ended at a stop token)", False: " (ran to the token limit)"}
     for g in gens["items"]:
-        end = {True: " (ended at a stop token)", False: " (ran to the token limit)"}.get(g.get("greedy_stopped"), "")
-        lines += [f"**Prompt:** `{g['prompt']}`", "", f"- greedy{end}: {g['greedy']!r}", f"- sampled: {g['sampled']!r}",
-                  ""]
+        lines += [f"**Prompt:** `{g['prompt']}`", "", f"- greedy{end[g['greedy_stopped']]}: {g['greedy']!r}",
+                  f"- sampled{end[g['sampled_stopped']]}: {g['sampled']!r}", ""]
     return lines
 
 

@@ -53,9 +53,14 @@ class EvalConfig:
     stride: int | None = field(default=None, metadata={"help": "text: window stride; default max_length // 2"})
     batch_size: int = field(default=8, metadata={"help": "windows per forward pass on packed data"})
     max_new_tokens: int = field(default=48, metadata={"help": "generations: new tokens per prompt"})
-    temperature: float = field(default=0.8, metadata={"help": "sampled generations: temperature"})
-    top_k: int | None = field(default=50, metadata={"help": "sampled generations: top-k (None = off)"})
-    top_p: float | None = field(default=None, metadata={"help": "sampled generations: nucleus p (None = off)"})
+    temperature: float | None = field(default=None, metadata={
+        "help": "sampled generations: temperature (default: what the model's verb samples with, `minilab chat`'s "
+                "for a chat model, `minilab generate`'s otherwise; minilab.sampling)"})
+    top_k: int | None = field(default=None, metadata={"help": "sampled generations: top-k (None = off)"})
+    top_p: float | None = field(default=None, metadata={
+        "help": "sampled generations: nucleus p (default: as temperature; 1 = off)"})
+    repetition_penalty: float | None = field(default=None, metadata={
+        "help": "sampled generations: CTRL repetition penalty (default: as temperature; 1 = off)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, mps", **DEVICE})
     dtype: str | None = field(default=None, metadata={"help": "weights dtype (float32, bfloat16); default as stored"})
 
@@ -70,8 +75,12 @@ class EvalConfig:
             raise ConfigError("must be ≥ 2", key="max_length")
         if self.batch_size < 1 or self.max_new_tokens < 0:
             raise ConfigError("batch_size must be ≥ 1 and max_new_tokens ≥ 0", key="batch_size")
-        if self.temperature < 0:
+        if self.temperature is not None and self.temperature < 0:
             raise ConfigError("must be ≥ 0", key="temperature")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError("must be within (0, 1]", key="top_p")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise ConfigError("must be > 0", key="repetition_penalty")
 
 
 def read_prompts(path: str | None) -> list[str]:
@@ -116,24 +125,50 @@ def chat_formatter(model_dir: Path):
     return lambda p: template.render([{"role": "user", "content": p}], add_generation_prompt=True)
 
 
-def generations(model, tokenizer, cfg: EvalConfig, stops: list[int], fmt=None) -> dict[str, Any]:
-    """Greedy and seeded sampled continuations of each prompt (in the chat format with `fmt`)."""
-    from minilab.generate import generate, generate_text
+def distinct_ngrams(ids: list[int], n: int = 4) -> float | None:
+    """Distinct token n-grams / all n-grams of one text (1.0: no phrase repeats; a loop scores
+    low); None when it has fewer than n tokens."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
 
+
+def sampling_of(cfg: EvalConfig, chat: bool) -> dict[str, Any]:
+    """The sampled generations' settings: the config's, else the defaults of the verb a user would
+    run this model with (`minilab chat` for a chat model, `minilab generate` otherwise)."""
+    from minilab.sampling import CHAT_SAMPLING, GENERATE_SAMPLING
+
+    base = CHAT_SAMPLING if chat else GENERATE_SAMPLING
+    pick = {k: base[k] if getattr(cfg, k) is None else getattr(cfg, k)
+            for k in ("temperature", "top_p", "repetition_penalty")}
+    return {**pick, "top_p": None if pick["top_p"] == 1.0 else pick["top_p"], "top_k": cfg.top_k}
+
+
+def generations(model, tokenizer, cfg: EvalConfig, stops: list[int], fmt=None) -> dict[str, Any]:
+    """Greedy and seeded sampled continuations of each prompt (in the chat format with `fmt`), with
+    whether each ended at a stop token before the token budget and its distinct 4-grams."""
+    from minilab.generate import decode, encode, generate, new_token_budget
+
+    pick = sampling_of(cfg, chat=fmt is not None)
+    prompts = [fmt(raw) if fmt is not None else raw for raw in read_prompts(cfg.prompts_file)]
+    ids = [encode(tokenizer, p) for p in prompts]
+    kw = dict(max_new_tokens=cfg.max_new_tokens, stop_token_ids=stops)
+    greedy = generate(model, ids, temperature=0.0, **kw)
     items = []
-    for i, raw in enumerate(read_prompts(cfg.prompts_file)):
-        prompt = fmt(raw) if fmt is not None else raw
-        kw = dict(max_new_tokens=cfg.max_new_tokens, stop_token_ids=stops)
-        greedy = generate_text(model, tokenizer, prompt, temperature=0.0, **kw)
-        # Did the greedy answer end on a stop token (eos / end of turn) before the token budget?
-        ids = generate(model, [tokenizer.encode(prompt, add_special_tokens=False).ids], temperature=0.0, **kw)[0]
+    for i, (prompt, g) in enumerate(zip(prompts, greedy, strict=True)):
         # Seed per prompt (seed + i): adding a prompt does not change the others' samples.
-        sampled = generate_text(model, tokenizer, prompt, temperature=cfg.temperature, top_k=cfg.top_k,
-                                top_p=cfg.top_p, seed=cfg.seed + i, **kw)
-        items.append({"prompt": prompt, "greedy": greedy, "greedy_stopped": len(ids) < cfg.max_new_tokens,
-                      "sampled": sampled, "seed": cfg.seed + i})
-    return {"max_new_tokens": cfg.max_new_tokens, "items": items,
-            "sampling": {"seed": cfg.seed, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}}
+        sampled = generate(model, [ids[i]], seed=cfg.seed + i, **pick, **kw)[0]
+        budget = new_token_budget(model, ids[i], cfg.max_new_tokens)
+        items.append({"prompt": prompt, "greedy": decode(tokenizer, g), "greedy_stopped": len(g) < budget,
+                      "greedy_distinct4": distinct_ngrams(g), "sampled": decode(tokenizer, sampled),
+                      "sampled_stopped": len(sampled) < budget, "sampled_distinct4": distinct_ngrams(sampled),
+                      "seed": cfg.seed + i})
+    summary = {}
+    for how in ("greedy", "sampled"):
+        d4 = [it[f"{how}_distinct4"] for it in items if it[f"{how}_distinct4"] is not None]
+        summary[how] = {"stopped": sum(it[f"{how}_stopped"] for it in items),
+                        "distinct4": sum(d4) / len(d4) if d4 else None}
+    return {"max_new_tokens": cfg.max_new_tokens, "items": items, "summary": summary,
+            "sampling": {"seed": cfg.seed, **pick}}
 
 
 def _output_dir(cfg: EvalConfig, model_dir: Path) -> Path:
@@ -262,10 +297,11 @@ def _metric(r: dict[str, Any], cfg: EvalConfig) -> str:
         win = pref.get("win_rate") if isinstance(pref, dict) else None
         if win is not None:
             parts.append(f"win rate {win:.3f}")
-    items = (r.get("generations") or {}).get("items") or []
-    if items and not parts:
-        stopped = sum(bool(it.get("greedy_stopped")) for it in items)
-        parts.append(f"{stopped}/{len(items)} greedy answers end at a stop token")
+    gens = r.get("generations") or {}
+    if gens.get("items") and not parts:
+        n, s = len(gens["items"]), gens["summary"]
+        parts.append(f"{s['greedy']['stopped']}/{n} greedy and {s['sampled']['stopped']}/{n} sampled answers end "
+                     "at a stop token")
     return ", ".join(parts) or "report written"
 
 

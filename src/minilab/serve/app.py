@@ -46,6 +46,7 @@ from starlette.requests import ClientDisconnect
 
 from minilab.conversation import ContextFull, fit_conversation
 from minilab.inference import Delta, Engine
+from minilab.sampling import CHAT_SAMPLING
 from minilab.serve import protocol as p
 from minilab.serve.guard import protect
 from minilab.serve.scheduler import Scheduler
@@ -185,6 +186,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_concurrency: i
     app.state.scheduler, app.state.engine = sched, engine
     protect(app, bind_host=host, api_key=api_key, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
     page = resources.files("minilab.serve").joinpath("page.html").read_text(encoding="utf-8")
+    for key, value in CHAT_SAMPLING.items():  # the page's defaults are `minilab chat`'s
+        page = page.replace("{{" + key + "}}", str(value))
     started = int(time.time())
     _install_error_handlers(app)
     auth = _bearer_check(api_key)
