@@ -26,8 +26,8 @@ valid checkout the peer is skipped with a message and minilab's figures are stil
 
 Schedules: a short calibration run of each system measures its median step time; a budget of B
 seconds gets max_steps = B / step time (nanoGPT: max_iters = lr_decay_iters, warmup 5% of it,
-the README recipe's 100 of 2000). minilab's side goes through `minilab_schedule`, which passes
-`time_budget` instead once `PretrainConfig` has that key. Prints a table (budget x system ->
+the README recipe's 100 of 2000); minilab's runs get `time_budget` (`minilab_schedule`) and size
+themselves. `--variant NAME:KEY=VALUE,...` adds an ablation of minilab's recipe to the rotation. Prints a table (budget x system ->
 held-out bpb, tokens seen, steps, seconds), the bpb ratio minilab / nanoGPT per budget, the time
 minilab needs to reach nanoGPT's largest-budget bpb, and one JSON line. See docs/speedrun.md.
 """
@@ -57,9 +57,10 @@ import numpy as np
 
 SEQ_LEN = 256
 # minilab's recommended CPU recipe (src/minilab/recipes/demo.yaml, pretrain): the one place to change it.
-# Muon kept: on the demo's 600 steps it lowered held-out loss by 0.08-0.10 nats on two seeds at
-# +0-6% wall time (docs/speedrun.md, "Ablations").
-MINILAB_RECIPE = {"arch": "micro", "batch_size": 16, "seq_len": SEQ_LEN, "optim": {"lr": 2.0e-3, "optimizer": "muon"}}
+# Every lever kept won at equal CPU time on two seeds (docs/speedrun.md, "Ablations"): Muon, lr 8e-3,
+# warmup-stable-decay.
+MINILAB_RECIPE = {"arch": "micro", "batch_size": 16, "seq_len": SEQ_LEN,
+                  "optim": {"lr": 8.0e-3, "optimizer": "muon", "schedule": "wsd"}}
 # nanoGPT's README CPU recipe on top of config/train_shakespeare_char.py, block_size raised to 256.
 NANOGPT_CONFIG = "config/train_shakespeare_char.py"
 NANOGPT_RECIPE = {"device": "cpu", "compile": False, "block_size": SEQ_LEN, "batch_size": 12, "n_layer": 4,
@@ -227,7 +228,10 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         node = recipe
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        try:  # YAML 1.1 reads `4e-3` as a string
+            node[leaf] = float(value) if "." in value or "e" in value.lower() else int(value)
+        except ValueError:
+            node[leaf] = yaml.safe_load(value)
     return name, recipe
 
 
