@@ -3,7 +3,8 @@
     python benchmarks/chat_defaults.py MODEL [--prompts 40] [--max-tokens 64] [--seeds 3] [--corpus DIR]
 
 Each prompt is the first user message of a built-in demo conversation (every k-th one, so the
-topics vary). For each setting (temperature, top_p, repetition_penalty) every prompt is answered
+topics vary), or a line of `--prompts-file` (recipes/demo-chat-heldout.txt: 40 questions that are
+in none of the demo conversations). For each setting (temperature, top_p, repetition_penalty) every prompt is answered
 with `--seeds` seeds (greedy once), at most `--max-tokens` tokens, and scored:
 
 - end-of-turn rate: answers that ended by themselves (finish "stop"), not at the token limit;
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from minilab.evaluate.stage import distinct_ngrams
 from minilab.finetune.demo_data import demo_conversations
 from minilab.inference import Engine, SamplingParams
 
@@ -62,11 +64,6 @@ def known_words(corpus: str | None) -> set[str]:
             for line in shard.open(encoding="utf-8"):
                 words.update(WORD.findall(json.loads(line)["text"].lower()))
     return words
-
-
-def distinct4(ids: list[int]) -> float | None:
-    grams = [tuple(ids[i:i + 4]) for i in range(len(ids) - 3)]
-    return len(set(grams)) / len(grams) if grams else None
 
 
 QUESTIONS = ["Hello, how are you?", "What is your name?", "Do you like books?", "Tell me a joke.", "What is AI?",
@@ -107,6 +104,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model")
     ap.add_argument("--prompts", type=int, default=40)
+    ap.add_argument("--prompts-file", default=None,
+                    help="prompts the model was not trained on, one per line (e.g. recipes/demo-chat-heldout.txt); "
+                         "default: first user turns of the built-in demo conversations")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--conversation", action="store_true", help="the ten-turn conversation, old vs new page")
@@ -117,9 +117,12 @@ def main() -> None:
     engine = Engine.load(args.model)
     if args.conversation:
         return conversation(engine)
-    convs = demo_conversations()
-    step = max(1, len(convs) // args.prompts)
-    prompts = [c["messages"][0]["content"] for c in convs[::step]][: args.prompts]
+    if args.prompts_file:
+        prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    else:
+        convs = demo_conversations()
+        step = max(1, len(convs) // args.prompts)
+        prompts = [c["messages"][0]["content"] for c in convs[::step]][: args.prompts]
     vocab = known_words(args.corpus)
     for name, temp, top_p, rep in SETTINGS:
         if args.only and not any(name.startswith(o) for o in args.only):
@@ -137,7 +140,7 @@ def main() -> None:
                 text = "".join(answer)
                 stops.append(finish == "stop")
                 lengths.append(n)
-                if (v := distinct4(engine.encode(text))) is not None:
+                if (v := distinct_ngrams(engine.encode(text))) is not None:
                     d4.append(v)
                 words = WORD.findall(text.lower())
                 if words:

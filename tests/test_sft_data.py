@@ -173,3 +173,24 @@ def test_force_replaces_only_the_stages_own_output(tok_dir, tmp_path, stage, cap
     assert cli_main([*args, "--output-dir", str(tmp_path / "o")]) == 1 and "pass --force" in capsys.readouterr().err
     assert cli_main([*args, "--output-dir", str(tmp_path / "o"), "--force"]) == 0
     assert not (tmp_path / "o" / "stale").exists()
+
+
+def test_demo_chat_heldout_prompts_are_in_no_training_conversation():
+    """recipes/demo-chat-heldout.txt measures whether the demo's chat model ends its answers on
+    questions it was not trained on: none of them may be an utterance of the built-in SFT and DPO
+    data (compared without case and punctuation)."""
+    import re
+    from pathlib import Path
+
+    import minilab
+    from minilab.finetune.demo_data import dialogues
+
+    def norm(text: str) -> str:
+        return " ".join(re.sub(r"[^a-z ]", " ", text.lower()).split())
+
+    prompts = [line.strip() for line in
+               (Path(minilab.__file__).parent / "recipes" / "demo-chat-heldout.txt").read_text().splitlines()]
+    assert len(prompts) == 40 and all(prompts) and len(set(prompts)) == 40
+    trained = {norm(u) for _, turns in dialogues() for u in turns}
+    assert len(trained) > 1000
+    assert [p for p in prompts if norm(p) in trained] == []

@@ -57,8 +57,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-# The sampling defaults, defined once (docs/stages/09-serve.md and docs/stages/05-generate... say why,
-# with the figures of benchmarks/chat_defaults.py and benchmarks/generate_defaults.py):
+# The sampling defaults, defined once (docs/stages/09-serve.md, "Sampling defaults", says why with
+# the figures of benchmarks/chat_defaults.py and of the demo's eval reports):
 # - free text from a small model (`minilab generate`, eval's sampled continuations): greedy decoding
 #   loops ("the first of the first time, and the first of the first time"); a mild temperature, a
 #   nucleus and a CTRL penalty of 1.15 give sentences that move on;
