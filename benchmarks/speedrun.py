@@ -27,9 +27,13 @@ valid checkout the peer is skipped with a message and minilab's figures are stil
 Schedules: a short calibration run of each system measures its median step time; a budget of B
 seconds gets max_steps = B / step time (nanoGPT: max_iters = lr_decay_iters, warmup 5% of it,
 the README recipe's 100 of 2000); minilab's runs get `time_budget` (`minilab_schedule`) and size
-themselves. `--variant NAME:KEY=VALUE,...` adds an ablation of minilab's recipe to the rotation. Prints a table (budget x system ->
-held-out bpb, tokens seen, steps, seconds), the bpb ratio minilab / nanoGPT per budget, the time
-minilab needs to reach nanoGPT's largest-budget bpb, and one JSON line. See docs/speedrun.md.
+themselves. `--variant NAME:KEY=VALUE,...` adds an ablation of minilab's recipe to the rotation
+(`vocab_size=N` trains it on the text re-tokenized with an N-token tokenizer, scored on that
+data's own held-out windows: bits per byte compare across vocabularies). Prints a table (budget x
+system -> held-out bpb, tokens seen, steps, seconds), the bpb ratio minilab / nanoGPT per budget,
+the time minilab needs to reach nanoGPT's largest-budget bpb, and one JSON line; `--scaling-out
+FILE` also writes the minilab systems' measured scaling, which `minilab plan --budget` plans
+from. See docs/speedrun.md.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from pathlib import Path
 import numpy as np
 
 SEQ_LEN = 256
+DEFAULT_VOCAB = 4096  # the demo tokenizer's size; a `vocab_size=N` variant trains on its own re-tokenized copy
 # minilab's recommended CPU recipe (src/minilab/recipes/demo.yaml, pretrain): the one place to change it.
 # Every lever kept won at equal CPU time on two seeds (docs/speedrun.md, "Ablations"): Muon, lr 8e-3,
 # warmup-stable-decay.
@@ -134,19 +139,35 @@ def nanogpt_logits(nanogpt_dir: str | Path, ckpt_path: str | Path) -> Callable:
 
 
 # ---- data ---------------------------------------------------------------------------------------
+class Heldout:
+    """Packed tokens with their tokenizer, and the held-out windows (with their UTF-8 bytes) that
+    every model trained on them is scored on: one per vocabulary in the run."""
+
+    def __init__(self, packed: Path, tokenizer_dir: Path, n_windows: int):
+        from minilab.tokenization import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_dir)
+        self.packed, self.tokenizer_dir, self.vocab_size = packed, tokenizer_dir, tokenizer.get_vocab_size()
+        self.windows = heldout_windows(packed, n_windows)
+        self.n_bytes = target_bytes(tokenizer, self.windows)
+
+    def bpb(self, logits_fn: Callable) -> dict:
+        return heldout_bpb(logits_fn, self.windows, self.n_bytes)
+
+
 def minilab_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "minilab", *args]
 
 
-def build_packed(source: str, root: Path) -> Path:
-    """corpus -> tokenizer (BPE 4096, the demo's) -> pack (seq 256, 5% val) with minilab's stages,
-    into `root` (kept: a second run reuses it)."""
+def build_packed(source: str, root: Path, vocab_size: int = DEFAULT_VOCAB) -> Path:
+    """corpus -> tokenizer (BPE, 4096 by default: the demo's) -> pack (seq 256, 5% val) with
+    minilab's stages, into `root` (kept: a second run reuses it)."""
     packed = root / "packed"
     if (packed / "manifest.json").is_file():
         return packed
     steps = [("corpus", "--source", source, "--output-dir", str(root / "corpus"), "--force"),
              ("tokenizer", "--corpus-dir", str(root / "corpus"), "--output-dir", str(root / "tokenizer"),
-              "--vocab-size", "4096", "--force"),
+              "--vocab-size", str(vocab_size), "--force"),
              ("pack", "--corpus-dir", str(root / "corpus"), "--tokenizer-dir", str(root / "tokenizer"),
               "--output-dir", str(packed), "--seq-len", str(SEQ_LEN), "--val-fraction", "0.05", "--force")]
     for step in steps:
@@ -156,11 +177,17 @@ def build_packed(source: str, root: Path) -> Path:
     return packed
 
 
-def prepare_data(a: argparse.Namespace) -> tuple[Path, Path, dict]:
-    """(packed dir, tokenizer dir, packed manifest) from --data, --text or the built-in corpus."""
+def prepare_data(a: argparse.Namespace, vocab_size: int | None = None) -> tuple[Path, Path, dict]:
+    """(packed dir, tokenizer dir, packed manifest) from --data, --text or the built-in corpus;
+    `vocab_size` (a variant's) re-tokenizes the text with a tokenizer of that size."""
     from minilab.data.packed import check_packed
     from minilab.fsutil import cache_root
 
+    if vocab_size is not None and a.data:
+        raise SystemExit("a vocab_size variant re-tokenizes the text: use --text FILE or the built-in corpus, "
+                         "not --data")
+    vocab = vocab_size or DEFAULT_VOCAB
+    suffix = "" if vocab == DEFAULT_VOCAB else f"-v{vocab}"
     if a.data:
         packed = Path(a.data)
     elif a.text:
@@ -168,9 +195,9 @@ def prepare_data(a: argparse.Namespace) -> tuple[Path, Path, dict]:
         if not text.is_file():
             raise SystemExit(f"--text {text}: file not found")
         digest = hashlib.sha256(text.read_bytes()).hexdigest()[:16]
-        packed = build_packed(str(text.resolve()), cache_root() / "speedrun" / f"text-{digest}")
+        packed = build_packed(str(text.resolve()), cache_root() / "speedrun" / f"text-{digest}{suffix}", vocab)
     else:
-        packed = build_packed("default", cache_root() / "speedrun" / "default")
+        packed = build_packed("default", cache_root() / "speedrun" / f"default{suffix}", vocab)
     if not (packed / "manifest.json").is_file():
         raise SystemExit(f"--data {packed}: no manifest.json (not a `minilab pack` directory)")
     manifest = check_packed(packed)
@@ -365,7 +392,7 @@ def run_pairs(systems: list, budgets: list[float], seeds: int, step_s: dict, roo
             work = root / f"{system.name}-{budget}-{seed}"
             work.mkdir()
             r = system.train(work, seed, system.schedule(budget * 60, step_s[system.name]))
-            r["bpb"] = eval_one(system.logits(r))["bits_per_byte"]
+            r["bpb"] = eval_one(system, system.logits(r))["bits_per_byte"]
             shutil.rmtree(work)
             # The machine's speed drifts (other load): this run's median step time sizes the next one.
             step_s[system.name] = statistics.median(r["step_times"][1:-1] or r["step_times"])
@@ -412,6 +439,38 @@ def summarize_runs(rows: list, budgets: list[float], names: list[str]) -> dict:
     return out
 
 
+def model_params(recipe: dict, vocab_size: int) -> int:
+    """Parameters of a minilab recipe's model at a vocabulary size (built on the meta device)."""
+    from minilab.arch import load_architecture
+    from minilab.model import build_model
+
+    cfg = load_architecture(recipe.get("arch", "micro"), **recipe.get("model", {}), vocab_size=vocab_size)
+    return build_model(cfg, device="meta").num_params()
+
+
+def scaling_of(result: dict) -> dict:
+    """`minilab plan --budget`'s scaling file (src/minilab/planner/cpu_scaling.json) from a run's
+    JSON result: for each minilab system (`recipe`: MINILAB_RECIPE itself) its recipe, vocabulary,
+    parameters, training throughput (tokens per second of training loop, over all its runs) and
+    (tokens, bpb) at each budget."""
+    candidates = []
+    for name, recipe in result["recipes"].items():
+        runs = [r for r in result["runs"] if r["system"] == name]
+        if name == "nanogpt" or not runs:
+            continue
+        vocab = result["eval"][name]["vocab_size"]
+        points = [{"budget_min": b, **{k: statistics.mean(r[k] for r in runs if r["budget_min"] == b)
+                                       for k in ("tokens", "loop_s", "bpb")}}
+                  for b in sorted({r["budget_min"] for r in runs})]
+        candidates.append({"name": "recipe" if name == "minilab" else name, "recipe": recipe, "vocab_size": vocab,
+                           "params": model_params(recipe, vocab),
+                           "tokens_per_s": sum(r["tokens"] for r in runs) / sum(r["loop_s"] for r in runs),
+                           "points": points})
+    return {"source": "benchmarks/speedrun.py --scaling-out", "machine": result["machine"],
+            "threads": result["threads"], "gemm_gflops": result["gemm_gflops"], "date": time.strftime("%Y-%m-%d"),
+            "data": result["data_label"], "seeds": result["seeds"], "candidates": candidates}
+
+
 def print_table(summary: dict, names: list[str]) -> None:
     print(f"\n{'budget':>7} {'system':8} {'bpb mean':>9} {'per seed':>20} {'tokens':>11} {'steps':>7} "
           f"{'loop s':>7} {'wall s':>7} {'loop/budget':>11}")
@@ -455,6 +514,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="an ablation: minilab's recipe with these overrides (e.g. wsd:optim.schedule=wsd), trained "
                         "in the same rotation and reported as its bpb difference; repeatable")
+    p.add_argument("--scaling-out", metavar="FILE", help="also write the minilab systems' measured scaling "
+                   "(throughput, bpb per tokens) for `minilab plan --budget` (src/minilab/planner/cpu_scaling.json)")
     p.add_argument("--quick", action="store_true", help="smoke run: budgets 0.25 0.5 min, 1 seed, 32 windows")
     a = p.parse_args(argv)
     if a.quick:
@@ -469,45 +530,60 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from minilab.tokenization import load_tokenizer
+    from minilab.planner.budget_plan import gemm_rate
 
     a = parse_args(argv)
     threads = a.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     packed, tok_dir, manifest = prepare_data(a)
-    tokenizer = load_tokenizer(tok_dir)
-    windows = heldout_windows(packed, a.eval_windows)
-    n_bytes = target_bytes(tokenizer, windows)
+    data = {None: Heldout(packed, tok_dir, a.eval_windows)}  # by vocab_size variant (None: the data's own)
     systems: list = [Minilab(packed, tok_dir, threads)]
-    systems += [Minilab(packed, tok_dir, threads, recipe, name) for name, recipe in map(parse_variant, a.variant)]
+    for name, recipe in map(parse_variant, a.variant):
+        vocab = recipe.pop("vocab_size", None)
+        if vocab not in data:
+            v_packed, v_tok, _ = prepare_data(a, int(vocab))
+            data[vocab] = Heldout(v_packed, v_tok, a.eval_windows)
+        systems.append(Minilab(data[vocab].packed, data[vocab].tokenizer_dir, threads, recipe, name))
     problem = nanogpt_problem(a.nanogpt_dir, manifest)
     if problem:
         print(f"nanoGPT skipped: {problem}; reporting minilab's figures only", flush=True)
     else:
-        systems.append(NanoGPT(a.nanogpt_dir, packed, tokenizer.get_vocab_size(), threads))
+        systems.append(NanoGPT(a.nanogpt_dir, packed, data[None].vocab_size, threads))
+    heldout = {s.name: next(d for d in data.values() if d.packed == s.packed) for s in systems}
     names = [s.name for s in systems]
     load0 = os.getloadavg()
-    print(f"data {packed} (vocab {tokenizer.get_vocab_size()}); held-out {len(windows)} windows x {SEQ_LEN} tokens "
-          f"= {n_bytes:,} bytes; {threads} threads for every system; load {load0[0]:.1f}", flush=True)
+    gemm = gemm_rate()  # the pace `minilab plan --budget` scales this run's throughputs by
+    for d in data.values():
+        print(f"data {d.packed} (vocab {d.vocab_size}); held-out {len(d.windows)} windows x {SEQ_LEN} tokens "
+              f"= {d.n_bytes:,} bytes", flush=True)
+    print(f"{threads} threads for every system; fp32 matmul {gemm:.1f} GFLOP/s; load {load0[0]:.1f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="speedrun-") as tmp:
         step_s = {}
         for s in systems:
             (Path(tmp) / f"calib-{s.name}").mkdir()
             step_s[s.name] = s.calibrate(Path(tmp) / f"calib-{s.name}", a.calib_steps)
             print(f"[calibration] {s.name}: {step_s[s.name] * 1000:.0f} ms/step", flush=True)
-        rows = run_pairs(systems, a.budgets, a.seeds, step_s, Path(tmp),
-                         lambda fn: heldout_bpb(fn, windows, n_bytes))
+        rows = run_pairs(systems, a.budgets, a.seeds, step_s, Path(tmp), lambda s, fn: heldout[s.name].bpb(fn))
     summary = summarize_runs(rows, a.budgets, names)
     print_table(summary, names)
-    print(json.dumps({"benchmark": "speedrun", "machine": platform.processor() or platform.machine(),
-                      "threads": threads, "loadavg_start": load0[0], "loadavg_end": os.getloadavg()[0],
-                      "data": str(packed), "vocab_size": tokenizer.get_vocab_size(),
-                      "eval": {"windows": len(windows), "seq_len": SEQ_LEN, "bytes": n_bytes},
-                      "recipes": {**{s.name: s.recipe for s in systems if isinstance(s, Minilab)},
-                                  "nanogpt": {"config": NANOGPT_CONFIG, **NANOGPT_RECIPE,
-                                              "warmup_frac": NANOGPT_WARMUP_FRAC}},
-                      "step_s": step_s, "budgets_min": a.budgets, "seeds": a.seeds, "runs": rows,
-                      "peer_skipped": problem, **summary}))
+    result = {"benchmark": "speedrun", "machine": platform.processor() or platform.machine(), "threads": threads,
+              "gemm_gflops": gemm, "loadavg_start": load0[0], "loadavg_end": os.getloadavg()[0],
+              "data": str(packed), "vocab_size": data[None].vocab_size,
+              "data_label": a.data or (Path(a.text).name if a.text else "built-in corpus (Jane Austen's novels)"),
+              "eval": {s.name: {"data": str(heldout[s.name].packed), "vocab_size": heldout[s.name].vocab_size,
+                                "windows": len(heldout[s.name].windows), "seq_len": SEQ_LEN,
+                                "bytes": heldout[s.name].n_bytes} for s in systems},
+              "recipes": {**{s.name: s.recipe for s in systems if isinstance(s, Minilab)},
+                          "nanogpt": {"config": NANOGPT_CONFIG, **NANOGPT_RECIPE, "warmup_frac": NANOGPT_WARMUP_FRAC}},
+              "step_s": step_s, "budgets_min": a.budgets, "seeds": a.seeds, "runs": rows, "peer_skipped": problem,
+              **summary}
+    print(json.dumps(result))
+    if a.scaling_out:
+        out = Path(a.scaling_out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(scaling_of(result), indent=1) + "\n")
+        tmp.replace(out)
+        print(f"scaling written to {out}", flush=True)
 
 
 if __name__ == "__main__":

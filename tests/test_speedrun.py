@@ -141,3 +141,35 @@ def test_summary_ratios_targets_and_table(capsys):
     speedrun.print_table(s, ["minilab", "nanogpt"])
     out = capsys.readouterr().out
     assert "ratio minilab/nanoGPT 0.800 (+20.0% lower bpb)" in out and "in 4.47 min" in out
+
+
+def test_vocab_variants_and_the_planners_scaling_file():
+    from types import SimpleNamespace
+
+    from minilab.arch import load_architecture
+    from minilab.model import build_model
+    from minilab.planner.budget_plan import plan_budget
+
+    name, recipe = speedrun.parse_variant("v2k:vocab_size=2048,model.n_layer=2")
+    assert (name, recipe["vocab_size"], recipe["model"]) == ("v2k", 2048, {"n_layer": 2})
+    with pytest.raises(SystemExit, match="re-tokenizes"):  # --data is already tokenized
+        speedrun.prepare_data(SimpleNamespace(data="packed", text=None, tokenizer_dir=None), 2048)
+    recipe.pop("vocab_size")
+
+    def run(system, budget, tokens, loop, bpb):
+        return {"system": system, "budget_min": budget, "seed": 0, "tokens": tokens, "loop_s": loop, "bpb": bpb}
+    result = {"machine": "x86_64", "threads": 2, "gemm_gflops": 80.0, "data_label": "built-in", "seeds": 1,
+              "recipes": {"minilab": speedrun.MINILAB_RECIPE, "v2k": recipe, "nanogpt": speedrun.NANOGPT_RECIPE},
+              "eval": {"minilab": {"vocab_size": 4096}, "v2k": {"vocab_size": 2048}, "nanogpt": {"vocab_size": 4096}},
+              "runs": [run("minilab", 1, 600_000, 60, 2.0), run("minilab", 4, 2_400_000, 240, 1.7),
+                       run("v2k", 1, 900_000, 60, 2.1), run("v2k", 4, 3_000_000, 240, 1.9),
+                       run("nanogpt", 1, 500_000, 60, 2.4)]}
+    s = speedrun.scaling_of(result)
+    assert [c["name"] for c in s["candidates"]] == ["recipe", "v2k"]  # the peer is not a candidate
+    mini, v2k = s["candidates"]
+    assert mini["tokens_per_s"] == pytest.approx(10_000) and mini["vocab_size"] == 4096
+    assert [p["tokens"] for p in v2k["points"]] == [900_000, 3_000_000] and v2k["vocab_size"] == 2048
+    cfg = load_architecture("micro", n_layer=2, vocab_size=2048)
+    assert v2k["params"] == build_model(cfg, device="meta").num_params()
+    plan = plan_budget(240, s, rate=80.0)  # the measuring machine's pace: the measured points come back
+    assert plan["recommended"]["name"] == "recipe" and plan["recommended"]["expected_bpb"] == pytest.approx(1.7)

@@ -3,6 +3,7 @@
     minilab plan tiny --method full --batch-size 8 --seq-len 512
     minilab plan TinyLlama/TinyLlama-1.1B-Chat-v1.0 --method qlora --target cuda
     minilab plan --compare tinyllama/ phi-2/ gemma-2b/ mistral/ --method qlora --gpu-memory 8GiB
+    minilab plan --budget 10m      # what to pretrain in 10 minutes here (planner/budget_plan.py)
 """
 
 from __future__ import annotations
@@ -134,14 +135,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(p, "--models-dir", metavar="DIR", help="registry root for registry names")
     p.add_argument("--compare", nargs="+", metavar="MODEL", help="plan several models side by side")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--budget", metavar="DURATION", help="instead: what to pretrain in this time on this machine (10m, "
+                                                       "1.5h): architecture, vocabulary, batch, steps and the expected "
+                                                       "held-out bits per byte, from the speedrun's measured scaling")
+    p.add_argument("--scaling", metavar="FILE", help="with --budget: a scaling file written by `benchmarks/speedrun.py "
+                                                     "--scaling-out` (e.g. on your own text); default the shipped one")
+
+
+def plan_for_budget(args: argparse.Namespace) -> int:
+    from minilab.budget import parse_duration
+    from minilab.planner.budget_plan import SCALING_FILE, load_scaling, plan_budget, render_budget
+
+    try:
+        seconds = parse_duration(args.budget)
+    except ValueError as e:
+        raise ConfigError(str(e), key="--budget") from None
+    p = plan_budget(seconds, load_scaling(args.scaling or SCALING_FILE))
+    print(json.dumps(p, indent=2) if args.json else render_budget(p))
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    if args.budget:
+        return plan_for_budget(args)
     models = args.compare or ([args.model] if args.model else [])
     if not models:
-        raise ConfigError("give a MODEL or --compare MODEL ...", key="model")
+        raise ConfigError("give a MODEL, --compare MODEL ... or --budget DURATION", key="model")
     budget = parse_size(args.gpu_memory) if args.gpu_memory else None
     target = "cuda" if budget else args.target
     if target == "auto":
