@@ -91,6 +91,8 @@ def test_plan_budget_cli(tmp_path, capsys):
     assert "recommended: only" in text and "time_budget 90s" in text and "bits/byte" in text
     assert cli.main(["plan", "--budget", "soon", "--scaling", str(f)]) != 0
     assert "--budget" in capsys.readouterr().err
+    assert cli.main(["plan", "tiny", "--budget", "5m", "--scaling", str(f)]) != 0
+    assert "from scratch" in capsys.readouterr().err
     f.write_text("{}")
     assert cli.main(["plan", "--budget", "5m", "--scaling", str(f)]) != 0
     err = capsys.readouterr().err

@@ -19,9 +19,10 @@ Planning a budget B on this machine:
    falls about linearly in log tokens over a few doublings); the candidate with the lowest
    predicted bpb is recommended, with the predicted figure; candidates within `TIE_BPB` of the
    best tie (two seeds of one recipe differ by up to ~0.01), and the one with the fewest
-   parameters among them is recommended (cheaper to fine-tune, serve and export). A D outside the measured tokens
-   (more than 1.5x beyond either end) is flagged as an extrapolation: past the measured range a
-   larger model may win, which only a measurement at that scale shows.
+   parameters among them is recommended (cheaper to fine-tune, serve and export). A D outside
+   the measured tokens (more than 1.5x beyond either end) is flagged as an extrapolation: past
+   the measured range the line is optimistic, and a larger model may win, which only a
+   measurement at that scale shows.
 
 The figures are for the data the scaling was measured on (the built-in corpus unless the file
 says otherwise); other text has other absolute bpb, and usually the same ranking.

@@ -146,6 +146,8 @@ def plan_for_budget(args: argparse.Namespace) -> int:
     from minilab.budget import parse_duration
     from minilab.planner.budget_plan import SCALING_FILE, load_scaling, plan_budget, render_budget
 
+    if args.model or args.compare:
+        raise ConfigError("plans a pretraining run from scratch: give no MODEL or --compare with it", key="--budget")
     try:
         seconds = parse_duration(args.budget)
     except ValueError as e:
