@@ -97,3 +97,24 @@ def test_plan_budget_cli(tmp_path, capsys):
     assert cli.main(["plan", "--budget", "5m", "--scaling", str(f)]) != 0
     err = capsys.readouterr().err
     assert "not a speedrun scaling file" in err and "Traceback" not in err
+
+
+def test_the_demo_trains_the_recipe_the_speedrun_and_the_planner_measured():
+    """One recipe in three places (demo.yaml's pretrain, speedrun's MINILAB_RECIPE, the planner's
+    `recipe` candidate): a change to one without the others would plan and benchmark another model."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("speedrun", root / "benchmarks" / "speedrun.py")
+    speedrun = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speedrun)
+    demo = yaml.safe_load((root / "src" / "minilab" / "recipes" / "demo.yaml").read_text())["stages"]
+    pretrain = {k: demo["pretrain"][k] for k in ("arch", "batch_size", "optim")}
+    assert pretrain == {k: speedrun.MINILAB_RECIPE[k] for k in ("arch", "batch_size", "optim")}
+    assert demo["pack"]["seq_len"] == speedrun.MINILAB_RECIPE["seq_len"]
+    assert demo["tokenizer"]["vocab_size"] == speedrun.DEFAULT_VOCAB
+    shipped = next(c for c in budget_plan.load_scaling()["candidates"] if c["name"] == "recipe")
+    assert shipped["recipe"] == speedrun.MINILAB_RECIPE and shipped["vocab_size"] == speedrun.DEFAULT_VOCAB
