@@ -59,9 +59,9 @@ def build(impl: str, precision: str, seq_len: int, compile_model: bool, device_n
 
     from transformers import LlamaForCausalLM
 
-    from minilab.hf import to_llama_config
+    from minilab.hf import to_hf_config
 
-    hf_cfg = to_llama_config(cfg)
+    hf_cfg = to_hf_config(cfg)
     hf_cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(hf_cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,

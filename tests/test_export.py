@@ -41,9 +41,21 @@ def _rope_adjacent_pairs(x, base):
     return out
 
 
+def _rope_neox(x, base):
+    """llama.cpp's NEOX RoPE (qwen3's): rotates (x[i], x[i + hd/2]). x: (T, h, hd)."""
+    T, _, hd = x.shape
+    theta = np.arange(T)[:, None] * base ** (-np.arange(0, hd, 2) / hd)[None, :]     # (T, hd/2)
+    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+    x0, x1 = x[..., :hd // 2], x[..., hd // 2:]
+    return np.concatenate((x0 * cos - x1 * sin, x0 * sin + x1 * cos), axis=-1)
+
+
 def _gguf_forward(t, meta, ids):
-    """Logits (T, V) from GGUF tensors the way llama.cpp computes them (float64 numpy)."""
+    """Logits (T, V) from GGUF tensors the way llama.cpp computes them (float64 numpy): `llama` with
+    adjacent-pair RoPE, `qwen3` with a per-head RMSNorm of q and k, then NEOX RoPE."""
     nh, nkv, eps, base = meta["heads"], meta["kv_heads"], meta["eps"], meta["base"]
+    qwen3 = meta["arch"] == "qwen3"
+    rope = _rope_neox if qwen3 else _rope_adjacent_pairs
     x = t["token_embd.weight"][ids]
     T = len(ids)
     causal = np.triu(np.full((T, T), -np.inf), 1)
@@ -51,8 +63,10 @@ def _gguf_forward(t, meta, ids):
         def w(name, i=i):
             return t[f"blk.{i}.{name}.weight"]
         h = _rmsnorm(x, w("attn_norm"), eps)
-        q = _rope_adjacent_pairs((h @ w("attn_q").T).reshape(T, nh, -1), base)
-        k = _rope_adjacent_pairs((h @ w("attn_k").T).reshape(T, nkv, -1), base)
+        q, k = (h @ w("attn_q").T).reshape(T, nh, -1), (h @ w("attn_k").T).reshape(T, nkv, -1)
+        if qwen3:
+            q, k = _rmsnorm(q, w("attn_q_norm"), eps), _rmsnorm(k, w("attn_k_norm"), eps)
+        q, k = rope(q, base), rope(k, base)
         v = (h @ w("attn_v").T).reshape(T, nkv, -1)
         k, v = np.repeat(k, nh // nkv, axis=1), np.repeat(v, nh // nkv, axis=1)
         scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(q.shape[-1]) + causal
@@ -74,12 +88,32 @@ def test_permutation_is_llama_cpp_s_and_invertible():
     assert p[:8, 0].tolist() == w[[0, 4, 1, 5, 2, 6, 3, 7], 0].tolist()
 
 
-@pytest.mark.parametrize("outtype", ["f32", "f16"])
-def test_gguf_round_trip_and_llama_cpp_forward(model_dir, tmp_path, outtype):
+def _qk_norm_model(model_dir, out):
+    """The shared model as a QK-norm (Qwen3) model: its weights, q/k norms away from ones, same tokenizer."""
+    from minilab.hf import save_hf_dir
+    from minilab.model import build_model
+
+    base = load_model_for_inference(str(model_dir))
+    model = build_model(base.config.replace(qk_norm=True))
+    model.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.add_(torch.randn(norm.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    save_hf_dir(model, out, tokenizer_dir=model_dir)
+    return out
+
+
+@pytest.mark.parametrize("outtype,arch", [("f32", "llama"), ("f16", "llama"), ("f32", "qwen3"), ("f16", "qwen3")])
+def test_gguf_round_trip_and_llama_cpp_forward(model_dir, tmp_path, outtype, arch):
     from gguf import GGUFReader
 
+    if arch == "qwen3":
+        model_dir = _qk_norm_model(model_dir, tmp_path / "qk")
     model = load_model_for_inference(str(model_dir))
     cfg = model.config
+    assert cfg.architecture == arch
+    permuted = arch == "llama"  # qwen3: NEOX RoPE, the rotate-half layout as stored
     out = write_gguf(model, model_dir, tmp_path / "m.gguf", name="tiny", outtype=outtype)
     r = GGUFReader(str(out))
     tensors = {t.name: np.array(t.data) for t in r.tensors}
@@ -92,9 +126,9 @@ def test_gguf_round_trip_and_llama_cpp_forward(model_dir, tmp_path, outtype):
         if name == "lm_head.weight":
             continue
         got = tensors[gguf_name(name)].astype(np.float32)
-        if name.endswith("q_proj.weight"):
+        if permuted and name.endswith("q_proj.weight"):
             got = unpermute_qk(got, cfg.n_head)
-        elif name.endswith("k_proj.weight"):
+        elif permuted and name.endswith("k_proj.weight"):
             got = unpermute_qk(got, cfg.n_kv_head)
         ref = ref.numpy()
         expect = ref.astype(np.float16).astype(np.float32) if outtype == "f16" and ref.ndim == 2 else ref
@@ -109,28 +143,35 @@ def test_gguf_round_trip_and_llama_cpp_forward(model_dir, tmp_path, outtype):
     assert tokens[_field(r, "tokenizer.ggml.eos_token_id")] == "</s>"
     assert tokens[_field(r, "tokenizer.ggml.eot_token_id")] == "<|im_end|>"
     assert "<|im_start|>" in _field(r, "tokenizer.chat_template")
-    assert _field(r, "llama.attention.head_count_kv") == cfg.n_kv_head
+    assert _field(r, "general.architecture") == arch
+    assert _field(r, f"{arch}.attention.head_count_kv") == cfg.n_kv_head
+    assert sum(k.endswith("attn_q_norm.weight") for k in tensors) == (cfg.n_layer if arch == "qwen3" else 0)
     # llama.cpp's computation on the file agrees with ours: same argmax everywhere, small difference
-    meta = {"heads": _field(r, "llama.attention.head_count"), "kv_heads": _field(r, "llama.attention.head_count_kv"),
-            "eps": _field(r, "llama.attention.layer_norm_rms_epsilon"), "base": _field(r, "llama.rope.freq_base"),
-            "layers": _field(r, "llama.block_count")}
+    meta = {"arch": arch, "heads": _field(r, f"{arch}.attention.head_count"),
+            "kv_heads": _field(r, f"{arch}.attention.head_count_kv"),
+            "eps": _field(r, f"{arch}.attention.layer_norm_rms_epsilon"), "base": _field(r, f"{arch}.rope.freq_base"),
+            "layers": _field(r, f"{arch}.block_count")}
     ids = Engine(model, __import__("tokenizers").Tokenizer.from_file(str(model_dir / "tokenizer.json")),
                  "m").encode("the cat sat on a mat while another dog ran")
     ref = model(torch.tensor([ids]))[0].double().numpy()
     got = _gguf_forward({k: v.astype(np.float64) for k, v in tensors.items()}, meta, ids)
     assert (got.argmax(-1) == ref.argmax(-1)).all()
     assert np.abs(got - ref).max() < (1e-4 if outtype == "f32" else 5e-2)
-    # without the permutation the same forward pass is wrong: the test can tell
+    # with the other layout (llama unpermuted, qwen3 permuted) the same forward pass is wrong: the test can tell
     broken = dict(tensors)
     for k in [k for k in tensors if k.endswith(("attn_q.weight", "attn_k.weight"))]:
-        broken[k] = unpermute_qk(tensors[k], meta["heads"] if "attn_q" in k else meta["kv_heads"])
+        broken[k] = (unpermute_qk if permuted else permute_qk)(tensors[k], meta["heads"] if "attn_q" in k
+                                                                else meta["kv_heads"])
     assert np.abs(_gguf_forward({k: v.astype(np.float64) for k, v in broken.items()}, meta, ids) - ref).max() > 1e-2
 
 
-def test_llama_cpp_python_agrees(model_dir, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_llama_cpp_python_agrees(model_dir, tmp_path, arch):
     llama_cpp = pytest.importorskip(
         "llama_cpp", reason="llama-cpp-python has no prebuilt wheel for this platform on PyPI (source build "
         "too slow for CI); the numpy llama.cpp-convention forward pass above checks the same layout")
+    if arch == "qwen3":
+        model_dir = _qk_norm_model(model_dir, tmp_path / "qk")
     model = load_model_for_inference(str(model_dir))
     path = write_gguf(model, model_dir, tmp_path / "m.gguf", name="tiny")
     llm = llama_cpp.Llama(str(path), logits_all=True, verbose=False, n_ctx=64)

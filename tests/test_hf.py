@@ -7,10 +7,17 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from minilab.errors import ConfigError, MinilabError
-from minilab.hf import from_hf_config, load_hf_dir, save_hf_dir, to_llama_config
+from minilab.hf import from_hf_config, load_hf_dir, save_hf_dir, to_hf_config
 from minilab.loading import load_model, load_model_for_inference
 from minilab.model import ModelConfig, build_model
 
@@ -39,9 +46,9 @@ def _ids(seed: int = 1, T: int = 24) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(seed))
 
 
-def _hf_logits(path, ids):
+def _hf_logits(path, ids, cls=LlamaForCausalLM):
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    assert isinstance(hf, LlamaForCausalLM)
+    assert type(hf) is cls
     with torch.no_grad():
         return hf(ids).logits
 
@@ -59,16 +66,21 @@ def _same_state(a, b) -> bool:
     dict(tie_embeddings=False, n_kv_head=1, rope_theta=500000.0),
     dict(tie_embeddings=False, n_kv_head=2, rope_theta=500000.0, rope_scaling=LLAMA3),
     dict(tie_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0}),
-], ids=["tied-mha", "untied-mha", "tied-gqa", "untied-mqa-theta", "llama3-scaling", "linear-scaling"])
+    dict(tie_embeddings=True, qk_norm=True),
+    dict(tie_embeddings=False, n_kv_head=2, qk_norm=True, rope_theta=1e6, head_dim=32),
+], ids=["tied-mha", "untied-mha", "tied-gqa", "untied-mqa-theta", "llama3-scaling", "linear-scaling",
+        "qk-norm-tied", "qk-norm-untied-gqa-wide-heads"])
 def test_export_matches_transformers_logits(tmp_path, changes):
     model = _ours(**changes)
     out = save_hf_dir(model, tmp_path / "export")
     ids = _ids()
     with torch.no_grad():
         ours = model(ids)
-    assert (ours - _hf_logits(out, ids)).abs().max().item() <= 1e-4
+    qwen3 = changes.get("qk_norm", False)
+    assert (ours - _hf_logits(out, ids, Qwen3ForCausalLM if qwen3 else LlamaForCausalLM)).abs().max().item() <= 1e-4
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    assert (config["architectures"], config["model_type"]) == \
+        ((["Qwen3ForCausalLM"], "qwen3") if qwen3 else (["LlamaForCausalLM"], "llama"))
     assert config["dtype"] == "float32" and config["tie_word_embeddings"] is changes["tie_embeddings"]
     with safe_open(out / "model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
@@ -80,6 +92,12 @@ def test_round_trip_is_bitwise(tmp_path):
     for tie in (True, False):
         model = _ours(tie_embeddings=tie, n_kv_head=2, rope_scaling=LLAMA3)
         back = load_hf_dir(save_hf_dir(model, tmp_path / f"rt-{tie}"))
+        assert _same_state(model, back)
+        assert back.config == model.config
+        assert (back.lm_head.weight is back.model.embed_tokens.weight) is tie
+        assert torch.equal(back.inv_freq, model.inv_freq)
+        model = _ours(tie_embeddings=tie, n_kv_head=2, qk_norm=True)
+        back = load_hf_dir(save_hf_dir(model, tmp_path / f"rt-qk-{tie}"))
         assert _same_state(model, back)
         assert back.config == model.config
         assert (back.lm_head.weight is back.model.embed_tokens.weight) is tie
@@ -135,6 +153,34 @@ def test_import_matches_transformers_logits(tmp_path, kw):
         assert (got - want).abs().max().item() <= 1e-4
         assert torch.equal(served(ids), got)
     assert served.config.tie_embeddings is kw["tie_word_embeddings"]
+
+
+QWEN3 = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, max_position_embeddings=64, rms_norm_eps=1e-6,
+             tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+             use_sliding_window=False, max_window_layers=1)  # Qwen3-0.6B's shape, shrunk
+
+
+def test_import_qwen3_matches_transformers_and_is_a_qk_norm_model(tmp_path):
+    torch.manual_seed(0)
+    hf = Qwen3ForCausalLM(Qwen3Config(**json.loads(json.dumps(QWEN3))))
+    _perturb(hf, 3)  # q_norm / k_norm away from ones too
+    hf.save_pretrained(tmp_path / "hf")
+    ids = _ids()
+    ours = load_hf_dir(tmp_path / "hf")
+    assert ours.config.qk_norm and ours.config.head_dim == 32 and ours.config.architecture == "qwen3"
+    with torch.no_grad():
+        assert (ours(ids) - hf.eval()(ids).logits).abs().max().item() <= 1e-4
+    # its own sliding window in use is other attention: refused in one line, naming the key
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    with pytest.raises(ConfigError, match="sliding_window"):
+        from_hf_config({**cfg, "use_sliding_window": True, "sliding_window": 32}, "config.json")
+    assert from_hf_config({**cfg, "use_sliding_window": False, "sliding_window": 32}, "c.json").qk_norm
+
+
+def test_qk_norm_with_llama3_scaling_is_refused_at_config_time():
+    with pytest.raises(ConfigError, match="qk_norm"):
+        ModelConfig(**BASE, qk_norm=True, rope_scaling=LLAMA3).validate()
 
 
 def test_import_old_style_rope_config(tmp_path):
@@ -258,9 +304,9 @@ def test_mistral_without_sliding_window_is_llama(tmp_path):
         from_hf_config({**cfg, "model_type": "mistral", "sliding_window": 16}, "c.json")
 
 
-def test_to_llama_config_fields():
+def test_to_hf_config_fields():
     cfg = ModelConfig(**BASE, n_kv_head=2, rope_theta=123.0, norm_eps=1e-6, tie_embeddings=False)
-    hf = to_llama_config(cfg)
+    hf = to_hf_config(cfg)
     assert (hf.hidden_size, hf.num_key_value_heads, hf.head_dim, hf.max_position_embeddings) == (64, 2, 16, 64)
     assert hf.rope_parameters["rope_theta"] == 123.0 and hf.rms_norm_eps == 1e-6
     assert hf.tie_word_embeddings is False

@@ -75,6 +75,15 @@ def test_kv_cache_decoding_matches_full_forward(n_kv_head):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_qk_norm_adds_two_head_dim_norms_per_layer_and_no_matmul_flops():
+    plain, qk = (build_model(ModelConfig(**SMALL, n_kv_head=2, qk_norm=on), "meta") for on in (False, True))
+    extra = {k: qk.param_groups()[k] - plain.param_groups()[k] for k in plain.param_groups()}
+    assert extra == {"embeddings": 0, "attention": 0, "mlp": 0, "norms": SMALL["n_layer"] * 2 * 16, "head": 0}
+    assert qk.flops_per_token(32) == plain.flops_per_token(32)
+    real = build_model(ModelConfig(**SMALL, qk_norm=True))
+    assert torch.equal(real.model.layers[1].self_attn.k_norm.weight, torch.ones(16))  # norms start at one
+
+
 def test_kv_cache_overflow_is_an_error():
     m = build_model(ModelConfig(**SMALL)).eval()
     cache = KVCache(m.config, batch_size=1, max_len=8)
@@ -176,15 +185,21 @@ def test_bf16_training_step_emulated_equals_native(bf16_matmul):
         assert (a - b).norm() <= 2 * (a - c).norm() + 1e-6 and (a - b).norm() <= 0.05 * c.norm()
 
 
-@pytest.mark.parametrize("n_kv_head", [4, 1])
+@pytest.mark.parametrize("arch", [dict(n_kv_head=4), dict(n_kv_head=1), dict(n_kv_head=2, qk_norm=True)],
+                         ids=["mha", "mqa", "gqa-qk-norm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cached_forward_is_bitwise_the_module_forward(n_kv_head, dtype):
+def test_cached_forward_is_bitwise_the_module_forward(arch, dtype):
     """The lean inference forward that generation uses computes exactly the module forward's
     logits: prefill, chunks, single tokens, a left-padded batch, both weight layouts."""
     from minilab.cached_forward import CachedForward
 
     torch.manual_seed(0)
-    m = build_model(ModelConfig(**SMALL, n_kv_head=n_kv_head)).to(dtype).eval()
+    m = build_model(ModelConfig(**SMALL, **arch)).eval()
+    with torch.no_grad():  # norms away from their all-ones init, which would hide a missing or swapped one
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn(p.shape) * 0.3)
+    m = m.to(dtype)
     x = torch.randint(0, 211, (3, 20))
     for layout in (False, True):
         if layout:

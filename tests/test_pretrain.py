@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import make_packed
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from minilab.cli import main as cli_main
@@ -243,6 +244,26 @@ def test_final_model_is_registered_with_lineage(data, tmp_path, monkeypatch, cap
     assert name2.endswith("-pretrain-v2")
     assert cli_main(["models", "list", "--models-dir", str(models), "--json"]) == 0
     assert [m["name"] for m in json.loads(capsys.readouterr().out)] == [name2]
+
+
+def test_qk_norm_model_trains_with_muon_registers_as_qwen3_and_transformers_agrees(data, tmp_path, capsys):
+    from minilab.export.gguf import export_model, transformers_parity
+
+    models, out = tmp_path / "models", tmp_path / "run"
+    rc = cli_main(pretrain_cmd(data, out, 3)[3:-2] + ["--set", "model.qk_norm=true", "--set", "optim.optimizer=muon",
+                                                     "--set", "register=true", "--set", f"models_dir={models}"])
+    assert rc == 0
+    name = capsys.readouterr().out.split("registry name: ")[1].split()[0]
+    assert name.startswith("qwen3-") and name.endswith("-pretrain-v1")
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and config["architectures"] == ["Qwen3ForCausalLM"]
+    with safe_open(out / "final" / "model.safetensors", "pt") as f:  # the norms trained (AdamW), off their init
+        assert not torch.equal(f.get_tensor("model.layers.0.self_attn.q_norm.weight"), torch.ones(config["head_dim"]))
+    assert transformers_parity(out / "final") <= 1e-4  # Qwen3ForCausalLM computes our logits
+    path, _ = export_model(str(out / "final"), "gguf", tmp_path / "m.gguf")
+    from gguf import GGUFReader
+
+    assert GGUFReader(str(path)).get_field("general.architecture").contents() == "qwen3"
 
 
 def test_refuses_occupied_output_and_tokenizer_mismatch(data, tmp_path, capsys):

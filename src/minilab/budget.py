@@ -363,9 +363,9 @@ def probe(run) -> dict[str, float]:
     eval_s = clock() - t0
     weights = 4 * model.num_params()  # fp32 weights; a checkpoint adds AdamW's two moments
     if run.info.is_main:  # the export's HF config needs transformers: imported now, as part of the setup
-        from minilab.hf import to_llama_config
+        from minilab.hf import to_hf_config
 
-        to_llama_config(model.config)
+        to_hf_config(model.config)
     export_s = write_seconds(run.out, weights) if run.info.is_main else 0.0
     if run.info.enabled:  # rank 0 writes: its time, on every rank
         from minilab import distributed

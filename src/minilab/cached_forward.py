@@ -37,11 +37,13 @@ class CachedForward:
         self.embed, self.norm = model.model.embed_tokens.weight, model.model.norm.weight
         self.head = model.lm_head.weight.t()                                            # (C, vocab)
         self.layers = []  # per block: norm weights and the projections as (in, out): q|k|v and gate|up joined
+        self.qk_norms = []  # per block: (q_norm, k_norm) weights, or None without QK-norm
         for block in model.model.layers:
             a, m = block.self_attn, block.mlp
             self.layers.append((block.input_layernorm.weight, joined(a.q_proj, a.k_proj, a.v_proj),
                                 a.o_proj.weight.t(), block.post_attention_layernorm.weight,
                                 joined(m.gate_proj, m.up_proj), m.down_proj.weight.t()))
+            self.qk_norms.append((a.q_norm.weight, a.k_norm.weight) if cfg.qk_norm else None)
         fp32 = all(w.dtype is torch.float32 for w in (self.layers[0][2], self.head))
         # fp32: torch.mm itself; otherwise through linear_w, for its bf16 GEMM emulation
         self.mm = torch.mm if fp32 else (lambda x, w_t: linear_w(x, w_t.t()))
@@ -75,7 +77,7 @@ class CachedForward:
         """As `Transformer.forward(input_ids, kv_cache=cache, logits_to_keep=...)`, under no_grad."""
         if torch.is_grad_enabled() or torch.is_autocast_enabled(input_ids.device.type):
             raise RuntimeError("CachedForward is for inference: run it under torch.inference_mode()")
-        nh, nkv, hd, _ = self.shape
+        nh, nkv, hd, eps = self.shape
         mm, rms, gqa = self.mm, self.rms, nkv != nh
         B, T = input_ids.shape
         N = B * T
@@ -92,7 +94,11 @@ class CachedForward:
         for i, (n1, wqkv, wo, n2, wgu, wd) in enumerate(self.layers):
             h = rms(x, n1)
             qkv = heads(self.project(h, wqkv), nh + 2 * nkv)                           # (B, nh+2nkv, T, hd)
-            qk = apply_rope(qkv[:, :nh + nkv], cos, sin)                               # q and k rotated at once
+            qk = qkv[:, :nh + nkv]
+            if self.qk_norms[i] is not None:  # as Attention: per-head RMSNorm (F.rms_norm's values), then RoPE
+                qn, kn = self.qk_norms[i]
+                qk = torch.cat((rms_norm(qk[:, :nh], qn, eps), rms_norm(qk[:, nh:], kn, eps)), dim=1)
+            qk = apply_rope(qk, cos, sin)                                              # q and k rotated at once
             k, v = cache.update(i, qk[:, nh:], qkv[:, nh + nkv:])                      # (B, nkv, S, hd)
             q = qk[:, :nh]
             if mask is not None:

@@ -1,8 +1,12 @@
-"""Hugging Face interop: our `Transformer` <-> a standard `LlamaForCausalLM` directory.
+"""Hugging Face interop: our `Transformer` <-> a standard `LlamaForCausalLM` (or, with QK-norm,
+`Qwen3ForCausalLM`) directory.
 
 Our parameter names and RoPE layout are exactly those of `LlamaForCausalLM`, so conversion is
 only a config mapping plus reading/writing safetensors: no renaming, no permuting, and no
 transformers model is ever instantiated (export and import stay fast and use no extra memory).
+Qwen3 is Llama plus a per-head RMSNorm of queries and keys before RoPE (`self_attn.q_norm` /
+`k_norm`, the names our `qk_norm` option uses), so a `qk_norm` model is written as Qwen3 and a
+Qwen3 checkpoint (without sliding-window attention) loads as a `qk_norm` model.
 `tests/test_hf.py` checks logits against transformers itself in both directions.
 
 Config spellings: transformers 5 writes RoPE as `rope_parameters: {rope_type, rope_theta, ...}`;
@@ -41,28 +45,35 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 # ---- config mapping ----------------------------------------------------------------------------
-def to_llama_config(cfg: ModelConfig):
-    """The `transformers.LlamaConfig` computing the same function as a model built from `cfg`."""
+HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # by ModelConfig.architecture
+
+
+def to_hf_config(cfg: ModelConfig):
+    """The transformers config (`LlamaConfig`, or `Qwen3Config` with QK-norm) computing the same
+    function as a model built from `cfg`."""
     from huggingface_hub.errors import StrictDataclassError
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, Qwen3Config
 
     scaling = dict(cfg.rope_scaling or {})
     kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    common = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": kind, "rope_theta": float(cfg.rope_theta), **scaling},
+        tie_word_embeddings=bool(cfg.tie_embeddings), initializer_range=cfg.init_std, hidden_act="silu",
+        attention_bias=False,
+        # LlamaConfig defaults to bos=1, eos=2: wrong for our tokenizers; save_hf_dir fills them in.
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        architectures=[HF_CLASSES[cfg.architecture]])
     try:
-        return LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-            head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-            rope_parameters={"rope_type": kind, "rope_theta": float(cfg.rope_theta), **scaling},
-            tie_word_embeddings=bool(cfg.tie_embeddings), initializer_range=cfg.init_std, hidden_act="silu",
-            attention_bias=False, mlp_bias=False,
-            # LlamaConfig defaults to bos=1, eos=2: wrong for our tokenizers; save_hf_dir fills them in.
-            bos_token_id=None, eos_token_id=None, pad_token_id=None,
-            architectures=["LlamaForCausalLM"])
-    except (StrictDataclassError, ValueError, TypeError) as e:  # LlamaConfig is a strict dataclass
+        if cfg.architecture == "qwen3":
+            return Qwen3Config(**common, use_sliding_window=False, sliding_window=None)
+        return LlamaConfig(**common, mlp_bias=False)
+    except (StrictDataclassError, ValueError, TypeError) as e:  # the configs are strict dataclasses
         # e.g. d_model % n_head != 0, which we allow (explicit head_dim) but LlamaConfig refuses.
         msg = " ".join(str(e.__cause__ or e).split())
-        raise MinilabError(f"cannot express this model as a transformers LlamaConfig: {msg}") from None
+        raise MinilabError(f"cannot express this model as a transformers {cfg.architecture} config: {msg}") from None
 
 
 def _require(config: dict, key: str, source: str) -> Any:
@@ -71,23 +82,28 @@ def _require(config: dict, key: str, source: str) -> Any:
     return config[key]
 
 
-def _check_model_type(config: dict, source: str) -> None:
-    """Accept Llama, and Mistral only when its sliding window never bites (then the math is Llama's)."""
+def _check_model_type(config: dict, source: str) -> bool:
+    """Accept Llama, Mistral and Qwen3 where their sliding window never bites (then the math is
+    Llama's, plus QK-norm for Qwen3). Returns whether the model has QK-norm."""
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
-    if model_type == "llama" or (model_type is None and "LlamaForCausalLM" in archs):
-        return
-    if model_type == "mistral":
-        window = config.get("sliding_window", 4096)  # MistralConfig's default when the key is absent
+    if model_type is None:
+        model_type = {cls: mt for mt, cls in HF_CLASSES.items()}.get(next(iter(archs), None))
+    if model_type == "llama":
+        return False
+    if model_type in ("mistral", "qwen3"):
+        # Mistral's default window is 4096; Qwen3 uses its window only with use_sliding_window
+        window = config.get("sliding_window", 4096) if model_type == "mistral" or \
+            config.get("use_sliding_window", False) else None
         max_pos = config.get("max_position_embeddings", 4096 * 32)
         if window is None or window >= max_pos:
-            return
-        raise ConfigError(f"Mistral sliding_window={window} < max_position_embeddings={max_pos} is not "
+            return model_type == "qwen3"
+        raise ConfigError(f"{model_type} sliding_window={window} < max_position_embeddings={max_pos} is not "
                           "Llama attention; load it with transformers.AutoModelForCausalLM instead",
                           source=source, key="sliding_window")
     raise ConfigError(f"unsupported model_type {model_type!r} (architectures {archs}); minilab loads Llama-"
-                      "architecture models only, use transformers.AutoModelForCausalLM for others",
-                      source=source, key="model_type")
+                      "architecture models (llama, mistral, qwen3) only, use transformers.AutoModelForCausalLM "
+                      "for others", source=source, key="model_type")
 
 
 def _rope_from_hf(config: dict, source: str) -> tuple[float, dict | None]:
@@ -119,7 +135,7 @@ def _rope_from_hf(config: dict, source: str) -> tuple[float, dict | None]:
 def from_hf_config(config_dict: dict, source: str) -> ModelConfig:
     """A `ModelConfig` from a HF `config.json` mapping; anything we would compute differently is
     a one-line `ConfigError` naming `source` (the file) and the key."""
-    _check_model_type(config_dict, source)
+    qk_norm = _check_model_type(config_dict, source)
     for key in ("attention_bias", "mlp_bias"):
         if config_dict.get(key, False):
             raise ConfigError("biases are not supported (minilab's Llama has none)", source=source, key=key)
@@ -144,6 +160,7 @@ def from_hf_config(config_dict: dict, source: str) -> ModelConfig:
         rope_theta=theta, rope_scaling=scaling,
         norm_eps=float(config_dict.get("rms_norm_eps", 1e-6)),
         tie_embeddings=tie,
+        qk_norm=qk_norm,
         init_std=float(config_dict.get("initializer_range", 0.02)),
     )
     try:
@@ -192,8 +209,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def save_hf_dir(model: Transformer, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None,
                 dtype: torch.dtype | str | None = None, extra_files: dict[str, Any] | None = None,
                 overwrite: bool = False) -> Path:
-    """Write `model` as a standard `LlamaForCausalLM` directory (config.json, model.safetensors,
-    generation_config.json, tokenizer files), atomically: a failure leaves no half directory.
+    """Write `model` as a standard `LlamaForCausalLM` directory (with QK-norm: `Qwen3ForCausalLM`):
+    config.json, model.safetensors, generation_config.json, tokenizer files, atomically (a failure
+    leaves no half directory).
 
     `dtype` converts the weights (default: as they are). `extra_files` maps relative names to
     str/bytes/Path (copied)/JSON-able content. A tied head is stored once, as transformers does.
@@ -218,11 +236,11 @@ def save_hf_dir(model: Transformer, out_dir: str | Path, *, tokenizer_dir: str |
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
     ids = special_token_ids(tok_dir) if tok_dir is not None else {}
 
-    hf_cfg = to_llama_config(cfg)
+    hf_cfg = to_hf_config(cfg)
     for key, value in ids.items():
         setattr(hf_cfg, key, value)
     config = json.loads(hf_cfg.to_json_string(use_diff=True))
-    config.update(architectures=["LlamaForCausalLM"], model_type="llama", dtype=_dtype_name(stored))
+    config.update(architectures=[HF_CLASSES[cfg.architecture]], model_type=cfg.architecture, dtype=_dtype_name(stored))
     gen = {"_from_model_config": True, **ids, "transformers_version": config.get("transformers_version")}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -327,7 +345,7 @@ def read_hf_config(path: str | Path) -> ModelConfig:
 
 def load_hf_dir(path: str | Path, *, dtype: torch.dtype | str | None = None,
                 device: torch.device | str | None = None) -> Transformer:
-    """A `Transformer` from any Llama-architecture HF directory, weights exactly as stored.
+    """A `Transformer` from any Llama-architecture (or Qwen3) HF directory, weights exactly as stored.
 
     `dtype` None keeps the stored dtype (so a round trip is bitwise); `device` defaults to CPU.
     """

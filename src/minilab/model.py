@@ -1,10 +1,10 @@
 """The minilab model: a LLaMA-style decoder in one readable file.
 
 RMSNorm, SwiGLU MLP, rotary position embeddings (RoPE, configurable theta), no biases, optional
-grouped-query attention, tied or untied embeddings, attention through
-`torch.nn.functional.scaled_dot_product_attention` (FlashAttention/memory-efficient kernels
-where the device has them), optional gradient checkpointing and a KV cache for incremental
-decoding.
+grouped-query attention, optional QK-norm (Qwen3's per-head RMSNorm of queries and keys), tied or
+untied embeddings, attention through `torch.nn.functional.scaled_dot_product_attention`
+(FlashAttention/memory-efficient kernels where the device has them), optional gradient
+checkpointing and a KV cache for incremental decoding.
 
 What is not the model lives beside it: the KV cache with its left-padded masks and per-row
 positions (`minilab.kvcache`), the bf16 matmul emulation for CPUs without a bf16 GEMM that
@@ -59,6 +59,8 @@ class ModelConfig:
         "help": "RoPE scaling as in HF config.json: None, {'rope_type': 'linear', 'factor': f} or llama3"})
     norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
     tie_embeddings: bool = field(default=True, metadata={"help": "share the input embedding and output head"})
+    qk_norm: bool = field(default=False, metadata={
+        "help": "RMSNorm on each head's queries and keys before RoPE (Qwen3's; exports as Qwen3ForCausalLM)"})
     init_std: float = field(default=0.02, metadata={"help": "std of the normal weight init"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute each block in backward to save activation memory"})
@@ -86,6 +88,16 @@ class ModelConfig:
             if kind not in ("default", "linear", "llama3"):
                 raise ConfigError(f"rope type {kind!r} is not supported (default, linear, llama3)",
                                   key="rope_scaling")
+            if kind == "llama3" and self.qk_norm:  # it would not export: llama.cpp's qwen3 has no rope_freqs
+                raise ConfigError("qk_norm cannot be combined with llama3 RoPE scaling (llama.cpp's qwen3 "
+                                  "architecture has no per-frequency factors); use linear scaling or no qk_norm",
+                                  key="qk_norm")
+
+    @property
+    def architecture(self) -> str:
+        """The standard architecture this config is, for export and registry names: `llama`, or
+        `qwen3` with QK-norm (Llama plus Qwen3's per-head q/k RMSNorm, nothing else)."""
+        return "qwen3" if self.qk_norm else "llama"
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -157,6 +169,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        if cfg.qk_norm:  # Qwen3: one (hd,) weight each, shared by all heads, applied before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,6 +180,8 @@ class Attention(nn.Module):
         q = linear(self.q_proj, x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = linear(self.k_proj, x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = linear(self.v_proj, x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if cache is not None:
@@ -236,7 +253,7 @@ class Transformer(nn.Module):
         (GPT-2) so the residual stream's variance does not grow with depth; norms at one."""
         std = self.config.init_std
         for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            if name.endswith("norm.weight"):  # layernorms, final norm, q_norm / k_norm
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
@@ -303,12 +320,12 @@ class Transformer(nn.Module):
             seen.add(id(p))
             if "embed_tokens" in name:
                 groups["embeddings"] += p.numel()
+            elif "norm" in name:  # before attention: q_norm / k_norm are norms, not matmul weights
+                groups["norms"] += p.numel()
             elif "self_attn" in name:
                 groups["attention"] += p.numel()
             elif ".mlp." in name:
                 groups["mlp"] += p.numel()
-            elif "norm" in name:
-                groups["norms"] += p.numel()
             elif name.startswith("lm_head"):
                 groups["head"] += p.numel()
             else:

@@ -396,7 +396,8 @@ def finish(model: Transformer, cfg: PretrainConfig, out: Path, run_meta: dict, f
     name = None
     if cfg.register:
         # Named before the old entry goes, so a version number is never reused for other weights.
-        name = registry.make_name("llama", model.num_params(), dataset_name(cfg), "pretrain", root=cfg.models_dir)
+        name = registry.make_name(model.config.architecture, model.num_params(), dataset_name(cfg), "pretrain",
+                                  root=cfg.models_dir)
         registry.release_path(out / "final", cfg.models_dir)  # an extended run: the old name's weights go
     final = save_hf_dir(model, out / "final", tokenizer_dir=cfg.tokenizer_dir, overwrite=True)
     data = [{"path": str(Path(d).resolve()), "manifest_sha256": sha256_file(Path(d) / "manifest.json"),

@@ -3,8 +3,9 @@
     minilab export my-model --format gguf --output my-model.gguf [--outtype f16]
     minilab export my-model --adapter adapters/run1 --format hf --output merged/
 
-What goes in the file (architecture `llama`, as llama.cpp's `convert_hf_to_gguf.py` writes it):
-- the hyperparameters (`llama.*`: context, widths, heads, RMSNorm eps, RoPE base, key/value
+What goes in the file (architecture `llama`, or `qwen3` for a QK-norm model, as llama.cpp's
+`convert_hf_to_gguf.py` writes them):
+- the hyperparameters (`llama.*` / `qwen3.*`: context, widths, heads, RMSNorm eps, RoPE base, key/value
   lengths, RoPE scaling: `linear` as type + factor, `llama3` as a `rope_freqs` tensor);
 - the tokenizer: byte-level BPE as `tokenizer.ggml.model = gpt2` with the GPT-2 pre-tokenizer, the
   vocabulary in id order with token types (special tokens CONTROL), the merges, bos/eos/unk/pad
@@ -13,13 +14,15 @@ What goes in the file (architecture `llama`, as llama.cpp's `convert_hf_to_gguf.
 - the tensors under llama.cpp's names (`blk.N.attn_q.weight`, ...). A tied head is not written:
   llama.cpp uses `token_embd` as the output when `output.weight` is absent.
 
-**Q and K are permuted.** Our weights (like transformers') use the rotate-half RoPE layout, where
-a head's dimension i is paired with i + hd/2. llama.cpp's LLAMA RoPE rotates adjacent pairs
-(2i, 2i+1), the layout of Meta's original checkpoints. `permute_qk` reorders each head's output
-rows from the first layout to the second: exactly llama.cpp's `LlamaModel.permute`
-(reshape(n_head, 2, hd/2, in) -> swapaxes(1, 2) -> reshape). `tests/test_export.py` checks
-it by running the GGUF tensors through an independent numpy forward pass with adjacent-pair RoPE
-and comparing the logits with ours.
+**For `llama`, Q and K are permuted.** Our weights (like transformers') use the rotate-half RoPE
+layout, where a head's dimension i is paired with i + hd/2. llama.cpp's LLAMA RoPE rotates adjacent
+pairs (2i, 2i+1), the layout of Meta's original checkpoints. `permute_qk` reorders each head's
+output rows from the first layout to the second: exactly llama.cpp's `LlamaModel.permute`
+(reshape(n_head, 2, hd/2, in) -> swapaxes(1, 2) -> reshape). llama.cpp runs `qwen3` with NEOX
+RoPE, which is rotate-half: its Q and K go unpermuted (and its per-head q/k norms, which act
+before RoPE, must not be permuted either), as `convert_hf_to_gguf.py` writes Qwen3.
+`tests/test_export.py` checks both by running the GGUF tensors through an independent numpy
+forward pass with the architecture's RoPE and comparing the logits with ours.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ _LAYER_NAMES = {
     "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
     "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight"}
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "minilab_tokenizer.json",
                    "chat_template.jinja")
 _TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -96,16 +100,17 @@ def gguf_name(name: str) -> str:
 
 
 def gguf_tensors(model: Any, outtype: str = "f32") -> dict[str, np.ndarray]:
-    """llama.cpp name -> array, Q/K permuted; matrices in `outtype`, norms always f32."""
+    """llama.cpp name -> array, Q/K permuted for `llama`; matrices in `outtype`, norms always f32."""
     cfg = model.config
+    permute = cfg.architecture == "llama"  # qwen3 is NEOX (rotate-half) RoPE in llama.cpp: as ours
     out: dict[str, np.ndarray] = {}
     for name, t in model.state_dict().items():
         if cfg.tie_embeddings and name == "lm_head.weight":
             continue
         a = t.detach().float().cpu().numpy()
-        if name.endswith("q_proj.weight"):
+        if permute and name.endswith("q_proj.weight"):
             a = permute_qk(a, cfg.n_head)
-        elif name.endswith("k_proj.weight"):
+        elif permute and name.endswith("k_proj.weight"):
             a = permute_qk(a, cfg.n_kv_head)
         if outtype == "f16" and a.ndim == 2:
             a = a.astype(np.float16)
@@ -176,7 +181,7 @@ def write_gguf(model: Any, model_dir: Path, out: Path, *, name: str, outtype: st
     cfg = model.config
     tok = tokenizer_metadata(model_dir, cfg.vocab_size)
     with atomic_path(out) as tmp:
-        w = gguf.GGUFWriter(str(tmp), "llama")
+        w = gguf.GGUFWriter(str(tmp), cfg.architecture)  # the keys below are written as `<arch>.*`
         w.add_name(name)
         w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
         w.add_vocab_size(cfg.vocab_size)
@@ -221,7 +226,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("model", metavar="MODEL", help="registry name or model directory")
     p.add_argument("--format", choices=["gguf", "hf"], required=True,
-                   help="gguf: one llama.cpp/Ollama file; hf: a transformers LlamaForCausalLM directory")
+                   help="gguf: one llama.cpp/Ollama file; hf: a transformers LlamaForCausalLM directory "
+                   "(Qwen3ForCausalLM for a qk_norm model)")
     p.add_argument("--output", "-o", required=True, help="output file (gguf) or directory (hf)")
     p.add_argument("--adapter", metavar="DIR", help="PEFT adapters merged into the weights first")
     p.add_argument("--outtype", choices=["f32", "f16"], default="f32", help="gguf: weight matrices' type")

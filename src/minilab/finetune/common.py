@@ -261,7 +261,7 @@ class Tuning:
         final = self.out / "final"
         adapters = self.peft is not None
         ttype = "lora" if adapters and training_type == "sft" else training_type
-        arch = "llama" if self.base.backend == "minilab" else self.base.model_type
+        arch = self.base.model.config.architecture if self.base.backend == "minilab" else self.base.model_type
         name = None
         if cfg.register:
             # Named before the old entry goes, so a version number is never reused for other weights.

@@ -74,7 +74,8 @@ def merge(model: str, *, output_dir: str | None = None, dtype: str | None = None
         cfg = read_json_if_present(src / "tokenizer_config.json")
         write_chat_tokenizer(src, out, ChatTemplate(chat["template"], cfg.get("chat_template", ""),
                                                     chat["end_token"], "", str(cfg.get("eos_token") or EOS_TOKEN)))
-    return _register(out, src, manifest, merged.num_params(), "llama", register, models_dir)
+    return _register(out, src, manifest, merged.num_params(), merged.config.architecture, register,
+                     models_dir)
 
 
 def _check_output(out: Path, src: Path, manifest: dict[str, Any], *, force: bool, models_dir: str | None) -> None:
