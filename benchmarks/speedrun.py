@@ -64,7 +64,7 @@ DEFAULT_VOCAB = 4096  # the demo tokenizer's size; a `vocab_size=N` variant trai
 # minilab's recommended CPU recipe (src/minilab/recipes/demo.yaml, pretrain): the one place to change it.
 # Every lever kept won at equal CPU time on two seeds (docs/speedrun.md, "Ablations"): Muon, lr 8e-3,
 # warmup-stable-decay.
-MINILAB_RECIPE = {"arch": "micro", "batch_size": 16, "seq_len": SEQ_LEN,
+MINILAB_RECIPE = {"arch": "micro", "batch_size": 16, "seq_len": SEQ_LEN, "model": {"qk_norm": True},
                   "optim": {"lr": 8.0e-3, "optimizer": "muon", "schedule": "wsd"}}
 # nanoGPT's README CPU recipe on top of config/train_shakespeare_char.py, block_size raised to 256.
 NANOGPT_CONFIG = "config/train_shakespeare_char.py"

@@ -151,7 +151,8 @@ def test_vocab_variants_and_the_planners_scaling_file():
     from minilab.planner.budget_plan import plan_budget
 
     name, recipe = speedrun.parse_variant("v2k:vocab_size=2048,model.n_layer=2")
-    assert (name, recipe["vocab_size"], recipe["model"]) == ("v2k", 2048, {"n_layer": 2})
+    assert (name, recipe["vocab_size"]) == ("v2k", 2048)
+    assert recipe["model"] == {**speedrun.MINILAB_RECIPE.get("model", {}), "n_layer": 2}  # the recipe's, overridden
     with pytest.raises(SystemExit, match="re-tokenizes"):  # --data is already tokenized
         speedrun.prepare_data(SimpleNamespace(data="packed", text=None, tokenizer_dir=None), 2048)
     recipe.pop("vocab_size")
@@ -169,7 +170,7 @@ def test_vocab_variants_and_the_planners_scaling_file():
     mini, v2k = s["candidates"]
     assert mini["tokens_per_s"] == pytest.approx(10_000) and mini["vocab_size"] == 4096
     assert [p["tokens"] for p in v2k["points"]] == [900_000, 3_000_000] and v2k["vocab_size"] == 2048
-    cfg = load_architecture("micro", n_layer=2, vocab_size=2048)
+    cfg = load_architecture("micro", vocab_size=2048, **recipe["model"])
     assert v2k["params"] == build_model(cfg, device="meta").num_params()
     plan = plan_budget(240, s, rate=80.0)  # the measuring machine's pace: the measured points come back
     assert plan["recommended"]["name"] == "recipe" and plan["recommended"]["expected_bpb"] == pytest.approx(1.7)
