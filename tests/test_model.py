@@ -33,6 +33,20 @@ def test_meta_param_count_equals_real_model(name):
     assert sum(meta.param_groups().values()) == meta.num_params()
 
 
+def test_meta_build_draws_nothing_and_imports_no_dynamo():
+    """A `meta` build (the planner's) skips random init: torch runs init on meta through Python
+    decompositions whose first call imports torch._dynamo, two seconds of `minilab plan`."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from minilab.arch import load_architecture; from minilab.model import build_model; "
+            "m = build_model(load_architecture('tiny', qk_norm=True), 'meta'); "
+            "assert all(p.is_meta for p in m.parameters()) and m.inv_freq.is_meta; "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_micro_is_a_few_million_params():
     n = build_model(load_architecture("micro"), device="meta").num_params()
     assert 1_000_000 < n < 5_000_000

@@ -23,6 +23,7 @@ token) so the planner can ask a model built on the `meta` device instead of re-d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from minilab.bf16 import attention, linear
@@ -126,9 +128,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (hd/2,), with the HF 'linear' and 'llama3' scalings applied."""
+    """Inverse frequencies (hd/2,) on the CPU, with the HF 'linear' and 'llama3' scalings applied."""
     hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    # on the CPU whatever the default device: on `meta` these few ops would import torch._dynamo (2 s)
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
@@ -244,7 +247,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # RoPE angles are a pure function of the config: kept out of the state dict.
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg).to(self.lm_head.weight.device), persistent=False)
         self.reset_parameters()
 
     # ---- initialisation -------------------------------------------------------------------
@@ -365,7 +368,24 @@ class Transformer(nn.Module):
         }
 
 
+class _NoInitOnMeta(TorchFunctionMode):
+    """Random init of `meta` tensors as a no-op: there are no values to draw, and torch runs it
+    through Python decompositions whose first call imports torch._dynamo (2 s of `minilab plan`)."""
+
+    INIT = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                      "xavier_uniform_", "xavier_normal_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self.INIT:
+            t = args[0] if args else kwargs.get("tensor")
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
+
+
 def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> Transformer:
     """Build a model; on `device="meta"` nothing is allocated (for costs and planning)."""
-    with torch.device(device or "cpu"):
+    device = torch.device(device or "cpu")
+    with torch.device(device), _NoInitOnMeta() if device.type == "meta" else contextlib.nullcontext():
         return Transformer(cfg)
