@@ -13,6 +13,10 @@ clients each send `--requests-per-client` chat requests: throughput in tokens/s 
 p50/p99 of request latency and of time to first token. One JSON line per measurement on stdout, a
 summary with the ratios at the end. Random weights: decoding speed does not depend on what was
 learned. Our model is loaded as `Engine.load` prepares it (`use_decode_layout`).
+
+A roofline line per shape: the bytes of weights one batch-1 step reads, times tokens/s, against
+the read bandwidth this process measures itself (sums over a 512 MiB tensor, same threads): the
+distance to the physical limit of decoding from memory (above 1: the weights fit in cache).
 """
 
 from __future__ import annotations
@@ -41,6 +45,37 @@ def _median_times(fns: dict, repeats: int) -> dict:
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def memory_bandwidth(mib: int = 512, tries: int = 5) -> float:
+    """Bytes/s this process reads from memory: the best of `tries` sums over a `mib` MiB fp32 tensor
+    (far larger than any cache), with the torch threads the decoding runs with."""
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decoding step reads at batch 1: every matrix of the blocks, the norms and
+    the head (vocab x d: the embedding table itself when tied); one embedding row, not the table."""
+    g, cfg = model.param_groups(), model.config
+    itemsize = next(model.parameters()).element_size()
+    return itemsize * (g["attention"] + g["mlp"] + g["norms"] + cfg.vocab_size * cfg.d_model)
+
+
+def roofline(row: dict, bandwidth: float) -> dict:
+    """Weight bytes streamed per second by each side against the measured read bandwidth: how far
+    batch-1 decoding is from the physical limit (a fraction above 1: the weights fit in cache)."""
+    per_token = row["weight_bytes_per_token"]
+    return {"memory_read_gb_s": round(bandwidth / 1e9, 2), "roofline_tok_s": round(bandwidth / per_token, 1),
+            "minilab_weight_gb_s": round(per_token * row["minilab_tok_s"] / 1e9, 2),
+            "transformers_weight_gb_s": round(per_token * row["transformers_tok_s"] / 1e9, 2),
+            "minilab_fraction_of_roofline": round(per_token * row["minilab_tok_s"] / bandwidth, 2)}
 
 
 def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path) -> dict:
@@ -76,7 +111,7 @@ def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path) -> dict:
     return {"bench": "decode_batch1", "shape": shape, "params": ours.num_params(), "prompt": 16,
             "new_tokens": new_tokens, "threads": torch.get_num_threads(), "same_tokens": same,
             "minilab_tok_s": round(new_tokens / t_ours, 1), "transformers_tok_s": round(new_tokens / t_hf, 1),
-            "ratio": round(t_hf / t_ours, 2)}
+            "ratio": round(t_hf / t_ours, 2), "weight_bytes_per_token": weight_bytes_per_token(ours)}
 
 
 def bench_batched(shape: str, new_tokens: int, batch: int, repeats: int, root: Path) -> dict:
@@ -189,11 +224,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     summary = {}
+    bandwidth = memory_bandwidth()
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes:
             row = bench_decode(shape, args.new_tokens, args.repeats, Path(tmp))
+            row.update(roofline(row, max(bandwidth, memory_bandwidth())))  # re-measured beside each shape
             print(json.dumps(row), flush=True)
+            print(f"roofline {shape}: {row['weight_bytes_per_token'] / 2**20:.1f} MiB of weights per token; this "
+                  f"process reads memory at {row['memory_read_gb_s']} GB/s, so at most {row['roofline_tok_s']:,.0f} "
+                  f"tok/s from memory; minilab streams {row['minilab_weight_gb_s']} GB/s "
+                  f"({row['minilab_fraction_of_roofline']:.2f} of it), transformers "
+                  f"{row['transformers_weight_gb_s']} GB/s", file=sys.stderr, flush=True)
             summary[f"{shape}_ratio_vs_transformers"] = row["ratio"]
+            summary[f"{shape}_fraction_of_roofline"] = row["minilab_fraction_of_roofline"]
             if args.batch > 0:
                 row = bench_batched(shape, args.new_tokens, args.batch, args.repeats, Path(tmp))
                 print(json.dumps(row), flush=True)
