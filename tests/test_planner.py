@@ -73,6 +73,35 @@ def test_param_counts_equal_transformers(tmp_path, name):
     assert sum(an.groups.values()) == an.params and an.groups["other"] == 0
 
 
+SKELETON_VARIANTS = {  # options that change the tree, beyond the published configs
+    "phi-2 qk_layernorm": ("phi-2", {"qk_layernorm": True, "partial_rotary_factor": 0.5}),
+    "gemma-2b attention_bias": ("gemma-2b", {"attention_bias": True, "head_dim": 128}),
+    "gpt2 n_inner tied off": ("gpt2", {"n_inner": 1024, "tie_word_embeddings": False}),
+    "Qwen2 untied": ("Qwen2-0.5B", {"tie_word_embeddings": False}),
+}
+
+
+@pytest.mark.parametrize("name", ["Mistral-7B-v0.1", "phi-2", "gemma-2b", "gpt2", "Qwen2-0.5B",
+                                  *SKELETON_VARIANTS])
+def test_skeletons_are_transformers_own_tree(name):
+    """The planner builds these without transformers' modeling code (seconds of imports): the
+    anatomy it reads must be exactly the one of transformers' model, linear by linear."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minilab.planner import skeletons
+
+    base, changes = SKELETON_VARIANTS.get(name, (name, {}))
+    data = {**PUBLIC[base], **changes}
+    config = AutoConfig.for_model(data["model_type"], **{k: v for k, v in data.items() if k != "model_type"})
+    assert skeletons.supported(config)
+    ours = inspect_model(build_meta(resolve_model(data)))
+    with torch.device("meta"):
+        theirs = inspect_model(AutoModelForCausalLM.from_config(config))
+    assert ours.to_dict() == theirs.to_dict()
+    assert ours.linears == theirs.linears
+    assert type(build_meta(resolve_model(data))).__name__ == "CausalLMSkeleton"  # not transformers' model
+
+
 @pytest.mark.parametrize("preset", preset_names())
 def test_presets_match_the_model(preset):
     model = build_model(load_architecture(preset), device="meta")

@@ -384,8 +384,15 @@ class _NoInitOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def on_meta():
+    """Modules built inside go to the `meta` device, their random init skipped (`_NoInitOnMeta`)."""
+    with torch.device("meta"), _NoInitOnMeta():
+        yield
+
+
 def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> Transformer:
     """Build a model; on `device="meta"` nothing is allocated (for costs and planning)."""
     device = torch.device(device or "cpu")
-    with torch.device(device), _NoInitOnMeta() if device.type == "meta" else contextlib.nullcontext():
+    with on_meta() if device.type == "meta" else torch.device(device):
         return Transformer(cfg)

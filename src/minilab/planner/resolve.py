@@ -10,9 +10,10 @@
    `HF_HUB_CACHE` respected). Nothing is ever downloaded: a missing id is a one-line error.
 
 Llama-architecture configs are built as our own `Transformer` (same parameter names and
-counts as `LlamaForCausalLM`, and no transformers import, which alone costs seconds); every
-other architecture is built by `transformers.AutoModelForCausalLM.from_config` under
-`torch.device("meta")`, so no table of architectures is kept here.
+counts as `LlamaForCausalLM`, and no transformers import, which alone costs seconds); Mistral with
+a sliding window, Qwen2, Gemma, Phi and GPT-2 as `skeletons.py` module trees from transformers'
+config class (tested equal to transformers' own); every other architecture is built by
+`transformers.AutoModelForCausalLM.from_config` under `torch.device("meta")`.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def build_meta(spec: ModelSpec) -> nn.Module:
         from minilab.model import build_model
 
         return build_model(spec.minilab_config, device="meta")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     data = {k: v for k, v in spec.hf_config.items() if k not in ("auto_map",)}
     model_type = data.pop("model_type", None)
@@ -136,5 +137,11 @@ def build_meta(spec: ModelSpec) -> nn.Module:
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"transformers cannot read this config: {' '.join(str(e).split())[:200]}",
                           source=spec.source) from None
+    from minilab.planner import skeletons
+
+    if skeletons.supported(config):  # the same tree without importing transformers' modeling code (seconds)
+        return skeletons.build_skeleton(config)
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
