@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 
 from minilab import cli
 from minilab.arch import load_architecture, preset_names
-from minilab.errors import MinilabError
+from minilab.errors import ConfigError, MinilabError
 from minilab.model import build_model
 from minilab.planner import PlanRequest, build_meta, inspect_model, machine, plan_memory, resolve_model
 from minilab.planner.anatomy import Linear, int8_bytes, nf4_bytes
@@ -94,12 +96,32 @@ def test_skeletons_are_transformers_own_tree(name):
     data = {**PUBLIC[base], **changes}
     config = AutoConfig.for_model(data["model_type"], **{k: v for k, v in data.items() if k != "model_type"})
     assert skeletons.supported(config)
-    ours = inspect_model(build_meta(resolve_model(data)))
     with torch.device("meta"):
         theirs = inspect_model(AutoModelForCausalLM.from_config(config))
-    assert ours.to_dict() == theirs.to_dict()
-    assert ours.linears == theirs.linears
-    assert type(build_meta(resolve_model(data))).__name__ == "CausalLMSkeleton"  # not transformers' model
+    built = build_meta(resolve_model(data))  # from the mapping itself: every required key is in it
+    assert type(built).__name__ == "CausalLMSkeleton" and type(built.config).__name__ == "SimpleNamespace"
+    # and from transformers' config object (the path of a config.json missing a required key)
+    for ours in (inspect_model(built), inspect_model(skeletons.build_skeleton(config))):
+        assert ours.to_dict() == theirs.to_dict()
+        assert ours.linears == theirs.linears
+    required = skeletons.RAW[data["model_type"]][0]
+    assert skeletons.raw_config(data["model_type"], {k: v for k, v in data.items() if k != required[0]}) is None
+
+
+def test_plan_of_a_published_phi_config_imports_no_transformers(tmp_path):
+    """`minilab plan phi-2/` answers from the config mapping and minilab's own module tree: no
+    transformers import (which alone took seconds), the published parameter count."""
+    d = write_config(tmp_path, "phi-2")
+    code = ("import sys; from minilab.planner.cli import plan; p = plan(sys.argv[1]); "
+            "print(p['params'], 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(KNOWN["phi-2"]), "False"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({**PUBLIC["phi-2"], "hidden_size": "big"}))
+    with pytest.raises(ConfigError, match="hidden_size") as e:  # one line, through transformers' own check
+        build_meta(resolve_model(bad))
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("preset", preset_names())

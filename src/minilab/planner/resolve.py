@@ -126,19 +126,26 @@ def build_meta(spec: ModelSpec) -> nn.Module:
         from minilab.model import build_model
 
         return build_model(spec.minilab_config, device="meta")
-    from transformers import AutoConfig
+    from minilab.planner import skeletons
 
     data = {k: v for k, v in spec.hf_config.items() if k not in ("auto_map",)}
     model_type = data.pop("model_type", None)
     if model_type is None:
         raise ConfigError("no model_type: cannot tell which architecture to build", source=spec.source)
+    raw = skeletons.raw_config(model_type, data)
+    if raw is not None and skeletons.supported(raw):  # no transformers import at all
+        try:
+            return skeletons.build_skeleton(raw)
+        except (TypeError, ValueError, RuntimeError):
+            pass  # values of the wrong kind: transformers' config class below says which, in one line
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError, TypeError) as e:
+    except (StrictDataclassError, ValueError, KeyError, TypeError) as e:  # transformers 5 configs are strict
         raise ConfigError(f"transformers cannot read this config: {' '.join(str(e).split())[:200]}",
                           source=spec.source) from None
-    from minilab.planner import skeletons
-
     if skeletons.supported(config):  # the same tree without importing transformers' modeling code (seconds)
         return skeletons.build_skeleton(config)
     from transformers import AutoModelForCausalLM

@@ -5,8 +5,9 @@ module costs ~2.5 s alone (`modeling_utils`, `masking_utils` importing torch._dy
 distributed-tensor sharding helpers), before any model is built. What the planner reads from a
 model (`anatomy.inspect_model`) is only its module tree: paths, module types, parameter shapes,
 buffers, which module is the head and whether it is tied. For the architectures below that tree
-is built here from the transformers *config* object (its class gives the exact defaults, and
-importing it is cheap), with the same paths, shapes and buffers as transformers' own model;
+is built here, with the same paths, shapes and buffers as transformers' own model, from the
+config.json mapping itself when it holds every key without a fixed default (`raw_config`: then
+transformers is not imported at all, another ~1.5 s), else from transformers' config object;
 `tests/test_planner.py` holds every one equal to `AutoModelForCausalLM.from_config` on meta
 (whole anatomy, linear by linear). Any other architecture is built by transformers itself.
 """
@@ -14,6 +15,7 @@ importing it is cheap), with the same paths, shapes and buffers as transformers'
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -78,8 +80,8 @@ def _head_dim(c: Any) -> int:
 
 
 def _rotary_dim(c: Any) -> int:
-    rope = getattr(c, "rope_parameters", None) or {}
-    factor = rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0)) or 1.0
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    factor = rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", None) or 1.0)
     return int(_head_dim(c) * factor)
 
 
@@ -160,6 +162,30 @@ def _gpt2(c: Any) -> nn.Module:
 # model_type -> builder of the tree transformers' AutoModelForCausalLM would build
 BUILDERS: dict[str, Callable[[Any], nn.Module]] = {
     "mistral": _mistral, "qwen2": _qwen2, "gemma": _gemma, "phi": _phi, "gpt2": _gpt2}
+
+
+_LLAMA_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "num_hidden_layers",
+               "vocab_size", "max_position_embeddings")
+# model_type -> (keys config.json must hold, transformers' class defaults of the other keys read):
+# a config missing a required key goes through transformers' config class for its defaults instead
+RAW = {
+    "mistral": (_LLAMA_KEYS + ("sliding_window",), {"tie_word_embeddings": False, "head_dim": None}),
+    "qwen2": (_LLAMA_KEYS + ("use_sliding_window",), {"tie_word_embeddings": False}),
+    "gemma": (_LLAMA_KEYS + ("head_dim",), {"tie_word_embeddings": True, "attention_bias": False}),
+    "phi": (_LLAMA_KEYS, {"tie_word_embeddings": False, "qk_layernorm": False, "partial_rotary_factor": 0.5,
+                          "head_dim": None}),
+    "gpt2": (("n_embd", "n_layer", "n_head", "n_positions", "vocab_size"),
+             {"tie_word_embeddings": True, "n_inner": None, "add_cross_attention": False}),
+}
+
+
+def raw_config(model_type: str | None, data: dict[str, Any]) -> SimpleNamespace | None:
+    """`data` (a config.json mapping) as the attributes the builders read, without transformers:
+    only for a known type whose config holds every key that has no fixed default (else None, and
+    transformers' config class supplies its defaults)."""
+    if model_type not in RAW or any(k not in data for k in RAW[model_type][0]):
+        return None
+    return SimpleNamespace(**{**RAW[model_type][1], **data, "model_type": model_type})
 
 
 def supported(config: Any) -> bool:
