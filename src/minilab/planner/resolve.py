@@ -11,8 +11,9 @@
 
 Llama-architecture configs are built as our own `Transformer` (same parameter names and
 counts as `LlamaForCausalLM`, and no transformers import, which alone costs seconds); Mistral with
-a sliding window, Qwen2, Gemma, Phi and GPT-2 as `skeletons.py` module trees from transformers'
-config class (tested equal to transformers' own); every other architecture is built by
+a sliding window, Qwen2, Gemma, Phi and GPT-2 as `skeletons.py` module trees, from the config
+mapping itself when it is complete, else from transformers' config class (tested equal to
+transformers' own); every other architecture is built by
 `transformers.AutoModelForCausalLM.from_config` under `torch.device("meta")`.
 """
 

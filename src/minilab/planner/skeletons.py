@@ -22,14 +22,10 @@ import torch
 from torch import nn
 
 
-class Skeleton(nn.Module):
+def _tree(**children: nn.Module) -> nn.ModuleDict:
     """A container of named children (what transformers' decoder layers, attention and MLP modules
     are to the planner: their parameters live in the children)."""
-
-    def __init__(self, **children: nn.Module):
-        super().__init__()
-        for name, child in children.items():
-            self.add_module(name, child)
+    return nn.ModuleDict(children)
 
 
 class RMSNormSkeleton(nn.Module):
@@ -97,19 +93,19 @@ def _llama_like(c: Any, prefix: str, *, qkv_bias: bool, o_bias: bool, embed_kind
     norm = _named(f"{prefix}RMSNorm", RMSNormSkeleton)
     layers = nn.ModuleList()
     for _ in range(c.num_hidden_layers):
-        attn = Skeleton(q_proj=nn.Linear(d, c.num_attention_heads * hd, bias=qkv_bias),
+        attn = _tree(q_proj=nn.Linear(d, c.num_attention_heads * hd, bias=qkv_bias),
                         k_proj=nn.Linear(d, c.num_key_value_heads * hd, bias=qkv_bias),
                         v_proj=nn.Linear(d, c.num_key_value_heads * hd, bias=qkv_bias),
                         o_proj=nn.Linear(c.num_attention_heads * hd, d, bias=o_bias))
-        mlp = Skeleton(gate_proj=nn.Linear(d, c.intermediate_size, bias=False),
+        mlp = _tree(gate_proj=nn.Linear(d, c.intermediate_size, bias=False),
                        up_proj=nn.Linear(d, c.intermediate_size, bias=False),
                        down_proj=nn.Linear(c.intermediate_size, d, bias=False))
-        layers.append(Skeleton(self_attn=attn, mlp=mlp, input_layernorm=norm(d),
+        layers.append(_tree(self_attn=attn, mlp=mlp, input_layernorm=norm(d),
                                post_attention_layernorm=norm(d)))
     embed = _named(embed_kind, nn.Embedding)(c.vocab_size, d)
     if embed_scale:
         embed.register_buffer("embed_scale", torch.empty(()), persistent=False)
-    body = Skeleton(embed_tokens=embed, layers=layers, norm=norm(d),
+    body = _tree(embed_tokens=embed, layers=layers, norm=norm(d),
                     rotary_emb=RotarySkeleton(_rotary_dim(c)))
     return CausalLMSkeleton(c, "model", body, embed, nn.Linear(d, c.vocab_size, bias=False), c.tie_word_embeddings)
 
@@ -136,11 +132,11 @@ def _phi(c: Any) -> nn.Module:
                      v_proj=nn.Linear(d, c.num_key_value_heads * hd), dense=nn.Linear(c.num_attention_heads * hd, d))
         if c.qk_layernorm:
             parts.update(q_layernorm=nn.LayerNorm(hd), k_layernorm=nn.LayerNorm(hd))
-        mlp = Skeleton(fc1=nn.Linear(d, c.intermediate_size), fc2=nn.Linear(c.intermediate_size, d))
-        layers.append(Skeleton(self_attn=Skeleton(**parts), mlp=mlp,
+        mlp = _tree(fc1=nn.Linear(d, c.intermediate_size), fc2=nn.Linear(c.intermediate_size, d))
+        layers.append(_tree(self_attn=_tree(**parts), mlp=mlp,
                                input_layernorm=nn.LayerNorm(d)))
     embed = nn.Embedding(c.vocab_size, d)
-    body = Skeleton(embed_tokens=embed, layers=layers, rotary_emb=RotarySkeleton(_rotary_dim(c)),
+    body = _tree(embed_tokens=embed, layers=layers, rotary_emb=RotarySkeleton(_rotary_dim(c)),
                     final_layernorm=nn.LayerNorm(d))
     return CausalLMSkeleton(c, "model", body, embed, nn.Linear(d, c.vocab_size, bias=True), c.tie_word_embeddings)
 
@@ -150,11 +146,11 @@ def _gpt2(c: Any) -> nn.Module:
     inner = c.n_inner if c.n_inner is not None else 4 * d
     blocks = nn.ModuleList()
     for _ in range(c.n_layer):
-        attn = Skeleton(c_attn=Conv1D(d, 3 * d), c_proj=Conv1D(d, d))
-        mlp = Skeleton(c_fc=Conv1D(d, inner), c_proj=Conv1D(inner, d))
-        blocks.append(Skeleton(ln_1=nn.LayerNorm(d), attn=attn, ln_2=nn.LayerNorm(d), mlp=mlp))
+        attn = _tree(c_attn=Conv1D(d, 3 * d), c_proj=Conv1D(d, d))
+        mlp = _tree(c_fc=Conv1D(d, inner), c_proj=Conv1D(inner, d))
+        blocks.append(_tree(ln_1=nn.LayerNorm(d), attn=attn, ln_2=nn.LayerNorm(d), mlp=mlp))
     wte = nn.Embedding(c.vocab_size, d)
-    body = Skeleton(wte=wte, wpe=nn.Embedding(c.n_positions, d), h=blocks, ln_f=nn.LayerNorm(d))
+    body = _tree(wte=wte, wpe=nn.Embedding(c.n_positions, d), h=blocks, ln_f=nn.LayerNorm(d))
     return CausalLMSkeleton(c, "transformer", body, wte, nn.Linear(d, c.vocab_size, bias=False),
                             c.tie_word_embeddings)
 
