@@ -95,3 +95,46 @@ def test_throughput_and_target_counts():
     assert throughput(10, 0.0) == 10 / 1e-9  # a step faster than the clock: finite, never a ZeroDivisionError
     y = torch.tensor([[1, -100, 3], [-100, -100, 5]])
     assert count_targets([y, y[:1]]) == 3 + 2
+
+
+@pytest.mark.parametrize("vocab,batch,seq", [(97, 2, 16), (40_000, 5, 30)])  # one chunk; several (104 rows)
+def test_fused_head_and_loss_equal_the_logits_path(vocab, batch, seq):
+    # The fp32 training step never builds the logits (minilab.linear_ce): its loss and every
+    # gradient equal F.cross_entropy over the logits', ignored positions included.
+    from minilab.linear_ce import chunk_rows
+    from minilab.training import fuses_loss, token_loss_sum
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**CFG, "vocab_size": vocab})
+    model = build_model(cfg)
+    x = torch.randint(0, vocab, (batch, seq + 1))
+    ids, y = x[:, :-1], x[:, 1:].clone()
+    y[0, :5] = -100
+    y[-1, -7:] = -100
+    assert fuses_loss(model, "fp32") and not fuses_loss(model, "bf16")
+    if vocab > 1000:
+        assert chunk_rows(vocab, y.numel()) < y.numel()  # the chunk loop is exercised
+    ref = token_loss_sum(model(ids), y) / 3.0
+    ref.backward()
+    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    fused = model(ids, targets=y) / 3.0
+    fused.backward()
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-6)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[k], atol=2e-6, rtol=1e-4, msg=k)
+
+
+def test_fused_loss_only_where_it_is_exact():
+    from minilab.training import fuses_loss
+
+    model = build_model(ModelConfig(**CFG))
+    x = torch.randint(0, 97, (1, 9))
+    assert fuses_loss(model, "fp32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not model.fused_loss()
+        with pytest.raises(ValueError, match="plain fp32 head"):
+            model(x[:, :-1], targets=x[:, 1:])
+    assert not fuses_loss(torch.compile(model), "fp32")  # compiled: the logits path (no graph break)
+    model.lm_head = torch.nn.Linear(32, 97, bias=True)
+    assert not fuses_loss(model, "fp32")

@@ -35,8 +35,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
-from minilab.bf16 import attention, linear
+from minilab.bf16 import attention, is_plain_linear, linear
 from minilab.errors import ConfigError
+from minilab.linear_ce import linear_cross_entropy_sum
 
 if TYPE_CHECKING:
     from minilab.kvcache import KVCache
@@ -283,9 +284,12 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {end} tokens exceeds max_seq_len {self.config.max_seq_len}")
 
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None, logits_to_keep: int = 0,
-                **_ignored) -> torch.Tensor:
+                targets: torch.Tensor | None = None, ignore_index: int = -100, **_ignored) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab). With `kv_cache`, T new tokens follow the cached ones.
-        `logits_to_keep` > 0 computes the head for the last that many positions only (as HF's)."""
+        `logits_to_keep` > 0 computes the head for the last that many positions only (as HF's).
+        With `targets` (B, T) (training, where `fused_loss` holds): the summed cross-entropy instead,
+        head and loss fused without the logits (`minilab.linear_ce`); a call through DDP/FSDP
+        wrappers stays one forward."""
         B, T = input_ids.shape
         start = kv_cache.pos if kv_cache is not None else 0
         self.check_length(start + T, kv_cache)
@@ -303,9 +307,20 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, kv_cache, mask)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if targets is not None:
+            if not self.fused_loss():
+                raise ValueError("targets= needs a plain fp32 head (see Transformer.fused_loss)")
+            return linear_cross_entropy_sum(self.model.norm(x), self.lm_head.weight, targets, ignore_index)
         if 0 < logits_to_keep < T:
             x = x[:, -logits_to_keep:]
         return linear(self.lm_head, self.model.norm(x))                                 # (B, T, vocab)
+
+    def fused_loss(self) -> bool:
+        """Whether `forward(ids, targets=...)` may fuse the head with the loss: fp32 without autocast,
+        a plain bias-free head (not LoRA-wrapped or quantized)."""
+        w = self.lm_head.weight
+        return is_plain_linear(self.lm_head) and w.dtype is torch.float32 \
+            and not torch.is_autocast_enabled(w.device.type)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean cross-entropy of next-token targets (B, T); positions equal to ignore_index are skipped."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilab.errors import ConfigError, MinilabError
+from minilab.model import Transformer
 
 
 @dataclass
@@ -171,6 +172,24 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
                            ignore_index=ignore_index, reduction="sum")
 
 
+def fuses_loss(model: nn.Module, precision: str) -> bool:
+    """Whether `model(x, targets=y)` gives the summed loss with the head fused (`minilab.linear_ce`):
+    our Transformer (also under DDP or FSDP, not under torch.compile) training in fp32."""
+    inner = getattr(model, "module", model)  # DDP; FSDP2 keeps the class (a subclass of it)
+    return precision == "fp32" and isinstance(inner, Transformer) and inner.fused_loss()
+
+
+def micro_batch_loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str,
+                         device: torch.device, ignore_index: int = -100) -> torch.Tensor:
+    """Summed next-token loss of one micro-batch for backward: head and loss fused where
+    `fuses_loss`, else the logits under autocast, then `token_loss_sum`."""
+    if fuses_loss(model, precision):
+        return model(x, targets=y, ignore_index=ignore_index)
+    with autocast_context(precision, device):
+        logits = model(x)
+    return token_loss_sum(logits, y, ignore_index)
+
+
 def count_targets(targets, ignore_index: int = -100) -> int:
     """Trained tokens of target tensors: the positions not at `ignore_index`. What token-normalised
     accumulation divides by and what every loop's `tokens_seen` counts."""
@@ -211,9 +230,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[tuple[torch.Tenso
     for i, (x, y) in enumerate(micro_batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with sync(i == len(micro_batches) - 1) if sync is not None else contextlib.nullcontext():
-            with autocast_context(precision, device):
-                logits = model(x)
-            loss = token_loss_sum(logits, y, ignore_index) / denom
+            loss = micro_batch_loss_sum(model, x, y, precision, device, ignore_index) / denom
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.item()
     return total, n_tokens

@@ -21,6 +21,8 @@ from typing import Any
 
 from torch import nn
 
+from minilab.model import Transformer
+
 GROUPS = ("embeddings", "attention", "mlp", "norms", "head", "other")
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 NF4_BLOCK, DQ_BLOCK = 64, 256
@@ -61,6 +63,7 @@ class Anatomy:
     base_params: int                # params without the LM head: what accelerate's AutoModel sees
     max_positions: int | None = None
     sliding_window: int | None = None
+    fused_loss: bool = False        # minilab's Transformer: fp32 full training fuses head and loss (linear_ce)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -159,7 +162,7 @@ def inspect_model(model: nn.Module) -> Anatomy:
         vocab=_config_value(cfg, "vocab_size"), tied=tied, gated_mlp=len(layer0) >= 3,
         buffers=buffers, base_params=sum(groups.values()) - head_params,
         max_positions=_config_value(cfg, "max_seq_len", "max_position_embeddings", "n_positions"),
-        sliding_window=window if use_window else None)
+        sliding_window=window if use_window else None, fused_loss=isinstance(model, Transformer))
 
 
 def _is_tied(model: nn.Module, head: nn.Module | None) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from minilab.errors import ConfigError
+from minilab.linear_ce import chunk_rows
 from minilab.planner.anatomy import Anatomy, nf4_bytes, weight_bytes
 
 METHODS = ("inference", "full", "lora", "qlora")
@@ -159,9 +160,19 @@ def activation_bytes(an: Anatomy, req: PlanRequest, frozen: bool) -> tuple[int, 
     return an.n_layer * per_layer, f"{an.n_layer} blocks x {per_layer / tokens:.0f} B/token"
 
 
+def _fused_loss(an: Anatomy, req: PlanRequest) -> bool:
+    """Training fuses the head with the loss (minilab.linear_ce): as `training.fuses_loss` decides."""
+    return an.fused_loss and req.method == "full" and req.precision == "fp32"
+
+
 def _logits(an: Anatomy, req: PlanRequest, tokens_with_logits: int, training: bool) -> int:
     if not training:
         return tokens_with_logits * an.vocab * (2 if _is16(req.precision) else 4)
+    if _fused_loss(an, req):
+        # head and loss fused (minilab.linear_ce): one chunk's logits and its temporaries, the hidden
+        # states' gradient, and the head's, computed in forward and held until backward
+        rows = chunk_rows(an.vocab, tokens_with_logits)
+        return 4 * (2 * rows * an.vocab + tokens_with_logits * an.hidden + an.vocab * an.hidden)
     return tokens_with_logits * an.vocab * LOGIT_BYTES["16bit" if _is16(req.precision) else "fp32"]
 
 
@@ -235,7 +246,8 @@ def plan_training(an: Anatomy, req: PlanRequest) -> MemoryPlan:
     lines.append(Line("activations", f"activations ({req.attention}"
                       + (", checkpointing)" if req.grad_checkpointing else ")"), acts, how))
     logits = _logits(an, req, req.batch_size * req.seq_len, training=True)
-    lines.append(Line("logits", "logits + loss (fp32 upcast, grads)", logits))
+    lines.append(Line("logits", "head + loss fused, by chunks (linear_ce)" if _fused_loss(an, req)
+                      else "logits + loss (fp32 upcast, grads)", logits))
     dequant = 0
     if req.method == "qlora":
         dequant = max(lin.weight_numel for lin in an.linears if lin.quantized) * 2
