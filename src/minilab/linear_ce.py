@@ -43,9 +43,12 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             logits = torch.mm(hc, w_t)                                                   # (rows, V)
             valid = yc != ignore_index
             picked = torch.where(valid, yc, 0)[:, None]
-            lse = torch.logsumexp(logits, dim=1)
-            loss += ((lse - logits.gather(1, picked)[:, 0]) * valid).sum()
-            p = logits.sub_(lse[:, None]).exp_()                                         # softmax, in place
+            target = logits.gather(1, picked)
+            top = logits.amax(dim=1, keepdim=True)
+            p = logits.sub_(top).exp_()                     # one exp pass, in place: softmax * sum
+            total = p.sum(dim=1, keepdim=True)
+            loss += ((total.log() + top - target)[:, 0] * valid).sum()                  # log-sum-exp - target
+            p.div_(total)
             p.scatter_add_(1, picked, torch.full(picked.shape, -1.0, dtype=p.dtype, device=p.device))
             if not bool(valid.all()):
                 p.mul_(valid[:, None])                                                   # ignored rows: no gradient
