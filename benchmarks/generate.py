@@ -1,6 +1,6 @@
 """Benchmark generation: our KV-cache decoding vs transformers' `generate`, and the server under load.
 
-    python benchmarks/generate.py [--shapes micro tiny] [--new-tokens 128] [--threads 1] [--clients 1 8 32]
+    python benchmarks/generate.py [--shapes micro tiny small] [--new-tokens 128] [--threads 1] [--clients 1 8 32]
 
 For each architecture preset: build it with random weights, export it with `save_hf_dir`, load the
 export both with minilab and with `transformers.AutoModelForCausalLM`, then one after the other in
@@ -211,7 +211,7 @@ def bench_server(root: Path, clients_list: list[int], per_client: int, max_token
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=["micro", "tiny"])
+    ap.add_argument("--shapes", nargs="+", default=["micro", "tiny", "small"])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each side, interleaved; medians")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both (the small-model default)")
