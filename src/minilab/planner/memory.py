@@ -169,10 +169,12 @@ def _logits(an: Anatomy, req: PlanRequest, tokens_with_logits: int, training: bo
     if not training:
         return tokens_with_logits * an.vocab * (2 if _is16(req.precision) else 4)
     if _fused_loss(an, req):
-        # head and loss fused (minilab.linear_ce): one chunk's logits and its temporaries, the hidden
-        # states' gradient, and the head's, computed in forward and held until backward
+        # head and loss fused (minilab.linear_ce): two chunks of logits, the hidden states' gradient and
+        # the head's, computed in forward and held until backward; tied, the embedding's own gradient
+        # and their sum join it at the end of backward (*calibrated* by benchmarks/planner_accuracy.py)
         rows = chunk_rows(an.vocab, tokens_with_logits)
-        return 4 * (2 * rows * an.vocab + tokens_with_logits * an.hidden + an.vocab * an.hidden)
+        head_grads = 3 if an.tied else 1
+        return 4 * (2 * rows * an.vocab + tokens_with_logits * an.hidden + head_grads * an.vocab * an.hidden)
     return tokens_with_logits * an.vocab * LOGIT_BYTES["16bit" if _is16(req.precision) else "fp32"]
 
 
