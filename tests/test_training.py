@@ -125,7 +125,7 @@ def test_fused_head_and_loss_equal_the_logits_path(vocab, batch, seq):
         torch.testing.assert_close(p.grad, ref_grads[k], atol=2e-6, rtol=1e-4, msg=k)
 
 
-def test_fused_loss_only_where_it_is_exact():
+def test_fused_loss_only_for_a_plain_fp32_head():
     from minilab.training import fuses_loss
 
     model = build_model(ModelConfig(**CFG))
@@ -138,3 +138,34 @@ def test_fused_loss_only_where_it_is_exact():
     assert not fuses_loss(torch.compile(model), "fp32")  # compiled: the logits path (no graph break)
     model.lm_head = torch.nn.Linear(32, 97, bias=True)
     assert not fuses_loss(model, "fp32")
+
+
+def test_planner_counts_the_fused_head_only_where_training_fuses_it():
+    # fp32 full training of minilab's model keeps a chunk of logits, not 16 bytes x tokens x vocab;
+    # LoRA (a PEFT wrapper: the logits path), bf16 autocast and a transformers model keep the full line.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minilab.linear_ce import chunk_rows
+    from minilab.planner.anatomy import inspect_model
+    from minilab.planner.memory import LOGIT_BYTES, PlanRequest, plan_memory
+
+    cfg = ModelConfig(**{**CFG, "vocab_size": 32768, "max_seq_len": 1024})
+    ours = inspect_model(build_model(cfg, "meta"))
+    tokens = 4 * 1024
+
+    def logits(an, **req):
+        plan = plan_memory(an, PlanRequest(batch_size=4, seq_len=1024, **req))
+        return next(line for line in plan.lines if line.key == "logits")
+
+    fused = logits(ours, method="full", precision="fp32")
+    assert "fused" in fused.label
+    rows = chunk_rows(32768, tokens)
+    assert fused.bytes == 4 * (2 * rows * 32768 + tokens * 32 + 3 * 32768 * 32)  # tied: 3 head-sized grads
+    full = tokens * 32768 * LOGIT_BYTES["fp32"]
+    assert fused.bytes < full / 20
+    assert logits(ours, method="lora", precision="fp32").bytes == full
+    assert logits(ours, method="full", precision="bf16-mixed").bytes == tokens * 32768 * LOGIT_BYTES["16bit"]
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(LlamaConfig(vocab_size=32768, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=2))
+    assert logits(inspect_model(hf), method="full", precision="fp32").bytes == full
