@@ -28,6 +28,7 @@ MIN_ROWS = 32
 
 
 def chunk_rows(vocab: int, tokens: int) -> int:
+    """Rows of `tokens` that one chunk takes at this vocabulary (what training and the planner use)."""
     return max(1, min(tokens, max(MIN_ROWS, CHUNK_BYTES // (4 * vocab))))
 
 

@@ -94,19 +94,17 @@ def _llama_like(c: Any, prefix: str, *, qkv_bias: bool, o_bias: bool, embed_kind
     layers = nn.ModuleList()
     for _ in range(c.num_hidden_layers):
         attn = _tree(q_proj=nn.Linear(d, c.num_attention_heads * hd, bias=qkv_bias),
-                        k_proj=nn.Linear(d, c.num_key_value_heads * hd, bias=qkv_bias),
-                        v_proj=nn.Linear(d, c.num_key_value_heads * hd, bias=qkv_bias),
-                        o_proj=nn.Linear(c.num_attention_heads * hd, d, bias=o_bias))
+                     k_proj=nn.Linear(d, c.num_key_value_heads * hd, bias=qkv_bias),
+                     v_proj=nn.Linear(d, c.num_key_value_heads * hd, bias=qkv_bias),
+                     o_proj=nn.Linear(c.num_attention_heads * hd, d, bias=o_bias))
         mlp = _tree(gate_proj=nn.Linear(d, c.intermediate_size, bias=False),
-                       up_proj=nn.Linear(d, c.intermediate_size, bias=False),
-                       down_proj=nn.Linear(c.intermediate_size, d, bias=False))
-        layers.append(_tree(self_attn=attn, mlp=mlp, input_layernorm=norm(d),
-                               post_attention_layernorm=norm(d)))
+                    up_proj=nn.Linear(d, c.intermediate_size, bias=False),
+                    down_proj=nn.Linear(c.intermediate_size, d, bias=False))
+        layers.append(_tree(self_attn=attn, mlp=mlp, input_layernorm=norm(d), post_attention_layernorm=norm(d)))
     embed = _named(embed_kind, nn.Embedding)(c.vocab_size, d)
     if embed_scale:
         embed.register_buffer("embed_scale", torch.empty(()), persistent=False)
-    body = _tree(embed_tokens=embed, layers=layers, norm=norm(d),
-                    rotary_emb=RotarySkeleton(_rotary_dim(c)))
+    body = _tree(embed_tokens=embed, layers=layers, norm=norm(d), rotary_emb=RotarySkeleton(_rotary_dim(c)))
     return CausalLMSkeleton(c, "model", body, embed, nn.Linear(d, c.vocab_size, bias=False), c.tie_word_embeddings)
 
 
@@ -133,11 +131,10 @@ def _phi(c: Any) -> nn.Module:
         if c.qk_layernorm:
             parts.update(q_layernorm=nn.LayerNorm(hd), k_layernorm=nn.LayerNorm(hd))
         mlp = _tree(fc1=nn.Linear(d, c.intermediate_size), fc2=nn.Linear(c.intermediate_size, d))
-        layers.append(_tree(self_attn=_tree(**parts), mlp=mlp,
-                               input_layernorm=nn.LayerNorm(d)))
+        layers.append(_tree(self_attn=_tree(**parts), mlp=mlp, input_layernorm=nn.LayerNorm(d)))
     embed = nn.Embedding(c.vocab_size, d)
     body = _tree(embed_tokens=embed, layers=layers, rotary_emb=RotarySkeleton(_rotary_dim(c)),
-                    final_layernorm=nn.LayerNorm(d))
+                 final_layernorm=nn.LayerNorm(d))
     return CausalLMSkeleton(c, "model", body, embed, nn.Linear(d, c.vocab_size, bias=True), c.tie_word_embeddings)
 
 
