@@ -111,7 +111,7 @@ def test_fused_head_and_loss_equal_the_logits_path(vocab, batch, seq):
     ids, y = x[:, :-1], x[:, 1:].clone()
     y[0, :5] = -100
     y[-1, -7:] = -100
-    assert fuses_loss(model, "fp32") and not fuses_loss(model, "bf16")
+    assert fuses_loss(model)
     if vocab > 1000:
         assert chunk_rows(vocab, y.numel()) < y.numel()  # the chunk loop is exercised
     ref = token_loss_sum(model(ids), y) / 3.0
@@ -125,24 +125,71 @@ def test_fused_head_and_loss_equal_the_logits_path(vocab, batch, seq):
         torch.testing.assert_close(p.grad, ref_grads[k], atol=2e-6, rtol=1e-4, msg=k)
 
 
-def test_fused_loss_only_for_a_plain_fp32_head():
-    from minilab.training import fuses_loss
+@pytest.mark.parametrize("dtype,matmul", [(torch.bfloat16, "native"), (torch.bfloat16, "emulate"),
+                                          (torch.float16, "native")])
+def test_fused_head_under_autocast_rounds_as_autocast_does(dtype, matmul, monkeypatch):
+    # Under bf16/fp16 autocast the fused head runs its products in 16 bits like autocast's head (on
+    # fp32 kernels where minilab.bf16 emulates the CPU's bf16 GEMM): the loss equals the logits
+    # path's, every gradient is within 16-bit rounding of it and as close to the exact fp32 gradient
+    # (not much closer: the products do run in 16 bits).
+    import torch.nn.functional as F
 
+    from minilab import bf16
+    from minilab.linear_ce import linear_cross_entropy_sum
+
+    monkeypatch.setattr(bf16, "BF16_MATMUL", matmul)
+    torch.manual_seed(0)
+    n, vocab, d = 700, 40_000, 48                                  # several chunks (104 rows each)
+    h = torch.randn(n, d, requires_grad=True)
+    w = (torch.randn(vocab, d) * 0.05).requires_grad_()
+    y = torch.randint(0, vocab, (n,))
+    y[::7] = -100
+
+    def run(loss_fn, autocast=True):
+        h.grad = w.grad = None
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            loss = loss_fn()
+        (loss / 3.0).backward()
+        return loss.item(), h.grad.clone(), w.grad.clone()
+
+    exact = run(lambda: F.cross_entropy(h @ w.t(), y, reduction="sum"), autocast=False)
+    ref = run(lambda: F.cross_entropy(bf16.linear_w(h, w).float(), y, reduction="sum"))
+    fused = run(lambda: linear_cross_entropy_sum(h, w, y))
+    assert fused[0] == pytest.approx(ref[0], rel=1e-6)
+    eps = torch.finfo(dtype).eps
+    for i in (1, 2):
+        err = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+        assert err(fused[i], ref[i]) < 2 * eps
+        assert 0.25 * err(ref[i], exact[i]) < err(fused[i], exact[i]) <= 1.05 * err(ref[i], exact[i])
+
+
+def test_fused_loss_for_a_plain_head_with_fp32_weights():
+    from minilab.training import accumulate_gradients, fuses_loss, micro_batch_loss_sum
+
+    torch.manual_seed(0)
     model = build_model(ModelConfig(**CFG))
-    x = torch.randint(0, 97, (1, 9))
-    assert fuses_loss(model, "fp32")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not model.fused_loss()
-        with pytest.raises(ValueError, match="plain fp32 head"):
-            model(x[:, :-1], targets=x[:, 1:])
-    assert not fuses_loss(torch.compile(model), "fp32")  # compiled: the logits path (no graph break)
+    x = torch.randint(0, 97, (2, 17))
+    ids, y = x[:, :-1], x[:, 1:]
+    assert fuses_loss(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):              # the training step's autocast: fused
+        assert model.fused_loss()
+        fused = model(ids, targets=y)
+    assert micro_batch_loss_sum(model, ids, y, "bf16", torch.device("cpu")).item() == fused.item()
+    accumulate_gradients(model, [(ids, y)], "bf16", torch.device("cpu"))
+    assert model.lm_head.weight.grad.dtype is torch.float32
+    assert not fuses_loss(torch.compile(model))  # compiled: the logits path (no graph break)
+    model16 = build_model(ModelConfig(**CFG)).to(torch.bfloat16)   # 16-bit weights: the logits path
+    assert not fuses_loss(model16)
+    with pytest.raises(ValueError, match="fp32 weights"):
+        model16(ids, targets=y)
     model.lm_head = torch.nn.Linear(32, 97, bias=True)
-    assert not fuses_loss(model, "fp32")
+    assert not fuses_loss(model)
 
 
 def test_planner_counts_the_fused_head_only_where_training_fuses_it():
-    # fp32 full training of minilab's model keeps a chunk of logits, not 16 bytes x tokens x vocab;
-    # LoRA (a PEFT wrapper: the logits path), bf16 autocast and a transformers model keep the full line.
+    # full training of minilab's model (fp32 or under autocast) keeps a chunk of logits, not 14-16
+    # bytes x tokens x vocab; LoRA (a PEFT wrapper: the logits path), 16-bit weights and a
+    # transformers model keep the full line.
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from minilab.linear_ce import chunk_rows
@@ -164,7 +211,10 @@ def test_planner_counts_the_fused_head_only_where_training_fuses_it():
     full = tokens * 32768 * LOGIT_BYTES["fp32"]
     assert fused.bytes < full / 20
     assert logits(ours, method="lora", precision="fp32").bytes == full
-    assert logits(ours, method="full", precision="bf16-mixed").bytes == tokens * 32768 * LOGIT_BYTES["16bit"]
+    mixed = logits(ours, method="full", precision="bf16-mixed")  # + 16-bit copies, one 16-bit chunk
+    assert mixed.bytes == fused.bytes - 8 * rows * 32768 + 2 * (tokens + 32768) * 32 + 6 * rows * 32768 \
+        + 2 * 32768 * 32
+    assert logits(ours, method="full", precision="bf16").bytes == tokens * 32768 * LOGIT_BYTES["16bit"]
     with torch.device("meta"):
         hf = LlamaForCausalLM(LlamaConfig(vocab_size=32768, hidden_size=32, intermediate_size=64,
                                           num_hidden_layers=2, num_attention_heads=2))

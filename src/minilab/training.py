@@ -172,20 +172,21 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
                            ignore_index=ignore_index, reduction="sum")
 
 
-def fuses_loss(model: nn.Module, precision: str) -> bool:
+def fuses_loss(model: nn.Module) -> bool:
     """Whether `model(x, targets=y)` gives the summed loss with the head fused (`minilab.linear_ce`):
-    our Transformer (also under DDP or FSDP, not under torch.compile) training in fp32."""
+    our Transformer (also under DDP or FSDP, not under torch.compile) with fp32 weights, training in
+    fp32 or under bf16/fp16 autocast."""
     inner = getattr(model, "module", model)  # DDP; FSDP2 keeps the class (a subclass of it)
-    return precision == "fp32" and isinstance(inner, Transformer) and inner.fused_loss()
+    return isinstance(inner, Transformer) and inner.fused_loss()
 
 
 def micro_batch_loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str,
                          device: torch.device, ignore_index: int = -100) -> torch.Tensor:
-    """Summed next-token loss of one micro-batch for backward: head and loss fused where
-    `fuses_loss`, else the logits under autocast, then `token_loss_sum`."""
-    if fuses_loss(model, precision):
-        return model(x, targets=y, ignore_index=ignore_index)
+    """Summed next-token loss of one micro-batch for backward, under `precision`'s autocast: head and
+    loss fused where `fuses_loss`, else the logits, then `token_loss_sum`."""
     with autocast_context(precision, device):
+        if fuses_loss(model):
+            return model(x, targets=y, ignore_index=ignore_index)
         logits = model(x)
     return token_loss_sum(logits, y, ignore_index)
 
