@@ -31,17 +31,21 @@ import subprocess
 import sys
 import time
 
-# name, preset, method, batch, seq, gradient checkpointing
+# name, preset, method, batch, seq, gradient checkpointing, precision (the planner's names)
 CONFIGS = [
-    ("tiny-full-b4-s256", "tiny", "full", 4, 256, False),
-    ("tiny-full-b2-s1024", "tiny", "full", 2, 1024, False),
-    ("tiny-full-b4-s256-gc", "tiny", "full", 4, 256, True),
-    ("tiny-lora-b2-s512", "tiny", "lora", 2, 512, False),
-    ("small-full-b2-s256", "small", "full", 2, 256, False),
-    ("small-lora-b2-s256", "small", "lora", 2, 256, False),
-    ("small-infer-b8-s256", "small", "inference", 8, 256, False),
+    ("tiny-full-b4-s256", "tiny", "full", 4, 256, False, "fp32"),
+    ("tiny-full-b2-s1024", "tiny", "full", 2, 1024, False, "fp32"),
+    ("tiny-full-b4-s256-gc", "tiny", "full", 4, 256, True, "fp32"),
+    ("tiny-full-bf16-b2-s1024", "tiny", "full", 2, 1024, False, "bf16-mixed"),
+    ("tiny-lora-b2-s512", "tiny", "lora", 2, 512, False, "fp32"),
+    ("small-full-b2-s256", "small", "full", 2, 256, False, "fp32"),
+    ("small-full-bf16-b2-s256", "small", "full", 2, 256, False, "bf16-mixed"),
+    ("small-lora-b2-s256", "small", "lora", 2, 256, False, "fp32"),
+    ("small-infer-b8-s256", "small", "inference", 8, 256, False, "fp32"),
 ]
 STEPS = 2
+# the planner's precision -> the training loop's (bf16 with 16-bit weights: LoRA/QLoRA on a bf16 base)
+RUN_PRECISION = {"fp32": "fp32", "bf16-mixed": "bf16", "bf16": "bf16"}
 # name, preset, method, batch, seq, gradient checkpointing, precision (the planner's names)
 CUDA_CONFIGS = [
     ("tiny-full-fp32-b8-s512", "tiny", "full", 8, 512, False, "fp32"),
@@ -83,7 +87,7 @@ def child(name: str, device: str = "cpu") -> dict:
     from minilab.training import accumulate_gradients, make_optimizer
 
     torch.set_num_threads(2)
-    _, preset, method, b, s, gc = next(c for c in CONFIGS if c[0] == name)
+    _, preset, method, b, s, gc, precision = next(c for c in CONFIGS if c[0] == name)
     cfg = load_architecture(preset, max_seq_len=max(s, 256), gradient_checkpointing=gc)
     # Warm-up on a toy model: thread pools, autograd engine and allocator arenas exist before the baseline.
     toy = build_model(load_architecture("micro", vocab_size=256))
@@ -107,7 +111,7 @@ def child(name: str, device: str = "cpu") -> dict:
         opt = make_optimizer(model, __import__("minilab.training", fromlist=["OptimConfig"]).OptimConfig(),
                              torch.device("cpu"))
         for _ in range(STEPS):
-            accumulate_gradients(model, [(x, x)], "fp32", torch.device("cpu"))
+            accumulate_gradients(model, [(x, x)], RUN_PRECISION[precision], torch.device("cpu"))
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -127,7 +131,7 @@ def child_cuda(name: str) -> dict:
 
     dev = torch.device("cuda")
     _, preset, method, b, s, gc, precision = next(c for c in CUDA_CONFIGS if c[0] == name)
-    run_precision = {"fp32": "fp32", "bf16-mixed": "bf16", "bf16": "bf16"}[precision]
+    run_precision = RUN_PRECISION[precision]
     cfg = load_architecture(preset, max_seq_len=max(s, 256), gradient_checkpointing=gc)
     # Warm-up: CUDA context, cuBLAS(Lt) handles and workspaces, autograd, in both precisions.
     toy = build_model(load_architecture("micro", vocab_size=256), device=dev)
@@ -185,10 +189,8 @@ def predict(name: str, device: str = "cpu") -> dict:
     from minilab.model import build_model
     from minilab.planner import PlanRequest, accelerate_estimate, inspect_model, plan_memory
 
-    if device == "cuda":
-        _, preset, method, b, s, gc, precision = next(c for c in CUDA_CONFIGS if c[0] == name)
-    else:
-        (_, preset, method, b, s, gc), precision = next(c for c in CONFIGS if c[0] == name), "fp32"
+    configs = CUDA_CONFIGS if device == "cuda" else CONFIGS
+    _, preset, method, b, s, gc, precision = next(c for c in configs if c[0] == name)
     cfg = load_architecture(preset, max_seq_len=max(s, 256))
     an = inspect_model(build_model(cfg, device="meta"))
     plan = plan_memory(an, PlanRequest(method=method, batch_size=b, seq_len=s, precision=precision,

@@ -63,7 +63,7 @@ class Anatomy:
     base_params: int                # params without the LM head: what accelerate's AutoModel sees
     max_positions: int | None = None
     sliding_window: int | None = None
-    fused_loss: bool = False        # minilab's Transformer: fp32 full training fuses head and loss (linear_ce)
+    fused_loss: bool = False        # minilab's Transformer: full training fuses head and loss (linear_ce)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -161,21 +161,27 @@ def activation_bytes(an: Anatomy, req: PlanRequest, frozen: bool) -> tuple[int, 
 
 
 def _fused_loss(an: Anatomy, req: PlanRequest) -> bool:
-    """Training fuses the head with the loss (minilab.linear_ce): as `training.fuses_loss` decides."""
-    return an.fused_loss and req.method == "full" and req.precision == "fp32"
+    """Training fuses the head with the loss (minilab.linear_ce): as `training.fuses_loss` decides
+    (fp32 master weights: fp32 or under autocast)."""
+    return an.fused_loss and req.method == "full" and req.precision in ("fp32", "bf16-mixed", "fp16-mixed")
 
 
 def _logits(an: Anatomy, req: PlanRequest, tokens_with_logits: int, training: bool) -> int:
     if not training:
         return tokens_with_logits * an.vocab * (2 if _is16(req.precision) else 4)
-    if _fused_loss(an, req):
-        # head and loss fused (minilab.linear_ce): two chunks of logits, the hidden states' gradient and
-        # the head's, computed in forward and held until backward; tied, the embedding's own gradient
-        # and their sum join it at the end of backward (*calibrated* by benchmarks/planner_accuracy.py)
-        rows = chunk_rows(an.vocab, tokens_with_logits)
-        head_grads = 3 if an.tied else 1
-        return 4 * (2 * rows * an.vocab + tokens_with_logits * an.hidden + head_grads * an.vocab * an.hidden)
-    return tokens_with_logits * an.vocab * LOGIT_BYTES["16bit" if _is16(req.precision) else "fp32"]
+    if not _fused_loss(an, req):
+        return tokens_with_logits * an.vocab * LOGIT_BYTES["16bit" if _is16(req.precision) else "fp32"]
+    # head and loss fused (minilab.linear_ce): the gradients of the hidden states and of the head,
+    # computed in forward and held until backward (tied, the embedding's own gradient and their sum
+    # join them at the end of backward), and a chunk of rows at a time: in fp32 two chunks of logits
+    # (*calibrated* by benchmarks/planner_accuracy.py); under autocast the 16-bit copies of h and the
+    # head, one chunk's 16-bit logits, their fp32 copy, its 16-bit gradient and 16-bit share of the
+    # head's gradient
+    rows = chunk_rows(an.vocab, tokens_with_logits)
+    held = 4 * (tokens_with_logits + (3 if an.tied else 1) * an.vocab) * an.hidden
+    if req.precision == "fp32":
+        return held + 4 * 2 * rows * an.vocab
+    return held + 2 * (tokens_with_logits + an.vocab) * an.hidden + 6 * rows * an.vocab + 2 * an.vocab * an.hidden
 
 
 def _runtime(req: PlanRequest) -> Line:
@@ -241,7 +247,9 @@ def plan_training(an: Anatomy, req: PlanRequest) -> MemoryPlan:
     lines.append(Line("optimizer", f"optimizer state ({req.optimizer})", optim, note))
     if master:
         lines.append(Line("master", "fp32 master weights", master))
-    autocast = 2 * an.params if (req.precision.endswith("-mixed") and full) else 0
+    # the fused head rounds its weight itself, for the head's forward only (in the logits line)
+    autocast = 2 * (an.params - (an.vocab * an.hidden if _fused_loss(an, req) else 0)) \
+        if (req.precision.endswith("-mixed") and full) else 0
     if autocast:
         lines.append(Line("autocast", "16-bit weight copies (autocast cache)", autocast, "during forward/backward"))
     acts, how = activation_bytes(an, req, frozen=not full)
