@@ -163,7 +163,17 @@ def test_fused_head_under_autocast_rounds_as_autocast_does(dtype, matmul, monkey
         assert 0.25 * err(ref[i], exact[i]) < err(fused[i], exact[i]) <= 1.05 * err(ref[i], exact[i])
 
 
-def test_fused_loss_for_a_plain_head_with_fp32_weights():
+def _loss_and_grads(model, ids, y, fused: bool):
+    """Summed loss (/3) and every trainable gradient, through the fused head or the logits."""
+    from minilab.training import token_loss_sum
+
+    model.zero_grad(set_to_none=True)
+    loss = (model(ids, targets=y) if fused else token_loss_sum(model(ids), y)) / 3.0
+    loss.backward()
+    return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fused_loss_for_a_plain_head_in_any_precision():
     from minilab.training import accumulate_gradients, fuses_loss, micro_batch_loss_sum
 
     torch.manual_seed(0)
@@ -172,25 +182,66 @@ def test_fused_loss_for_a_plain_head_with_fp32_weights():
     ids, y = x[:, :-1], x[:, 1:]
     assert fuses_loss(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):              # the training step's autocast: fused
-        assert model.fused_loss()
         fused = model(ids, targets=y)
     assert micro_batch_loss_sum(model, ids, y, "bf16", torch.device("cpu")).item() == fused.item()
     accumulate_gradients(model, [(ids, y)], "bf16", torch.device("cpu"))
     assert model.lm_head.weight.grad.dtype is torch.float32
     assert not fuses_loss(torch.compile(model))  # compiled: the logits path (no graph break)
-    model16 = build_model(ModelConfig(**CFG)).to(torch.bfloat16)   # 16-bit weights: the logits path
-    assert not fuses_loss(model16)
-    with pytest.raises(ValueError, match="fp32 weights"):
-        model16(ids, targets=y)
+    model16 = build_model(ModelConfig(**CFG)).to(torch.bfloat16)   # 16-bit weights: bf16 products
+    assert fuses_loss(model16)
+    ref, fus = _loss_and_grads(model16, ids, y, False), _loss_and_grads(model16, ids, y, True)
+    assert fus[0] == pytest.approx(ref[0], rel=1e-3)
+    for k, g in ref[1].items():
+        assert fus[1][k].dtype is torch.bfloat16
+        torch.testing.assert_close(fus[1][k].float(), g.float(), atol=0.05 * g.abs().max().item(), rtol=0.05,
+                                   msg=k)
     model.lm_head = torch.nn.Linear(32, 97, bias=True)
     assert not fuses_loss(model)
+    with pytest.raises(ValueError, match="bias-free head"):
+        model(ids, targets=y)
+
+
+def test_lora_fuses_the_frozen_head_on_minilab_and_transformers_models():
+    # LoRA/QLoRA keep the head frozen: the fused path skips its product and returns only the hidden
+    # states' gradient; the adapters' gradients equal the logits path's. Also for a transformers
+    # model behind LogitsOnly (a whitelisted architecture, plain head), not for soft-capped logits.
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from minilab.finetune.models import LogitsOnly
+    from minilab.loading import wrap_lora
+    from minilab.training import fuses_loss
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 97, (2, 17))
+    ids, y = x[:, :-1], x[:, 1:].clone()
+    y[0, :4] = -100
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1))
+    for model in (wrap_lora(build_model(ModelConfig(**CFG)), {"r": 4}),
+                  LogitsOnly(wrap_lora_hf(hf)), LogitsOnly(hf)):
+        assert fuses_loss(model)
+        ref, fus = _loss_and_grads(model, ids, y, False), _loss_and_grads(model, ids, y, True)
+        assert fus[0] == pytest.approx(ref[0], rel=1e-6)
+        assert sorted(fus[1]) == sorted(ref[1])
+        for k, g in ref[1].items():
+            torch.testing.assert_close(fus[1][k], g, atol=2e-6, rtol=1e-4, msg=k)
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    assert not fuses_loss(LogitsOnly(gemma2))  # final_logit_softcapping: the logits path
+    with pytest.raises(ValueError, match="plain head"):
+        LogitsOnly(gemma2)(ids, targets=y)
+
+
+def wrap_lora_hf(hf):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(hf, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
 
 
 def test_planner_counts_the_fused_head_only_where_training_fuses_it():
-    # full training of minilab's model (fp32 or under autocast) keeps a chunk of logits, not 14-16
-    # bytes x tokens x vocab; LoRA (a PEFT wrapper: the logits path), 16-bit weights and a
-    # transformers model keep the full line.
-    from transformers import LlamaConfig, LlamaForCausalLM
+    # training minilab's model or a whitelisted transformers architecture keeps a chunk of logits,
+    # not 14-16 bytes x tokens x vocab (LoRA: without the head's gradient); GPT-2 keeps the full line.
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     from minilab.linear_ce import chunk_rows
     from minilab.planner.anatomy import inspect_model
@@ -210,12 +261,15 @@ def test_planner_counts_the_fused_head_only_where_training_fuses_it():
     assert fused.bytes == 4 * (2 * rows * 32768 + tokens * 32 + 3 * 32768 * 32)  # tied: 3 head-sized grads
     full = tokens * 32768 * LOGIT_BYTES["fp32"]
     assert fused.bytes < full / 20
-    assert logits(ours, method="lora", precision="fp32").bytes == full
+    lora = logits(ours, method="lora", precision="fp32")        # a frozen head: h's gradient only
+    assert lora.bytes == 4 * (2 * rows * 32768 + tokens * 32)
     mixed = logits(ours, method="full", precision="bf16-mixed")  # + 16-bit copies, one 16-bit chunk
     assert mixed.bytes == fused.bytes - 8 * rows * 32768 + 2 * (tokens + 32768) * 32 + 6 * rows * 32768 \
         + 2 * 32768 * 32
-    assert logits(ours, method="full", precision="bf16").bytes == tokens * 32768 * LOGIT_BYTES["16bit"]
     with torch.device("meta"):
-        hf = LlamaForCausalLM(LlamaConfig(vocab_size=32768, hidden_size=32, intermediate_size=64,
-                                          num_hidden_layers=2, num_attention_heads=2))
-    assert logits(inspect_model(hf), method="full", precision="fp32").bytes == full
+        llama = LlamaForCausalLM(LlamaConfig(vocab_size=32768, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2))
+        gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32768, n_embd=32, n_layer=2, n_head=2))
+    assert logits(inspect_model(llama), method="qlora", precision="bf16").bytes < full / 20
+    assert logits(inspect_model(gpt2), method="full", precision="fp32").bytes == full
+    assert logits(inspect_model(gpt2), method="lora", precision="bf16").bytes == tokens * 32768 * LOGIT_BYTES["16bit"]

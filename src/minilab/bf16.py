@@ -37,13 +37,19 @@ _CPU_BF16_GEMM: bool | None = None
 
 def emulate_bf16(x: torch.Tensor, rows: int) -> bool:
     """True when a matmul on `x` would run in bf16 (bf16 input or CPU bf16 autocast) on a CPU whose
-    bf16 GEMM is torch's slow reference kernel; see BF16_MATMUL. Not below 32 rows (decoding a few
-    tokens): there the reference kernel is memory-bound like fp32, and upcasting the weights is not."""
-    if x.device.type != "cpu" or BF16_MATMUL == "native" or (rows < 32 and BF16_MATMUL == "auto"):
-        return False
+    bf16 GEMM is torch's slow reference kernel; see BF16_MATMUL and `emulates_gemm`."""
     in_bf16 = x.dtype is torch.bfloat16 or (torch.is_autocast_enabled("cpu")
                                             and torch.get_autocast_dtype("cpu") is torch.bfloat16)
-    return in_bf16 and (BF16_MATMUL == "emulate" or not cpu_has_bf16_gemm())
+    return in_bf16 and emulates_gemm(x.device, rows)
+
+
+def emulates_gemm(device: torch.device, rows: int) -> bool:
+    """Whether a bf16 matmul of `rows` rows on `device` is emulated on fp32 kernels. Not below 32 rows
+    (decoding a few tokens): there the reference kernel is memory-bound like fp32, and upcasting the
+    weights is not."""
+    if device.type != "cpu" or BF16_MATMUL == "native" or (rows < 32 and BF16_MATMUL == "auto"):
+        return False
+    return BF16_MATMUL == "emulate" or not cpu_has_bf16_gemm()
 
 
 class _BF16Linear(torch.autograd.Function):

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import torch
 
-from minilab.bf16 import emulate_bf16
+from minilab.bf16 import emulates_gemm, is_plain_linear
 
 # Rows per chunk: as many as keep one chunk's logits near this size (a cache-sized buffer, and
 # M large enough for the matmuls to run at full speed); the planner counts two such buffers.
 CHUNK_BYTES = 16 * 2**20
 MIN_ROWS = 32
+# transformers causal LMs whose logits are exactly lm_head(model(...).last_hidden_state): no soft-
+# capping or scaling of the logits (Gemma 2/3, Cohere, Granite have one), checked for a plain head
+HF_FUSED_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"})
 
 
 def chunk_rows(vocab: int, tokens: int) -> int:
@@ -43,13 +46,15 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 dtype: torch.dtype, emulate: bool):
         n, vocab = h.shape[0], weight.shape[0]
         rows = chunk_rows(vocab, n)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        # gradients accumulated in fp32, returned in the inputs' dtypes (a frozen head: none)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
+        ctx.dtypes = (h.dtype, weight.dtype)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         low = dtype is not torch.float32
-        # the matmuls' operands rounded to `dtype` once (autocast's copies); emulated: upcast back to
-        # fp32, the products' results rounded to `dtype` as a 16-bit GEMM's are (minilab.bf16)
-        hl, wl = (h.to(dtype), weight.to(dtype)) if low else (h, weight)
+        # the matmuls' operands in `dtype` (rounded once, as autocast's copies); emulated: upcast back
+        # to fp32, the products' results rounded to `dtype` as a 16-bit GEMM's are (minilab.bf16)
+        hl, wl = h.to(dtype), weight.to(dtype)
         if emulate:
             hl, wl = hl.float(), wl.float()
         w_t = wl.t()
@@ -70,7 +75,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             if not bool(valid.all()):
                 p.mul_(valid[:, None])                                                   # ignored rows: no gradient
             if not low:
-                torch.mm(p, weight, out=grad_h[s:s + rows])
+                torch.mm(p, wl, out=grad_h[s:s + rows])
                 if grad_w is not None:
                     grad_w.addmm_(p.t(), hc)
                 continue
@@ -88,28 +93,33 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         # scaled in place (no second copy of the head's gradient): one backward per forward
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h.mul_(grad_loss) if ctx.needs_input_grad[0] else None,
-                grad_w.mul_(grad_loss) if grad_w is not None else None, None, None, None, None)
+        return (grad_h.mul_(grad_loss).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
+                grad_w.mul_(grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None, None, None, None, None)
 
 
 def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              ignore_index: int = -100) -> torch.Tensor:
     """Summed cross-entropy of `h @ weight.T` (h: (..., d), weight: (V, d)) against `targets` (...),
     positions equal to `ignore_index` skipped: `F.cross_entropy(logits, y, reduction="sum")`,
-    without the logits. h and weight fp32 (the master weights); under bf16 or fp16 autocast the
-    products run in that dtype as autocast's head would (16-bit operands and logits, the softmax
-    and the loss in fp32), emulated on fp32 kernels where `minilab.bf16` emulates the CPU's bf16 GEMM."""
-    if h.dtype is not torch.float32 or weight.dtype is not torch.float32:
-        raise TypeError("linear_cross_entropy_sum takes fp32 h and weight (16-bit only through autocast)")
+    without the logits. The products run in autocast's dtype where it is on (16-bit operands and
+    logits, the softmax and the loss in fp32, as autocast's head), else in the head's dtype (fp32,
+    or a 16-bit model's); bf16 is emulated on fp32 kernels where `minilab.bf16` emulates the CPU's
+    bf16 GEMM. A head that needs no gradient (LoRA, QLoRA) skips its product."""
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    dtype = autocast_dtype(h.device.type)
-    emulate = dtype is torch.bfloat16 and emulate_bf16(h, h.shape[0])
+    dtype = autocast_dtype(h.device.type) or weight.dtype
+    emulate = dtype is torch.bfloat16 and emulates_gemm(h.device, h.shape[0])
     with torch.autocast(h.device.type, enabled=False):
         return _LinearCrossEntropySum.apply(h, weight, targets, ignore_index, dtype, emulate)
 
 
-def autocast_dtype(device_type: str) -> torch.dtype:
-    """The dtype autocast runs matmuls in on this device type now: bf16, fp16, or fp32 when it is off."""
-    if not torch.is_autocast_enabled(device_type):
-        return torch.float32
-    return torch.get_autocast_dtype(device_type)
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on this device type now (bf16, fp16), None when it is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def hf_fuses_loss(lm) -> bool:
+    """Whether a transformers causal LM (its LoRA layers injected, if any) may train through
+    `linear_cross_entropy_sum(lm.model(ids).last_hidden_state, lm.lm_head.weight, ...)`."""
+    config = getattr(lm, "config", None)
+    return getattr(config, "model_type", None) in HF_FUSED_TYPES and hasattr(lm, "model") \
+        and is_plain_linear(lm.get_output_embeddings())

@@ -309,7 +309,7 @@ class Transformer(nn.Module):
             kv_cache.advance(T)
         if targets is not None:
             if not self.fused_loss():
-                raise ValueError("targets= needs a plain head with fp32 weights (see Transformer.fused_loss)")
+                raise ValueError("targets= needs a plain bias-free head (see Transformer.fused_loss)")
             return linear_cross_entropy_sum(self.model.norm(x), self.lm_head.weight, targets, ignore_index)
         if 0 < logits_to_keep < T:
             x = x[:, -logits_to_keep:]
@@ -317,9 +317,8 @@ class Transformer(nn.Module):
 
     def fused_loss(self) -> bool:
         """Whether `forward(ids, targets=...)` may fuse the head with the loss: a plain bias-free head
-        (not LoRA-wrapped or quantized) with fp32 weights, in fp32 or under bf16/fp16 autocast."""
-        w = self.lm_head.weight
-        return is_plain_linear(self.lm_head) and w.dtype is torch.float32
+        (not LoRA-wrapped or quantized), in any precision."""
+        return is_plain_linear(self.lm_head)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean cross-entropy of next-token targets (B, T); positions equal to ignore_index are skipped."""

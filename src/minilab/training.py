@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilab.errors import ConfigError, MinilabError
-from minilab.model import Transformer
 
 
 @dataclass
@@ -174,10 +173,12 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
 
 def fuses_loss(model: nn.Module) -> bool:
     """Whether `model(x, targets=y)` gives the summed loss with the head fused (`minilab.linear_ce`):
-    our Transformer (also under DDP or FSDP, not under torch.compile) with fp32 weights, training in
-    fp32 or under bf16/fp16 autocast."""
+    minilab's Transformer, also under DDP, FSDP or PEFT's LoRA wrapper, and transformers models of
+    the architectures `linear_ce.hf_fuses_loss` knows (`LogitsOnly`); not under torch.compile."""
     inner = getattr(model, "module", model)  # DDP; FSDP2 keeps the class (a subclass of it)
-    return isinstance(inner, Transformer) and inner.fused_loss()
+    if hasattr(type(inner), "get_base_model"):  # PeftModel: its forward calls the base with our kwargs
+        inner = inner.get_base_model()
+    return callable(getattr(type(inner), "fused_loss", None)) and inner.fused_loss()
 
 
 def micro_batch_loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from minilab.errors import ConfigError, MinilabError
+from minilab.linear_ce import hf_fuses_loss, linear_cross_entropy_sum
 
 log = logging.getLogger("minilab.finetune")
 
@@ -52,15 +53,31 @@ class BaseModel:
 
 
 class LogitsOnly(nn.Module):
-    """Calls a transformers model and returns its logits, so every loop can do `model(x)`.
-    Holds the model as `inner`; adapters are saved from `inner`, so their names stay standard."""
+    """Calls a transformers model and returns its logits, so every loop can do `model(x)`; with
+    `targets` (training, where `fused_loss` holds) the summed loss instead, head and loss fused
+    (`minilab.linear_ce`) as minilab's own model does. Holds the model as `inner` (PEFT-wrapped for
+    LoRA/QLoRA); adapters are saved from `inner`, so their names stay standard."""
 
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, input_ids: torch.Tensor, **_ignored) -> torch.Tensor:
-        return self.inner(input_ids=input_ids, use_cache=False).logits
+    def causal_lm(self) -> nn.Module:
+        """The transformers model itself; under PEFT its LoRA layers are injected in place."""
+        return self.inner.get_base_model() if hasattr(type(self.inner), "get_base_model") else self.inner
+
+    def fused_loss(self) -> bool:
+        return hf_fuses_loss(self.causal_lm())
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100,
+                **_ignored) -> torch.Tensor:
+        if targets is None:
+            return self.inner(input_ids=input_ids, use_cache=False).logits
+        if not self.fused_loss():
+            raise ValueError("targets= needs a model whose logits are its plain head's (see LogitsOnly.fused_loss)")
+        lm = self.causal_lm()
+        hidden = lm.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        return linear_cross_entropy_sum(hidden, lm.get_output_embeddings().weight, targets, ignore_index)
 
 
 def resolve_base_dir(name: str, registry_root: str | None = None) -> tuple[Path, str]:

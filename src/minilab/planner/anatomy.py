@@ -21,6 +21,8 @@ from typing import Any
 
 from torch import nn
 
+from minilab.bf16 import is_plain_linear
+from minilab.linear_ce import HF_FUSED_TYPES
 from minilab.model import Transformer
 
 GROUPS = ("embeddings", "attention", "mlp", "norms", "head", "other")
@@ -63,7 +65,7 @@ class Anatomy:
     base_params: int                # params without the LM head: what accelerate's AutoModel sees
     max_positions: int | None = None
     sliding_window: int | None = None
-    fused_loss: bool = False        # minilab's Transformer: full training fuses head and loss (linear_ce)
+    fused_loss: bool = False        # training fuses head and loss (linear_ce): as training.fuses_loss
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -162,7 +164,9 @@ def inspect_model(model: nn.Module) -> Anatomy:
         vocab=_config_value(cfg, "vocab_size"), tied=tied, gated_mlp=len(layer0) >= 3,
         buffers=buffers, base_params=sum(groups.values()) - head_params,
         max_positions=_config_value(cfg, "max_seq_len", "max_position_embeddings", "n_positions"),
-        sliding_window=window if use_window else None, fused_loss=isinstance(model, Transformer))
+        sliding_window=window if use_window else None,
+        fused_loss=isinstance(model, Transformer) or (_config_value(cfg, "model_type") in HF_FUSED_TYPES
+                                                      and is_plain_linear(head)))
 
 
 def _is_tied(model: nn.Module, head: nn.Module | None) -> bool:

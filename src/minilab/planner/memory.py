@@ -37,8 +37,9 @@ LOGIT_BYTES = {"fp32": 16, "16bit": 14}
 # LoRA's forward allocates the base output, the adapter output, its scaled copy and their sum for
 # every targeted linear. They are freed at once, but glibc's malloc (dynamic mmap threshold) keeps
 # the memory resident: with MALLOC_MMAP_THRESHOLD_=131072 the excess disappears. Measured on CPU it
-# is this many adapter-output widths per token per block (*calibrated*; it varies 1-2.6x with size).
-LORA_TRANSIENT = 1.75
+# is this many adapter-output widths per token per block (*calibrated* with the fused head, whose
+# small logits no longer hide it; it varies 1-3x with size, and one run's RSS by up to 25%).
+LORA_TRANSIENT = 2.75
 
 
 @dataclass
@@ -162,8 +163,8 @@ def activation_bytes(an: Anatomy, req: PlanRequest, frozen: bool) -> tuple[int, 
 
 def _fused_loss(an: Anatomy, req: PlanRequest) -> bool:
     """Training fuses the head with the loss (minilab.linear_ce): as `training.fuses_loss` decides
-    (fp32 master weights: fp32 or under autocast)."""
-    return an.fused_loss and req.method == "full" and req.precision in ("fp32", "bf16-mixed", "fp16-mixed")
+    (every method; LoRA targets decoder linears, never the head)."""
+    return an.fused_loss
 
 
 def _logits(an: Anatomy, req: PlanRequest, tokens_with_logits: int, training: bool) -> int:
@@ -171,17 +172,18 @@ def _logits(an: Anatomy, req: PlanRequest, tokens_with_logits: int, training: bo
         return tokens_with_logits * an.vocab * (2 if _is16(req.precision) else 4)
     if not _fused_loss(an, req):
         return tokens_with_logits * an.vocab * LOGIT_BYTES["16bit" if _is16(req.precision) else "fp32"]
-    # head and loss fused (minilab.linear_ce): the gradients of the hidden states and of the head,
-    # computed in forward and held until backward (tied, the embedding's own gradient and their sum
-    # join them at the end of backward), and a chunk of rows at a time: in fp32 two chunks of logits
-    # (*calibrated* by benchmarks/planner_accuracy.py); under autocast the 16-bit copies of h and the
-    # head, one chunk's 16-bit logits, their fp32 copy, its 16-bit gradient and 16-bit share of the
-    # head's gradient
+    # head and loss fused (minilab.linear_ce): the gradients of the hidden states and (full training)
+    # of the head, computed in forward and held until backward (tied, the embedding's own gradient
+    # and their sum join them at the end of backward), and a chunk of rows at a time: in fp32 two
+    # chunks of logits (*calibrated* by benchmarks/planner_accuracy.py); in 16 bits the 16-bit
+    # copies of h and the head, one chunk's 16-bit logits, their fp32 copy, its 16-bit gradient
+    # and 16-bit share of the head's gradient
     rows = chunk_rows(an.vocab, tokens_with_logits)
-    held = 4 * (tokens_with_logits + (3 if an.tied else 1) * an.vocab) * an.hidden
+    head = an.vocab * an.hidden if req.method == "full" else 0
+    held = 4 * (tokens_with_logits * an.hidden + (3 if an.tied else 1) * head)
     if req.precision == "fp32":
         return held + 4 * 2 * rows * an.vocab
-    return held + 2 * (tokens_with_logits + an.vocab) * an.hidden + 6 * rows * an.vocab + 2 * an.vocab * an.hidden
+    return held + 2 * (tokens_with_logits + an.vocab) * an.hidden + 6 * rows * an.vocab + 2 * head
 
 
 def _runtime(req: PlanRequest) -> Line:
