@@ -102,7 +102,7 @@ def test_fused_head_and_loss_equal_the_logits_path(vocab, batch, seq):
     # The fp32 training step never builds the logits (minilab.linear_ce): its loss and every
     # gradient equal F.cross_entropy over the logits', ignored positions included.
     from minilab.linear_ce import chunk_rows
-    from minilab.training import fuses_loss, token_loss_sum
+    from minilab.training import fuses_loss
 
     torch.manual_seed(0)
     cfg = ModelConfig(**{**CFG, "vocab_size": vocab})
@@ -114,15 +114,7 @@ def test_fused_head_and_loss_equal_the_logits_path(vocab, batch, seq):
     assert fuses_loss(model)
     if vocab > 1000:
         assert chunk_rows(vocab, y.numel()) < y.numel()  # the chunk loop is exercised
-    ref = token_loss_sum(model(ids), y) / 3.0
-    ref.backward()
-    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    fused = model(ids, targets=y) / 3.0
-    fused.backward()
-    assert fused.item() == pytest.approx(ref.item(), rel=1e-6)
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[k], atol=2e-6, rtol=1e-4, msg=k)
+    _assert_fused_equals_logits_path(model, ids, y)
 
 
 @pytest.mark.parametrize("dtype,matmul", [(torch.bfloat16, "native"), (torch.bfloat16, "emulate"),
@@ -173,6 +165,14 @@ def _loss_and_grads(model, ids, y, fused: bool):
     return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
+def _assert_fused_equals_logits_path(model, ids, y):
+    ref, fused = _loss_and_grads(model, ids, y, False), _loss_and_grads(model, ids, y, True)
+    assert fused[0] == pytest.approx(ref[0], rel=1e-6)
+    assert sorted(fused[1]) == sorted(ref[1])
+    for k, g in ref[1].items():
+        torch.testing.assert_close(fused[1][k], g, atol=2e-6, rtol=1e-4, msg=k)
+
+
 def test_fused_loss_for_a_plain_head_in_any_precision():
     from minilab.training import accumulate_gradients, fuses_loss, micro_batch_loss_sum
 
@@ -220,11 +220,7 @@ def test_lora_fuses_the_frozen_head_on_minilab_and_transformers_models():
     for model in (wrap_lora(build_model(ModelConfig(**CFG)), {"r": 4}),
                   LogitsOnly(wrap_lora_hf(hf)), LogitsOnly(hf)):
         assert fuses_loss(model)
-        ref, fus = _loss_and_grads(model, ids, y, False), _loss_and_grads(model, ids, y, True)
-        assert fus[0] == pytest.approx(ref[0], rel=1e-6)
-        assert sorted(fus[1]) == sorted(ref[1])
-        for k, g in ref[1].items():
-            torch.testing.assert_close(fus[1][k], g, atol=2e-6, rtol=1e-4, msg=k)
+        _assert_fused_equals_logits_path(model, ids, y)
     gemma2 = Gemma2ForCausalLM(Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=2, num_key_value_heads=1, head_dim=16))
     assert not fuses_loss(LogitsOnly(gemma2))  # final_logit_softcapping: the logits path
