@@ -15,9 +15,11 @@ tokens and a 32k vocabulary), and the head + loss of a 2048-token step at vocab 
 
 Under bf16/fp16 autocast the products run in that dtype as autocast's head does (16-bit operands,
 logits and logits' gradient; fp32 accumulation, softmax and loss), emulated on fp32 kernels where
-`minilab.bf16` emulates a missing bf16 GEMM. Used where it is simple: a plain bias-free head with
-fp32 weights (`Transformer.fused_loss`), through `training.micro_batch_loss_sum`. Everything else
-keeps the logits path.
+`minilab.bf16` emulates a missing bf16 GEMM. A frozen head (LoRA, QLoRA) skips its product. Used,
+through `training.micro_batch_loss_sum`, by every training of a model whose logits are its plain
+bias-free head's: minilab's Transformer (`Transformer.fused_loss`, also under PEFT) and the
+transformers architectures of `HF_FUSED_TYPES` (`finetune.models.LogitsOnly`). Everything else
+(a biased or LoRA-wrapped head, soft-capped logits, torch.compile) keeps the logits path.
 """
 
 from __future__ import annotations
