@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,7 +128,7 @@ def test_fused_head_under_autocast_rounds_as_autocast_does(dtype, matmul, monkey
     import torch.nn.functional as F
 
     from minilab import bf16
-    from minilab.linear_ce import linear_cross_entropy_sum
+    from minilab.linear_ce import linear_cross_entropy
 
     monkeypatch.setattr(bf16, "BF16_MATMUL", matmul)
     torch.manual_seed(0)
@@ -146,13 +147,73 @@ def test_fused_head_under_autocast_rounds_as_autocast_does(dtype, matmul, monkey
 
     exact = run(lambda: F.cross_entropy(h @ w.t(), y, reduction="sum"), autocast=False)
     ref = run(lambda: F.cross_entropy(bf16.linear_w(h, w).float(), y, reduction="sum"))
-    fused = run(lambda: linear_cross_entropy_sum(h, w, y))
+    fused = run(lambda: linear_cross_entropy(h, w, y))
     assert fused[0] == pytest.approx(ref[0], rel=1e-6)
     eps = torch.finfo(dtype).eps
     for i in (1, 2):
         err = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
         assert err(fused[i], ref[i]) < 2 * eps
         assert 0.25 * err(ref[i], exact[i]) < err(fused[i], exact[i]) <= 1.05 * err(ref[i], exact[i])
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_token_fused_loss_and_its_gradients(frozen_head, dtype):
+    # reduction="none" (DPO's log-probs): each token's loss as F.cross_entropy's, and the gradients
+    # under a different upstream gradient per token (backward recomputes each chunk's logits).
+    import torch.nn.functional as F
+
+    from minilab.bf16 import linear_w
+    from minilab.linear_ce import linear_cross_entropy
+
+    torch.manual_seed(0)
+    n, vocab, d = 300, 40_000, 24                                   # several chunks (104 rows)
+    h = torch.randn(3, n // 3, d, requires_grad=True)
+    w = (torch.randn(vocab, d) * 0.05).requires_grad_(not frozen_head)
+    y = torch.randint(0, vocab, (3, n // 3))
+    y[1, :9] = -100
+    upstream = torch.randn(3, n // 3)
+
+    def run(fn):
+        h.grad = w.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
+            out = fn()
+        (out * upstream).sum().backward()
+        return out.detach(), h.grad.clone(), None if frozen_head else w.grad.clone()
+
+    ref = run(lambda: F.cross_entropy(linear_w(h, w).float().transpose(1, 2), y, reduction="none"))
+    fused = run(lambda: linear_cross_entropy(h, w, y, reduction="none"))
+    assert fused[0].shape == y.shape and bool((fused[0][y == -100] == 0).all())
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype is torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(fused[0], ref[0], **tol)
+    for i in (1, 2)[: 1 if frozen_head else 2]:
+        err = ((fused[i] - ref[i]).norm() / ref[i].norm()).item()
+        assert err < (1e-5 if dtype is torch.float32 else 1e-2)
+
+
+def test_dpo_pair_logps_fused_equal_the_logits_path():
+    from minilab.finetune.dpo import pair_logps
+    from minilab.loading import wrap_lora
+
+    torch.manual_seed(0)
+    model = wrap_lora(build_model(ModelConfig(**CFG)), {"r": 4})
+    chosen = [(np.arange(3, 15), np.arange(12) >= 5)]              # (token ids, trained-on mask)
+    rejected = [(np.arange(20, 29), np.arange(9) >= 4)]
+    grads = {}
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        with pytest.MonkeyPatch.context() as mp:
+            if not fused:
+                mp.setattr("minilab.finetune.dpo.fuses_loss", lambda m: False)
+            c, r, n = pair_logps(model, chosen, rejected, 0, "fp32", torch.device("cpu"))
+        (c - 2 * r).sum().backward()
+        grads[fused] = (c.detach(), r.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters()
+                                                  if p.requires_grad})
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    torch.testing.assert_close(grads[True][1], grads[False][1])
+    assert grads[True][2] == grads[False][2] == 12
+    for k, g in grads[False][3].items():
+        torch.testing.assert_close(grads[True][3][k], g, atol=2e-6, rtol=1e-4, msg=k)
 
 
 def _loss_and_grads(model, ids, y, fused: bool):

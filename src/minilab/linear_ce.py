@@ -42,31 +42,65 @@ def chunk_rows(vocab: int, tokens: int) -> int:
     return max(1, min(tokens, max(MIN_ROWS, CHUNK_BYTES // (4 * vocab))))
 
 
+class _Products:
+    """The head's products for one call, in `dtype`: the operands rounded to it once (as autocast's
+    copies); emulated, upcast back to fp32 with each product's result rounded to `dtype` as a 16-bit
+    GEMM's is (minilab.bf16)."""
+
+    def __init__(self, h: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, emulate: bool):
+        self.dtype, self.low, self.emulate = dtype, dtype is not torch.float32, emulate
+        self.h, self.w = h.to(dtype), weight.to(dtype)
+        if emulate:
+            self.h, self.w = self.h.float(), self.w.float()
+
+    def logits(self, s: int, rows: int) -> torch.Tensor:
+        """fp32 logits of rows s:s+rows (16-bit logits upcast, as autocast's head + fp32 loss)."""
+        logits = torch.mm(self.h[s:s + rows], self.w.t())                               # (rows, V)
+        return logits.to(self.dtype).float() if self.low else logits
+
+    def backward(self, g: torch.Tensor, s: int, rows: int, grad_h: torch.Tensor, grad_w: torch.Tensor | None):
+        """From the logits' gradient `g` (fp32, rows x V): h's gradient into grad_h[s:s+rows], the
+        head's added to grad_w (fp32; None for a frozen head)."""
+        hc = self.h[s:s + rows]
+        if not self.low:
+            torch.mm(g, self.w, out=grad_h[s:s + rows])
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), hc)
+            return
+        g = g.to(self.dtype)                                 # the logits' gradient, 16-bit as autocast's
+        if self.emulate:
+            g = g.float()
+        grad_h[s:s + rows] = torch.mm(g, self.w).to(self.dtype)
+        if grad_w is not None:
+            grad_w += torch.mm(g.t(), hc).to(self.dtype)      # each chunk's share rounded, summed in fp32
+
+
+def _picked(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid rows, their target columns as (rows, 1); 0 where ignored)."""
+    valid = targets != ignore_index
+    return valid, torch.where(valid, targets, 0)[:, None]
+
+
+def _grad_buffers(ctx, h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 gradient accumulators for h and (unless frozen) the head."""
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
+    return torch.empty(h.shape, dtype=torch.float32, device=h.device), grad_w
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
+    """Summed loss; every gradient computed in forward (the upstream gradient is one scalar)."""
+
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                 dtype: torch.dtype, emulate: bool):
-        n, vocab = h.shape[0], weight.shape[0]
-        rows = chunk_rows(vocab, n)
-        # gradients accumulated in fp32, returned in the inputs' dtypes (a frozen head: none)
-        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
+        n, rows = h.shape[0], chunk_rows(weight.shape[0], h.shape[0])
+        grad_h, grad_w = _grad_buffers(ctx, h, weight)
         ctx.dtypes = (h.dtype, weight.dtype)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        low = dtype is not torch.float32
-        # the matmuls' operands in `dtype` (rounded once, as autocast's copies); emulated: upcast back
-        # to fp32, the products' results rounded to `dtype` as a 16-bit GEMM's are (minilab.bf16)
-        hl, wl = h.to(dtype), weight.to(dtype)
-        if emulate:
-            hl, wl = hl.float(), wl.float()
-        w_t = wl.t()
+        prod = _Products(h, weight, dtype, emulate)
         for s in range(0, n, rows):
-            hc, yc = hl[s:s + rows], targets[s:s + rows]
-            logits = torch.mm(hc, w_t)                                                   # (rows, V)
-            if low:
-                logits = logits.to(dtype).float()                  # 16-bit logits, softmax in fp32
-            valid = yc != ignore_index
-            picked = torch.where(valid, yc, 0)[:, None]
+            logits = prod.logits(s, rows)
+            valid, picked = _picked(targets[s:s + rows], ignore_index)
             target = logits.gather(1, picked)
             top = logits.amax(dim=1, keepdim=True)
             p = logits.sub_(top).exp_()                     # one exp pass, in place: softmax * sum
@@ -76,18 +110,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             p.scatter_add_(1, picked, torch.full(picked.shape, -1.0, dtype=p.dtype, device=p.device))
             if not bool(valid.all()):
                 p.mul_(valid[:, None])                                                   # ignored rows: no gradient
-            if not low:
-                torch.mm(p, wl, out=grad_h[s:s + rows])
-                if grad_w is not None:
-                    grad_w.addmm_(p.t(), hc)
-                continue
-            pl = p.to(dtype)                                # the logits' gradient, 16-bit as autocast's
-            if emulate:
-                pl = pl.float()
-            grad_h[s:s + rows] = torch.mm(pl, wl).to(dtype)
-            if grad_w is not None:
-                grad_w += torch.mm(pl.t(), hc).to(dtype)    # each chunk's share rounded, summed in fp32
-            del logits, p, pl                               # one chunk's buffers at a time (the planner's)
+            prod.backward(p, s, rows, grad_h, grad_w)
+            del logits, p                                   # one chunk's buffers at a time
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
@@ -99,19 +123,64 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 grad_w.mul_(grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None, None, None, None, None)
 
 
-def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             ignore_index: int = -100) -> torch.Tensor:
-    """Summed cross-entropy of `h @ weight.T` (h: (..., d), weight: (V, d)) against `targets` (...),
-    positions equal to `ignore_index` skipped: `F.cross_entropy(logits, y, reduction="sum")`,
-    without the logits. The products run in autocast's dtype where it is on (16-bit operands and
-    logits, the softmax and the loss in fp32, as autocast's head), else in the head's dtype (fp32,
-    or a 16-bit model's); bf16 is emulated on fp32 kernels where `minilab.bf16` emulates the CPU's
-    bf16 GEMM. A head that needs no gradient (LoRA, QLoRA) skips its product."""
+class _LinearCrossEntropyPerToken(torch.autograd.Function):
+    """Each token's loss (DPO's log-probabilities): the upstream gradient differs per token, so
+    backward recomputes each chunk's logits from h, the head and the saved log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                dtype: torch.dtype, emulate: bool):
+        n, rows = h.shape[0], chunk_rows(weight.shape[0], h.shape[0])
+        prod = _Products(h, weight, dtype, emulate)
+        lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        out = torch.empty(n, dtype=torch.float32, device=h.device)
+        for s in range(0, n, rows):
+            logits = prod.logits(s, rows)
+            valid, picked = _picked(targets[s:s + rows], ignore_index)
+            lse[s:s + rows] = torch.logsumexp(logits, dim=1)
+            out[s:s + rows] = (lse[s:s + rows] - logits.gather(1, picked)[:, 0]) * valid
+            del logits
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.args = (ignore_index, dtype, emulate)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        h, weight, targets, lse = ctx.saved_tensors
+        ignore_index, dtype, emulate = ctx.args
+        n, rows = h.shape[0], chunk_rows(weight.shape[0], h.shape[0])
+        grad_h, grad_w = _grad_buffers(ctx, h, weight)
+        prod = _Products(h, weight, dtype, emulate)
+        for s in range(0, n, rows):
+            valid, picked = _picked(targets[s:s + rows], ignore_index)
+            g = (grad_out[s:s + rows].float() * valid)[:, None]
+            p = prod.logits(s, rows).sub_(lse[s:s + rows, None]).exp_().mul_(g)        # g x softmax
+            p.scatter_add_(1, picked, -g)                                              # - g at the target
+            prod.backward(p, s, rows, grad_h, grad_w)
+            del p
+        return (grad_h.to(h.dtype) if ctx.needs_input_grad[0] else None,
+                grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy of `h @ weight.T` (h: (..., d), weight: (V, d)) against `targets` (...),
+    positions equal to `ignore_index` skipped: `F.cross_entropy(logits, y, reduction=...)` for
+    "sum" (a scalar) or "none" (targets' shape, 0 where ignored), without the logits. The products
+    run in autocast's dtype where it is on (16-bit operands and logits, the softmax and the loss in
+    fp32, as autocast's head), else in the head's dtype (fp32, or a 16-bit model's); bf16 is
+    emulated on fp32 kernels where `minilab.bf16` emulates the CPU's bf16 GEMM. A head that needs no
+    gradient (LoRA, QLoRA) skips its product."""
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', not {reduction!r}")
+    shape = targets.shape
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     dtype = autocast_dtype(h.device.type) or weight.dtype
     emulate = dtype is torch.bfloat16 and emulates_gemm(h.device, h.shape[0])
+    fn = _LinearCrossEntropySum if reduction == "sum" else _LinearCrossEntropyPerToken
     with torch.autocast(h.device.type, enabled=False):
-        return _LinearCrossEntropySum.apply(h, weight, targets, ignore_index, dtype, emulate)
+        out = fn.apply(h, weight, targets, ignore_index, dtype, emulate)
+    return out if reduction == "sum" else out.view(shape)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -121,7 +190,7 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 
 def hf_fuses_loss(lm) -> bool:
     """Whether a transformers causal LM (its LoRA layers injected, if any) may train through
-    `linear_cross_entropy_sum(lm.model(ids).last_hidden_state, lm.lm_head.weight, ...)`."""
+    `linear_cross_entropy(lm.model(ids).last_hidden_state, lm.lm_head.weight, ...)`."""
     config = getattr(lm, "config", None)
     return getattr(config, "model_type", None) in HF_FUSED_TYPES and hasattr(lm, "model") \
         and is_plain_linear(lm.get_output_embeddings())

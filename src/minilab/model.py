@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minilab.bf16 import attention, is_plain_linear, linear
 from minilab.errors import ConfigError
-from minilab.linear_ce import linear_cross_entropy_sum
+from minilab.linear_ce import linear_cross_entropy
 
 if TYPE_CHECKING:
     from minilab.kvcache import KVCache
@@ -284,12 +284,13 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {end} tokens exceeds max_seq_len {self.config.max_seq_len}")
 
     def forward(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None, logits_to_keep: int = 0,
-                targets: torch.Tensor | None = None, ignore_index: int = -100, **_ignored) -> torch.Tensor:
+                targets: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "sum",
+                **_ignored) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab). With `kv_cache`, T new tokens follow the cached ones.
         `logits_to_keep` > 0 computes the head for the last that many positions only (as HF's).
-        With `targets` (B, T) (training, where `fused_loss` holds): the summed cross-entropy instead,
-        head and loss fused without the logits (`minilab.linear_ce`); a call through DDP/FSDP
-        wrappers stays one forward."""
+        With `targets` (B, T) (training, where `fused_loss` holds): the cross-entropy instead, summed
+        or (`reduction="none"`) per token, head and loss fused without the logits
+        (`minilab.linear_ce`); a call through DDP/FSDP/PEFT wrappers stays one forward."""
         B, T = input_ids.shape
         start = kv_cache.pos if kv_cache is not None else 0
         self.check_length(start + T, kv_cache)
@@ -310,7 +311,7 @@ class Transformer(nn.Module):
         if targets is not None:
             if not self.fused_loss():
                 raise ValueError("targets= needs a plain bias-free head (see Transformer.fused_loss)")
-            return linear_cross_entropy_sum(self.model.norm(x), self.lm_head.weight, targets, ignore_index)
+            return linear_cross_entropy(self.model.norm(x), self.lm_head.weight, targets, ignore_index, reduction)
         if 0 < logits_to_keep < T:
             x = x[:, -logits_to_keep:]
         return linear(self.lm_head, self.model.norm(x))                                 # (B, T, vocab)

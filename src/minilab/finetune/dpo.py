@@ -33,6 +33,7 @@ from minilab.training import (
     OptimConfig,
     autocast_context,
     count_targets,
+    fuses_loss,
     sequence_logprobs,
     step_tokens,
     throughput,
@@ -71,9 +72,11 @@ def pair_logps(model, chosen: list, rejected: list, pad_id: int, precision: str,
     from minilab.finetune.rows import collate
 
     x, y = collate(chosen + rejected, pad_id)
+    x, y_dev = x.to(device), y.to(device)
+    fused = fuses_loss(model)  # each token's loss with the head fused (minilab.linear_ce): no logits
     with autocast_context(precision, device):
-        logits = model(x.to(device))
-    logps = sequence_logprobs(logits, y.to(device))
+        out = model(x, targets=y_dev, reduction="none") if fused else model(x)
+    logps = -out.sum(-1) if fused else sequence_logprobs(out, y_dev)
     return logps[: len(chosen)], logps[len(chosen):], count_targets([y])
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from minilab.errors import ConfigError, MinilabError
-from minilab.linear_ce import hf_fuses_loss, linear_cross_entropy_sum
+from minilab.linear_ce import hf_fuses_loss, linear_cross_entropy
 
 log = logging.getLogger("minilab.finetune")
 
@@ -54,8 +54,8 @@ class BaseModel:
 
 class LogitsOnly(nn.Module):
     """Calls a transformers model and returns its logits, so every loop can do `model(x)`; with
-    `targets` (training, where `fused_loss` holds) the summed loss instead, head and loss fused
-    (`minilab.linear_ce`) as minilab's own model does. Holds the model as `inner` (PEFT-wrapped for
+    `targets` (training, where `fused_loss` holds) the loss instead, head and loss fused
+    (`minilab.linear_ce`) as in `Transformer.forward`. Holds the model as `inner` (PEFT-wrapped for
     LoRA/QLoRA); adapters are saved from `inner`, so their names stay standard."""
 
     def __init__(self, inner: nn.Module):
@@ -70,14 +70,14 @@ class LogitsOnly(nn.Module):
         return hf_fuses_loss(self.causal_lm())
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100,
-                **_ignored) -> torch.Tensor:
+                reduction: str = "sum", **_ignored) -> torch.Tensor:
         if targets is None:
             return self.inner(input_ids=input_ids, use_cache=False).logits
         if not self.fused_loss():
             raise ValueError("targets= needs a model whose logits are its plain head's (see LogitsOnly.fused_loss)")
         lm = self.causal_lm()
         hidden = lm.model(input_ids=input_ids, use_cache=False).last_hidden_state
-        return linear_cross_entropy_sum(hidden, lm.get_output_embeddings().weight, targets, ignore_index)
+        return linear_cross_entropy(hidden, lm.get_output_embeddings().weight, targets, ignore_index, reduction)
 
 
 def resolve_base_dir(name: str, registry_root: str | None = None) -> tuple[Path, str]:
