@@ -229,6 +229,8 @@ def _loss_and_grads(model, ids, y, fused: bool):
 def _assert_fused_equals_logits_path(model, ids, y):
     ref, fused = _loss_and_grads(model, ids, y, False), _loss_and_grads(model, ids, y, True)
     assert fused[0] == pytest.approx(ref[0], rel=1e-6)
+    with torch.no_grad():  # evaluation: the loss alone, no gradients computed in forward
+        assert model(ids, targets=y).item() / 3.0 == pytest.approx(ref[0], rel=1e-6)
     assert sorted(fused[1]) == sorted(ref[1])
     for k, g in ref[1].items():
         torch.testing.assert_close(fused[1][k], g, atol=2e-6, rtol=1e-4, msg=k)

@@ -177,10 +177,12 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     dtype = autocast_dtype(h.device.type) or weight.dtype
     emulate = dtype is torch.bfloat16 and emulates_gemm(h.device, h.shape[0])
-    fn = _LinearCrossEntropySum if reduction == "sum" else _LinearCrossEntropyPerToken
+    # the summed loss computes its gradients in forward: only where they will be used (not in eval)
+    grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    fn = _LinearCrossEntropySum if reduction == "sum" and grads else _LinearCrossEntropyPerToken
     with torch.autocast(h.device.type, enabled=False):
         out = fn.apply(h, weight, targets, ignore_index, dtype, emulate)
-    return out if reduction == "sum" else out.view(shape)
+    return out.view(shape) if reduction == "none" else out.sum() if fn is _LinearCrossEntropyPerToken else out
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

@@ -39,14 +39,13 @@ from minilab.training import (
     MFU,
     MetricsLog,
     OptimConfig,
-    autocast_context,
     check_finite_weights,
     find_resume_checkpoint,
     make_optimizer,
+    micro_batch_loss_sum,
     optimizer_step,
     resolve_device,
     throughput,
-    token_loss_sum,
     token_step,
 )
 
@@ -176,9 +175,7 @@ def evaluate(model: Transformer, cfg: PretrainConfig, seq_len: int, device: torc
     it = batches(iter(reader), cfg.batch_size)
     for _ in range(cfg.eval_batches):
         x, y = next(it)
-        with autocast_context(cfg.precision, device):
-            logits = model(x.to(device))
-        total += token_loss_sum(logits, y.to(device)).item()
+        total += micro_batch_loss_sum(model, x.to(device), y.to(device), cfg.precision, device).item()
         n += y.numel()
     model.train(was_training)
     loss = total / n

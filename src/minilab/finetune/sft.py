@@ -27,7 +27,7 @@ import torch
 from minilab import distributed
 from minilab.errors import ConfigError
 from minilab.finetune.common import TuneConfig, Tuning, TuningRun, run_tuning, tuning_stage
-from minilab.training import OptimConfig, autocast_context, throughput, token_loss_sum, token_step
+from minilab.training import OptimConfig, micro_batch_loss_sum, throughput, token_step
 
 log = logging.getLogger("minilab.sft")
 
@@ -103,9 +103,8 @@ class SFTRun(TuningRun):
                 if not idx:
                     break
                 x, y = collate([rows[i] for i in idx], self.pad_id)
-                with autocast_context(self.cfg.precision, self.device):
-                    logits = model(x.to(self.device))
-                total += token_loss_sum(logits, y.to(self.device)).item()
+                total += micro_batch_loss_sum(model, x.to(self.device), y.to(self.device), self.cfg.precision,
+                                              self.device).item()
                 n += int((y != -100).sum())
         model.train(was)
         if n == 0:
