@@ -75,15 +75,31 @@ class _Products:
             grad_w += torch.mm(g.t(), hc).to(self.dtype)      # each chunk's share rounded, summed in fp32
 
 
-def _picked(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(valid rows, their target columns as (rows, 1); 0 where ignored)."""
+def _chunk(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One chunk of fp32 logits: each row's loss (log-sum-exp - target logit, 0 where ignored), its
+    log-sum-exp, and (`grad`) in the logits' own buffer their gradient softmax - onehot (0 on
+    ignored rows); one exp pass."""
     valid = targets != ignore_index
-    return valid, torch.where(valid, targets, 0)[:, None]
+    picked = torch.where(valid, targets, 0)[:, None]
+    target = logits.gather(1, picked)
+    top = logits.amax(dim=1, keepdim=True)
+    p = logits.sub_(top).exp_()                             # in place: softmax * sum
+    total = p.sum(dim=1, keepdim=True)
+    lse = (total.log() + top)[:, 0]
+    loss = (lse - target[:, 0]) * valid
+    if not grad:
+        return loss, lse, None
+    p.div_(total)
+    p.scatter_add_(1, picked, torch.full(picked.shape, -1.0, dtype=p.dtype, device=p.device))
+    if not bool(valid.all()):
+        p.mul_(valid[:, None])
+    return loss, lse, p
 
 
-def _grad_buffers(ctx, h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 gradient accumulators for h and (unless frozen) the head."""
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
+def _grad_buffers(h: torch.Tensor, weight: torch.Tensor, head: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 gradient accumulators for h and (`head`: not frozen) the head."""
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if head else None
     return torch.empty(h.shape, dtype=torch.float32, device=h.device), grad_w
 
 
@@ -94,24 +110,15 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                 dtype: torch.dtype, emulate: bool):
         n, rows = h.shape[0], chunk_rows(weight.shape[0], h.shape[0])
-        grad_h, grad_w = _grad_buffers(ctx, h, weight)
+        grad_h, grad_w = _grad_buffers(h, weight, ctx.needs_input_grad[1])
         ctx.dtypes = (h.dtype, weight.dtype)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         prod = _Products(h, weight, dtype, emulate)
         for s in range(0, n, rows):
-            logits = prod.logits(s, rows)
-            valid, picked = _picked(targets[s:s + rows], ignore_index)
-            target = logits.gather(1, picked)
-            top = logits.amax(dim=1, keepdim=True)
-            p = logits.sub_(top).exp_()                     # one exp pass, in place: softmax * sum
-            total = p.sum(dim=1, keepdim=True)
-            loss += ((total.log() + top - target)[:, 0] * valid).sum()                  # log-sum-exp - target
-            p.div_(total)
-            p.scatter_add_(1, picked, torch.full(picked.shape, -1.0, dtype=p.dtype, device=p.device))
-            if not bool(valid.all()):
-                p.mul_(valid[:, None])                                                   # ignored rows: no gradient
+            rows_loss, _, p = _chunk(prod.logits(s, rows), targets[s:s + rows], ignore_index, grad=True)
+            loss += rows_loss.sum()
             prod.backward(p, s, rows, grad_h, grad_w)
-            del logits, p                                   # one chunk's buffers at a time
+            del p                                           # one chunk's buffers at a time
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
@@ -124,42 +131,55 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
 
 class _LinearCrossEntropyPerToken(torch.autograd.Function):
-    """Each token's loss (DPO's log-probabilities): the upstream gradient differs per token, so
-    backward recomputes each chunk's logits from h, the head and the saved log-sum-exp."""
+    """Each token's loss (DPO's log-probabilities; evaluation). A token's upstream gradient only
+    scales its own row of h's gradient, so with a frozen head (LoRA, QLoRA) that is computed in
+    forward and scaled in backward; a trained head's gradient sums over tokens with their upstream
+    gradients, so then backward recomputes each chunk's logits from the saved log-sum-exp. Without
+    gradients (`torch.no_grad`), only the loss."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                dtype: torch.dtype, emulate: bool):
+                dtype: torch.dtype, emulate: bool, grads: bool):
         n, rows = h.shape[0], chunk_rows(weight.shape[0], h.shape[0])
         prod = _Products(h, weight, dtype, emulate)
+        ctx.args, ctx.dtypes = (ignore_index, dtype, emulate), (h.dtype, weight.dtype)
+        ctx.recompute = grads and ctx.needs_input_grad[1]
+        in_forward = grads and not ctx.recompute                  # h's gradient now, per row
+        grad_h = _grad_buffers(h, weight, False)[0] if in_forward else None
         lse = torch.empty(n, dtype=torch.float32, device=h.device)
         out = torch.empty(n, dtype=torch.float32, device=h.device)
         for s in range(0, n, rows):
-            logits = prod.logits(s, rows)
-            valid, picked = _picked(targets[s:s + rows], ignore_index)
-            lse[s:s + rows] = torch.logsumexp(logits, dim=1)
-            out[s:s + rows] = (lse[s:s + rows] - logits.gather(1, picked)[:, 0]) * valid
-            del logits
-        ctx.save_for_backward(h, weight, targets, lse)
-        ctx.args = (ignore_index, dtype, emulate)
+            out[s:s + rows], lse[s:s + rows], p = _chunk(prod.logits(s, rows), targets[s:s + rows], ignore_index,
+                                                         grad=in_forward)
+            if in_forward:
+                prod.backward(p, s, rows, grad_h, None)
+            del p
+        if ctx.recompute:
+            ctx.save_for_backward(h, weight, targets, lse)
+        elif in_forward:
+            ctx.save_for_backward(grad_h)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.recompute:
+            (grad_h,) = ctx.saved_tensors
+            return grad_h.mul_(grad_out.float()[:, None]).to(ctx.dtypes[0]), None, None, None, None, None, None
         h, weight, targets, lse = ctx.saved_tensors
         ignore_index, dtype, emulate = ctx.args
         n, rows = h.shape[0], chunk_rows(weight.shape[0], h.shape[0])
-        grad_h, grad_w = _grad_buffers(ctx, h, weight)
+        grad_h, grad_w = _grad_buffers(h, weight, True)
         prod = _Products(h, weight, dtype, emulate)
         for s in range(0, n, rows):
-            valid, picked = _picked(targets[s:s + rows], ignore_index)
+            yc = targets[s:s + rows]
+            valid = yc != ignore_index
             g = (grad_out[s:s + rows].float() * valid)[:, None]
             p = prod.logits(s, rows).sub_(lse[s:s + rows, None]).exp_().mul_(g)        # g x softmax
-            p.scatter_add_(1, picked, -g)                                              # - g at the target
+            p.scatter_add_(1, torch.where(valid, yc, 0)[:, None], -g)                  # - g at the target
             prod.backward(p, s, rows, grad_h, grad_w)
             del p
-        return (grad_h.to(h.dtype) if ctx.needs_input_grad[0] else None,
-                grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None, None)
+        return (grad_h.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
+                grad_w.to(ctx.dtypes[1]), None, None, None, None, None)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -177,12 +197,13 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     dtype = autocast_dtype(h.device.type) or weight.dtype
     emulate = dtype is torch.bfloat16 and emulates_gemm(h.device, h.shape[0])
-    # the summed loss computes its gradients in forward: only where they will be used (not in eval)
+    # gradients are computed in forward: only where they will be used (not in evaluation)
     grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    fn = _LinearCrossEntropySum if reduction == "sum" and grads else _LinearCrossEntropyPerToken
     with torch.autocast(h.device.type, enabled=False):
-        out = fn.apply(h, weight, targets, ignore_index, dtype, emulate)
-    return out.view(shape) if reduction == "none" else out.sum() if fn is _LinearCrossEntropyPerToken else out
+        if reduction == "sum" and grads:
+            return _LinearCrossEntropySum.apply(h, weight, targets, ignore_index, dtype, emulate)
+        out = _LinearCrossEntropyPerToken.apply(h, weight, targets, ignore_index, dtype, emulate, grads)
+    return out.view(shape) if reduction == "none" else out.sum()
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
