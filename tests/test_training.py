@@ -250,6 +250,9 @@ def test_fused_loss_for_a_plain_head_in_any_precision():
     accumulate_gradients(model, [(ids, y)], "bf16", torch.device("cpu"))
     assert model.lm_head.weight.grad.dtype is torch.float32
     assert not fuses_loss(torch.compile(model))  # compiled: the logits path (no graph break)
+    with pytest.MonkeyPatch.context() as mp:     # the switch benchmarks/finetune_memory.py compares with
+        mp.setattr("minilab.linear_ce.FUSE", False)
+        assert not fuses_loss(model)
     model16 = build_model(ModelConfig(**CFG)).to(torch.bfloat16)   # 16-bit weights: bf16 products
     assert fuses_loss(model16)
     ref, fus = _loss_and_grads(model16, ids, y, False), _loss_and_grads(model16, ids, y, True)

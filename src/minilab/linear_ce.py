@@ -35,6 +35,9 @@ MIN_ROWS = 32
 # transformers causal LMs whose logits are exactly lm_head(model(...).last_hidden_state): no soft-
 # capping or scaling of the logits (Gemma 2/3, Cohere, Granite have one), checked for a plain head
 HF_FUSED_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"})
+# False: every model keeps the logits path (benchmarks/finetune_memory.py compares the two; the
+# planner still counts the fused line)
+FUSE = True
 
 
 def chunk_rows(vocab: int, tokens: int) -> int:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minilab import linear_ce
 from minilab.errors import ConfigError, MinilabError
 
 
@@ -176,6 +177,8 @@ def fuses_loss(model: nn.Module) -> bool:
     minilab's Transformer, also under DDP, FSDP or PEFT's LoRA wrapper, and transformers models of
     the architectures `linear_ce.hf_fuses_loss` knows (`LogitsOnly`); not under torch.compile."""
     inner = getattr(model, "module", model)  # DDP; FSDP2 keeps the class (a subclass of it)
+    if not linear_ce.FUSE:
+        return False
     if hasattr(type(inner), "get_base_model"):  # PeftModel: its forward calls the base with our kwargs
         inner = inner.get_base_model()
     return callable(getattr(type(inner), "fused_loss", None)) and inner.fused_loss()
