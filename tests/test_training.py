@@ -284,7 +284,7 @@ def test_lora_fuses_the_frozen_head_on_minilab_and_transformers_models():
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1))
     for model in (wrap_lora(build_model(ModelConfig(**CFG)), {"r": 4}),
-                  LogitsOnly(wrap_lora_hf(hf)), LogitsOnly(hf)):
+                  LogitsOnly(_wrap_lora_hf(hf)), LogitsOnly(hf)):
         assert fuses_loss(model)
         _assert_fused_equals_logits_path(model, ids, y)
     gemma2 = Gemma2ForCausalLM(Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -294,7 +294,7 @@ def test_lora_fuses_the_frozen_head_on_minilab_and_transformers_models():
         LogitsOnly(gemma2)(ids, targets=y)
 
 
-def wrap_lora_hf(hf):
+def _wrap_lora_hf(hf):
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(hf, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))

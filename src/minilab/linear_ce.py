@@ -1,4 +1,4 @@
-"""The LM head and the cross-entropy in one pass, a chunk of tokens at a time (full training).
+"""The LM head and the cross-entropy in one pass, a chunk of tokens at a time (training, evaluation).
 
 `F.cross_entropy(h @ W.T, y)` materializes the (tokens, vocab) logits, keeps them and their
 log_softmax for backward, then writes a zero-filled gradient of the same size and the logits'
@@ -15,9 +15,11 @@ tokens and a 32k vocabulary), and the head + loss of a 2048-token step at vocab 
 
 Under bf16/fp16 autocast the products run in that dtype as autocast's head does (16-bit operands,
 logits and logits' gradient; fp32 accumulation, softmax and loss), emulated on fp32 kernels where
-`minilab.bf16` emulates a missing bf16 GEMM. A frozen head (LoRA, QLoRA) skips its product. Used,
-through `training.micro_batch_loss_sum`, by every training of a model whose logits are its plain
-bias-free head's: minilab's Transformer (`Transformer.fused_loss`, also under PEFT) and the
+`minilab.bf16` emulates a missing bf16 GEMM. A frozen head (LoRA, QLoRA) skips its product. Per
+token (`reduction="none"`, DPO's log-probs: a different upstream gradient per token) see
+`_LinearCrossEntropyPerToken`; under `no_grad` only the loss is computed. Used, through
+`training.micro_batch_loss_sum` and `dpo.pair_logps`, by every training and evaluation of a model
+whose logits are its plain bias-free head's: minilab's Transformer (`Transformer.fused_loss`, also under PEFT) and the
 transformers architectures of `HF_FUSED_TYPES` (`finetune.models.LogitsOnly`). Everything else
 (a biased or LoRA-wrapped head, soft-capped logits, torch.compile) keeps the logits path.
 """

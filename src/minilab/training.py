@@ -173,12 +173,13 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
 
 
 def fuses_loss(model: nn.Module) -> bool:
-    """Whether `model(x, targets=y)` gives the summed loss with the head fused (`minilab.linear_ce`):
-    minilab's Transformer, also under DDP, FSDP or PEFT's LoRA wrapper, and transformers models of
-    the architectures `linear_ce.hf_fuses_loss` knows (`LogitsOnly`); not under torch.compile."""
-    inner = getattr(model, "module", model)  # DDP; FSDP2 keeps the class (a subclass of it)
+    """Whether `model(x, targets=y)` gives the loss (summed, or per token with `reduction="none"`)
+    with the head fused (`minilab.linear_ce`): minilab's Transformer, also under DDP, FSDP or PEFT's
+    LoRA wrapper, and transformers models of the architectures `linear_ce.hf_fuses_loss` knows
+    (`LogitsOnly`); not under torch.compile, nor with `linear_ce.FUSE` off."""
     if not linear_ce.FUSE:
         return False
+    inner = getattr(model, "module", model)  # DDP; FSDP2 keeps the class (a subclass of it)
     if hasattr(type(inner), "get_base_model"):  # PeftModel: its forward calls the base with our kwargs
         inner = inner.get_base_model()
     return callable(getattr(type(inner), "fused_loss", None)) and inner.fused_loss()
@@ -186,8 +187,9 @@ def fuses_loss(model: nn.Module) -> bool:
 
 def micro_batch_loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str,
                          device: torch.device, ignore_index: int = -100) -> torch.Tensor:
-    """Summed next-token loss of one micro-batch for backward, under `precision`'s autocast: head and
-    loss fused where `fuses_loss`, else the logits, then `token_loss_sum`."""
+    """Summed next-token loss of one micro-batch (training, and evaluation under no_grad), under
+    `precision`'s autocast: head and loss fused where `fuses_loss`, else the logits, then
+    `token_loss_sum`."""
     with autocast_context(precision, device):
         if fuses_loss(model):
             return model(x, targets=y, ignore_index=ignore_index)
