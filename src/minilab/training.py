@@ -288,6 +288,16 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     return (picked * mask).sum(-1)
 
 
+def model_sequence_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str,
+                            device: torch.device) -> torch.Tensor:
+    """`sequence_logprobs` of `model` on inputs x (B, T), under `precision`'s autocast: the head
+    fused with the loss, per token, where `fuses_loss` (no logits), else through the logits."""
+    fused = fuses_loss(model)
+    with autocast_context(precision, device):
+        out = model(x, targets=y, reduction="none") if fused else model(x)
+    return -out.sum(-1) if fused else sequence_logprobs(out, y)
+
+
 class DivergedError(MinilabError):
     """A loss or the weights became nan/inf: the run stops, no final model, nothing registered."""
 

@@ -40,10 +40,11 @@ def _models(model_dir: Path, device: torch.device, registry_root: str | None):
 @torch.no_grad()
 def _logps(model, rows, idx: list[int], pad_id: int, device) -> tuple[torch.Tensor, int]:
     from minilab.finetune.rows import collate
-    from minilab.training import sequence_logprobs
+    from minilab.training import model_sequence_logprobs
 
     x, y = collate([rows[i] for i in idx], pad_id)
-    return sequence_logprobs(model(x.to(device)), y.to(device)).cpu(), int((y != -100).sum())
+    device = torch.device(device)
+    return model_sequence_logprobs(model, x.to(device), y.to(device), "fp32", device).cpu(), int((y != -100).sum())
 
 
 def preference_eval(model_path: str | Path, data_dirs: list[str], *, beta: float = 0.1, split: str = "val",

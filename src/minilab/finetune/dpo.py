@@ -31,10 +31,8 @@ from minilab.errors import ConfigError, MinilabError
 from minilab.finetune.common import TuneConfig, Tuning, TuningRun, run_tuning, tuning_stage
 from minilab.training import (
     OptimConfig,
-    autocast_context,
     count_targets,
-    fuses_loss,
-    sequence_logprobs,
+    model_sequence_logprobs,
     step_tokens,
     throughput,
 )
@@ -72,11 +70,7 @@ def pair_logps(model, chosen: list, rejected: list, pad_id: int, precision: str,
     from minilab.finetune.rows import collate
 
     x, y = collate(chosen + rejected, pad_id)
-    x, y_dev = x.to(device), y.to(device)
-    fused = fuses_loss(model)  # each token's loss with the head fused (minilab.linear_ce): no logits
-    with autocast_context(precision, device):
-        out = model(x, targets=y_dev, reduction="none") if fused else model(x)
-    logps = -out.sum(-1) if fused else sequence_logprobs(out, y_dev)
+    logps = model_sequence_logprobs(model, x.to(device), y.to(device), precision, device)
     return logps[: len(chosen)], logps[len(chosen):], count_targets([y])
 
 
