@@ -25,15 +25,9 @@ import subprocess
 import sys
 import time
 
+from planner_accuracy import proc_status  # this folder is on sys.path: run as a script
+
 VOCAB, SEQ = 32_000, 512
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def child(run: str, precision: str, fused: bool) -> dict:
@@ -73,7 +67,7 @@ def child(run: str, precision: str, fused: bool) -> dict:
         return loss
 
     step()
-    baseline = _status("VmRSS")
+    baseline = proc_status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     times = []
@@ -81,7 +75,7 @@ def child(run: str, precision: str, fused: bool) -> dict:
         t0 = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t0)
-    return {"ms": statistics.median(times) * 1000, "peak_mib": (_status("VmHWM") - baseline) / 2**20, "loss": loss}
+    return {"ms": statistics.median(times) * 1000, "peak_mib": (proc_status("VmHWM") - baseline) / 2**20, "loss": loss}
 
 
 def main() -> int:

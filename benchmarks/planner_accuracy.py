@@ -65,7 +65,7 @@ CUDA_CONFIGS = [
 ]
 
 
-def _status(key: str) -> int:
+def proc_status(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -93,7 +93,7 @@ def child(name: str, device: str = "cpu") -> dict:
     toy = build_model(load_architecture("micro", vocab_size=256))
     toy(torch.zeros(1, 8, dtype=torch.long)).sum().backward()
     del toy
-    baseline = _status("VmRSS")
+    baseline = proc_status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     t0 = time.perf_counter()
@@ -115,7 +115,7 @@ def child(name: str, device: str = "cpu") -> dict:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-    return {"measured": _status("VmHWM") - baseline, "seconds": round(time.perf_counter() - t0, 2)}
+    return {"measured": proc_status("VmHWM") - baseline, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def child_cuda(name: str) -> dict:
