@@ -160,7 +160,8 @@ def test_fused_head_under_autocast_rounds_as_autocast_does(dtype, matmul, monkey
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_per_token_fused_loss_and_its_gradients(frozen_head, dtype):
     # reduction="none" (DPO's log-probs): each token's loss as F.cross_entropy's, and the gradients
-    # under a different upstream gradient per token (backward recomputes each chunk's logits).
+    # under a different upstream gradient per token (a frozen head: h's gradient from forward, scaled
+    # per token; a trained head: each chunk's logits recomputed in backward).
     import torch.nn.functional as F
 
     from minilab.bf16 import linear_w
