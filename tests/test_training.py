@@ -271,7 +271,14 @@ def test_lora_fuses_the_frozen_head_on_minilab_and_transformers_models():
     # LoRA/QLoRA keep the head frozen: the fused path skips its product and returns only the hidden
     # states' gradient; the adapters' gradients equal the logits path's. Also for a transformers
     # model behind LogitsOnly (a whitelisted architecture, plain head), not for soft-capped logits.
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     from minilab.finetune.models import LogitsOnly
     from minilab.loading import wrap_lora
@@ -283,12 +290,14 @@ def test_lora_fuses_the_frozen_head_on_minilab_and_transformers_models():
     y[0, :4] = -100
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1))
+    small = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16)
+    gemma3 = Gemma3ForCausalLM(Gemma3TextConfig(**small))          # no logit soft-capping: fused
     for model in (wrap_lora(build_model(ModelConfig(**CFG)), {"r": 4}),
-                  LogitsOnly(_wrap_lora_hf(hf)), LogitsOnly(hf)):
+                  LogitsOnly(_wrap_lora_hf(hf)), LogitsOnly(hf), LogitsOnly(gemma3)):
         assert fuses_loss(model)
         _assert_fused_equals_logits_path(model, ids, y)
-    gemma2 = Gemma2ForCausalLM(Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(**small))
     assert not fuses_loss(LogitsOnly(gemma2))  # final_logit_softcapping: the logits path
     with pytest.raises(ValueError, match="plain head"):
         LogitsOnly(gemma2)(ids, targets=y)

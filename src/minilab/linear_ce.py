@@ -34,9 +34,10 @@ from minilab.bf16 import emulates_gemm, is_plain_linear
 # M large enough for the matmuls to run at full speed); the planner counts two such buffers.
 CHUNK_BYTES = 16 * 2**20
 MIN_ROWS = 32
-# transformers causal LMs whose logits are exactly lm_head(model(...).last_hidden_state): no soft-
-# capping or scaling of the logits (Gemma 2/3, Cohere, Granite have one), checked for a plain head
-HF_FUSED_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"})
+# transformers causal LMs whose logits are lm_head(model(...).last_hidden_state), soft-capped only
+# where `final_logit_softcapping` is set (Gemma 2's default; then not fused); never scaled (Cohere,
+# Granite scale theirs), checked for a plain head
+HF_FUSED_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"})
 # False: every model keeps the logits path (benchmarks/finetune_memory.py compares the two; the
 # planner still counts the fused line)
 FUSE = True
@@ -216,9 +217,14 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
+def hf_type_fuses(model_type: str | None, final_logit_softcapping: float | None) -> bool:
+    """Whether a transformers architecture's logits are its head's, as configured (the planner asks too)."""
+    return model_type in HF_FUSED_TYPES and final_logit_softcapping is None
+
+
 def hf_fuses_loss(lm) -> bool:
     """Whether a transformers causal LM (its LoRA layers injected, if any) may train through
     `linear_cross_entropy(lm.model(ids).last_hidden_state, lm.lm_head.weight, ...)`."""
     config = getattr(lm, "config", None)
-    return getattr(config, "model_type", None) in HF_FUSED_TYPES and hasattr(lm, "model") \
-        and is_plain_linear(lm.get_output_embeddings())
+    return hf_type_fuses(getattr(config, "model_type", None), getattr(config, "final_logit_softcapping", None)) \
+        and hasattr(lm, "model") and is_plain_linear(lm.get_output_embeddings())
