@@ -156,9 +156,10 @@ def test_fused_head_under_autocast_rounds_as_autocast_does(dtype, matmul, monkey
         assert 0.25 * err(ref[i], exact[i]) < err(fused[i], exact[i]) <= 1.05 * err(ref[i], exact[i])
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("frozen_head", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_per_token_fused_loss_and_its_gradients(frozen_head, dtype):
+def test_per_token_fused_loss_and_its_gradients(frozen_head, dtype, softcap):
     # reduction="none" (DPO's log-probs): each token's loss as F.cross_entropy's, and the gradients
     # under a different upstream gradient per token (a frozen head: h's gradient from forward, scaled
     # per token; a trained head: each chunk's logits recomputed in backward).
@@ -182,8 +183,11 @@ def test_per_token_fused_loss_and_its_gradients(frozen_head, dtype):
         (out * upstream).sum().backward()
         return out.detach(), h.grad.clone(), None if frozen_head else w.grad.clone()
 
-    ref = run(lambda: F.cross_entropy(linear_w(h, w).float().transpose(1, 2), y, reduction="none"))
-    fused = run(lambda: linear_cross_entropy(h, w, y, reduction="none"))
+    def capped(logits):  # Gemma 2's final_logit_softcapping
+        return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+    ref = run(lambda: F.cross_entropy(capped(linear_w(h, w).float()).transpose(1, 2), y, reduction="none"))
+    fused = run(lambda: linear_cross_entropy(h, w, y, reduction="none", softcap=softcap))
     assert fused[0].shape == y.shape and bool((fused[0][y == -100] == 0).all())
     tol = dict(atol=1e-5, rtol=1e-5) if dtype is torch.float32 else dict(atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(fused[0], ref[0], **tol)
@@ -270,7 +274,8 @@ def test_fused_loss_for_a_plain_head_in_any_precision():
 def test_lora_fuses_the_frozen_head_on_minilab_and_transformers_models():
     # LoRA/QLoRA keep the head frozen: the fused path skips its product and returns only the hidden
     # states' gradient; the adapters' gradients equal the logits path's. Also for a transformers
-    # model behind LogitsOnly (a whitelisted architecture, plain head), not for soft-capped logits.
+    # model behind LogitsOnly (a whitelisted architecture, plain head; Gemma 2's logits soft-capped),
+    # not for a biased head.
     from transformers import (
         Gemma2Config,
         Gemma2ForCausalLM,
@@ -278,6 +283,8 @@ def test_lora_fuses_the_frozen_head_on_minilab_and_transformers_models():
         Gemma3TextConfig,
         LlamaConfig,
         LlamaForCausalLM,
+        PhiConfig,
+        PhiForCausalLM,
     )
 
     from minilab.finetune.models import LogitsOnly
@@ -292,15 +299,16 @@ def test_lora_fuses_the_frozen_head_on_minilab_and_transformers_models():
                                       num_attention_heads=2, num_key_value_heads=1))
     small = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=16)
-    gemma3 = Gemma3ForCausalLM(Gemma3TextConfig(**small))          # no logit soft-capping: fused
+    gemma3 = Gemma3ForCausalLM(Gemma3TextConfig(**small))          # tied, no logit soft-capping
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(**small, final_logit_softcapping=2.0))   # logits capped to +-2
     for model in (wrap_lora(build_model(ModelConfig(**CFG)), {"r": 4}),
-                  LogitsOnly(_wrap_lora_hf(hf)), LogitsOnly(hf), LogitsOnly(gemma3)):
+                  LogitsOnly(_wrap_lora_hf(hf)), LogitsOnly(hf), LogitsOnly(gemma3), LogitsOnly(gemma2)):
         assert fuses_loss(model)
         _assert_fused_equals_logits_path(model, ids, y)
-    gemma2 = Gemma2ForCausalLM(Gemma2Config(**small))
-    assert not fuses_loss(LogitsOnly(gemma2))  # final_logit_softcapping: the logits path
+    phi = LogitsOnly(PhiForCausalLM(PhiConfig(**small)))           # a biased head: the logits path
+    assert not fuses_loss(phi)
     with pytest.raises(ValueError, match="plain head"):
-        LogitsOnly(gemma2)(ids, targets=y)
+        phi(ids, targets=y)
 
 
 def _wrap_lora_hf(hf):

@@ -21,7 +21,7 @@ token (`reduction="none"`, DPO's log-probs: a different upstream gradient per to
 `training.micro_batch_loss_sum` and `dpo.pair_logps`, by every training and evaluation of a model
 whose logits are its plain bias-free head's: minilab's Transformer (`Transformer.fused_loss`, also under PEFT) and the
 transformers architectures of `HF_FUSED_TYPES` (`finetune.models.LogitsOnly`). Everything else
-(a biased or LoRA-wrapped head, soft-capped logits, torch.compile) keeps the logits path.
+(a biased or LoRA-wrapped head, scaled logits, torch.compile) keeps the logits path.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from minilab.bf16 import emulates_gemm, is_plain_linear
 # M large enough for the matmuls to run at full speed); the planner counts two such buffers.
 CHUNK_BYTES = 16 * 2**20
 MIN_ROWS = 32
-# transformers causal LMs whose logits are lm_head(model(...).last_hidden_state), soft-capped only
-# where `final_logit_softcapping` is set (Gemma 2's default; then not fused); never scaled (Cohere,
-# Granite scale theirs), checked for a plain head
+# transformers causal LMs whose logits are lm_head(model(...).last_hidden_state), soft-capped where
+# `final_logit_softcapping` is set (Gemma 2's default); never scaled (Cohere, Granite scale theirs);
+# checked for a plain head
 HF_FUSED_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"})
 # False: every model keeps the logits path (benchmarks/finetune_memory.py compares the two; the
 # planner still counts the fused line)
@@ -51,22 +51,31 @@ def chunk_rows(vocab: int, tokens: int) -> int:
 class _Products:
     """The head's products for one call, in `dtype`: the operands rounded to it once (as autocast's
     copies); emulated, upcast back to fp32 with each product's result rounded to `dtype` as a 16-bit
-    GEMM's is (minilab.bf16)."""
+    GEMM's is (minilab.bf16). With `softcap` (Gemma 2) the logits are cap * tanh(logits / cap)."""
 
-    def __init__(self, h: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, emulate: bool):
-        self.dtype, self.low, self.emulate = dtype, dtype is not torch.float32, emulate
+    def __init__(self, h: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, emulate: bool,
+                 softcap: float | None):
+        self.dtype, self.low, self.emulate, self.softcap = dtype, dtype is not torch.float32, emulate, softcap
         self.h, self.w = h.to(dtype), weight.to(dtype)
         if emulate:
             self.h, self.w = self.h.float(), self.w.float()
+        self.dcap: torch.Tensor | None = None   # this chunk's d(capped)/d(logits), for `backward`
 
-    def logits(self, s: int, rows: int) -> torch.Tensor:
+    def logits(self, s: int, rows: int, grad: bool) -> torch.Tensor:
         """fp32 logits of rows s:s+rows (16-bit logits upcast, as autocast's head + fp32 loss)."""
         logits = torch.mm(self.h[s:s + rows], self.w.t())                               # (rows, V)
-        return logits.to(self.dtype).float() if self.low else logits
+        logits = logits.to(self.dtype).float() if self.low else logits
+        if self.softcap is not None:
+            t = logits.div_(self.softcap).tanh_()
+            self.dcap = torch.mul(t, t).neg_().add_(1) if grad else None                # 1 - tanh^2
+            logits = t.mul_(self.softcap)
+        return logits
 
     def backward(self, g: torch.Tensor, s: int, rows: int, grad_h: torch.Tensor, grad_w: torch.Tensor | None):
         """From the logits' gradient `g` (fp32, rows x V): h's gradient into grad_h[s:s+rows], the
         head's added to grad_w (fp32; None for a frozen head)."""
+        if self.dcap is not None:                            # through the soft-cap
+            g, self.dcap = g.mul_(self.dcap), None
         hc = self.h[s:s + rows]
         if not self.low:
             torch.mm(g, self.w, out=grad_h[s:s + rows])
@@ -114,14 +123,14 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                dtype: torch.dtype, emulate: bool):
+                dtype: torch.dtype, emulate: bool, softcap: float | None):
         n, rows = h.shape[0], chunk_rows(weight.shape[0], h.shape[0])
         grad_h, grad_w = _grad_buffers(h, weight, ctx.needs_input_grad[1])
         ctx.dtypes = (h.dtype, weight.dtype)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        prod = _Products(h, weight, dtype, emulate)
+        prod = _Products(h, weight, dtype, emulate, softcap)
         for s in range(0, n, rows):
-            rows_loss, _, p = _chunk(prod.logits(s, rows), targets[s:s + rows], ignore_index, grad=True)
+            rows_loss, _, p = _chunk(prod.logits(s, rows, True), targets[s:s + rows], ignore_index, grad=True)
             loss += rows_loss.sum()
             prod.backward(p, s, rows, grad_h, grad_w)
             del p                                           # one chunk's buffers at a time
@@ -133,7 +142,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         # scaled in place (no second copy of the head's gradient): one backward per forward
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h.mul_(grad_loss).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
-                grad_w.mul_(grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None, None, None, None, None)
+                grad_w.mul_(grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None) + (None,) * 5
 
 
 class _LinearCrossEntropyPerToken(torch.autograd.Function):
@@ -145,18 +154,18 @@ class _LinearCrossEntropyPerToken(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                dtype: torch.dtype, emulate: bool, grads: bool):
+                dtype: torch.dtype, emulate: bool, softcap: float | None, grads: bool):
         n, rows = h.shape[0], chunk_rows(weight.shape[0], h.shape[0])
-        prod = _Products(h, weight, dtype, emulate)
-        ctx.args, ctx.dtypes = (ignore_index, dtype, emulate), (h.dtype, weight.dtype)
+        prod = _Products(h, weight, dtype, emulate, softcap)
+        ctx.args, ctx.dtypes = (ignore_index, dtype, emulate, softcap), (h.dtype, weight.dtype)
         ctx.recompute = grads and ctx.needs_input_grad[1]
         in_forward = grads and not ctx.recompute                  # h's gradient now, per row
         grad_h = _grad_buffers(h, weight, False)[0] if in_forward else None
         lse = torch.empty(n, dtype=torch.float32, device=h.device)
         out = torch.empty(n, dtype=torch.float32, device=h.device)
         for s in range(0, n, rows):
-            out[s:s + rows], lse[s:s + rows], p = _chunk(prod.logits(s, rows), targets[s:s + rows], ignore_index,
-                                                         grad=in_forward)
+            out[s:s + rows], lse[s:s + rows], p = _chunk(prod.logits(s, rows, in_forward), targets[s:s + rows],
+                                                         ignore_index, grad=in_forward)
             if in_forward:
                 prod.backward(p, s, rows, grad_h, None)
             del p
@@ -170,33 +179,34 @@ class _LinearCrossEntropyPerToken(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         if not ctx.recompute:
             (grad_h,) = ctx.saved_tensors
-            return grad_h.mul_(grad_out.float()[:, None]).to(ctx.dtypes[0]), None, None, None, None, None, None
+            return (grad_h.mul_(grad_out.float()[:, None]).to(ctx.dtypes[0]),) + (None,) * 7
         h, weight, targets, lse = ctx.saved_tensors
-        ignore_index, dtype, emulate = ctx.args
+        ignore_index, dtype, emulate, softcap = ctx.args
         n, rows = h.shape[0], chunk_rows(weight.shape[0], h.shape[0])
         grad_h, grad_w = _grad_buffers(h, weight, True)
-        prod = _Products(h, weight, dtype, emulate)
+        prod = _Products(h, weight, dtype, emulate, softcap)
         for s in range(0, n, rows):
             yc = targets[s:s + rows]
             valid = yc != ignore_index
             g = (grad_out[s:s + rows].float() * valid)[:, None]
-            p = prod.logits(s, rows).sub_(lse[s:s + rows, None]).exp_().mul_(g)        # g x softmax
+            p = prod.logits(s, rows, True).sub_(lse[s:s + rows, None]).exp_().mul_(g)  # g x softmax
             p.scatter_add_(1, torch.where(valid, yc, 0)[:, None], -g)                  # - g at the target
             prod.backward(p, s, rows, grad_h, grad_w)
             del p
         return (grad_h.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
-                grad_w.to(ctx.dtypes[1]), None, None, None, None, None)
+                grad_w.to(ctx.dtypes[1])) + (None,) * 6
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                         reduction: str = "sum") -> torch.Tensor:
+                         reduction: str = "sum", softcap: float | None = None) -> torch.Tensor:
     """Cross-entropy of `h @ weight.T` (h: (..., d), weight: (V, d)) against `targets` (...),
     positions equal to `ignore_index` skipped: `F.cross_entropy(logits, y, reduction=...)` for
     "sum" (a scalar) or "none" (targets' shape, 0 where ignored), without the logits. The products
     run in autocast's dtype where it is on (16-bit operands and logits, the softmax and the loss in
     fp32, as autocast's head), else in the head's dtype (fp32, or a 16-bit model's); bf16 is
     emulated on fp32 kernels where `minilab.bf16` emulates the CPU's bf16 GEMM. A head that needs no
-    gradient (LoRA, QLoRA) skips its product."""
+    gradient (LoRA, QLoRA) skips its product. `softcap`: logits soft-capped to cap * tanh(logits / cap)
+    before the loss (Gemma 2's `final_logit_softcapping`)."""
     if reduction not in ("sum", "none"):
         raise ValueError(f"reduction must be 'sum' or 'none', not {reduction!r}")
     shape = targets.shape
@@ -207,8 +217,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     with torch.autocast(h.device.type, enabled=False):
         if reduction == "sum" and grads:
-            return _LinearCrossEntropySum.apply(h, weight, targets, ignore_index, dtype, emulate)
-        out = _LinearCrossEntropyPerToken.apply(h, weight, targets, ignore_index, dtype, emulate, grads)
+            return _LinearCrossEntropySum.apply(h, weight, targets, ignore_index, dtype, emulate, softcap)
+        out = _LinearCrossEntropyPerToken.apply(h, weight, targets, ignore_index, dtype, emulate, softcap, grads)
     return out.view(shape) if reduction == "none" else out.sum()
 
 
@@ -217,14 +227,9 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def hf_type_fuses(model_type: str | None, final_logit_softcapping: float | None) -> bool:
-    """Whether a transformers architecture's logits are its head's, as configured (the planner asks too)."""
-    return model_type in HF_FUSED_TYPES and final_logit_softcapping is None
-
-
 def hf_fuses_loss(lm) -> bool:
     """Whether a transformers causal LM (its LoRA layers injected, if any) may train through
     `linear_cross_entropy(lm.model(ids).last_hidden_state, lm.lm_head.weight, ...)`."""
     config = getattr(lm, "config", None)
-    return hf_type_fuses(getattr(config, "model_type", None), getattr(config, "final_logit_softcapping", None)) \
-        and hasattr(lm, "model") and is_plain_linear(lm.get_output_embeddings())
+    return getattr(config, "model_type", None) in HF_FUSED_TYPES and hasattr(lm, "model") \
+        and is_plain_linear(lm.get_output_embeddings())

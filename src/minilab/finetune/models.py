@@ -77,7 +77,8 @@ class LogitsOnly(nn.Module):
             raise ValueError("targets= needs a model whose logits are its plain head's (see LogitsOnly.fused_loss)")
         lm = self.causal_lm()
         hidden = lm.model(input_ids=input_ids, use_cache=False).last_hidden_state
-        return linear_cross_entropy(hidden, lm.get_output_embeddings().weight, targets, ignore_index, reduction)
+        return linear_cross_entropy(hidden, lm.get_output_embeddings().weight, targets, ignore_index, reduction,
+                                    softcap=getattr(lm.config, "final_logit_softcapping", None))
 
 
 def resolve_base_dir(name: str, registry_root: str | None = None) -> tuple[Path, str]:

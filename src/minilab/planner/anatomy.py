@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from minilab.bf16 import is_plain_linear
-from minilab.linear_ce import hf_type_fuses
+from minilab.linear_ce import HF_FUSED_TYPES
 from minilab.model import Transformer
 
 GROUPS = ("embeddings", "attention", "mlp", "norms", "head", "other")
@@ -165,8 +165,8 @@ def inspect_model(model: nn.Module) -> Anatomy:
         buffers=buffers, base_params=sum(groups.values()) - head_params,
         max_positions=_config_value(cfg, "max_seq_len", "max_position_embeddings", "n_positions"),
         sliding_window=window if use_window else None,
-        fused_loss=isinstance(model, Transformer) or (is_plain_linear(head) and hf_type_fuses(
-            _config_value(cfg, "model_type"), _config_value(cfg, "final_logit_softcapping"))))
+        fused_loss=isinstance(model, Transformer) or (_config_value(cfg, "model_type") in HF_FUSED_TYPES
+                                                      and is_plain_linear(head)))
 
 
 def _is_tied(model: nn.Module, head: nn.Module | None) -> bool:
