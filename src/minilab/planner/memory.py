@@ -161,16 +161,10 @@ def activation_bytes(an: Anatomy, req: PlanRequest, frozen: bool) -> tuple[int, 
     return an.n_layer * per_layer, f"{an.n_layer} blocks x {per_layer / tokens:.0f} B/token"
 
 
-def _fused_loss(an: Anatomy, req: PlanRequest) -> bool:
-    """Training fuses the head with the loss (minilab.linear_ce): as `training.fuses_loss` decides
-    (every method; LoRA targets decoder linears, never the head)."""
-    return an.fused_loss
-
-
 def _logits(an: Anatomy, req: PlanRequest, tokens_with_logits: int, training: bool) -> int:
     if not training:
         return tokens_with_logits * an.vocab * (2 if _is16(req.precision) else 4)
-    if not _fused_loss(an, req):
+    if not an.fused_loss:  # as training.fuses_loss decides, in every method (LoRA never wraps the head)
         return tokens_with_logits * an.vocab * LOGIT_BYTES["16bit" if _is16(req.precision) else "fp32"]
     # head and loss fused (minilab.linear_ce): the gradients of the hidden states and (full training)
     # of the head, computed in forward and held until backward (tied, the embedding's own gradient
@@ -250,7 +244,7 @@ def plan_training(an: Anatomy, req: PlanRequest) -> MemoryPlan:
     if master:
         lines.append(Line("master", "fp32 master weights", master))
     # the fused head rounds its weight itself, for the head's forward only (in the logits line)
-    autocast = 2 * (an.params - (an.vocab * an.hidden if _fused_loss(an, req) else 0)) \
+    autocast = 2 * (an.params - (an.vocab * an.hidden if an.fused_loss else 0)) \
         if (req.precision.endswith("-mixed") and full) else 0
     if autocast:
         lines.append(Line("autocast", "16-bit weight copies (autocast cache)", autocast, "during forward/backward"))
@@ -258,7 +252,7 @@ def plan_training(an: Anatomy, req: PlanRequest) -> MemoryPlan:
     lines.append(Line("activations", f"activations ({req.attention}"
                       + (", checkpointing)" if req.grad_checkpointing else ")"), acts, how))
     logits = _logits(an, req, req.batch_size * req.seq_len, training=True)
-    lines.append(Line("logits", "head + loss fused, by chunks (linear_ce)" if _fused_loss(an, req)
+    lines.append(Line("logits", "head + loss fused, by chunks (linear_ce)" if an.fused_loss
                       else "logits + loss (fp32 upcast, grads)", logits))
     dequant = 0
     if req.method == "qlora":
