@@ -136,7 +136,7 @@ def test_qlora_on_cuda_trains_adapters_only(tmp_path):
 
 
 PLANNER_CONFIGS = ["tiny-full-fp32-b8-s512", "tiny-full-bf16-b8-s512", "small-full-bf16-b4-s512",
-                   "small-qlora-bf16-b4-s512-gc", "small-infer-bf16-b8-s512"]
+                   "small-lora-bf16-b4-s512", "small-qlora-bf16-b4-s512-gc", "small-infer-bf16-b8-s512"]
 
 
 def test_planner_vram_estimate_within_tolerance():
@@ -144,7 +144,8 @@ def test_planner_vram_estimate_within_tolerance():
     planner's peak against max_memory_allocated, within the docs' stated +-15%."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "planner_accuracy.py"), "--device", "cuda",
-                          "--only", *PLANNER_CONFIGS], capture_output=True, text=True, env=env, timeout=600)
+                          "--only", *PLANNER_CONFIGS, "--jobs", "3"],
+                         capture_output=True, text=True, env=env, timeout=600)
     rows = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
     print("\n".join(json.dumps(r) for r in rows))
     measured = {r["config"]: r for r in rows if "ratio" in r}
@@ -152,3 +153,79 @@ def test_planner_vram_estimate_within_tolerance():
     for name, r in measured.items():
         assert 0.85 <= r["ratio"] <= 1.15, \
             f"{name}: predicted {r['predicted_mib']} MiB, measured {r['measured_mib']} MiB"
+
+
+def test_fused_head_on_cuda_rounds_as_autocast_and_holds_no_logits():
+    # Under bf16 autocast on cuBLAS the fused head + loss equals autocast's logits path within bf16
+    # rounding (loss and both gradients), is as close to the exact fp32 gradients, and its peak
+    # memory holds one chunk of logits instead of all of them.
+    import torch.nn.functional as F
+
+    from minilab.linear_ce import chunk_rows, linear_cross_entropy
+
+    torch.manual_seed(0)
+    n, vocab, d = 16_384, 32_000, 256                            # 8 chunks on CUDA
+    h = torch.randn(n, d, device="cuda", requires_grad=True)
+    w = (torch.randn(vocab, d, device="cuda") * 0.05).requires_grad_()
+    y = torch.randint(0, vocab, (n,), device="cuda")
+    y[::7] = -100
+
+    def run(loss_fn, autocast=True):
+        h.grad = w.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn()
+        (loss / 3.0).backward()
+        torch.cuda.synchronize()
+        return loss.item(), h.grad.clone(), w.grad.clone(), torch.cuda.max_memory_allocated() - base
+
+    exact = run(lambda: F.cross_entropy(h @ w.t(), y, reduction="sum"), autocast=False)
+    ref = run(lambda: F.cross_entropy(F.linear(h, w).float(), y, reduction="sum"))
+    fused = run(lambda: linear_cross_entropy(h, w, y))
+    assert fused[0] == pytest.approx(ref[0], rel=1e-4)
+    eps = torch.finfo(torch.bfloat16).eps
+    err = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    for i in (1, 2):
+        assert err(fused[i], ref[i]) < 2 * eps
+        assert err(fused[i], exact[i]) <= 1.1 * err(ref[i], exact[i])
+    print(f"peak above inputs: logits path {ref[3] / 2**20:.0f} MiB, fused {fused[3] / 2**20:.0f} MiB")
+    assert chunk_rows(vocab, n, "cuda") < n
+    assert ref[3] > n * vocab * 4 and fused[3] < 0.25 * ref[3]
+
+
+def test_qlora_on_a_transformers_llama_fuses_the_head_like_the_logits_path(monkeypatch):
+    # A hub architecture (transformers Llama) with its linear layers in bitsandbytes NF4 and LoRA
+    # adapters, behind LogitsOnly as `minilab sft --method qlora` runs it: the fused head + loss
+    # gives the logits path's loss and adapter gradients under bf16 autocast.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minilab.finetune.models import LogitsOnly, default_targets, quantize_4bit
+    from minilab.loading import wrap_lora
+    from minilab.training import fuses_loss, token_loss_sum
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=5000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2))
+    assert quantize_4bit(hf, default_targets("llama"), dev) == 2 * 7
+    model = LogitsOnly(wrap_lora(hf, {"r": 8}).to(dev)).train()
+    x = torch.randint(0, 5000, (4, 129), device=dev)
+    ids, y = x[:, :-1], x[:, 1:].clone()
+    y[0, :10] = -100
+
+    def loss_and_grads(fused: bool):
+        monkeypatch.setattr("minilab.linear_ce.FUSE", fused)
+        assert fuses_loss(model) == fused
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, targets=y) if fused else token_loss_sum(model(ids), y)
+        (loss / 100.0).backward()
+        return loss.item(), {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    ref, fused = loss_and_grads(False), loss_and_grads(True)
+    assert fused[0] == pytest.approx(ref[0], rel=1e-3)
+    assert sorted(fused[1]) == sorted(ref[1]) and len(ref[1]) == 2 * 2 * 7
+    for k, g in ref[1].items():
+        torch.testing.assert_close(fused[1][k], g, atol=0.05 * g.abs().max().item(), rtol=0.05, msg=k)
