@@ -181,6 +181,24 @@ def test_training_lines_and_phases():
     assert any(x.key == "master" for x in mixed.lines)
 
 
+def test_cuda_training_follows_the_caching_allocator():
+    # Measured on an H200 (docs/planner.md): the fused AdamW kernel keeps no sqrt(v) temporaries,
+    # LoRA's freed temporaries are reused, gradients fill the blocks freed activations leave (the
+    # peak is at the start of backward), and the fused norm keeps its input, not the normalised value.
+    an = inspect_model(build_meta(resolve_model("small")))
+    line = lambda plan, key: next((x.bytes for x in plan.lines if x.key == key), None)  # noqa: E731
+    for method in ("full", "lora"):
+        req = dict(method=method, batch_size=4, seq_len=512, precision="fp32")
+        cpu, cuda = plan_memory(an, PlanRequest(**req)), plan_memory(an, PlanRequest(**req, target="cuda"))
+        assert line(cpu, "step_tmp") > 0 and line(cuda, "step_tmp") == 0
+        assert (line(cpu, "lora_tmp") or 0) > 0 if method == "lora" else line(cpu, "lora_tmp") is None
+        assert line(cuda, "lora_tmp") is None
+        saved = sum(line(cuda, k) for k in ("activations", "logits"))
+        fixed = sum(line(cuda, k) for k in ("weights", "optimizer")) + (line(cuda, "adapters") or 0)
+        assert cuda.phases["backward"] == fixed + max(saved, line(cuda, "grads"))
+        assert line(cuda, "activations") < line(cpu, "activations")
+
+
 def test_plan_cli_json_and_compare(tmp_path, capsys):
     d = write_config(tmp_path, "TinyLlama-1.1B")
     assert cli.main(["plan", str(d), "--method", "qlora", "--gpu-memory", "8GB", "--json"]) == 0

@@ -352,3 +352,8 @@ def test_planner_counts_the_fused_head_only_where_training_fuses_it():
     assert logits(inspect_model(llama), method="qlora", precision="bf16").bytes < full / 20
     assert logits(inspect_model(gpt2), method="full", precision="fp32").bytes == full
     assert logits(inspect_model(gpt2), method="lora", precision="bf16").bytes == tokens * 32768 * LOGIT_BYTES["16bit"]
+    # on CUDA: larger chunks (fewer launches), one of them at a time, a tied head's gradient once
+    rows = chunk_rows(32768, tokens, "cuda")
+    assert 16 * chunk_rows(32768, tokens) == rows < tokens
+    assert logits(ours, method="full", precision="fp32", target="cuda").bytes == \
+        4 * (rows * 32768 + tokens * 32 + 32768 * 32)

@@ -1,15 +1,19 @@
 """Memory estimates: inference and training (full, LoRA, QLoRA), each term its own line.
 
 Formulas and sources are in `shared/reference/memory-formulas.md` and `docs/planner.md`; the
-constants marked *calibrated* were fitted to measured CPU peaks by `benchmarks/planner_accuracy.py`.
+constants marked *calibrated* were fitted to measured CPU peaks by `benchmarks/planner_accuracy.py`,
+and the CUDA terms (`target="cuda"`) checked against `torch.cuda.max_memory_allocated` by its
+`--device cuda` mode (within 9% on an H200, 2026-12-04).
 
 Peak training memory is not the sum of every line: parameter gradients appear during backward
 while the saved activations are being freed. The planner takes the larger of two phases:
 
-- start of backward: weights + optimizer state + master copy + saved activations + logits/loss
-  tensors + the head's gradient (computed first);
+- backward: weights + optimizer state + master copy + saved activations + logits/loss tensors
+  (+ the dequant and LoRA temporaries), plus all gradients on a CPU (glibc rarely reuses the
+  freed blocks for them); on CUDA the caching allocator does, so the larger of the saved tensors
+  and the gradients;
 - optimizer step: weights + optimizer state + master copy + all gradients + the step's
-  temporaries (PyTorch's foreach AdamW allocates one fp32 tensor per parameter for sqrt(v)).
+  temporaries (foreach AdamW's fp32 sqrt(v) per parameter on a CPU; none for the fused CUDA kernel).
 """
 
 from __future__ import annotations
@@ -147,14 +151,44 @@ def _lora_transients(an: Anatomy, req: PlanRequest) -> int:
     return int(LORA_TRANSIENT * per_layer * layers * req.batch_size * req.seq_len * act)
 
 
+def _adapted_in_features(an: Anatomy, req: PlanRequest) -> float:
+    """Input widths of the linears that get adapters, summed per block."""
+    return sum(lin.in_features for lin in an.linears if lin.quantized and
+               (req.lora_targets is None or lin.name.rsplit(".", 1)[-1] in req.lora_targets)) / an.n_layer
+
+
+def cuda_block_bytes(an: Anatomy, req: PlanRequest, frozen: bool) -> int:
+    """Bytes saved for backward per token by one block on CUDA (counted from the tensors autograd
+    keeps, checked against max_memory_allocated). F.rms_norm's fused kernel keeps its fp32 input
+    (and the rms), not the normalised value, where input and weight are fp32; the 16-bit path
+    keeps the fp32 upcast (and, its weight trained, the normalised value). A linear keeps its
+    input: one tensor per norm, but autocast casts it once per linear (q, k, v; gate, up). With
+    adapters in 16 bits each adapted linear keeps a fresh copy (PEFT casts the input to the
+    adapter's fp32 and autocast back) and the frozen base none; bitsandbytes' 4-bit layer keeps one
+    more. The attention keeps rotated q and k, v and its output (whose reshape for o_proj is a
+    view); SwiGLU its 4 I-wide tensors, the product being down_proj's input."""
+    act = 2 if _is16(req.precision) else 4
+    norms = 2 * an.hidden * 4 * (2 if not frozen and req.precision in ("bf16", "fp16") else 1)
+    q = an.n_head * an.head_dim
+    attn = (2 * q + 2 * an.kv_width) * act + (2 * an.n_head * req.seq_len * act if req.attention == "eager" else 0)
+    if frozen and _is16(req.precision):  # the adapted linears' copies (one is the product), gate, up, silu
+        kept = _adapted_in_features(an, req) * (2 if req.method == "qlora" else 1) + 3 * an.intermediate
+    else:                                # the linears' inputs, gate, up, silu and their product
+        kept = (5 if req.precision.endswith("-mixed") else 2) * an.hidden + 4 * an.intermediate
+    return int(norms + attn + kept * act)
+
+
 def activation_bytes(an: Anatomy, req: PlanRequest, frozen: bool) -> tuple[int, str]:
     """Saved activations of all blocks for one micro-batch, and how they were counted."""
     tokens = req.batch_size * req.seq_len
     act = 2 if _is16(req.precision) else 4
     # Under autocast the residual stream and norms stay fp32; with 16-bit weights they are 16-bit.
     resid = 4 if req.precision in ("fp32", "bf16-mixed", "fp16-mixed") else 2
-    norm, matmul = layer_activation_elems(an, frozen, req.attention, req.seq_len)
-    per_layer = tokens * (norm * resid + matmul * act)
+    if req.target == "cuda":
+        per_layer = tokens * cuda_block_bytes(an, req, frozen)
+    else:
+        norm, matmul = layer_activation_elems(an, frozen, req.attention, req.seq_len)
+        per_layer = tokens * (norm * resid + matmul * act)
     if req.grad_checkpointing:
         # Only each block's input is kept; one block is recomputed (and held) during its backward.
         return an.n_layer * tokens * an.hidden * resid + per_layer, "checkpointed: L x input + one block"
@@ -171,12 +205,15 @@ def _logits(an: Anatomy, req: PlanRequest, tokens_with_logits: int, training: bo
     # and their sum join them at the end of backward), and a chunk of rows at a time: in fp32 two
     # chunks of logits (*calibrated* by benchmarks/planner_accuracy.py); in 16 bits the 16-bit
     # copies of h and the head, one chunk's 16-bit logits, their fp32 copy, its 16-bit gradient
-    # and 16-bit share of the head's gradient
-    rows = chunk_rows(an.vocab, tokens_with_logits)
+    # and 16-bit share of the head's gradient. On CUDA (measured) the caching allocator reuses the
+    # chunk's buffers, and a tied head's gradient meets the embedding's only at the end of
+    # backward, when the activations are freed: one chunk, one head gradient.
+    cuda = req.target == "cuda"
+    rows = chunk_rows(an.vocab, tokens_with_logits, req.target)
     head = an.vocab * an.hidden if req.method == "full" else 0
-    held = 4 * (tokens_with_logits * an.hidden + (3 if an.tied else 1) * head)
+    held = 4 * (tokens_with_logits * an.hidden + (3 if an.tied and not cuda else 1) * head)
     if req.precision == "fp32":
-        return held + 4 * 2 * rows * an.vocab
+        return held + 4 * (1 if cuda else 2) * rows * an.vocab
     return held + 2 * (tokens_with_logits + an.vocab) * an.hidden + 6 * rows * an.vocab + 2 * head
 
 
@@ -259,17 +296,25 @@ def plan_training(an: Anatomy, req: PlanRequest) -> MemoryPlan:
         dequant = max(lin.weight_numel for lin in an.linears if lin.quantized) * 2
         lines.append(Line("dequant", "dequantized weight (largest linear, bf16)", dequant, "per-layer temporary"))
     lora_tmp = 0
-    if not full:
+    if not full and req.target == "cpu":  # the CUDA caching allocator reuses them at once (measured)
         lora_tmp = _lora_transients(an, req)
         lines.append(Line("lora_tmp", "LoRA forward temporaries", lora_tmp,
                           f"{LORA_TRANSIENT} x adapter outputs per token (calibrated)"))
-    # foreach AdamW keeps one fp32 sqrt(v) per parameter during the step; 8-bit/SGD update in place.
-    step_tmp = 4 * trainable if req.optimizer in ("adamw", "paged-adamw") else 0
-    lines.append(Line("step_tmp", "optimizer-step temporaries", step_tmp, "foreach AdamW sqrt(v)"))
+    # foreach AdamW keeps one fp32 sqrt(v) per parameter during the step (CPU peaks, calibrated);
+    # the fused CUDA kernel minilab uses there, 8-bit and SGD update in place.
+    step_tmp = 4 * trainable if req.optimizer in ("adamw", "paged-adamw") and req.target == "cpu" else 0
+    lines.append(Line("step_tmp", "optimizer-step temporaries", step_tmp,
+                      "foreach AdamW sqrt(v)" if step_tmp else "updated in place"))
     fixed = weights + optim + master
-    # Gradients are written while activations are freed, but the freed blocks (many, small, other
-    # sizes) are rarely reused for them: measured CPU peaks match the full sum (calibrated).
-    backward = fixed + autocast + acts + logits + grads + dequant + lora_tmp
+    saved = acts + logits + dequant + lora_tmp
+    if req.target == "cuda":
+        # Gradients are written into the blocks the freed activations leave in the caching
+        # allocator: the peak is at the start of backward, or all gradients at its end (measured).
+        backward = fixed + autocast + max(saved, grads)
+    else:
+        # On CPU the freed blocks (many, small, other sizes) are rarely reused for the gradients:
+        # measured peaks match the full sum (calibrated).
+        backward = fixed + autocast + saved + grads
     step = fixed + grads + step_tmp
     lines.append(_runtime(req))
     return MemoryPlan(lines, max(backward, step), _runtime(req).bytes,
