@@ -320,7 +320,14 @@ def _wrap_lora_hf(hf):
 def test_planner_counts_the_fused_head_only_where_training_fuses_it():
     # training minilab's model or a whitelisted transformers architecture keeps a chunk of logits,
     # not 14-16 bytes x tokens x vocab (LoRA: without the head's gradient); GPT-2 keeps the full line.
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     from minilab.linear_ce import chunk_rows
     from minilab.planner.anatomy import inspect_model
@@ -352,6 +359,12 @@ def test_planner_counts_the_fused_head_only_where_training_fuses_it():
     assert logits(inspect_model(llama), method="qlora", precision="bf16").bytes < full / 20
     assert logits(inspect_model(gpt2), method="full", precision="fp32").bytes == full
     assert logits(inspect_model(gpt2), method="lora", precision="bf16").bytes == tokens * 32768 * LOGIT_BYTES["16bit"]
+    with torch.device("meta"):  # Gemma 2's soft-cap: its derivative for one chunk more
+        small = dict(vocab_size=32768, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+        capped, plain = (Gemma2ForCausalLM(Gemma2Config(**small, final_logit_softcapping=cap)) for cap in (30.0, None))
+    assert logits(inspect_model(capped), method="lora", precision="bf16").bytes == \
+        logits(inspect_model(plain), method="lora", precision="bf16").bytes + 4 * rows * 32768
     # on CUDA: larger chunks (fewer launches), one of them at a time, a tied head's gradient once
     rows = chunk_rows(32768, tokens, "cuda")
     assert 16 * chunk_rows(32768, tokens) == rows < tokens

@@ -66,6 +66,7 @@ class Anatomy:
     max_positions: int | None = None
     sliding_window: int | None = None
     fused_loss: bool = False        # training fuses head and loss (linear_ce): as training.fuses_loss
+    logit_softcap: float | None = None  # Gemma 2's final_logit_softcapping
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -166,7 +167,8 @@ def inspect_model(model: nn.Module) -> Anatomy:
         max_positions=_config_value(cfg, "max_seq_len", "max_position_embeddings", "n_positions"),
         sliding_window=window if use_window else None,
         fused_loss=isinstance(model, Transformer) or (_config_value(cfg, "model_type") in HF_FUSED_TYPES
-                                                      and is_plain_linear(head)))
+                                                      and is_plain_linear(head)),
+        logit_softcap=_config_value(cfg, "final_logit_softcapping", default=None))
 
 
 def _is_tied(model: nn.Module, head: nn.Module | None) -> bool:
