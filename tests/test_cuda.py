@@ -1,8 +1,10 @@
 """CUDA-only paths: bf16/fp16 pretraining steps (fused AdamW, GradScaler), resume within the stated
-tolerance, the fp16 loss scale surviving a resume, QLoRA with bitsandbytes on the GPU, and the
-planner's VRAM estimate against `torch.cuda.max_memory_allocated`.
+tolerance, the fp16 loss scale surviving a resume, QLoRA with bitsandbytes on the GPU, the
+planner's VRAM estimate against `torch.cuda.max_memory_allocated`, and the fused head + loss
+(linear_ce) under CUDA autocast and on a 4-bit transformers Llama.
 
-Skipped as a whole where CUDA is not available (CI), so they cost nothing there. On a GPU machine:
+Skipped as a whole where CUDA is not available (CI), so they cost nothing there. On a GPU machine
+(all green on an H200 on 2026-12-04, 2 minutes):
 
     PYTHONPATH=src python -m pytest -q tests/test_cuda.py
 """
