@@ -50,8 +50,8 @@ FUSE = True
 
 def chunk_rows(vocab: int, tokens: int, device_type: str = "cpu") -> int:
     """Rows of `tokens` that one chunk takes at this vocabulary on this kind of device (what
-    training and the planner use; devices other than CUDA take the CPU's size)."""
-    return max(1, min(tokens, max(MIN_ROWS, CHUNK_BYTES.get(device_type, CHUNK_BYTES["cpu"]) // (4 * vocab))))
+    training and the planner use; accelerators other than CUDA, such as MPS, take its size)."""
+    return max(1, min(tokens, max(MIN_ROWS, CHUNK_BYTES.get(device_type, CHUNK_BYTES["cuda"]) // (4 * vocab))))
 
 
 class _Products:
