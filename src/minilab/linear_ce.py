@@ -233,6 +233,12 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
+def peft_base(module):
+    """The model a PEFT wrapper holds (its LoRA layers injected in place; its forward passes our
+    keyword arguments through), else `module` itself."""
+    return module.get_base_model() if hasattr(type(module), "get_base_model") else module
+
+
 def hf_fuses_loss(lm) -> bool:
     """Whether a transformers causal LM (its LoRA layers injected, if any) may train through
     `linear_cross_entropy(lm.model(ids).last_hidden_state, lm.lm_head.weight, ...)`."""

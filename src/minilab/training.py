@@ -179,9 +179,7 @@ def fuses_loss(model: nn.Module) -> bool:
     (`LogitsOnly`); not under torch.compile, nor with `linear_ce.FUSE` off."""
     if not linear_ce.FUSE:
         return False
-    inner = getattr(model, "module", model)  # DDP; FSDP2 keeps the class (a subclass of it)
-    if hasattr(type(inner), "get_base_model"):  # PeftModel: its forward calls the base with our kwargs
-        inner = inner.get_base_model()
+    inner = linear_ce.peft_base(getattr(model, "module", model))  # DDP; FSDP2 keeps the class (a subclass)
     return callable(getattr(type(inner), "fused_loss", None)) and inner.fused_loss()
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from minilab.errors import ConfigError, MinilabError
-from minilab.linear_ce import hf_fuses_loss, linear_cross_entropy
+from minilab.linear_ce import hf_fuses_loss, linear_cross_entropy, peft_base
 
 log = logging.getLogger("minilab.finetune")
 
@@ -64,7 +64,7 @@ class LogitsOnly(nn.Module):
 
     def causal_lm(self) -> nn.Module:
         """The transformers model itself; under PEFT its LoRA layers are injected in place."""
-        return self.inner.get_base_model() if hasattr(type(self.inner), "get_base_model") else self.inner
+        return peft_base(self.inner)
 
     def fused_loss(self) -> bool:
         return hf_fuses_loss(self.causal_lm())
