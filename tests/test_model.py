@@ -256,6 +256,9 @@ def test_decode_layout_keeps_values_and_export(tmp_path):
         use_decode_layout(m)
         torch.testing.assert_close(m(x), ref, rtol=1e-6, atol=1e-6)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    block = m.model.layers[0]  # widening weights (in <= out) transposed; the narrowing down projection not
+    assert block.mlp.up_proj.weight.stride(0) == 1 and block.self_attn.o_proj.weight.t().is_contiguous()
+    assert block.mlp.down_proj.weight.is_contiguous()
     assert m.lm_head.weight is m.model.embed_tokens.weight
     save_hf_dir(m, tmp_path / "hf")
     back = load_hf_dir(tmp_path / "hf")
