@@ -3,20 +3,23 @@
     python benchmarks/generate.py [--shapes micro tiny small] [--new-tokens 128] [--threads 1] [--clients 1 8 32]
 
 For each architecture preset: build it with random weights, export it with `save_hf_dir`, load the
-export both with minilab and with `transformers.AutoModelForCausalLM`, then one after the other in
-this process time batch-1 greedy decoding of a 16-token prompt for `--new-tokens` tokens (min and
-max new tokens forced equal, so both produce exactly the same number; the token ids are compared
-too). Then `--batch` prompts of different lengths (4 to 46 tokens) decoded together (left padding)
-against the same prompts one by one and against transformers' batched `generate` (left padding,
-attention mask). Then `minilab serve`'s app runs on loopback and 1, 8 and 32 concurrent streaming
-clients each send `--requests-per-client` chat requests: throughput in tokens/s and requests/s, and
-p50/p99 of request latency and of time to first token. One JSON line per measurement on stdout, a
-summary with the ratios at the end. Random weights: decoding speed does not depend on what was
-learned. Our model is loaded as `Engine.load` prepares it (`use_decode_layout`).
+export both with minilab and with `transformers.AutoModelForCausalLM`, then, in `--repeats` rounds
+of one run each, alternating in this process, time batch-1 greedy decoding of a 16-token prompt for
+`--new-tokens` tokens (min and max new tokens forced equal, so both produce exactly the same number;
+the token ids are compared too). Then `--batch` prompts of different lengths (4 to 46 tokens)
+decoded together (left padding) against the same prompts one by one and against transformers'
+batched `generate` (left padding, attention mask). Then `minilab serve`'s app runs on loopback and
+1, 8 and 32 concurrent streaming clients each send `--requests-per-client` chat requests: throughput
+in tokens/s and requests/s, and p50/p99 of request latency and of time to first token. One JSON line
+per measurement on stdout, a summary with the ratios at the end: each ratio taken round by round
+(the two sides ran back to back), its median and range, so a shared machine's slow moment shows as
+spread, not as a ratio. Random weights: decoding speed does not depend on what was learned. Our
+model is loaded as `Engine.load` prepares it (`use_decode_layout`).
 
-A roofline line per shape: the bytes of weights one batch-1 step reads, times tokens/s, against
-the read bandwidth this process measures itself (sums over a 512 MiB tensor, same threads): the
-distance to the physical limit of decoding from memory (above 1: the weights fit in cache).
+A roofline line per shape: the bytes of weights one batch-1 step reads, times tokens/s, against the
+read bandwidth this process measures itself in every round (sums over a 512 MiB tensor, same
+threads; the memory a VM gets drifts with its neighbours): the distance to the physical limit of
+decoding from memory (above 1: the weights fit in cache).
 """
 
 from __future__ import annotations
@@ -35,16 +38,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def _median_times(fns: dict, repeats: int) -> dict:
-    """Median seconds of each function, the runs interleaved (a, b, a, b, ...) so that a load change
-    on a shared machine falls on both sides of a ratio rather than on one."""
+def _rounds(fns: dict, repeats: int, probe=None) -> dict:
+    """Seconds of each function per round, the runs interleaved (a, b, a, b, ...) so that a load change
+    on a shared machine falls on both sides of a ratio rather than on one; `probe()` (the memory
+    bandwidth) is measured in every round too, under "probe"."""
     times: dict = {name: [] for name in fns}
+    if probe is not None:
+        times["probe"] = []
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+        if probe is not None:
+            times["probe"].append(probe())
+    return times
+
+
+def paired_ratio(slow: list[float], fast: list[float]) -> tuple[float, list[float]]:
+    """slow / fast taken round by round (the two ran back to back): median and [min, max]."""
+    r = [a / b for a, b in zip(slow, fast, strict=True)]
+    return round(statistics.median(r), 2), [round(min(r), 2), round(max(r), 2)]
 
 
 def memory_bandwidth(mib: int = 512, tries: int = 5) -> float:
@@ -68,14 +82,14 @@ def weight_bytes_per_token(model) -> int:
     return itemsize * (g["attention"] + g["mlp"] + g["norms"] + cfg.vocab_size * cfg.d_model)
 
 
-def roofline(row: dict, bandwidth: float) -> dict:
-    """Weight bytes streamed per second by each side against the measured read bandwidth: how far
-    batch-1 decoding is from the physical limit (a fraction above 1: the weights fit in cache)."""
-    per_token = row["weight_bytes_per_token"]
-    return {"memory_read_gb_s": round(bandwidth / 1e9, 2), "roofline_tok_s": round(bandwidth / per_token, 1),
-            "minilab_weight_gb_s": round(per_token * row["minilab_tok_s"] / 1e9, 2),
-            "transformers_weight_gb_s": round(per_token * row["transformers_tok_s"] / 1e9, 2),
-            "minilab_fraction_of_roofline": round(per_token * row["minilab_tok_s"] / bandwidth, 2)}
+def roofline(per_token: int, tok_s: list[float], bandwidth: list[float]) -> dict:
+    """Weight bytes streamed per second against the read bandwidth measured in the same rounds (the
+    fraction taken round by round): how far batch-1 decoding is from the physical limit (above 1:
+    the weights fit in cache)."""
+    bw = statistics.median(bandwidth)
+    fraction = statistics.median(per_token * t / b for t, b in zip(tok_s, bandwidth, strict=True))
+    return {"memory_read_gb_s": round(bw / 1e9, 2), "roofline_tok_s": round(bw / per_token, 1),
+            "minilab_fraction_of_roofline": round(fraction, 2)}
 
 
 def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path) -> dict:
@@ -106,12 +120,17 @@ def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path) -> dict:
         return out[0, 16:].tolist()
 
     same = run_ours() == run_hf()  # also a warm-up of both
-    t = _median_times({"ours": run_ours, "hf": run_hf}, repeats)
-    t_ours, t_hf = t["ours"], t["hf"]
+    t = _rounds({"ours": run_ours, "hf": run_hf}, repeats, probe=lambda: memory_bandwidth(tries=2))
+    ratio, spread = paired_ratio(t["hf"], t["ours"])
+    per_token = weight_bytes_per_token(ours)
+    ours_tok_s, hf_tok_s = (new_tokens / statistics.median(t[k]) for k in ("ours", "hf"))
     return {"bench": "decode_batch1", "shape": shape, "params": ours.num_params(), "prompt": 16,
-            "new_tokens": new_tokens, "threads": torch.get_num_threads(), "same_tokens": same,
-            "minilab_tok_s": round(new_tokens / t_ours, 1), "transformers_tok_s": round(new_tokens / t_hf, 1),
-            "ratio": round(t_hf / t_ours, 2), "weight_bytes_per_token": weight_bytes_per_token(ours)}
+            "new_tokens": new_tokens, "threads": torch.get_num_threads(), "rounds": repeats, "same_tokens": same,
+            "minilab_tok_s": round(ours_tok_s, 1), "transformers_tok_s": round(hf_tok_s, 1),
+            "ratio": ratio, "ratio_range": spread, "weight_bytes_per_token": per_token,
+            "minilab_weight_gb_s": round(per_token * ours_tok_s / 1e9, 2),
+            "transformers_weight_gb_s": round(per_token * hf_tok_s / 1e9, 2),
+            **roofline(per_token, [new_tokens / x for x in t["ours"]], t["probe"])}
 
 
 def bench_batched(shape: str, new_tokens: int, batch: int, repeats: int, root: Path) -> dict:
@@ -141,16 +160,18 @@ def bench_batched(shape: str, new_tokens: int, batch: int, repeats: int, root: P
     together = generate(ours, prompts, max_new_tokens=new_tokens, batch_size=batch)
     same = together == generate(ours, prompts, max_new_tokens=new_tokens, batch_size=1)
     same_hf = together == run_hf()
-    times = _median_times({"batched": lambda: generate(ours, prompts, max_new_tokens=new_tokens, batch_size=batch),
-                           "one_by_one": lambda: generate(ours, prompts, max_new_tokens=new_tokens, batch_size=1),
-                           "transformers": run_hf}, repeats)
+    t = _rounds({"batched": lambda: generate(ours, prompts, max_new_tokens=new_tokens, batch_size=batch),
+                 "one_by_one": lambda: generate(ours, prompts, max_new_tokens=new_tokens, batch_size=1),
+                 "transformers": run_hf}, repeats)
+    times = {name: statistics.median(ts) for name, ts in t.items()}
+    ratio, spread = paired_ratio(t["transformers"], t["batched"])
     n = batch * new_tokens
     return {"bench": "decode_batched", "shape": shape, "batch": batch, "prompt_lengths": [len(p) for p in prompts],
             "new_tokens": new_tokens, "threads": torch.get_num_threads(), "batched_equals_one_by_one": same,
             "same_tokens_as_transformers": same_hf, "minilab_batched_tok_s": round(n / times["batched"], 1),
             "minilab_one_by_one_tok_s": round(n / times["one_by_one"], 1),
             "transformers_batched_tok_s": round(n / times["transformers"], 1),
-            "ratio_vs_transformers": round(times["transformers"] / times["batched"], 2)}
+            "ratio_vs_transformers": ratio, "ratio_range": spread}
 
 
 async def _client_load(url: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
@@ -213,7 +234,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["micro", "tiny", "small"])
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs of each side, interleaved; medians")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="rounds: each side timed once a round, interleaved; medians, ratios per round")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both (the small-model default)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests-per-client", type=int, default=4)
@@ -224,11 +246,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     summary = {}
-    bandwidth = memory_bandwidth()
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes:
             row = bench_decode(shape, args.new_tokens, args.repeats, Path(tmp))
-            row.update(roofline(row, max(bandwidth, memory_bandwidth())))  # re-measured beside each shape
             print(json.dumps(row), flush=True)
             print(f"roofline {shape}: {row['weight_bytes_per_token'] / 2**20:.1f} MiB of weights per token; this "
                   f"process reads memory at {row['memory_read_gb_s']} GB/s, so at most {row['roofline_tok_s']:,.0f} "
@@ -236,19 +256,26 @@ def main() -> None:
                   f"({row['minilab_fraction_of_roofline']:.2f} of it), transformers "
                   f"{row['transformers_weight_gb_s']} GB/s", file=sys.stderr, flush=True)
             summary[f"{shape}_ratio_vs_transformers"] = row["ratio"]
+            summary[f"{shape}_ratio_range"] = row["ratio_range"]
             summary[f"{shape}_fraction_of_roofline"] = row["minilab_fraction_of_roofline"]
             if args.batch > 0:
                 row = bench_batched(shape, args.new_tokens, args.batch, args.repeats, Path(tmp))
                 print(json.dumps(row), flush=True)
                 summary[f"{shape}_batched_ratio_vs_transformers"] = row["ratio_vs_transformers"]
+                summary[f"{shape}_batched_ratio_range"] = row["ratio_range"]
         if not args.skip_server:
             for row in bench_server(Path(tmp), args.clients, args.requests_per_client, args.server_max_tokens,
                                     args.max_concurrency):
                 print(json.dumps(row), flush=True)
     print(json.dumps({"bench": "summary", **summary}))
     for shape in args.shapes:
-        print(f"{shape}: minilab is {summary[f'{shape}_ratio_vs_transformers']}x transformers' batch-1 tokens/s",
-              file=sys.stderr)
+        lo, hi = summary[f"{shape}_ratio_range"]
+        line = (f"{shape}: minilab is {summary[f'{shape}_ratio_vs_transformers']}x ({lo}-{hi}) transformers' "
+                "batch-1 tokens/s")
+        if f"{shape}_batched_ratio_range" in summary:
+            lo, hi = summary[f"{shape}_batched_ratio_range"]
+            line += f", {summary[f'{shape}_batched_ratio_vs_transformers']}x ({lo}-{hi}) its batched generate"
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":
