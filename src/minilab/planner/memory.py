@@ -212,7 +212,7 @@ def _logits(an: Anatomy, req: PlanRequest, tokens_with_logits: int, training: bo
     rows = chunk_rows(an.vocab, tokens_with_logits, req.target)
     head = an.vocab * an.hidden if req.method == "full" else 0
     held = 4 * (tokens_with_logits * an.hidden + (3 if an.tied and not cuda else 1) * head)
-    chunk = 4 * rows * an.vocab * (1 if an.logit_softcap else 0)  # + the soft-cap's fp32 derivative
+    chunk = 4 * rows * an.vocab if an.logit_softcap else 0  # the soft-cap's fp32 derivative, one chunk
     if req.precision == "fp32":
         return held + chunk + 4 * (1 if cuda else 2) * rows * an.vocab
     return held + chunk + 2 * (tokens_with_logits + an.vocab) * an.hidden + 6 * rows * an.vocab + 2 * head
