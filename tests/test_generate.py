@@ -226,3 +226,41 @@ def test_continuous_batch_rows_join_and_leave_with_their_own_tokens(model):
     batch.step()
     batch.drop(a)
     assert [r for r, _ in batch.step()] == [b] and a.done == "dropped"
+
+
+def test_screened_head_gives_the_same_tokens_and_sampling_is_untouched(model, monkeypatch):
+    """With the int8-screened head (`use_decode_layout(screen=True)`), greedy decoding (one prompt,
+    a batch, continuous batching next to sampled rows) gives exactly the tokens of the fp32 head, the
+    screen deciding every greedy step; sampled and penalised rows read the full logits as before."""
+    import copy
+
+    from minilab.decode_layout import use_decode_layout
+    from minilab.generate import ContinuousBatch
+    from minilab.screened_head import ScreenedHead, screen_available
+
+    if not screen_available():
+        pytest.skip("this torch has no int8 weight kernel")
+    screened = use_decode_layout(copy.deepcopy(model), screen=True)
+    calls = []
+    real = ScreenedHead.argmax
+    monkeypatch.setattr(ScreenedHead, "argmax", lambda self, h: calls.append(len(h)) or real(self, h))
+    prompts = PROMPTS + [[7, 7], list(range(1, 30))]
+    assert generate(screened, prompts, max_new_tokens=12) == generate(model, prompts, max_new_tokens=12)
+    assert calls and max(calls) == len(prompts)  # the batch's steps went through the screen
+    n = len(calls)
+    assert generate(screened, [prompts[0]], max_new_tokens=12) == generate(model, [prompts[0]], max_new_tokens=12)
+    sampled = dict(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=5)
+    assert generate(screened, prompts, **sampled) == generate(model, prompts, **sampled)
+    assert generate(screened, prompts, max_new_tokens=10, repetition_penalty=1.3) == \
+        generate(model, prompts, max_new_tokens=10, repetition_penalty=1.3)
+    assert len(calls) == n + 12  # only the greedy, unpenalised run used it
+    # continuous batching: a greedy and a sampled row share steps; each gets its tokens alone
+    got = {}
+    for m in (model, screened):
+        batch, toks = ContinuousBatch(m), {0: [], 1: []}
+        rows = {id(batch.add(prompts[0], 8)[0]): 0, id(batch.add(prompts[2], 8, temperature=0.8, seed=1)[0]): 1}
+        while len(batch):
+            for row, tok in batch.step():
+                toks[rows[id(row)]].append(tok)
+        got[m is screened] = toks
+    assert got[True] == got[False]

@@ -155,6 +155,21 @@ def test_kv_cache_tinyllama_2048_is_44_mib(tmp_path):
     assert kv.bytes == 44 * 2**20
 
 
+def test_cpu_fp32_inference_counts_the_greedy_screen(tmp_path):
+    """On a CPU in fp32, decoding keeps an int8 copy of a large head (`ScreenedHead`): a line of its own."""
+    from minilab.screened_head import screened_head_bytes
+
+    an = inspect_model(build_meta(resolve_model(write_config(tmp_path, "TinyLlama-1.1B"))))
+    cpu = plan_memory(an, PlanRequest(method="inference", precision="fp32"))
+    screen = next(x for x in cpu.lines if x.key == "screen")
+    assert screen.bytes == screened_head_bytes(32000, 2048) == 32000 * 2054
+    assert sum(x.bytes for x in cpu.lines if x.key != "runtime") == cpu.peak
+    bf16 = plan_memory(an, PlanRequest(method="inference", precision="bf16", target="cuda"))
+    assert not any(x.key == "screen" for x in bf16.lines)
+    micro = inspect_model(build_meta(resolve_model("micro")))  # 8192 x 128: below the screen's size
+    assert not any(x.key == "screen" for x in plan_memory(micro, PlanRequest(method="inference")).lines)
+
+
 def test_hub_id_from_local_cache_only(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(MinilabError, match="not in the local Hugging Face cache") as e:

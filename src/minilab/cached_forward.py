@@ -14,6 +14,7 @@ from minilab.bf16 import attention, is_plain_linear, linear_w
 from minilab.decode_layout import joined
 from minilab.kvcache import KVCache
 from minilab.model import Block, Transformer, apply_rope, rms_norm
+from minilab.screened_head import ScreenedHead
 
 
 class CachedForward:
@@ -47,6 +48,8 @@ class CachedForward:
         fp32 = all(w.dtype is torch.float32 for w in (self.layers[0][2], self.head))
         # fp32: torch.mm itself; otherwise through linear_w, for its bf16 GEMM emulation
         self.mm = torch.mm if fp32 else (lambda x, w_t: linear_w(x, w_t.t()))
+        screen = getattr(model, "decode_screen", None)  # set by use_decode_layout for a large fp32 head
+        self.screen: ScreenedHead | None = screen if fp32 and screen is not None and screen.fresh(self.head) else None
         self.rms = self._rms_fp32 if fp32 else (lambda x, w: rms_norm(x, w, self.shape[3]))
         # 0-dim fp32 tensors, not Python numbers: an in-place op with a Python number first converts it
         # to a tensor (three more dispatches), and the fp32 values are the ones the kernel would use
@@ -75,6 +78,17 @@ class CachedForward:
 
     def __call__(self, input_ids: torch.Tensor, cache: KVCache, logits_to_keep: int = 0) -> torch.Tensor:
         """As `Transformer.forward(input_ids, kv_cache=cache, logits_to_keep=...)`, under no_grad."""
+        B, T = input_ids.shape
+        x = self._final_states(input_ids, cache, logits_to_keep)
+        return self.mm(x, self.head).view(B, x.shape[0] // B, -1)                        # (B, T, vocab)
+
+    def step_scores(self, input_ids: torch.Tensor, cache: KVCache) -> StepScores:
+        """The next-token scores of each row's last position, the head product left until asked for."""
+        return StepScores(hidden=self._final_states(input_ids, cache, 1), forward=self)
+
+    def _final_states(self, input_ids: torch.Tensor, cache: KVCache, logits_to_keep: int) -> torch.Tensor:
+        """The final-normed hidden states the head multiplies: (B * T, C), or the last `logits_to_keep`
+        positions of each row."""
         if torch.is_grad_enabled() or torch.is_autocast_enabled(input_ids.device.type):
             raise RuntimeError("CachedForward is for inference: run it under torch.inference_mode()")
         nh, nkv, hd, eps = self.shape
@@ -112,5 +126,50 @@ class CachedForward:
         cache.advance(T)
         if 0 < logits_to_keep < T:
             x = x.view(B, T, -1)[:, -logits_to_keep:].reshape(B * logits_to_keep, -1)
-            T = logits_to_keep
-        return mm(rms(x, self.norm), self.head).view(B, T, -1)                          # (B, T, vocab)
+        return rms(x, self.norm)
+
+
+class StepScores:
+    """One decoding step's scores, as a `Sampler` takes them: each row's next-token logits, made only
+    when asked. From `CachedForward.step_scores` it holds the final hidden states, and `argmax()` (what
+    greedy rows without a penalty need) goes through the model's `ScreenedHead` when it has one,
+    without the full head product; from a module forward it holds the logits themselves."""
+
+    def __init__(self, *, logits: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+                 forward: CachedForward | None = None):
+        self._logits, self.hidden, self.forward = logits, hidden, forward
+        self._tokens: list[int] | None = None
+
+    def logits(self) -> torch.Tensor:
+        """(B, V)."""
+        if self._logits is None:
+            with torch.inference_mode():  # asked for after the step, outside its inference_mode
+                self._logits = self.forward.mm(self.hidden, self.forward.head)
+        return self._logits
+
+    def argmax(self) -> list[int]:
+        """Each row's highest-scoring token id (the lowest id on a tie), as `logits().argmax(-1)`."""
+        if self._tokens is None:
+            screen = self.forward.screen if self._logits is None and self.forward is not None else None
+            if screen is None:
+                self._tokens = self.logits().argmax(-1).tolist()
+            else:
+                with torch.inference_mode():
+                    self._tokens = screen.argmax(self.hidden)
+        return self._tokens
+
+    def row(self, j: int) -> StepRow:
+        return StepRow(self, j)
+
+
+class StepRow:
+    """Row `j` of a `StepScores`, for that row's own sampler; the batch's products are made once."""
+
+    def __init__(self, scores: StepScores, j: int):
+        self.scores, self.j = scores, j
+
+    def logits(self) -> torch.Tensor:
+        return self.scores.logits()[self.j:self.j + 1]
+
+    def argmax(self) -> list[int]:
+        return [self.scores.argmax()[self.j]]

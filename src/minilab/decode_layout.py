@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from minilab.bf16 import is_plain_linear
+from minilab.screened_head import MIN_SCREENED_ELEMENTS, ScreenedHead, screen_available
 
 if TYPE_CHECKING:
     from minilab.model import Transformer
@@ -22,7 +23,7 @@ def _decodable(w: torch.Tensor) -> bool:
     return w.device.type == "cpu" and w.dtype is torch.float32 and w.dim() == 2 and w.is_contiguous()
 
 
-def use_decode_layout(model: Transformer) -> Transformer:
+def use_decode_layout(model: Transformer, screen: bool | None = None) -> Transformer:
     """Store each plain fp32 linear weight of a CPU model that widens (in <= out) transposed, (in, out)
     contiguous: same Parameter, shape, name and values, now a transposed view. The vector-matrix
     products of decoding then read the weight row after row, 1.3-3x faster on CPU (the large head
@@ -32,7 +33,10 @@ def use_decode_layout(model: Transformer) -> Transformer:
     weight a column range of it, so `CachedForward` computes them with one product each: fewer,
     longer reads of memory (the per-token cost of a model larger than the CPU's caches).
     Not bf16 weights: torch's bf16 CPU kernel is 3x slower in that layout. For inference-only
-    models; export (`save_hf_dir`) writes the same files. Returns `model`."""
+    models; export (`save_hf_dir`) writes the same files.
+    Also sets `model.decode_screen`: a `ScreenedHead` (an int8 copy of the head, a quarter of its
+    bytes, from which greedy steps take their exact token) where the fp32 head has at least
+    `MIN_SCREENED_ELEMENTS` (`screen=None`), always (`True`) or never (`False`). Returns `model`."""
     with torch.no_grad():
         for block in model.model.layers:
             a, m = block.self_attn, block.mlp
@@ -48,6 +52,10 @@ def use_decode_layout(model: Transformer) -> Transformer:
             w = module.weight if type(module) is nn.Linear else None
             if w is not None and _decodable(w) and w.shape[1] <= w.shape[0]:
                 w.data = w.data.t().contiguous().t()
+    head = model.lm_head.weight
+    wanted = head.numel() >= MIN_SCREENED_ELEMENTS if screen is None else screen
+    model.decode_screen = ScreenedHead(head.t()) if wanted and screen_available() and is_plain_linear(
+        model.lm_head) and _decodable(head.t()) else None
     return model
 
 

@@ -19,6 +19,10 @@ Design choices (why):
   prompt draws exactly as `stream_generate` does).
 - Logits are processed (`minilab.sampling`) in transformers' order: repetition penalty -> temperature -> top-k ->
   top-p -> sample. `temperature == 0` is greedy (argmax after the repetition penalty).
+- **Greedy steps need no logits**: each step hands the sampler `StepScores`, and greedy rows without
+  a penalty take their `argmax()`, which a model prepared by `use_decode_layout` with a large head
+  answers from an int8 copy of it (`ScreenedHead`: the same token, a quarter of the head's bytes
+  read); sampled rows, and batches with any, make the logits as before.
 - A stop token (eos or any of `stop_token_ids`) ends that prompt's generation and is not
   included in the output. Output holds only the new tokens, never the prompt.
 - The total length (prompt + new tokens) never exceeds `model.config.max_seq_len`.
@@ -34,7 +38,7 @@ from typing import Any
 
 import torch
 
-from minilab.cached_forward import CachedForward
+from minilab.cached_forward import CachedForward, StepRow, StepScores
 from minilab.errors import MinilabError
 from minilab.kvcache import KVCache
 from minilab.sampling import Sampler, check_sampling, make_generator
@@ -70,13 +74,13 @@ def supports_continuous_batching(model: torch.nn.Module) -> bool:
     return _takes_padded_cache(model)
 
 
-def _last_logits(model: torch.nn.Module, fast: CachedForward | None, ids: torch.Tensor,
-                 cache: KVCache | None, keep_last: bool = True) -> torch.Tensor:
-    """(B, V) logits of each row's last position, through `fast` when the model has one."""
+def _next_scores(model: torch.nn.Module, fast: CachedForward | None, ids: torch.Tensor,
+                 cache: KVCache | None, keep_last: bool = True) -> StepScores:
+    """Each row's next-token scores at its last position, through `fast` when the model has one."""
     if fast is not None:
-        return fast(ids, cache, logits_to_keep=1)[:, -1]
+        return fast.step_scores(ids, cache)
     keep = {"logits_to_keep": 1} if keep_last and _takes_padded_cache(model) else {}
-    return model(ids, kv_cache=cache, **keep)[:, -1]
+    return StepScores(logits=model(ids, kv_cache=cache, **keep)[:, -1])
 
 
 class BatchDecoder:
@@ -116,9 +120,9 @@ class BatchDecoder:
 
         with torch.inference_mode():  # not a decorator: a generator is resumed outside the decorated call
             ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts, strict=True)], device=device)  # (B, T)
-            logits = _last_logits(model, fast, ids, cache)                               # (B, V) prefill
+            scores = _next_scores(model, fast, ids, cache)                               # prefill
         while True:
-            tokens = sampler(logits)
+            tokens = sampler(scores)
             keep = []
             for j, (r, tok) in enumerate(zip(rows, tokens, strict=True)):
                 if tok in self.stop or r in self.finished:
@@ -139,10 +143,10 @@ class BatchDecoder:
             sampler.observe(new)
             with torch.inference_mode():
                 if cache is not None:
-                    logits = _last_logits(model, fast, new[:, None], cache, keep_last=False)  # (B, V)
+                    scores = _next_scores(model, fast, new[:, None], cache, keep_last=False)
                 else:  # recompute the whole sequence (reference path, and models without a cache)
                     seqs[0].append(tokens[0])
-                    logits = model(torch.tensor(seqs, dtype=torch.long, device=device))[:, -1]
+                    scores = StepScores(logits=model(torch.tensor(seqs, dtype=torch.long, device=device))[:, -1])
 
 
 def new_token_budget(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> int:
@@ -347,13 +351,13 @@ class BatchRow:
         self.done: str | None = None           # "stop" (a stop token) or "length" (its budget)
         self.prefill: KVCache | None = None    # its own cache until it joins the batch's
 
-    def take(self, logits: torch.Tensor, stop: set[int]) -> int | None:
-        """Sample this row's next token from its (1, V) logits; None when it is a stop token."""
-        tok = self.sampler(logits)[0]
+    def take(self, scores: StepScores | StepRow, stop: set[int]) -> int | None:
+        """Sample this row's next token from its scores (one row); None when it is a stop token."""
+        tok = self.sampler(scores)[0]
         if tok in stop:
             self.done = "stop"
             return None
-        self.sampler.observe(torch.tensor([tok], device=logits.device))
+        self.sampler.observe(torch.tensor([tok]))
         self.produced += 1
         self.last = tok
         if self.produced >= self.budget:
@@ -402,8 +406,8 @@ class ContinuousBatch:
             return row, None
         row.prefill = KVCache(self.model.config, 1, max_len=len(ids), dtype=self.dtype, device=self.device)
         with torch.inference_mode():
-            logits = _last_logits(self.model, self.fast, torch.tensor([ids], device=self.device), row.prefill)
-        tok = row.take(logits, self.stop)
+            scores = _next_scores(self.model, self.fast, torch.tensor([ids], device=self.device), row.prefill)
+        tok = row.take(scores, self.stop)
         if row.done is None:
             self.joining.append(row)
         return row, tok
@@ -421,8 +425,10 @@ class ContinuousBatch:
         self.peak = max(self.peak, len(self.rows))
         with torch.inference_mode():
             new = torch.tensor([[r.last] for r in self.rows], device=self.device)
-            logits = _last_logits(self.model, self.fast, new, self.cache)                                     # (B, V)
-        return [(r, r.take(logits[j:j + 1], self.stop)) for j, r in enumerate(self.rows)]
+            scores = _next_scores(self.model, self.fast, new, self.cache)
+            if not all(r.sampler.greedy for r in self.rows):
+                scores.logits()  # one head product for the batch, which the greedy rows read too
+        return [(r, r.take(scores.row(j), self.stop)) for j, r in enumerate(self.rows)]
 
     def _settle(self) -> None:
         """Finished rows leave the shared cache; prefilled ones join it."""

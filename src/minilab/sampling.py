@@ -14,10 +14,14 @@ logits; both the batch decoder and the server's continuous batch sample through 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from minilab.errors import MinilabError
+
+if TYPE_CHECKING:
+    from minilab.cached_forward import StepRow, StepScores
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen_ids: Sequence[int] | torch.Tensor,
@@ -91,8 +95,19 @@ class Sampler:
         self.exempt = sorted(set(exempt))
         self.seen: torch.Tensor | None = None  # (B, V) tokens of each row so far, built on first use
 
-    def __call__(self, logits: torch.Tensor) -> list[int]:
-        logits = logits.float()
+    @property
+    def greedy(self) -> bool:
+        """Whether the tokens are the logits' argmax as they come (greedy, no penalty)."""
+        return self.temperature <= 0.0 and self.prompts is None
+
+    def __call__(self, scores: torch.Tensor | StepScores | StepRow) -> list[int]:
+        """The rows' next tokens from their (B, V) logits, or from a decoding step's scores: then greedy
+        rows without a penalty take its `argmax()` (which may not need the logits made at all)."""
+        if not isinstance(scores, torch.Tensor):
+            if self.greedy:
+                return scores.argmax()
+            scores = scores.logits()
+        logits = scores.float()
         if self.prompts is not None:
             if self.seen is None:
                 self.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
@@ -113,7 +128,7 @@ class Sampler:
 
     def observe(self, tokens: torch.Tensor) -> None:
         if self.seen is not None:  # a stop token ends its row, so no exempt id is observed
-            self.seen[torch.arange(len(tokens), device=self.seen.device), tokens] = True
+            self.seen[torch.arange(len(tokens), device=self.seen.device), tokens.to(self.seen.device)] = True
 
     def select(self, keep: torch.Tensor) -> None:
         if self.seen is not None:

@@ -24,6 +24,7 @@ from typing import Any
 from minilab.errors import ConfigError
 from minilab.linear_ce import chunk_rows
 from minilab.planner.anatomy import Anatomy, nf4_bytes, weight_bytes
+from minilab.screened_head import MIN_SCREENED_ELEMENTS, screened_head_bytes
 
 METHODS = ("inference", "full", "lora", "qlora")
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp16")
@@ -244,9 +245,14 @@ def plan_inference(an: Anatomy, req: PlanRequest) -> MemoryPlan:
     logits = _logits(an, req, tokens, training=False)
     lines += [Line("activations", "prefill activations (one block)", block),
               Line("logits", "prefill logits (every position)", logits, "generate keeps only the last: b x V")]
+    screen = 0
+    if req.target == "cpu" and fmt == "fp32" and an.vocab * an.hidden >= MIN_SCREENED_ELEMENTS:
+        screen = screened_head_bytes(an.vocab, an.hidden)
+        lines.append(Line("screen", "greedy screen (int8 copy of the head)", screen,
+                          "use_decode_layout: greedy steps read it instead of the fp32 head"))
     # on CUDA the head's logits reuse the blocks' freed transients (measured: 0.98 of the peak
     # for small and base at batch 8-16, where their sum said 1.09); glibc keeps them on a CPU
-    peak = wbytes + kv + (max(block, logits) if req.target == "cuda" else block + logits)
+    peak = wbytes + kv + screen + (max(block, logits) if req.target == "cuda" else block + logits)
     return MemoryPlan(lines + [_runtime(req)], peak, _runtime(req).bytes, {"prefill": peak})
 
 

@@ -1,0 +1,77 @@
+"""The screened head: greedy tokens from an int8 copy of the head equal the full fp32 product's argmax
+(ties, near-ties, zero, huge, tiny and NaN states), its bound holds, and it actually screens."""
+
+import pytest
+import torch
+
+from minilab.screened_head import ScreenedHead, screen_available, screened_head_bytes
+
+pytestmark = pytest.mark.skipif(not screen_available(), reason="this torch has no int8 weight kernel")
+
+
+def _head(vocab: int, width: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(width, vocab, generator=g) * 0.02                              # (width, vocab)
+
+
+def _states(n: int, width: int, seed: int) -> torch.Tensor:
+    """Final-normed hidden states, as the decoding step gives the head: norm about sqrt(width)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, width, generator=g)
+    return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True)) * (1 + 0.3 * torch.rand(width, generator=g))
+
+
+def test_argmax_equals_the_full_product_with_ties_and_odd_states():
+    head = _head(3000, 64, 0)
+    head[:, 700] = head[:, 20]                                  # an exact tie: the lower id wins, as argmax
+    head[:, 1500] = head[:, 40] * (1 + 1e-6)                    # near-ties: several candidates, decided in fp32
+    head[:, 2999] = head[:, 40] * (1 - 1e-6)
+    screen = ScreenedHead(head)
+    h = _states(200, 64, 1)
+    h[:40] = head[:, [20, 40] * 20].t() * 50                   # states pointing at the tied columns
+    h[40] = 0
+    h[41] *= 1e4
+    h[42] *= 1e-4
+    h[43, 5] = float("nan")
+    want = (h @ head).argmax(-1).tolist()
+    assert screen.argmax(h) == want
+    assert want[:2] == [20, 1500]  # the tie to the lower id; the near-tie to the larger fp32 logit
+    assert [screen.argmax(h[i:i + 1])[0] for i in range(len(h))] == want             # one row at a time too
+
+
+def test_bound_holds_and_screens():
+    """Every row's true maximum is among its candidates, and they are a handful even for random
+    Gaussian logits (the hard case: a trained model's are more peaked; the demo's pretrained model
+    leaves 1.9 on average): the screen reads a few fp32 columns, not the head."""
+    head = _head(8192, 128, 2)
+    screen = ScreenedHead(head)
+    h = _states(300, 128, 3)
+    approx, candidates = screen.candidates(h)
+    exact = (h.double() @ head.double())
+    assert candidates.gather(1, exact.argmax(dim=1, keepdim=True)).all()
+    bound_used = (approx - exact.float()).abs().amax()
+    assert bound_used > 0  # the int8 copy is not the head itself
+    counts = candidates.sum(dim=1)
+    assert counts.float().mean() < 4 and counts.max() < 8192 // 100 and (counts == 1).any()
+
+
+def test_decode_layout_sets_the_screen_for_large_heads_only_and_a_changed_head_drops_it():
+    from minilab.cached_forward import CachedForward
+    from minilab.decode_layout import use_decode_layout
+    from minilab.model import ModelConfig, build_model
+
+    cfg = dict(n_layer=1, n_head=2, d_model=64, intermediate_size=128, max_seq_len=32, tie_embeddings=True)
+    small = use_decode_layout(build_model(ModelConfig(vocab_size=512, **cfg)).eval())
+    assert small.decode_screen is None and CachedForward.of(small).screen is None
+    forced = use_decode_layout(build_model(ModelConfig(vocab_size=512, **cfg)).eval(), screen=True)
+    assert CachedForward.of(forced).screen is forced.decode_screen is not None
+    large = use_decode_layout(build_model(ModelConfig(vocab_size=65536, **cfg)).eval())  # 4 Mi elements
+    screen = large.decode_screen
+    assert screen is not None and screen.q.shape == (65536, 64)
+    held = sum(t.numel() * t.element_size() for t in (screen.q, screen.scale, screen.rho))
+    assert held == screened_head_bytes(65536, 64)  # what the planner counts
+    assert use_decode_layout(build_model(ModelConfig(vocab_size=65536, **cfg)).eval().to(torch.bfloat16)
+                             ).decode_screen is None
+    with torch.no_grad():
+        forced.lm_head.weight.mul_(2)  # e.g. training went on: the int8 copy is stale
+    assert CachedForward.of(forced).screen is None
