@@ -46,11 +46,14 @@ def test_bound_holds_and_screens():
     head = _head(8192, 128, 2)
     screen = ScreenedHead(head)
     h = _states(300, 128, 3)
-    approx, candidates = screen.candidates(h)
-    exact = (h.double() @ head.double())
+    exact = h.double() @ head.double()
+    # the bound holds for every logit, on this CPU's int8 kernel (it assumes fp32 accumulation and
+    # int8 x bf16-scale weights, exact in fp32: a torch whose kernel differs fails here)
+    approx, bound = screen.bounds(h)
+    error = (approx.double() - exact).abs()
+    assert (error <= bound).all() and error.max() > 0  # and the int8 copy is not the head itself
+    _, candidates = screen.candidates(h)
     assert candidates.gather(1, exact.argmax(dim=1, keepdim=True)).all()
-    bound_used = (approx - exact.float()).abs().amax()
-    assert bound_used > 0  # the int8 copy is not the head itself
     counts = candidates.sum(dim=1)
     assert counts.float().mean() < 4 and counts.max() < 8192 // 100 and (counts == 1).any()
 

@@ -69,11 +69,17 @@ class ScreenedHead:
         """Whether `head` is still the tensor (and the values) this screen was built from."""
         return head.data_ptr() == self.head.data_ptr() and head._version == self.version
 
+    def bounds(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b): approximate logits and how far from each the fp32 product's logit can be, both (B, V);
+        h (B, width) fp32."""
+        a = torch._weight_int8pack_mm(h.to(torch.bfloat16), self.q, self.scale).float()  # (B, V)
+        b = h.norm(dim=1, keepdim=True) * self.rho
+        b += a.abs().amax(dim=1, keepdim=True).mul_(2.0**-7 * 1.01).add_(1e-6)          # the bf16 output, at most
+        return a, b
+
     def candidates(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(approximate logits, the ids that may hold each row's maximum): both (B, V); h (B, width) fp32."""
-        a = torch._weight_int8pack_mm(h.to(torch.bfloat16), self.q, self.scale).float()  # (B, V)
-        b = h.norm(dim=1, keepdim=True) * self.rho                                       # (B, V)
-        b += a.abs().amax(dim=1, keepdim=True).mul_(2.0**-7 * 1.01).add_(1e-6)          # the bf16 output, at most
+        a, b = self.bounds(h)
         best_lower = (a - b).amax(dim=1, keepdim=True)
         return a, a.add_(b) >= best_lower
 
