@@ -78,3 +78,7 @@ def test_decode_layout_sets_the_screen_for_large_heads_only_and_a_changed_head_d
     with torch.no_grad():
         forced.lm_head.weight.mul_(2)  # e.g. training went on: the int8 copy is stale
     assert CachedForward.of(forced).screen is None
+    from minilab.quantization import quantize_model  # int8 blocks, fp32 head: decoded by the module, no copy
+
+    quantized = quantize_model(build_model(ModelConfig(vocab_size=65536, **cfg)).eval(), "int8")
+    assert use_decode_layout(quantized).decode_screen is None

@@ -52,10 +52,14 @@ def use_decode_layout(model: Transformer, screen: bool | None = None) -> Transfo
             w = module.weight if type(module) is nn.Linear else None
             if w is not None and _decodable(w) and w.shape[1] <= w.shape[0]:
                 w.data = w.data.t().contiguous().t()
+    from minilab.cached_forward import CachedForward  # it reads this layout: imported here, not at the top
+
     head = model.lm_head.weight
     wanted = head.numel() >= MIN_SCREENED_ELEMENTS if screen is None else screen
-    model.decode_screen = ScreenedHead(head.t()) if wanted and screen_available() and is_plain_linear(
-        model.lm_head) and _decodable(head.t()) else None
+    # only where CachedForward decodes (not a quantized or LoRA-wrapped model: its fp32 head would
+    # get a copy no step reads)
+    model.decode_screen = ScreenedHead(head.t()) if wanted and screen_available() and _decodable(head.t()) \
+        and CachedForward.of(model) is not None else None
     return model
 
 
