@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilab.bf16 import attention, is_plain_linear, linear_w
-from minilab.decode_layout import joined
+from minilab.bf16 import attention, linear_w
+from minilab.decode_layout import joined, plain_model
 from minilab.kvcache import KVCache
-from minilab.model import Block, Transformer, apply_rope, rms_norm
+from minilab.model import Transformer, apply_rope, rms_norm
 from minilab.screened_head import ScreenedHead
 
 
@@ -66,15 +66,7 @@ class CachedForward:
 
     @staticmethod
     def of(model: nn.Module) -> CachedForward | None:
-        if type(model) is not Transformer or type(model.model.embed_tokens) is not nn.Embedding \
-                or not is_plain_linear(model.lm_head):
-            return None
-        for block in model.model.layers:
-            a, m = block.self_attn, block.mlp
-            if type(block) is not Block or not all(map(is_plain_linear, (
-                    a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj))):
-                return None
-        return CachedForward(model)
+        return CachedForward(model) if plain_model(model) else None
 
     def __call__(self, input_ids: torch.Tensor, cache: KVCache, logits_to_keep: int = 0) -> torch.Tensor:
         """As `Transformer.forward(input_ids, kv_cache=cache, logits_to_keep=...)`, under no_grad."""

@@ -7,16 +7,26 @@ back (`CachedForward` turns a joined q|k|v or gate|up into one product). The mod
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from minilab.bf16 import is_plain_linear
+from minilab.model import Block, Transformer
 from minilab.screened_head import MIN_SCREENED_ELEMENTS, ScreenedHead, screen_available
 
-if TYPE_CHECKING:
-    from minilab.model import Transformer
+
+def plain_model(model: nn.Module) -> bool:
+    """Whether `model` is minilab's own `Transformer` with every projection a bias-free nn.Linear (not
+    LoRA-wrapped, not quantized): what `CachedForward` decodes and the head screen serves."""
+    if type(model) is not Transformer or type(model.model.embed_tokens) is not nn.Embedding \
+            or not is_plain_linear(model.lm_head):
+        return False
+    for block in model.model.layers:
+        a, m = block.self_attn, block.mlp
+        if type(block) is not Block or not all(map(is_plain_linear, (
+                a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj))):
+            return False
+    return True
 
 
 def _decodable(w: torch.Tensor) -> bool:
@@ -52,14 +62,12 @@ def use_decode_layout(model: Transformer, screen: bool | None = None) -> Transfo
             w = module.weight if type(module) is nn.Linear else None
             if w is not None and _decodable(w) and w.shape[1] <= w.shape[0]:
                 w.data = w.data.t().contiguous().t()
-    from minilab.cached_forward import CachedForward  # it reads this layout: imported here, not at the top
-
     head = model.lm_head.weight
     wanted = head.numel() >= MIN_SCREENED_ELEMENTS if screen is None else screen
     # only where CachedForward decodes (not a quantized or LoRA-wrapped model: its fp32 head would
     # get a copy no step reads)
     model.decode_screen = ScreenedHead(head.t()) if wanted and screen_available() and _decodable(head.t()) \
-        and CachedForward.of(model) is not None else None
+        and plain_model(model) else None
     return model
 
 
