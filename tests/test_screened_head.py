@@ -82,3 +82,31 @@ def test_decode_layout_sets_the_screen_for_large_heads_only_and_a_changed_head_d
 
     quantized = quantize_model(build_model(ModelConfig(vocab_size=65536, **cfg)).eval(), "int8")
     assert use_decode_layout(quantized).decode_screen is None
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "heavy-tailed", "sparse", "rows-1e-3-to-1e3"])
+def test_bound_holds_on_hostile_heads_and_states(kind):
+    """Heads whose rows have outliers, zeros or scales six decades apart, and states from 1e-4 to 1e4
+    with an outlier element: every error within its bound, every argmax the full product's."""
+    g = torch.Generator().manual_seed(5)
+    width, vocab = 96, 1500
+    head = torch.randn(width, vocab, generator=g)
+    if kind == "heavy-tailed":
+        head = head / torch.rand(width, vocab, generator=g).clamp_min(1e-3)   # a 1/uniform tail
+    elif kind == "sparse":
+        head = head * (torch.rand(vocab, generator=g) < 0.1)                  # 90% of the rows all zero
+    elif kind == "rows-1e-3-to-1e3":
+        head = head * torch.logspace(-3, 3, vocab)[torch.randperm(vocab, generator=g)]
+    screen = ScreenedHead(head.contiguous())
+    h = torch.randn(48, width, generator=g) * torch.logspace(-4, 4, 48)[:, None]
+    h[::5, 0] *= 1e3
+    # and states along a row's quantisation error, where Cauchy-Schwarz is tight: the bound is then
+    # more than half used (the bf16 terms, separate worst cases, take the rest), so a bound half as
+    # large as this one fails here
+    rows = head.abs().sum(0).topk(8).indices
+    h[-8:] = (head[:, rows] - screen.q[rows].float().t() * screen.scale[rows].float()).t() * 1e3
+    approx, bound = screen.bounds(h)
+    error = (approx.double() - h.double() @ head.double()).abs()
+    assert (error <= bound).all()
+    assert (error / bound)[-8:].gather(1, rows[:, None]).max() > 0.5
+    assert screen.argmax(h) == (h @ head).argmax(-1).tolist()
