@@ -81,22 +81,23 @@ class ScreenedHead:
         return a, b
 
     def candidates(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(approximate logits, the ids that may hold each row's maximum): both (B, V); h (B, width) fp32."""
+        """(upper bounds a + b, the ids that may hold each row's maximum): both (B, V); h (B, width) fp32."""
         a, b = self.bounds(h)
         best_lower = (a - b).amax(dim=1, keepdim=True)
-        return a, a.add_(b) >= best_lower
+        upper = a.add_(b)
+        return upper, upper >= best_lower
 
     def argmax(self, h: torch.Tensor) -> list[int]:
         """The argmax of each row of `h @ head` (h: (B, width) fp32), as `(h @ head).argmax(-1)`."""
-        a, candidates = self.candidates(h)
+        upper, candidates = self.candidates(h)
         count = candidates.sum(dim=1).tolist()
-        if all(n == 1 for n in count):  # the usual case: the row's best approximate logit is the token
-            return a.argmax(dim=1).tolist()
+        if all(n == 1 for n in count):  # the usual case: the one candidate, which has the highest upper bound
+            return upper.argmax(dim=1).tolist()
         tokens = []
         for i, n in enumerate(count):
-            ids = candidates[i].nonzero().squeeze(1)
             if n == 0:  # NaN or inf in h: the bounds say nothing, take the full product's
                 tokens.append(int((h[i:i + 1] @ self.head).argmax()))
             else:  # their fp32 logits, as the full product computes each column
+                ids = candidates[i].nonzero().squeeze(1)
                 tokens.append(int(ids[(h[i:i + 1] @ self.head.index_select(1, ids)).argmax()]))
         return tokens
