@@ -1,6 +1,6 @@
 """Benchmark generation: our KV-cache decoding vs transformers' `generate`, and the server under load.
 
-    python benchmarks/generate.py [--shapes micro tiny small] [--new-tokens 128] [--threads 1] [--clients 1 8 32]
+    python benchmarks/generate.py [--shapes micro tiny small] [--new-tokens 128] [--threads N] [--clients 1 8 32]
 
 For each architecture preset: build it with random weights, export it with `save_hf_dir`, load the
 export both with minilab and with `transformers.AutoModelForCausalLM`, then, in `--repeats` rounds
@@ -8,7 +8,9 @@ of one run each, alternating in this process, time batch-1 greedy decoding of a 
 `--new-tokens` tokens (min and max new tokens forced equal, so both produce exactly the same number;
 the token ids are compared too). Then `--batch` prompts of different lengths (4 to 46 tokens)
 decoded together (left padding) against the same prompts one by one and against transformers'
-batched `generate` (left padding, attention mask). Then `minilab serve`'s app runs on loopback and
+batched `generate` (left padding, attention mask). Both sides run on the torch threads `minilab
+generate` picks for the model (`set_threads`: one below 50M parameters, so micro and tiny; all for
+small and up; `--threads` sets both). Then `minilab serve`'s app runs on loopback and
 1, 8 and 32 concurrent streaming clients each send `--requests-per-client` chat requests: throughput
 in tokens/s and requests/s, and p50/p99 of request latency and of time to first token. One JSON line
 per measurement on stdout, a summary with the ratios at the end: each ratio taken round by round
@@ -112,13 +114,14 @@ def roofline(per_token: int, tok_s: list[float], bandwidth: list[float]) -> dict
             "fraction_of_roofline": round(fraction, 2)}
 
 
-def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path) -> dict:
+def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path, threads: int | None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from minilab.arch import load_architecture
     from minilab.decode_layout import use_decode_layout
     from minilab.generate import generate
     from minilab.hf import save_hf_dir
+    from minilab.inference import set_threads
     from minilab.loading import load_model_for_inference
     from minilab.model import build_model
 
@@ -131,6 +134,7 @@ def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path) -> dict:
     ours = use_decode_layout(load_model_for_inference(str(root / shape), dtype="float32"))
     full = use_decode_layout(load_model_for_inference(str(root / shape), dtype="float32"), screen=False)
     hf = AutoModelForCausalLM.from_pretrained(root / shape, dtype=torch.float32).eval()
+    set_threads(ours, threads)  # both sides: as minilab generate / chat / serve picks for this model
     prompt = torch.randint(10, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
 
     def run_ours():
@@ -165,19 +169,21 @@ def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path) -> dict:
                                                         t["probe"])["fraction_of_roofline"]}
 
 
-def bench_batched(shape: str, new_tokens: int, batch: int, repeats: int, root: Path) -> dict:
+def bench_batched(shape: str, new_tokens: int, batch: int, repeats: int, root: Path, threads: int | None) -> dict:
     """Several prompts of different lengths at once (the export of `bench_decode` is reused)."""
     from transformers import AutoModelForCausalLM
 
     from minilab.arch import load_architecture
     from minilab.decode_layout import use_decode_layout
     from minilab.generate import generate
+    from minilab.inference import set_threads
     from minilab.loading import load_model_for_inference
 
     cfg = load_architecture(shape)
     ours = use_decode_layout(load_model_for_inference(str(root / shape), dtype="float32"))
     full = use_decode_layout(load_model_for_inference(str(root / shape), dtype="float32"), screen=False)
     hf = AutoModelForCausalLM.from_pretrained(root / shape, dtype=torch.float32).eval()
+    set_threads(ours, threads)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(10, cfg.vocab_size, (4 + 6 * (i % 8),), generator=g).tolist() for i in range(batch)]
     width = max(map(len, prompts))
@@ -272,7 +278,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5,
                     help="rounds: each side timed once a round, interleaved; medians, ratios per round")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for both (the small-model default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for both sides (default: what minilab generate picks for the model: "
+                         "1 below 50M parameters, else all)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--server-max-tokens", type=int, default=32)
@@ -280,11 +288,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="prompts decoded together in the batched row (0 skips it)")
     ap.add_argument("--skip-server", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    all_threads = torch.get_num_threads()  # set_threads picks from it for a large model
     summary = {}
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes:
-            row = bench_decode(shape, args.new_tokens, args.repeats, Path(tmp))
+            torch.set_num_threads(all_threads)
+            row = bench_decode(shape, args.new_tokens, args.repeats, Path(tmp), args.threads)
             print(json.dumps(row), flush=True)
             print(f"roofline {shape}: {row['weight_bytes_per_token'] / 2**20:.1f} MiB of weights per greedy token"
                   f"{' (the head as its int8 screen)' if row['screened_head'] else ''}; this process reads memory "
@@ -298,7 +307,8 @@ def main() -> None:
             summary[f"{shape}_full_head_ratio_range"] = row["ratio_full_head_range"]
             summary[f"{shape}_fraction_of_roofline"] = row["fraction_of_roofline"]
             if args.batch > 0:
-                row = bench_batched(shape, args.new_tokens, args.batch, args.repeats, Path(tmp))
+                torch.set_num_threads(all_threads)
+                row = bench_batched(shape, args.new_tokens, args.batch, args.repeats, Path(tmp), args.threads)
                 print(json.dumps(row), flush=True)
                 summary[f"{shape}_batched_ratio_vs_transformers"] = row["ratio_vs_transformers"]
                 summary[f"{shape}_batched_ratio_range"] = row["ratio_range"]

@@ -233,6 +233,64 @@ def test_cached_forward_is_bitwise_the_module_forward(arch, dtype):
                 assert torch.equal(m(x[:, 17:20], kv_cache=a, logits_to_keep=1), fast(x[:, 17:20], b, logits_to_keep=1))
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_split_mm_is_the_product_bit_for_bit(monkeypatch, threads):
+    """`split_mm` (decoding's products, split over threads) gives torch.mm's values exactly: one to
+    four rows, both weight layouts, random shapes; not split: small weights, more rows, widths the
+    aligned blocks do not divide (then fewer parts), one thread."""
+    import random
+
+    import minilab.cached_forward as cf
+
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(a[1].shape[0]) or bmm(*a, **k))
+    monkeypatch.setattr(cf, "SPLIT_ELEMENTS", 1000)
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    for _ in range(60):
+        K, N, M = rng.randint(8, 600), 16 * rng.randint(1, 100), rng.randint(1, 6)
+        w = torch.randn(N, K)
+        parts = 1 if M > 4 else min(threads, K * N // 1000)
+        while parts > 1 and N % (16 * parts):
+            parts -= 1
+        for layout in (w.t().contiguous(), w.t()):              # (in, out) stored, and a transposed view
+            x = torch.randn(M, K)
+            calls.clear()
+            assert torch.equal(cf.split_mm(x, layout, threads), torch.mm(x, layout)), (K, N, M)
+            assert calls == ([parts] if parts > 1 else []), (K, N, M, calls)
+    x, w = torch.randn(1, 64), torch.randn(64, 512)
+    calls.clear()
+    assert torch.equal(cf.split_mm(x, w, 1), torch.mm(x, w)) and calls == []    # one thread
+
+
+def test_cached_forward_with_split_products_is_bitwise(monkeypatch):
+    """With its products split over two threads (as for a large model), the lean forward still
+    computes the module forward's logits exactly: prefill, then one token at a time, one row and three."""
+    import minilab.cached_forward as cf
+
+    monkeypatch.setattr(cf, "SPLIT_ELEMENTS", 64)
+    split = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: split.append(a[1].shape) or bmm(*a, **k))
+    torch.manual_seed(0)
+    m = use_decode_layout(build_model(ModelConfig(**SMALL)).eval())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for rows in (1, 3):
+            x = torch.randint(0, 211, (rows, 12))
+            a, b = KVCache(m.config, rows, 32), KVCache(m.config, rows, 32)
+            fast = cf.CachedForward.of(m)
+            with torch.inference_mode():
+                for i, j in ((0, 8), (8, 9), (9, 10), (10, 11)):
+                    assert torch.equal(m(x[:, i:j], kv_cache=a), fast(x[:, i:j], b))
+            assert fast.threads == 2
+        assert len(split) == 2 * 3 * 4 * 2 and all(shape[0] == 2 for shape in split)  # 4 products a layer
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cached_forward_only_for_plain_models():
     from minilab.cached_forward import CachedForward
 

@@ -16,6 +16,50 @@ from minilab.kvcache import KVCache
 from minilab.model import Transformer, apply_rope, rms_norm
 from minilab.screened_head import ScreenedHead
 
+# Elements of a weight each thread's share of a split product must have (see `split_mm`): below
+# ~1 MiB per thread, thread hand-off costs more than the extra bandwidth gives (measured, 2 threads,
+# one row: 256 x 768 and 256 x 1000 were slower split, 512 x 1536 and up 1.3-1.9x faster).
+SPLIT_ELEMENTS = 1 << 18
+# Rows up to which products are split: torch's product runs a few rows on one thread too, but from 5
+# rows on MKL's kernel for a block differs from the whole product's in the last bits (and at 8 rows
+# only the largest weights gained)
+SPLIT_ROWS = 4
+# Columns a block is a multiple of (64 bytes of fp32): unaligned blocks change the last bits too
+SPLIT_COLUMNS = 16
+
+
+def split_parts(rows: int, w: torch.Tensor, threads: int) -> int:
+    """Into how many column blocks `split_mm` cuts `w` for `rows` rows on `threads` threads (1: not)."""
+    if rows > SPLIT_ROWS:
+        return 1
+    parts = min(threads, w.numel() // SPLIT_ELEMENTS)
+    while parts > 1 and w.shape[1] % (parts * SPLIT_COLUMNS):
+        parts -= 1
+    return max(parts, 1)
+
+
+def split_mm(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
+    """x @ w (x: (M, K); w: (K, N), any strides), with w's output columns cut into up to `threads`
+    equal blocks taken as one batched product, so that each thread streams its own block.
+
+    Why: torch's CPU product runs a matrix-vector product (decoding's: one row, or a few) on one
+    thread, whatever torch's thread count, and one core reads memory at a fraction of what several
+    do (2-core VM: a 512 x 3072 fp32 weight at 21 GB/s on one thread, 35 GB/s split in two; its read
+    bandwidth is 30 GB/s on one thread, 61 on two). `bmm` runs its batch in parallel. The values are
+    the unsplit product's, bit for bit (each column is still one dot product over all of K by the
+    same kernel, the blocks aligned; tested). Small weights, many rows or one thread: `torch.mm`."""
+    parts = split_parts(x.shape[0], w, threads)
+    if parts == 1:
+        return torch.mm(x, w)
+    (M, K), N = x.shape, w.shape[1]
+    b = N // parts
+    blocks = w.as_strided((parts, K, b), (b * w.stride(1), w.stride(0), w.stride(1)))
+    if M == 1:  # the batch written straight into out's column blocks
+        out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+        torch.bmm(x.expand(parts, 1, K), blocks, out=out.as_strided((parts, 1, b), (b, N, 1)))
+        return out
+    return torch.bmm(x.expand(parts, M, K), blocks).transpose(0, 1).reshape(M, N)
+
 
 class CachedForward:
     """`Transformer.forward` with a KVCache, as plain tensor ops over the model's own weights.
@@ -24,7 +68,8 @@ class CachedForward:
     ops dispatch), and module calls, attribute lookups and wrappers cost a third of the step. This
     computes the same values with fewer dispatches: activations kept 2-D (tokens, width), each
     projection one `mm` on the transposed weight (what F.linear calls; q|k|v and gate|up one `mm`
-    each where `use_decode_layout` joined them, q and k rotated together), RMSNorm as its five
+    each where `use_decode_layout` joined them, q and k rotated together; a large weight's product
+    split over torch's threads, `split_mm`), RMSNorm as its five
     primitive ops (what F.rms_norm runs, without the composite's wrappers). The logits are bitwise
     those of `model(ids, kv_cache=cache)` (tested). Only for inference (no autograd, no autocast) of
     a plain model: `of` returns None when a projection is not a bias-free nn.Linear (LoRA-wrapped,
@@ -46,8 +91,10 @@ class CachedForward:
                                 joined(m.gate_proj, m.up_proj), m.down_proj.weight.t()))
             self.qk_norms.append((a.q_norm.weight, a.k_norm.weight) if cfg.qk_norm else None)
         fp32 = all(w.dtype is torch.float32 for w in (self.layers[0][2], self.head))
-        # fp32: torch.mm itself; otherwise through linear_w, for its bf16 GEMM emulation
-        self.mm = torch.mm if fp32 else (lambda x, w_t: linear_w(x, w_t.t()))
+        # fp32: torch.mm itself, split over the threads for large weights; otherwise through linear_w,
+        # for its bf16 GEMM emulation
+        self.mm = self._split_mm if fp32 else (lambda x, w_t: linear_w(x, w_t.t()))
+        self.threads = torch.get_num_threads()  # read again at each forward: a caller may set it later
         screen = getattr(model, "decode_screen", None)  # set by use_decode_layout for a large fp32 head
         self.screen: ScreenedHead | None = screen if fp32 and screen is not None and screen.fresh(self.head) else None
         self.rms = self._rms_fp32 if fp32 else (lambda x, w: rms_norm(x, w, self.shape[3]))
@@ -55,6 +102,9 @@ class CachedForward:
         # to a tensor (three more dispatches), and the fp32 values are the ones the kernel would use
         self._width = torch.tensor(float(cfg.d_model), device=self.norm.device)
         self._eps = torch.tensor(cfg.norm_eps, dtype=torch.float32, device=self.norm.device)
+
+    def _split_mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return split_mm(x, w, self.threads)
 
     def _rms_fp32(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # = F.rms_norm in fp32, bit for bit: mean is sum / n on CPU (tested)
@@ -84,6 +134,7 @@ class CachedForward:
         if torch.is_grad_enabled() or torch.is_autocast_enabled(input_ids.device.type):
             raise RuntimeError("CachedForward is for inference: run it under torch.inference_mode()")
         nh, nkv, hd, eps = self.shape
+        self.threads = torch.get_num_threads()
         mm, rms, gqa = self.mm, self.rms, nkv != nh
         B, T = input_ids.shape
         N = B * T
