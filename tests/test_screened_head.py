@@ -33,6 +33,7 @@ def test_argmax_equals_the_full_product_with_ties_and_odd_states():
     h[41] *= 1e4
     h[42] *= 1e-4
     h[43, 5] = float("nan")
+    h[44, 7] = float("inf")
     want = (h @ head).argmax(-1).tolist()
     assert screen.argmax(h) == want
     assert want[:2] == [20, 1500]  # the tie to the lower id; the near-tie to the larger fp32 logit
@@ -52,9 +53,9 @@ def test_bound_holds_and_screens():
     approx, bound = screen.bounds(h)
     error = (approx.double() - exact).abs()
     assert (error <= bound).all() and error.max() > 0  # and the int8 copy is not the head itself
-    _, candidates = screen.candidates(h)
-    assert candidates.gather(1, exact.argmax(dim=1, keepdim=True)).all()
-    counts = candidates.sum(dim=1)
+    candidates = screen.candidates(h)
+    assert all(int(best) in ids.tolist() for best, ids in zip(exact.argmax(dim=1), candidates, strict=True))
+    counts = torch.tensor([len(ids) for ids in candidates])
     assert counts.float().mean() < 4 and counts.max() < 8192 // 100 and (counts == 1).any()
 
 
@@ -110,3 +111,26 @@ def test_bound_holds_on_hostile_heads_and_states(kind):
     assert (error <= bound).all()
     assert (error / bound)[-8:].gather(1, rows[:, None]).max() > 0.5
     assert screen.argmax(h) == (h @ head).argmax(-1).tolist()
+
+
+def test_candidates_are_exactly_the_ids_whose_interval_reaches_the_best():
+    """`candidates` (a threshold on the approximate logits, then each survivor's own interval) gives
+    the ids whose interval [a - b, a + b] from `bounds` reaches the row's best lower end: none missed
+    (that would make the token wrong), none extra beyond float slack. Near-copies of one column at
+    distances from within to several times the bound put ids on both sides of every cut."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(64, generator=g) * 0.02
+    spread = torch.logspace(-2.5, -0.5, 3000)                             # how far each column is from base
+    head = base[:, None] + torch.randn(64, 3000, generator=g) * spread * 0.02
+    head[:, ::7] = torch.randn(64, len(range(0, 3000, 7)), generator=g) * 0.02   # and unrelated columns
+    screen = ScreenedHead(head)
+    h = base[None] / base.norm() * torch.linspace(2, 12, 40)[:, None] + torch.randn(40, 64, generator=g) * 0.05
+    a, b = screen.bounds(h)
+    reach = (a + b * (1 + 1e-5)) >= (a - b * (1 + 1e-5)).amax(dim=1, keepdim=True)
+    strict = (a + b * (1 - 1e-5)) >= (a - b * (1 - 1e-5)).amax(dim=1, keepdim=True)
+    sizes = []
+    for i, ids in enumerate(screen.candidates(h)):
+        got = set(ids.tolist())
+        assert set(strict[i].nonzero().squeeze(1).tolist()) <= got <= set(reach[i].nonzero().squeeze(1).tolist())
+        sizes.append(len(got))
+    assert max(sizes) > 10 and min(sizes) >= 1                             # the cuts were exercised
