@@ -17,9 +17,10 @@ from minilab.model import Transformer, apply_rope, rms_norm
 from minilab.screened_head import ScreenedHead
 
 # Elements of a weight each thread's share of a split product must have (see `split_mm`): below
-# ~1 MiB per thread, thread hand-off costs more than the extra bandwidth gives (measured, 2 threads,
-# one row: 256 x 768 and 256 x 1000 were slower split, 512 x 1536 and up 1.3-1.9x faster).
-SPLIT_ELEMENTS = 1 << 18
+# ~512 KiB per thread, thread hand-off costs more than the extra bandwidth gives (measured, 2
+# threads, one row: 256 x 768 and 256 x 1000 were slower split, 512 x 1536 and up 1.3-1.9x faster;
+# `small`'s 512 x 512 output projections split cut 2% of its step, 9.77 -> 9.57 ms)
+SPLIT_ELEMENTS = 1 << 17
 # Rows up to which products are split: torch's product runs a few rows on one thread too, but from 5
 # rows on MKL's kernel for a block differs from the whole product's in the last bits (and at 8 rows
 # only the largest weights gained)
