@@ -37,6 +37,10 @@ def test_argmax_equals_the_full_product_with_ties_and_odd_states():
     want = (h @ head).argmax(-1).tolist()
     assert screen.argmax(h) == want
     assert want[:2] == [20, 1500]  # the tie to the lower id; the near-tie to the larger fp32 logit
+    # 3000 ids: padded to whole blocks, whose padding no row picks, and which the planner counts
+    assert screen.q.shape[0] == 3072 and max(want) < 3000
+    assert sum(t.numel() * t.element_size() for t in (screen.q, screen.scale, screen.rho)) == \
+        screened_head_bytes(3000, 64)
     assert [screen.argmax(h[i:i + 1])[0] for i in range(len(h))] == want             # one row at a time too
 
 

@@ -47,8 +47,9 @@ def screen_available() -> bool:
 
 
 def screened_head_bytes(vocab: int, width: int) -> int:
-    """Memory a `ScreenedHead` holds besides the head: int8 rows, a bf16 scale and an fp32 bound each."""
-    return vocab * (width + 2 + 4)
+    """Memory a `ScreenedHead` holds besides the head: int8 rows, a bf16 scale and an fp32 bound each,
+    for the vocabulary padded to whole `BLOCK`s."""
+    return -(-vocab // BLOCK) * BLOCK * (width + 2 + 4)
 
 
 class ScreenedHead:
