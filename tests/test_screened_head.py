@@ -58,7 +58,7 @@ def test_bound_holds_and_screens():
     error = (approx.double() - exact).abs()
     assert (error <= bound).all() and error.max() > 0  # and the int8 copy is not the head itself
     candidates = screen.candidates(h)
-    assert all(int(best) in ids.tolist() for best, ids in zip(exact.argmax(dim=1), candidates, strict=True))
+    assert all(int(best) in ids for best, ids in zip(exact.argmax(dim=1), candidates, strict=True))
     counts = torch.tensor([len(ids) for ids in candidates])
     assert counts.float().mean() < 4 and counts.max() < 8192 // 100 and (counts == 1).any()
 
@@ -134,7 +134,7 @@ def test_candidates_are_exactly_the_ids_whose_interval_reaches_the_best():
     strict = (a + b * (1 - 1e-5)) >= (a - b * (1 - 1e-5)).amax(dim=1, keepdim=True)
     sizes = []
     for i, ids in enumerate(screen.candidates(h)):
-        got = set(ids.tolist())
+        got = set(ids)
         assert set(strict[i].nonzero().squeeze(1).tolist()) <= got <= set(reach[i].nonzero().squeeze(1).tolist())
         sizes.append(len(got))
     assert max(sizes) > 10 and min(sizes) >= 1                             # the cuts were exercised

@@ -97,7 +97,8 @@ class ScreenedHead:
             a = buffer[:len(a)].copy_(a)
         else:
             a = a.float()
-        a[:, self.vocab:] = float("-inf")
+        if len(self.q) > self.vocab:
+            a[:, self.vocab:] = float("-inf")
         return a
 
     def bounds(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +107,7 @@ class ScreenedHead:
         a = self._approximate(h, reuse=False)[:, :self.vocab]
         return a, h.norm(dim=1, keepdim=True) * self.rho[:self.vocab] + a.abs() * OUTPUT + 1e-6
 
-    def candidates(self, h: torch.Tensor) -> list[torch.Tensor]:
+    def candidates(self, h: torch.Tensor) -> list[list[int]]:
         """For each row of h (B, width) fp32, the ids whose interval reaches the row's best lower
         bound, ascending (the maximum of `h @ head` is among them; none when h holds NaN or inf).
 
@@ -122,21 +123,22 @@ class ScreenedHead:
         blocks = a.view(B, -1, BLOCK)
         block_max = blocks.amax(dim=2)                                                   # (B, blocks)
         hi, block = block_max.max(dim=1)
-        top = block * BLOCK + blocks[torch.arange(B), block].argmax(dim=1)
+        top_block = blocks.gather(1, block.view(B, 1, 1).expand(B, 1, BLOCK))[:, 0]       # (B, BLOCK)
+        top = block * BLOCK + top_block.argmax(dim=1)
         # per row, in float64 from fp32 values (NaN stays NaN, and then nothing passes)
         thresholds = []
-        for norm, a_top, rho_top in torch.stack((h.norm(dim=1), hi, self.rho[top]), dim=1).tolist():
+        for norm, a_top, rho_top in torch.stack((h.norm(dim=1), hi, self.rho.index_select(0, top)), 1).tolist():
             lower = a_top - norm * rho_top - OUTPUT * abs(a_top) - 1e-6                  # L
             reach = lower - norm * self.rho_max - 1e-6                 # a_v + OUTPUT |a_v| must reach this
             thresholds.append(min(reach / (1 + OUTPUT), reach / (1 - OUTPUT)) - 1e-12 * (abs(reach) + abs(a_top)))
-        # one fp32 step down, so that rounding the threshold to fp32 never raises it
-        threshold = torch.nextafter(torch.tensor(thresholds, dtype=torch.float64).float()[:, None],
-                                    torch.tensor(float("-inf")))
-        rows, passing = (block_max >= threshold).nonzero(as_tuple=True)                  # the blocks to look into
+        threshold = torch.tensor(thresholds, dtype=torch.float64)[:, None]  # compared in float64: no rounding
+        passing = block_max >= threshold                                                 # the blocks to look into
+        counts = torch.stack((passing.sum(dim=1), (top_block >= threshold).sum(dim=1), top), 1).tolist()
+        if all(blocks_in == ids_in == 1 for blocks_in, ids_in, _ in counts):  # only the top id, in every row
+            return [[t] for _, _, t in counts]
+        rows, passing = passing.nonzero(as_tuple=True)
         inside, at = (blocks[rows, passing] >= threshold[rows]).nonzero(as_tuple=True)
         rows, ids = rows[inside], passing[inside] * BLOCK + at                           # ascending in each row
-        if torch.equal(rows, torch.arange(B)):  # one id in each row: its top one
-            return list(ids[:, None])
         norms = h.norm(dim=1).tolist()
         found = []
         for i in range(B):
@@ -147,7 +149,7 @@ class ScreenedHead:
                 b_v = norms[i] * self.rho[v].double() + OUTPUT * a_v.abs() + 1e-6
                 best_lower = (a_v - b_v).max()
                 v = v[a_v + b_v >= best_lower - 1e-12 * (best_lower.abs() + a_v.abs() + b_v)]
-            found.append(v)
+            found.append(v.tolist())
         return found
 
     def argmax(self, h: torch.Tensor) -> list[int]:
@@ -155,9 +157,10 @@ class ScreenedHead:
         tokens = []
         for i, ids in enumerate(self.candidates(h)):
             if len(ids) == 1:  # the usual case
-                tokens.append(int(ids))
-            elif len(ids) == 0:  # NaN or inf in h: the bounds say nothing, take the full product's
+                tokens.append(ids[0])
+            elif not ids:  # NaN or inf in h: the bounds say nothing, take the full product's
                 tokens.append(int((h[i:i + 1] @ self.head).argmax()))
             else:  # their fp32 logits, as the full product computes each column; lowest id on a tie
+                ids = torch.tensor(ids)
                 tokens.append(int(ids[(h[i:i + 1] @ self.head.index_select(1, ids)).argmax()]))
         return tokens
