@@ -94,8 +94,9 @@ class CachedForward:
         fp32 = all(w.dtype is torch.float32 for w in (self.layers[0][2], self.head))
         # fp32: torch.mm itself, split over the threads for large weights; otherwise through linear_w,
         # for its bf16 GEMM emulation
+        self.fp32 = fp32
         self.mm = self._split_mm if fp32 else (lambda x, w_t: linear_w(x, w_t.t()))
-        self.threads = torch.get_num_threads()  # read again at each forward: a caller may set it later
+        self._threads()
         screen = getattr(model, "decode_screen", None)  # set by use_decode_layout for a large fp32 head
         self.screen: ScreenedHead | None = screen if fp32 and screen is not None and screen.fresh(self.head) else None
         self.rms = self._rms_fp32 if fp32 else (lambda x, w: rms_norm(x, w, self.shape[3]))
@@ -106,6 +107,13 @@ class CachedForward:
 
     def _split_mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return split_mm(x, w, self.threads)
+
+    def _threads(self) -> None:
+        """Read torch's thread count (at each forward: a caller may set it after loading); on one
+        thread fp32 products are plain `torch.mm` calls, without `split_mm`'s Python in between."""
+        self.threads = torch.get_num_threads()
+        if self.fp32:
+            self.mm = torch.mm if self.threads == 1 else self._split_mm
 
     def _rms_fp32(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # = F.rms_norm in fp32, bit for bit: mean is sum / n on CPU (tested)
@@ -135,7 +143,7 @@ class CachedForward:
         if torch.is_grad_enabled() or torch.is_autocast_enabled(input_ids.device.type):
             raise RuntimeError("CachedForward is for inference: run it under torch.inference_mode()")
         nh, nkv, hd, eps = self.shape
-        self.threads = torch.get_num_threads()
+        self._threads()
         mm, rms, gqa = self.mm, self.rms, nkv != nh
         B, T = input_ids.shape
         N = B * T
