@@ -99,7 +99,8 @@ def weight_bytes_per_token(model) -> int:
     g, cfg = model.param_groups(), model.config
     itemsize = next(model.parameters()).element_size()
     head = itemsize * cfg.vocab_size * cfg.d_model
-    if getattr(model, "decode_screen", None) is not None:
+    screen = getattr(model, "decode_screen", None)
+    if screen is not None and screen.min_rows == 1:  # what a one-row step reads
         head = screened_head_bytes(cfg.vocab_size, cfg.d_model)
     return itemsize * (g["attention"] + g["mlp"] + g["norms"]) + head
 

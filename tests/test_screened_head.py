@@ -78,6 +78,7 @@ def test_decode_layout_sets_the_screen_for_large_heads_only_and_a_changed_head_d
     assert screen is not None and screen.q.shape == (65536, 64)
     held = sum(t.numel() * t.element_size() for t in (screen.q, screen.scale, screen.rho))
     assert held == screened_head_bytes(65536, 64)  # what the planner counts
+    assert (screen.min_rows, forced.decode_screen.min_rows) == (1, 1)  # 4 Mi elements pay from one row
     assert use_decode_layout(build_model(ModelConfig(vocab_size=65536, **cfg)).eval().to(torch.bfloat16)
                              ).decode_screen is None
     with torch.no_grad():
@@ -87,6 +88,30 @@ def test_decode_layout_sets_the_screen_for_large_heads_only_and_a_changed_head_d
 
     quantized = quantize_model(build_model(ModelConfig(vocab_size=65536, **cfg)).eval(), "int8")
     assert use_decode_layout(quantized).decode_screen is None
+
+
+def test_a_mid_sized_head_is_screened_from_enough_rows_only(monkeypatch):
+    """A head of 8192 x 64 (0.5 Mi elements, as `micro`'s stays in cache) gets a screen that greedy
+    steps read from 8 rows on, not at one (slower there): same tokens either way."""
+    from minilab.decode_layout import use_decode_layout
+    from minilab.generate import generate
+    from minilab.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=8192, n_layer=1, n_head=2, d_model=64, intermediate_size=128,
+                                    max_seq_len=64, tie_embeddings=True)).eval()
+    plain = use_decode_layout(build_model(model.config).eval(), screen=False)
+    plain.load_state_dict(model.state_dict())
+    model = use_decode_layout(model)
+    assert model.decode_screen is not None and model.decode_screen.min_rows == 8
+    rows = []
+    argmax = ScreenedHead.argmax
+    monkeypatch.setattr(ScreenedHead, "argmax", lambda self, h: rows.append(len(h)) or argmax(self, h))
+    prompts = [[5 + i, 9, 11 + 3 * i][: 1 + i % 3] for i in range(8)]
+    one = generate(model, prompts[:1], max_new_tokens=6)
+    assert rows == [] and one == generate(plain, prompts[:1], max_new_tokens=6)
+    batch = generate(model, prompts, max_new_tokens=6, batch_size=8)
+    assert rows and set(rows) == {8} and batch == generate(plain, prompts, max_new_tokens=6, batch_size=8)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "heavy-tailed", "sparse", "rows-1e-3-to-1e3"])

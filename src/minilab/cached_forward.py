@@ -203,7 +203,7 @@ class StepScores:
         """Each row's highest-scoring token id (the lowest id on a tie), as `logits().argmax(-1)`."""
         if self._tokens is None:
             screen = self.forward.screen if self._logits is None and self.forward is not None else None
-            if screen is None:
+            if screen is None or len(self.hidden) < screen.min_rows:  # too few rows for it to pay
                 self._tokens = self.logits().argmax(-1).tolist()
             else:
                 with torch.inference_mode():

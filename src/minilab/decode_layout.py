@@ -45,8 +45,9 @@ def use_decode_layout(model: Transformer, screen: bool | None = None) -> Transfo
     Not bf16 weights: torch's bf16 CPU kernel is 3x slower in that layout. For inference-only
     models; export (`save_hf_dir`) writes the same files.
     Also sets `model.decode_screen`: a `ScreenedHead` (an int8 copy of the head, a quarter of its
-    bytes, from which greedy steps take their exact token) where the fp32 head has at least
-    `MIN_SCREENED_ELEMENTS` (`screen=None`), always (`True`) or never (`False`). Returns `model`."""
+    bytes, from which greedy steps of enough rows to pay take their exact token, `min_rows`) where
+    the fp32 head has at least `MIN_SCREENED_ELEMENTS` (`screen=None`), always, read by every
+    greedy step (`True`), or never (`False`). Returns `model`."""
     with torch.no_grad():
         for block in model.model.layers:
             a, m = block.self_attn, block.mlp
@@ -68,6 +69,8 @@ def use_decode_layout(model: Transformer, screen: bool | None = None) -> Transfo
     # get a copy no step reads)
     model.decode_screen = ScreenedHead(head.t()) if wanted and screen_available() and _decodable(head.t()) \
         and plain_model(model) else None
+    if screen and model.decode_screen is not None:
+        model.decode_screen.min_rows = 1
     return model
 
 

@@ -31,10 +31,15 @@ import threading
 
 import torch
 
-# The head sizes (vocab x width) at which the screen is used: below, the head stays in the CPU's
-# caches from one token to the next and the screen's fixed cost (~0.08 ms) exceeds what it saves
-# (`micro`, 8192 x 128: 0.58 -> 0.66 ms a token); `tiny` (32768 x 256) 3.8 -> 3.0.
-MIN_SCREENED_ELEMENTS = 4 * 2**20
+# Rows x head elements (vocab x width) a step multiplies from which its argmax through the screen
+# beats the fp32 product: below, the head stays in the CPU's caches from one token to the next and
+# the screen's fixed cost exceeds what it saves. Measured, ms a step: `micro` (8192 x 128) at 1 row
+# 0.57 fp32 / 0.66 screened, 2 rows 0.83 / 0.83, 4 rows 1.26 / 1.15, 8 rows 1.85 / 1.53; `tiny`
+# (32768 x 256) 3.8 / 2.5 at 1 row.
+SCREEN_PAYS_ELEMENTS = 4 * 2**20
+# The heads `use_decode_layout` builds a screen for: those a step of 8 rows (serve's default
+# concurrency, a batch of prompts) makes pay
+MIN_SCREENED_ELEMENTS = SCREEN_PAYS_ELEMENTS // 8
 # Ids a block of the approximate logits holds: `candidates` takes each block's maximum, then looks
 # only into the blocks that pass (fp32 maxima of 64-256 ids ran at the speed of one whole-row max)
 BLOCK = 128
@@ -79,6 +84,9 @@ class ScreenedHead:
             self.scale[start:start + len(w)] = scale
             self.rho[start:start + len(w)] = rho * 1.01
         self.vocab, self.rho_max = vocab, float(self.rho.max())
+        # rows from which a step reads the screen rather than the fp32 head (`use_decode_layout`
+        # sets 1 where asked to screen always)
+        self.min_rows = -(-SCREEN_PAYS_ELEMENTS // (vocab * width))
         self._local = threading.local()
 
     def fresh(self, head: torch.Tensor) -> bool:
