@@ -27,8 +27,6 @@ other (then the full and the gathered product, two float orders, may pick differ
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 # Rows x head elements (vocab x width) a step multiplies from which its argmax through the screen
@@ -87,24 +85,14 @@ class ScreenedHead:
         # rows from which a step reads the screen rather than the fp32 head (`use_decode_layout`
         # sets 1 where asked to screen always)
         self.min_rows = -(-SCREEN_PAYS_ELEMENTS // (vocab * width))
-        self._local = threading.local()
 
     def fresh(self, head: torch.Tensor) -> bool:
         """Whether `head` is still the tensor (and the values) this screen was built from."""
         return head.data_ptr() == self.head.data_ptr() and head._version == self.version
 
-    def _approximate(self, h: torch.Tensor, reuse: bool = True) -> torch.Tensor:
-        """The approximate logits, fp32 (B, padded vocab), the padding's -inf; `reuse`: in this
-        thread's buffer, overwritten by its next call (a new 1 MiB tensor each step costs its page
-        faults: 0.28 ms for `tiny` at batch 8, the time of the rest of the screening)."""
-        a = torch._weight_int8pack_mm(h.to(torch.bfloat16), self.q, self.scale)
-        if reuse:
-            buffer = getattr(self._local, "buffer", None)
-            if buffer is None or len(buffer) < len(a):
-                buffer = self._local.buffer = torch.empty(a.shape)
-            a = buffer[:len(a)].copy_(a)
-        else:
-            a = a.float()
+    def _approximate(self, h: torch.Tensor) -> torch.Tensor:
+        """The approximate logits, fp32 (B, padded vocab), the padding's -inf."""
+        a = torch._weight_int8pack_mm(h.to(torch.bfloat16), self.q, self.scale).float()
         if len(self.q) > self.vocab:
             a[:, self.vocab:] = float("-inf")
         return a
@@ -112,7 +100,7 @@ class ScreenedHead:
     def bounds(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b): approximate logits and how far from each the fp32 product's logit can be, both (B, V);
         h (B, width) fp32."""
-        a = self._approximate(h, reuse=False)[:, :self.vocab]
+        a = self._approximate(h)[:, :self.vocab]
         return a, h.norm(dim=1, keepdim=True) * self.rho[:self.vocab] + a.abs() * OUTPUT + 1e-6
 
     def candidates(self, h: torch.Tensor) -> list[list[int]]:
