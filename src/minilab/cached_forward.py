@@ -92,10 +92,11 @@ class CachedForward:
                                 joined(m.gate_proj, m.up_proj), m.down_proj.weight.t()))
             self.qk_norms.append((a.q_norm.weight, a.k_norm.weight) if cfg.qk_norm else None)
         fp32 = all(w.dtype is torch.float32 for w in (self.layers[0][2], self.head))
-        # fp32: torch.mm itself, split over the threads for large weights; otherwise through linear_w,
-        # for its bf16 GEMM emulation
+        # fp32: torch.mm itself, split over the threads for large weights (set by `_threads`);
+        # otherwise through linear_w, for its bf16 GEMM emulation
         self.fp32 = fp32
-        self.mm = self._split_mm if fp32 else (lambda x, w_t: linear_w(x, w_t.t()))
+        if not fp32:
+            self.mm = lambda x, w_t: linear_w(x, w_t.t())
         self._threads()
         screen = getattr(model, "decode_screen", None)  # set by use_decode_layout for a large fp32 head
         self.screen: ScreenedHead | None = screen if fp32 and screen is not None and screen.fresh(self.head) else None

@@ -67,10 +67,8 @@ def use_decode_layout(model: Transformer, screen: bool | None = None) -> Transfo
     wanted = head.numel() >= MIN_SCREENED_ELEMENTS if screen is None else screen
     # only where CachedForward decodes (not a quantized or LoRA-wrapped model: its fp32 head would
     # get a copy no step reads)
-    model.decode_screen = ScreenedHead(head.t()) if wanted and screen_available() and _decodable(head.t()) \
-        and plain_model(model) else None
-    if screen and model.decode_screen is not None:
-        model.decode_screen.min_rows = 1
+    model.decode_screen = ScreenedHead(head.t(), always=bool(screen)) if wanted and screen_available() \
+        and _decodable(head.t()) and plain_model(model) else None
     return model
 
 

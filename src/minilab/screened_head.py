@@ -45,6 +45,11 @@ BLOCK = 128
 OUTPUT = 2.0**-7 * 1.01
 
 
+def bound(norm, rho, a_abs):
+    """b_v = |x| rho_v + OUTPUT |a_v| + 1e-6 (the module docstring's), for Python floats or tensors."""
+    return norm * rho + OUTPUT * a_abs + 1e-6
+
+
 def screen_available() -> bool:
     return hasattr(torch, "_weight_int8pack_mm")
 
@@ -59,7 +64,7 @@ class ScreenedHead:
     """The exact greedy tokens of `h @ head` from an int8 copy of the head (see the module docstring).
     `head`: the fp32 (width, vocab) weight as the decoding step multiplies it (a view is fine)."""
 
-    def __init__(self, head: torch.Tensor):
+    def __init__(self, head: torch.Tensor, always: bool = False):
         if head.dtype is not torch.float32 or head.dim() != 2 or head.device.type != "cpu":
             raise ValueError("ScreenedHead takes a 2-D fp32 CPU head")
         self.head, self.version = head, head._version
@@ -82,9 +87,8 @@ class ScreenedHead:
             self.scale[start:start + len(w)] = scale
             self.rho[start:start + len(w)] = rho * 1.01
         self.vocab, self.rho_max = vocab, float(self.rho.max())
-        # rows from which a step reads the screen rather than the fp32 head (`use_decode_layout`
-        # sets 1 where asked to screen always)
-        self.min_rows = -(-SCREEN_PAYS_ELEMENTS // (vocab * width))
+        # rows from which a step reads the screen rather than the fp32 head (`always`: from one)
+        self.min_rows = 1 if always else -(-SCREEN_PAYS_ELEMENTS // (vocab * width))
 
     def fresh(self, head: torch.Tensor) -> bool:
         """Whether `head` is still the tensor (and the values) this screen was built from."""
@@ -101,7 +105,7 @@ class ScreenedHead:
         """(a, b): approximate logits and how far from each the fp32 product's logit can be, both (B, V);
         h (B, width) fp32."""
         a = self._approximate(h)[:, :self.vocab]
-        return a, h.norm(dim=1, keepdim=True) * self.rho[:self.vocab] + a.abs() * OUTPUT + 1e-6
+        return a, bound(h.norm(dim=1, keepdim=True), self.rho[:self.vocab], a.abs())
 
     def candidates(self, h: torch.Tensor) -> list[list[int]]:
         """For each row of h (B, width) fp32, the ids whose interval reaches the row's best lower
@@ -124,7 +128,7 @@ class ScreenedHead:
         # per row, in float64 from fp32 values (NaN stays NaN, and then nothing passes)
         thresholds = []
         for norm, a_top, rho_top in torch.stack((h.norm(dim=1), hi, self.rho.index_select(0, top)), 1).tolist():
-            lower = a_top - norm * rho_top - OUTPUT * abs(a_top) - 1e-6                  # L
+            lower = a_top - bound(norm, rho_top, abs(a_top))                             # L
             reach = lower - norm * self.rho_max - 1e-6                 # a_v + OUTPUT |a_v| must reach this
             thresholds.append(min(reach / (1 + OUTPUT), reach / (1 - OUTPUT)) - 1e-12 * (abs(reach) + abs(a_top)))
         threshold = torch.tensor(thresholds, dtype=torch.float64)[:, None]  # compared in float64: no rounding
@@ -142,7 +146,7 @@ class ScreenedHead:
             v = v[v < self.vocab]       # all of a row passes only when h is inf: none of the padding
             if len(v) > 1:  # each interval [a_v - b_v, a_v + b_v], in float64, against the best lower end
                 a_v = a[i, v].double()
-                b_v = norms[i] * self.rho[v].double() + OUTPUT * a_v.abs() + 1e-6
+                b_v = bound(norms[i], self.rho[v].double(), a_v.abs())
                 best_lower = (a_v - b_v).max()
                 v = v[a_v + b_v >= best_lower - 1e-12 * (best_lower.abs() + a_v.abs() + b_v)]
             found.append(v.tolist())
