@@ -8,9 +8,11 @@ of one run each, alternating in this process, time batch-1 greedy decoding of a 
 `--new-tokens` tokens (min and max new tokens forced equal, so both produce exactly the same number;
 the token ids are compared too). Then `--batch` prompts of different lengths (4 to 46 tokens)
 decoded together (left padding) against the same prompts one by one and against transformers'
-batched `generate` (left padding, attention mask). Both sides run on the torch threads `minilab
-generate` picks for the model (`set_threads`: one below 50M parameters, so micro and tiny; all for
-small and up; `--threads` sets both). Then `minilab serve`'s app runs on loopback and
+batched `generate` (left padding, attention mask). Threads: the process's torch threads (the cores,
+or `--threads`) are the most either side may use; ours takes as many as each step's work calls for
+(`minilab.generate.step_threads`: one for a one-row step of micro), transformers runs once on all of
+them and once on one in every round, and each round's ratio is taken against its faster run (its
+b8 steps gain from a second core, its one-row steps lose). Then `minilab serve`'s app runs on loopback and
 1, 8 and 32 concurrent streaming clients each send `--requests-per-client` chat requests: throughput
 in tokens/s and requests/s, and p50/p99 of request latency and of time to first token. One JSON line
 per measurement on stdout, a summary with the ratios at the end: each ratio taken round by round
@@ -61,6 +63,34 @@ def _rounds(fns: dict, repeats: int, probe=None) -> dict:
         if probe is not None:
             times["probe"].append(probe())
     return times
+
+
+def peer_runs(fn) -> dict:
+    """The peer's run on all of the process's torch threads and, where that is more than one, on one
+    (the number the peer is fastest with depends on the shape and the rows): `_rounds` entries."""
+    n = torch.get_num_threads()
+    if n == 1:
+        return {"peer": fn}
+
+    def on_one():
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(n)
+
+    return {"peer": fn, "peer_1_thread": on_one}
+
+
+def peer_best(t: dict) -> list[float]:
+    """Each round's faster peer run (see `peer_runs`)."""
+    return [min(times) for times in zip(t["peer"], t.get("peer_1_thread", t["peer"]), strict=True)]
+
+
+def peer_threads(t: dict, tokens: int) -> dict:
+    """The peer's tokens/s on all threads and on one (median over the rounds), for the JSON line."""
+    return {f"transformers_{k}_tok_s": round(tokens / statistics.median(t[name]), 1)
+            for k, name in (("all_threads", "peer"), ("one_thread", "peer_1_thread")) if name in t}
 
 
 def paired_ratio(slow: list[float], fast: list[float]) -> tuple[float, list[float]]:
@@ -135,7 +165,7 @@ def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path, threads:
     ours = use_decode_layout(load_model_for_inference(str(root / shape), dtype="float32"))
     full = use_decode_layout(load_model_for_inference(str(root / shape), dtype="float32"), screen=False)
     hf = AutoModelForCausalLM.from_pretrained(root / shape, dtype=torch.float32).eval()
-    set_threads(ours, threads)  # both sides: as minilab generate / chat / serve picks for this model
+    set_threads(threads)  # the most threads a step may use, as in minilab generate / chat / serve
     prompt = torch.randint(10, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
 
     def run_ours():
@@ -150,14 +180,17 @@ def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path, threads:
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
         return out[0, 16:].tolist()
 
+    peer = peer_runs(run_hf)
     same = run_ours() == run_hf() == run_full()  # also a warm-up of each
-    t = _rounds({"ours": run_ours, "hf": run_hf, "full": run_full}, repeats, probe=lambda: memory_bandwidth(tries=2))
+    t = _rounds({"ours": run_ours, **peer, "full": run_full}, repeats, probe=lambda: memory_bandwidth(tries=2))
+    t["hf"] = peer_best(t)
     ratio, spread = paired_ratio(t["hf"], t["ours"])
     ratio_full, spread_full = paired_ratio(t["hf"], t["full"])
     per_token, full_per_token = weight_bytes_per_token(ours), weight_bytes_per_token(full)
     ours_tok_s, hf_tok_s, full_tok_s = (new_tokens / statistics.median(t[k]) for k in ("ours", "hf", "full"))
     return {"bench": "decode_batch1", "shape": shape, "params": ours.num_params(), "prompt": 16,
-            "new_tokens": new_tokens, "threads": torch.get_num_threads(), "rounds": repeats, "same_tokens": same,
+            "new_tokens": new_tokens, "threads": torch.get_num_threads(), **peer_threads(t, new_tokens),
+            "rounds": repeats, "same_tokens": same,
             # whether a one-row greedy step reads the int8 screen (micro's is read from 4 rows on)
             "screened_head": ours.decode_screen is not None and ours.decode_screen.min_rows == 1,
             "minilab_tok_s": round(ours_tok_s, 1), "transformers_tok_s": round(hf_tok_s, 1),
@@ -185,7 +218,7 @@ def bench_batched(shape: str, new_tokens: int, batch: int, repeats: int, root: P
     ours = use_decode_layout(load_model_for_inference(str(root / shape), dtype="float32"))
     full = use_decode_layout(load_model_for_inference(str(root / shape), dtype="float32"), screen=False)
     hf = AutoModelForCausalLM.from_pretrained(root / shape, dtype=torch.float32).eval()
-    set_threads(ours, threads)
+    set_threads(threads)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(10, cfg.vocab_size, (4 + 6 * (i % 8),), generator=g).tolist() for i in range(batch)]
     width = max(map(len, prompts))
@@ -203,13 +236,15 @@ def bench_batched(shape: str, new_tokens: int, batch: int, repeats: int, root: P
     same_hf = together == run_hf() == generate(full, prompts, max_new_tokens=new_tokens, batch_size=batch)
     t = _rounds({"batched": lambda: generate(ours, prompts, max_new_tokens=new_tokens, batch_size=batch),
                  "one_by_one": lambda: generate(ours, prompts, max_new_tokens=new_tokens, batch_size=1),
-                 "transformers": run_hf,
+                 **peer_runs(run_hf),
                  "full_head": lambda: generate(full, prompts, max_new_tokens=new_tokens, batch_size=batch)}, repeats)
+    t["transformers"] = peer_best(t)
     times = {name: statistics.median(ts) for name, ts in t.items()}
     ratio, spread = paired_ratio(t["transformers"], t["batched"])
     n = batch * new_tokens
     return {"bench": "decode_batched", "shape": shape, "batch": batch, "prompt_lengths": [len(p) for p in prompts],
-            "new_tokens": new_tokens, "threads": torch.get_num_threads(), "batched_equals_one_by_one": same,
+            "new_tokens": new_tokens, "threads": torch.get_num_threads(), **peer_threads(t, n),
+            "batched_equals_one_by_one": same,
             "same_tokens_as_transformers": same_hf, "minilab_batched_tok_s": round(n / times["batched"], 1),
             "minilab_one_by_one_tok_s": round(n / times["one_by_one"], 1),
             "transformers_batched_tok_s": round(n / times["transformers"], 1),
@@ -281,8 +316,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5,
                     help="rounds: each side timed once a round, interleaved; medians, ratios per round")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads for both sides (default: what minilab generate picks for the model: "
-                         "1 below 50M parameters, else all)")
+                    help="the most torch threads either side uses (default: torch's, the cores)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--server-max-tokens", type=int, default=32)
@@ -290,7 +324,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="prompts decoded together in the batched row (0 skips it)")
     ap.add_argument("--skip-server", action="store_true")
     args = ap.parse_args()
-    all_threads = torch.get_num_threads()  # set_threads picks from it for a large model
+    all_threads = torch.get_num_threads()
     summary = {}
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes:

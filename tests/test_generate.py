@@ -264,3 +264,40 @@ def test_screened_head_gives_the_same_tokens_and_sampling_is_untouched(model, mo
                 toks[rows[id(row)]].append(tok)
         got[m is screened] = toks
     assert got[True] == got[False]
+
+
+def test_decoding_steps_take_threads_by_their_work(model, monkeypatch):
+    """Each decoding step (prefill, batched step, continuous batching's) runs on one torch thread per
+    `STEP_WORK_PER_THREAD` of its parameters x tokens, at most torch's count, which is set back after
+    every step, also when a step raises."""
+    import minilab.generate as g
+
+    params = g.model_params(model)
+    monkeypatch.setattr(g, "STEP_WORK_PER_THREAD", params)  # one thread per token of a step, here
+    seen = []
+    real = g._next_scores
+
+    def recording(m, fast, ids, cache, keep_last=True):
+        seen.append((ids.numel(), torch.get_num_threads()))
+        return real(m, fast, ids, cache, keep_last)
+
+    monkeypatch.setattr(g, "_next_scores", recording)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        generate(model, PROMPTS, max_new_tokens=6, batch_size=3)  # prefill 3 x 9 tokens, steps of 3 rows
+        generate(model, [PROMPTS[1]], max_new_tokens=6)           # prefill 1 token, steps of 1 row
+        batch = g.ContinuousBatch(model)
+        batch.add(PROMPTS[0], 4)
+        batch.step()
+        batch.add(PROMPTS[1], 4)
+        batch.step()
+        assert torch.get_num_threads() == 2
+        assert {n for n, _ in seen} >= {27, 3, 1, 5, 2}
+        assert all(threads == min(2, n) for n, threads in seen), seen
+        with pytest.raises(RuntimeError), g.step_threads(params, 1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

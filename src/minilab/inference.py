@@ -246,7 +246,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="weights dtype: float32, bfloat16, float16 (default: as stored)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: 1 for models under 50M parameters, else torch's default)")
+                   help="most CPU threads a decoding step uses (default: torch's, the cores; a step with "
+                        "little work, e.g. one row of a small model, runs on fewer)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int | None = 128, temperature: float = 0.0,
@@ -280,14 +281,12 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
                           repetition_penalty=args.repetition_penalty, stop=stop, seed=args.seed)
 
 
-def set_threads(model: torch.nn.Module, threads: int | None) -> int:
-    """Set torch's CPU threads for decoding and return the count. Why 1 by default for small models:
-    one decoding step of a small model is a few tiny matmuls, too short to split across threads,
-    so a second thread only adds synchronisation (measured here: 2 threads were 5x slower than 1
-    on a busy 2-core machine); a server gets its parallelism from concurrent requests instead."""
+def set_threads(threads: int | None) -> int:
+    """Set the most CPU threads a decoding step uses (`--threads`; default: torch's count,
+    the cores) and return it. Each step takes as many of them as its work calls for, one on a small
+    model's one-row step (`minilab.generate.step_threads`)."""
     if threads is None:
-        n_params = sum(p.numel() for p in model.parameters())
-        threads = 1 if n_params < 50_000_000 else torch.get_num_threads()
+        return torch.get_num_threads()
     if threads < 1:
         raise MinilabError(f"--threads must be ≥ 1, got {threads}")
     torch.set_num_threads(threads)
@@ -298,7 +297,7 @@ def engine_from_args(args: argparse.Namespace) -> Engine:
     t0 = time.perf_counter()
     engine = Engine.load(args.model, adapter_dir=args.adapter, quantize=args.quantize, dtype=args.dtype,
                          device=args.device)
-    set_threads(engine.model, getattr(args, "threads", None))
+    set_threads(getattr(args, "threads", None))
     for w in engine.warnings:
         log.warning("warning: %s", w)
     from minilab.fsutil import human_bytes
