@@ -235,9 +235,10 @@ def test_cached_forward_is_bitwise_the_module_forward(arch, dtype):
 
 @pytest.mark.parametrize("threads", [2, 3, 8])
 def test_split_mm_is_the_product_bit_for_bit(monkeypatch, threads):
-    """`split_mm` (decoding's products, split over threads) gives torch.mm's values exactly: one to
-    four rows, both weight layouts, random shapes; not split: small weights, more rows, widths the
-    aligned blocks do not divide (then fewer parts), one thread."""
+    """`split_mm` (decoding's products, split over threads) gives torch.mm's values exactly: 1 to 20
+    rows, both weight layouts, random shapes; split wherever its check found the blocks' product
+    exact (always at one row), not split: small weights, more than 16 rows, widths the aligned
+    blocks do not divide (then fewer parts), one thread."""
     import random
 
     import minilab.cached_forward as cf
@@ -246,27 +247,55 @@ def test_split_mm_is_the_product_bit_for_bit(monkeypatch, threads):
     bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(a[1].shape[0]) or bmm(*a, **k))
     monkeypatch.setattr(cf, "SPLIT_ELEMENTS", 1000)
+    monkeypatch.setattr(cf, "_EXACT_SPLITS", {})
     rng = random.Random(0)
     torch.manual_seed(0)
     for _ in range(60):
-        K, N, M = rng.randint(8, 600), 16 * rng.randint(1, 100), rng.randint(1, 6)
+        K, N, M = rng.randint(8, 600), 16 * rng.randint(1, 100), rng.randint(1, 20)
         w = torch.randn(N, K)
-        parts = 1 if M > 4 else min(threads, K * N // 1000)
+        parts = 1 if M > 16 else min(threads, K * N // 1000)
         while parts > 1 and N % (16 * parts):
             parts -= 1
         for layout in (w.t().contiguous(), w.t()):              # (in, out) stored, and a transposed view
             x = torch.randn(M, K)
+            cf.split_mm(x, layout, threads)                       # the first call checks the split once
             calls.clear()
             assert torch.equal(cf.split_mm(x, layout, threads), torch.mm(x, layout)), (K, N, M)
-            assert calls == ([parts] if parts > 1 else []), (K, N, M, calls)
+            exact = parts > 1 and cf._EXACT_SPLITS[(M, tuple(layout.shape), layout.stride(), parts, torch.float32,
+                                                   torch.get_num_threads())]
+            assert calls == ([parts] if exact else []), (K, N, M, calls)
+            assert M > 1 or parts == 1 or exact
     x, w = torch.randn(1, 64), torch.randn(64, 512)
     calls.clear()
     assert torch.equal(cf.split_mm(x, w, 1), torch.mm(x, w)) and calls == []    # one thread
 
 
+def test_split_mm_stays_whole_where_the_blocks_would_sum_differently(monkeypatch):
+    """Where the split product's values would differ from torch.mm's in a single bit (here made to),
+    its check keeps the product whole, once for that shape."""
+    import minilab.cached_forward as cf
+
+    monkeypatch.setattr(cf, "_EXACT_SPLITS", {})
+    real = cf._split_bmm
+
+    def one_bit_off(x, w, parts):
+        out = real(x, w, parts)
+        out.view(-1)[5] = torch.nextafter(out.view(-1)[5], torch.tensor(float("inf")))
+        return out
+
+    monkeypatch.setattr(cf, "_split_bmm", one_bit_off)
+    x, w = torch.randn(8, 512), torch.randn(512, 2048)
+    assert cf.split_parts(8, w, 2) == 1 and torch.equal(cf.split_mm(x, w, 2), torch.mm(x, w))
+    assert list(cf._EXACT_SPLITS.values()) == [False]
+    monkeypatch.setattr(cf, "_split_bmm", real)
+    assert cf.split_parts(8, w, 2) == 1                       # remembered for the shape
+    assert cf.split_parts(1, w, 2) == 2                       # another shape is checked on its own
+
+
 def test_cached_forward_with_split_products_is_bitwise(monkeypatch):
     """With its products split over two threads (as for a large model), the lean forward still
-    computes the module forward's logits exactly: prefill, then one token at a time, one row and three."""
+    computes the module forward's logits exactly: prefill, then one token at a time, of one row,
+    three and eight."""
     import minilab.cached_forward as cf
 
     monkeypatch.setattr(cf, "SPLIT_ELEMENTS", 64)
@@ -278,15 +307,17 @@ def test_cached_forward_with_split_products_is_bitwise(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for rows in (1, 3):
+        for rows in (1, 3, 8):
             x = torch.randint(0, 211, (rows, 12))
             a, b = KVCache(m.config, rows, 32), KVCache(m.config, rows, 32)
             fast = cf.CachedForward.of(m)
             with torch.inference_mode():
                 for i, j in ((0, 8), (8, 9), (9, 10), (10, 11)):
+                    split.clear()
                     assert torch.equal(m(x[:, i:j], kv_cache=a), fast(x[:, i:j], b))
+                    if j - i == 1:  # decoding steps: every product split (4 a layer), or kept whole where not exact
+                        assert all(shape[0] == 2 for shape in split) and (rows != 1 or len(split) >= 4 * 2)
             assert fast.threads == 2
-        assert len(split) == 2 * 3 * 4 * 2 and all(shape[0] == 2 for shape in split)  # 4 products a layer
     finally:
         torch.set_num_threads(threads)
 

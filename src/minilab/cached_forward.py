@@ -21,37 +21,60 @@ from minilab.screened_head import ScreenedHead
 # threads, one row: 256 x 768 and 256 x 1000 were slower split, 512 x 1536 and up 1.3-1.9x faster;
 # `small`'s 512 x 512 output projections split cut 2% of its step, 9.77 -> 9.57 ms)
 SPLIT_ELEMENTS = 1 << 17
-# Rows up to which products are split: torch's product runs a few rows on one thread too, but from 5
-# rows on MKL's kernel for a block differs from the whole product's in the last bits (and at 8 rows
-# only the largest weights gained)
-SPLIT_ROWS = 4
-# Columns a block is a multiple of (64 bytes of fp32): unaligned blocks change the last bits too
+# Rows up to which products are split: decoding steps (a row each; serve's default concurrency is
+# 8, `generate`'s batch 16). Torch runs such products on one thread, or (8 rows) on two no faster
+# than one: split, a `tiny` 8-row step 5.9 -> 5.5 ms, `small`'s 32 -> 25 ms. Longer products
+# (prefill) go to MKL's own threaded GEMM.
+SPLIT_ROWS = 16
+# Columns a block is a multiple of (64 bytes of fp32): unaligned blocks change the last bits
 SPLIT_COLUMNS = 16
+# (rows, weight shape and strides, blocks, dtype, threads) -> whether the split product is torch.mm's
+# bit for bit
+_EXACT_SPLITS: dict[tuple, bool] = {}
 
 
 def split_parts(rows: int, w: torch.Tensor, threads: int) -> int:
     """Into how many column blocks `split_mm` cuts `w` for `rows` rows on `threads` threads (1: not)."""
-    if rows > SPLIT_ROWS:
+    if rows > SPLIT_ROWS or w.device.type != "cpu":
         return 1
     parts = min(threads, w.numel() // SPLIT_ELEMENTS)
     while parts > 1 and w.shape[1] % (parts * SPLIT_COLUMNS):
         parts -= 1
-    return max(parts, 1)
+    parts = max(parts, 1)
+    return parts if parts == 1 or _split_is_exact(rows, w, parts) else 1
+
+
+def _split_is_exact(rows: int, w: torch.Tensor, parts: int) -> bool:
+    """Whether the product split in `parts` column blocks gives torch.mm's values bit for bit at this
+    shape: checked once, on a random input. Why it can differ: MKL picks its kernel for a block by
+    the block's shape, and at some row counts (5-7 and 9-11 here, AVX-512 EPYC, not 1-4, 8 or
+    12-16) the block's kernel sums in another order than the whole product's; which counts depends
+    on the CPU's kernels. The kernel follows the shape, not the values, so one random input tells
+    (a different summation order shows in some of its rows x columns dot products)."""
+    key = (rows, tuple(w.shape), w.stride(), parts, w.dtype, torch.get_num_threads())  # torch.mm's threads too
+    exact = _EXACT_SPLITS.get(key)
+    if exact is None:
+        x = torch.randn(rows, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.dtype)
+        exact = _EXACT_SPLITS[key] = torch.equal(_split_bmm(x, w, parts), torch.mm(x, w))
+    return exact
 
 
 def split_mm(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
-    """x @ w (x: (M, K); w: (K, N), any strides), with w's output columns cut into up to `threads`
-    equal blocks taken as one batched product, so that each thread streams its own block.
+    """x @ w (x: (M, K) contiguous; w: (K, N), any strides), with w's output columns cut into up to
+    `threads` equal blocks taken as one batched product, so that each thread streams its own block.
 
     Why: torch's CPU product runs a matrix-vector product (decoding's: one row, or a few) on one
     thread, whatever torch's thread count, and one core reads memory at a fraction of what several
     do (2-core VM: a 512 x 3072 fp32 weight at 21 GB/s on one thread, 35 GB/s split in two; its read
     bandwidth is 30 GB/s on one thread, 61 on two). `bmm` runs its batch in parallel. The values are
-    the unsplit product's, bit for bit (each column is still one dot product over all of K by the
-    same kernel, the blocks aligned; tested). Small weights, many rows or one thread: `torch.mm`."""
-    parts = split_parts(x.shape[0], w, threads)
-    if parts == 1:
-        return torch.mm(x, w)
+    the unsplit product's, bit for bit: each column is still one dot product over all of K, the
+    blocks aligned, and where the block's kernel would sum in another order (some row counts) the
+    product is not split (`_split_is_exact`). Small weights, many rows or one thread: `torch.mm`."""
+    parts = split_parts(x.shape[0], w, threads) if x.is_contiguous() else 1  # as `_split_is_exact` checked
+    return torch.mm(x, w) if parts == 1 else _split_bmm(x, w, parts)
+
+
+def _split_bmm(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
     (M, K), N = x.shape, w.shape[1]
     b = N // parts
     blocks = w.as_strided((parts, K, b), (b * w.stride(1), w.stride(0), w.stride(1)))
