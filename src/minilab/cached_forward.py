@@ -35,13 +35,12 @@ _EXACT_SPLITS: dict[tuple, bool] = {}
 
 def split_parts(rows: int, w: torch.Tensor, threads: int) -> int:
     """Into how many column blocks `split_mm` cuts `w` for `rows` rows on `threads` threads (1: not)."""
-    if rows > SPLIT_ROWS or w.device.type != "cpu":
+    parts = min(threads, w.numel() // SPLIT_ELEMENTS) if rows <= SPLIT_ROWS else 1
+    if parts < 2 or not w.is_cpu:  # the cheap tests first: most products of a small model stop here
         return 1
-    parts = min(threads, w.numel() // SPLIT_ELEMENTS)
     while parts > 1 and w.shape[1] % (parts * SPLIT_COLUMNS):
         parts -= 1
-    parts = max(parts, 1)
-    return parts if parts == 1 or _split_is_exact(rows, w, parts) else 1
+    return parts if parts > 1 and _split_is_exact(rows, w, parts) else 1
 
 
 def _split_is_exact(rows: int, w: torch.Tensor, parts: int) -> bool:
