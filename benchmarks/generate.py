@@ -10,11 +10,12 @@ the token ids are compared too). Then `--batch` prompts of different lengths (4 
 decoded together (left padding) against the same prompts one by one and against transformers'
 batched `generate` (left padding, attention mask). Threads: the process's torch threads (the cores,
 or `--threads`) are the most either side may use; ours takes as many as each step's work calls for
-(`minilab.generate.step_threads`: one for a one-row step of micro), transformers runs once on all of
+(`minilab.decode_threads.step_threads`: one for a one-row step of micro), transformers runs once on all of
 them and once on one in every round, and each round's ratio is taken against its faster run (its
-b8 steps gain from a second core, its one-row steps lose). Then `minilab serve`'s app runs on loopback and
-1, 8 and 32 concurrent streaming clients each send `--requests-per-client` chat requests: throughput
-in tokens/s and requests/s, and p50/p99 of request latency and of time to first token. One JSON line
+8-row steps gain from a second core, its one-row steps lose). Then `minilab serve`'s app runs on
+loopback and 1, 8 and 32 concurrent streaming clients each send `--requests-per-client` chat
+requests: throughput in tokens/s and requests/s, and p50/p99 of request latency and of time to
+first token. One JSON line
 per measurement on stdout, a summary with the ratios at the end: each ratio taken round by round
 (the two sides ran back to back), its median and range, so a shared machine's slow moment shows as
 spread, not as a ratio. Our model is loaded as `Engine.load` prepares it (`use_decode_layout`): a
@@ -150,9 +151,9 @@ def bench_decode(shape: str, new_tokens: int, repeats: int, root: Path, threads:
 
     from minilab.arch import load_architecture
     from minilab.decode_layout import use_decode_layout
+    from minilab.decode_threads import set_threads
     from minilab.generate import generate
     from minilab.hf import save_hf_dir
-    from minilab.inference import set_threads
     from minilab.loading import load_model_for_inference
     from minilab.model import build_model
 
@@ -210,8 +211,8 @@ def bench_batched(shape: str, new_tokens: int, batch: int, repeats: int, root: P
 
     from minilab.arch import load_architecture
     from minilab.decode_layout import use_decode_layout
+    from minilab.decode_threads import set_threads
     from minilab.generate import generate
-    from minilab.inference import set_threads
     from minilab.loading import load_model_for_inference
 
     cfg = load_architecture(shape)

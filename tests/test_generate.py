@@ -266,14 +266,16 @@ def test_screened_head_gives_the_same_tokens_and_sampling_is_untouched(model, mo
     assert got[True] == got[False]
 
 
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch's own thread pool keeps its size")
 def test_decoding_steps_take_threads_by_their_work(model, monkeypatch):
     """Each decoding step (prefill, batched step, continuous batching's) runs on one torch thread per
     `STEP_WORK_PER_THREAD` of its parameters x tokens, at most torch's count, which is set back after
     every step, also when a step raises."""
+    import minilab.decode_threads as dt
     import minilab.generate as g
 
-    params = g.model_params(model)
-    monkeypatch.setattr(g, "STEP_WORK_PER_THREAD", params)  # one thread per token of a step, here
+    params = dt.model_params(model)
+    monkeypatch.setattr(dt, "STEP_WORK_PER_THREAD", params)  # one thread per token of a step, here
     seen = []
     real = g._next_scores
 
@@ -295,7 +297,7 @@ def test_decoding_steps_take_threads_by_their_work(model, monkeypatch):
         assert torch.get_num_threads() == 2
         assert {n for n, _ in seen} >= {27, 3, 1, 5, 2}
         assert all(threads == min(2, n) for n, threads in seen), seen
-        with pytest.raises(RuntimeError), g.step_threads(params, 1):
+        with pytest.raises(RuntimeError), dt.step_threads(params, 1):
             assert torch.get_num_threads() == 1
             raise RuntimeError
         assert torch.get_num_threads() == 2

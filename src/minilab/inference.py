@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from minilab.decode_layout import use_decode_layout
+from minilab.decode_threads import set_threads
 from minilab.errors import MinilabError
 from minilab.fsutil import read_json_if_present
 from minilab.generate import TextStream, encode, stream_generate
@@ -279,18 +280,6 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_tokens=args.max_tokens or 0, temperature=args.temperature, top_k=args.top_k,
                           top_p=None if args.top_p == 1.0 else args.top_p,
                           repetition_penalty=args.repetition_penalty, stop=stop, seed=args.seed)
-
-
-def set_threads(threads: int | None) -> int:
-    """Set the most CPU threads a decoding step uses (`--threads`; default: torch's count,
-    the cores) and return it. Each step takes as many of them as its work calls for, one on a small
-    model's one-row step (`minilab.generate.step_threads`)."""
-    if threads is None:
-        return torch.get_num_threads()
-    if threads < 1:
-        raise MinilabError(f"--threads must be ≥ 1, got {threads}")
-    torch.set_num_threads(threads)
-    return threads
 
 
 def engine_from_args(args: argparse.Namespace) -> Engine:
