@@ -23,13 +23,13 @@ from minilab.screened_head import ScreenedHead
 SPLIT_ELEMENTS = 1 << 17
 # Rows up to which products are split: decoding steps (a row each; serve's default concurrency is
 # 8, `generate`'s batch 16). Torch runs such products on one thread, or (8 rows) on two no faster
-# than one: split, a `tiny` 8-row step 5.9 -> 5.5 ms, `small`'s 32 -> 25 ms. Longer products
+# than one: split, a `tiny` 8-row step 5.9 -> 5.6 ms, `small`'s 33 -> 25 ms. Longer products
 # (prefill) go to MKL's own threaded GEMM.
 SPLIT_ROWS = 16
 # Columns a block is a multiple of (64 bytes of fp32): unaligned blocks change the last bits
 SPLIT_COLUMNS = 16
-# (rows, weight shape and strides, blocks, dtype, threads) -> whether the split product is torch.mm's
-# bit for bit
+# (rows, weight shape, strides and alignment, blocks, dtype, threads) -> whether the split product
+# is torch.mm's bit for bit
 _EXACT_SPLITS: dict[tuple, bool] = {}
 
 
@@ -50,7 +50,8 @@ def _split_is_exact(rows: int, w: torch.Tensor, parts: int) -> bool:
     12-16) the block's kernel sums in another order than the whole product's; which counts depends
     on the CPU's kernels. The kernel follows the shape, not the values, so one random input tells
     (a different summation order shows in some of its rows x columns dot products)."""
-    key = (rows, tuple(w.shape), w.stride(), parts, w.dtype, torch.get_num_threads())  # torch.mm's threads too
+    # all a kernel choice may follow: torch.mm's threads too, and where w starts within a cache line
+    key = (rows, tuple(w.shape), w.stride(), w.data_ptr() % 64, parts, w.dtype, torch.get_num_threads())
     exact = _EXACT_SPLITS.get(key)
     if exact is None:
         x = torch.randn(rows, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.dtype)
@@ -69,7 +70,8 @@ def split_mm(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
     the unsplit product's, bit for bit: each column is still one dot product over all of K, the
     blocks aligned, and where the block's kernel would sum in another order (some row counts) the
     product is not split (`_split_is_exact`). Small weights, many rows or one thread: `torch.mm`."""
-    parts = split_parts(x.shape[0], w, threads) if x.is_contiguous() else 1  # as `_split_is_exact` checked
+    # x as `_split_is_exact` checked it: contiguous, starting a cache line (as torch allocates)
+    parts = split_parts(x.shape[0], w, threads) if x.is_contiguous() and x.data_ptr() % 64 == 0 else 1
     return torch.mm(x, w) if parts == 1 else _split_bmm(x, w, parts)
 
 
