@@ -10,7 +10,7 @@ the token ids are compared too). Then `--batch` prompts of different lengths (4 
 decoded together (left padding) against the same prompts one by one and against transformers'
 batched `generate` (left padding, attention mask). Threads: the process's torch threads (the cores,
 or `--threads`) are the most either side may use; ours takes as many as each step's work calls for
-(`minilab.decode_threads.step_threads`: one for a one-row step of micro), transformers runs once on all of
+(`minilab.decode_threads.StepThreads`: one for a one-row step of micro), transformers runs once on all of
 them and once on one in every round, and each round's ratio is taken against its faster run (its
 8-row steps gain from a second core, its one-row steps lose). Then `minilab serve`'s app runs on
 loopback and 1, 8 and 32 concurrent streaming clients each send `--requests-per-client` chat

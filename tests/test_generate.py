@@ -271,11 +271,15 @@ def test_decoding_steps_take_threads_by_their_work(model, monkeypatch):
     """Each decoding step (prefill, batched step, continuous batching's) runs on one torch thread per
     `STEP_WORK_PER_THREAD` of its parameters x tokens, at most torch's count, which is set back after
     every step, also when a step raises."""
+    import weakref
+
     import minilab.decode_threads as dt
     import minilab.generate as g
 
     params = dt.model_params(model)
     monkeypatch.setattr(dt, "STEP_WORK_PER_THREAD", params)  # one thread per token of a step, here
+    monkeypatch.setattr(dt, "CHECK_EVERY", 10**9)             # no checks against the machine
+    monkeypatch.setattr(dt, "_BY_MODEL", weakref.WeakKeyDictionary())
     seen = []
     real = g._next_scores
 
@@ -297,9 +301,48 @@ def test_decoding_steps_take_threads_by_their_work(model, monkeypatch):
         assert torch.get_num_threads() == 2
         assert {n for n, _ in seen} >= {27, 3, 1, 5, 2}
         assert all(threads == min(2, n) for n, threads in seen), seen
-        with pytest.raises(RuntimeError), dt.step_threads(params, 1):
+        assert dt.step_threads_for(model) is batch.threads   # one per model, kept across decoders
+        with pytest.raises(RuntimeError), dt.step_threads_for(model)(1):
             assert torch.get_num_threads() == 1
             raise RuntimeError
         assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch's own thread pool keeps its size")
+def test_step_threads_follow_what_the_machine_gives(monkeypatch):
+    """On a busy machine (here a clock on which one-thread steps take a third of the time), the
+    next check moves the steps to one thread, and a check on several threads moves them back once
+    that is faster again; a check barely faster (within the margin) changes nothing."""
+    from types import SimpleNamespace
+
+    import minilab.decode_threads as dt
+
+    clock = [0.0]
+    monkeypatch.setattr(dt, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(dt, "CHECK_EVERY", 4)
+    threads = dt.StepThreads(params=2 * dt.STEP_WORK_PER_THREAD)  # a one-token step: two threads
+    seen, cost = [], {}
+
+    def steps(n):
+        for _ in range(n):
+            with threads(1):
+                k = torch.get_num_threads()
+                seen.append(k)
+                clock[0] += cost[k]
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cost.update({1: 1.0, 2: 3.0})       # busy
+        steps(8)
+        assert seen == [2, 2, 2, 1, 1, 1, 1, 2]                 # checks at the 4th and 8th
+        cost.update({1: 3.0, 2: 1.0})       # idle again
+        steps(6)
+        assert seen[8:] == [1, 1, 1, 2, 2, 2]
+        cost.update({1: 0.95, 2: 1.0})      # one thread faster, but within the margin
+        steps(4)
+        assert seen[14:] == [2, 1, 2, 2] and torch.get_num_threads() == 2   # the 16th checked
     finally:
         torch.set_num_threads(before)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from minilab.cached_forward import CachedForward, StepRow, StepScores
-from minilab.decode_threads import model_params, step_threads
+from minilab.decode_threads import step_threads_for
 from minilab.errors import MinilabError
 from minilab.kvcache import KVCache
 from minilab.sampling import Sampler, check_sampling, make_generator
@@ -119,9 +119,9 @@ class BatchDecoder:
         produced = dict.fromkeys(rows, 0)
         fast = CachedForward.of(model) if cache is not None else None
 
-        params = model_params(model)
+        threads = step_threads_for(model)
         ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts, strict=True)], device=device)  # (B, T)
-        with step_threads(params, ids.numel()):
+        with threads(ids.numel()):
             with torch.inference_mode():  # not a decorator: a generator is resumed outside the decorated call
                 scores = _next_scores(model, fast, ids, cache)                           # prefill
             tokens = sampler(scores)
@@ -144,7 +144,7 @@ class BatchDecoder:
                     cache.select(index)
             new = torch.tensor(tokens, device=device)
             sampler.observe(new)
-            with step_threads(params, len(rows)):
+            with threads(len(rows)):
                 with torch.inference_mode():
                     if cache is not None:
                         scores = _next_scores(model, fast, new[:, None], cache, keep_last=False)
@@ -389,7 +389,7 @@ class ContinuousBatch:
         self.model, self.stop = model, set(stop_token_ids)
         self.device, self.dtype = _model_device_dtype(model)
         self.fast = CachedForward.of(model)
-        self.params = model_params(model)
+        self.threads = step_threads_for(model)
         self.rows: list[BatchRow] = []      # in the shared cache, in its row order
         self.joining: list[BatchRow] = []   # prefilled, joining at the next step
         self.cache: KVCache | None = None
@@ -411,7 +411,7 @@ class ContinuousBatch:
             row.done = "length"
             return row, None
         row.prefill = KVCache(self.model.config, 1, max_len=len(ids), dtype=self.dtype, device=self.device)
-        with step_threads(self.params, len(ids)):
+        with self.threads(len(ids)):
             with torch.inference_mode():
                 scores = _next_scores(self.model, self.fast, torch.tensor([ids], device=self.device), row.prefill)
             tok = row.take(scores, self.stop)
@@ -430,7 +430,7 @@ class ContinuousBatch:
         if not self.rows:
             return []
         self.peak = max(self.peak, len(self.rows))
-        with step_threads(self.params, len(self.rows)):
+        with self.threads(len(self.rows)):
             with torch.inference_mode():
                 new = torch.tensor([[r.last] for r in self.rows], device=self.device)
                 scores = _next_scores(self.model, self.fast, new, self.cache)
