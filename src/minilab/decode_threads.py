@@ -22,6 +22,8 @@ STEP_WORK_PER_THREAD = 4_000_000
 # much faster the other setting must be at a check to be kept (see `StepThreads`)
 CHECK_EVERY = 32
 CHECK_MARGIN = 0.9
+# Whether torch's thread count can be changed per step (OpenMP; torch's own pool keeps its size)
+_OPENMP = torch.backends.openmp.is_available()
 
 
 def model_params(model: torch.nn.Module) -> int:
@@ -54,14 +56,14 @@ class StepThreads:
     def __call__(self, tokens: int) -> Iterator[None]:
         allowed = torch.get_num_threads()
         threads = max(1, min(allowed, self.params * tokens // STEP_WORK_PER_THREAD))
-        several = threads > 1 and torch.backends.openmp.is_available()
+        several = threads > 1 and _OPENMP
         check = False
         if several:
             self.steps += 1
             check = self.steps % CHECK_EVERY == 0
             if self.alone != check:  # one thread: as the last check found, or this step checks it
                 threads = 1
-        resize = threads != allowed and torch.backends.openmp.is_available()
+        resize = threads != allowed and _OPENMP
         if resize:
             torch.set_num_threads(threads)
         t0 = time.perf_counter()

@@ -8,9 +8,9 @@ rows with a scale each (a quarter of the bytes) and one token's step reads that:
 the rows whose interval [a_v - b_v, a_v + b_v] reaches the best lower bound can hold the maximum;
 their fp32 logits are then computed from the fp32 head and the largest wins, lowest id on a tie, as
 `argmax` picks. Measured: one candidate in almost every step with random weights, 1.9 on average
-(half the steps one) with the demo's trained model; `tiny` decodes a token in 2.5 ms at batch 1
-instead of 3.8 with the fp32 head, a batch-8 step in 8.3 ms instead of 13.5; tests hold the
-tokens equal to the full product's.
+(half the steps one) with the demo's trained model; on one thread, `tiny` decodes a token in 2.5 ms
+at batch 1 instead of 3.8 with the fp32 head, a batch-8 step in 8.3 ms instead of 13.5; tests hold
+the tokens equal to the full product's.
 
 The bound, for hidden state x (fp32), head row w, its int8 row q with bf16 scale s (w~ = s q, exact
 in fp32, as the kernel forms it), x_b = bf16(x) (the kernel's input, |x - x_b| <= 2^-9 |x|), K = the
