@@ -4,8 +4,9 @@ Each system trains the same shape (`tiny`: vocab 8192, d_model 256, 6 layers, 4 
 batch 8; `small`: d_model 512, 8 layers, 8 heads) on the same random tokens with the same AdamW
 settings (lr 1e-3, betas 0.9/0.95, weight decay 0.1, clip 1.0; each system's own AdamW build:
 fused for minilab and for transformers as its Trainer defaults, nanoGPT's `configure_optimizers`,
-fused on CUDA only), each in its own long-lived process
-(its own memory, so peak RSS is its own). The processes take turns: round after round, every
+fused on CUDA only), each in its own long-lived process (its own memory, so peak RSS is its own;
+minilab's keeps freed memory for the next step as its training loops do, `minilab.host_memory`;
+the peers run on glibc's defaults, as they ship). The processes take turns: round after round, every
 system runs a few steps (bounded by steps and by seconds) while the others wait, the order rotating
 each round, so a shared machine's slow moments fall on all of them. Medians over the rounds are
 reported with their spread, the ratio ours / peer is taken round by round, and MFU is against a
@@ -79,7 +80,10 @@ def build(impl: str, shape: dict, precision: str, seq_len: int, compile_model: b
     torch.manual_seed(0)
     device = torch.device(device_name)
     if impl == "minilab":
+        from minilab.host_memory import keep_freed_memory
         from minilab.model import ModelConfig, build_model
+
+        keep_freed_memory(True)  # as every minilab training loop (TrainingRun.fit) runs
 
         model = build_model(ModelConfig(**shape, max_seq_len=seq_len, tie_embeddings=True), device=device)
         opt = make_optimizer(model, OptimConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WEIGHT_DECAY),

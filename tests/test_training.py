@@ -1,11 +1,16 @@
 """Shared training helpers: LR schedule, AdamW groups, token-normalised gradient accumulation."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from minilab import host_memory
 from minilab.model import ModelConfig, build_model
 from minilab.training import OptimConfig, accumulate_gradients, lr_at, make_optimizer
 
@@ -370,3 +375,58 @@ def test_planner_counts_the_fused_head_only_where_training_fuses_it():
     assert 16 * chunk_rows(32768, tokens) == rows < tokens
     assert logits(ours, method="full", precision="fp32", target="cuda").bytes == \
         4 * (rows * 32768 + tokens * 32 + 32768 * 32)
+
+
+FREED_MEMORY_SCRIPT = """
+import json, resource, torch
+from minilab import host_memory
+
+def steps(n):  # minor page faults of each of n steps that allocate and write 120 MiB of tensors, then free them
+    faults = []
+    for _ in range(n):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step = [torch.empty(b // 4).fill_(1.0) for b in (64 * 2**20, 16 * 2**20, 40 * 2**20)]
+        del step
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return faults
+
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+
+out = {"default": steps(4)}
+with host_memory.reuse_freed_memory() as kept:
+    steps(4)
+    out.update(kept=kept, reused=steps(8), rss_in=rss_mib())
+out["rss_after"] = rss_mib()
+try:
+    with host_memory.reuse_freed_memory():
+        steps(4)
+        out["rss_in_2"] = rss_mib()
+        raise RuntimeError("a step failed")
+except RuntimeError:
+    out["rss_after_2"] = rss_mib()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(host_memory._glibc() is None or not Path("/proc/self/statm").exists(), reason="glibc on Linux")
+def test_training_loops_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
+    """In a fresh process (another test's loop would have left its heap behind): by default glibc
+    maps fresh pages for a step's large tensors and unmaps them when they are freed; inside
+    `reuse_freed_memory` the freed blocks serve the next steps (most take no fault once the heap has
+    grown, in 2-3 steps; glibc's aligned allocations miss a freed block now and then); after it,
+    also after an exception, the free memory goes back to the system."""
+    run = subprocess.run([sys.executable, "-c", FREED_MEMORY_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    fresh = min(out["default"])
+    assert fresh >= 120 // 2 and out["kept"]           # at least a fault per 2 MiB page
+    assert sorted(out["reused"])[4] < fresh // 8 and sum(out["reused"]) < 2 * fresh, out
+    for suffix in ("", "_2"):
+        assert out["rss_in" + suffix] - out["rss_after" + suffix] > 100, out  # the 120 MiB handed back
+
+
+def test_freed_memory_setting_is_a_no_op_without_glibc(monkeypatch):
+    monkeypatch.setattr(host_memory, "_glibc", lambda: None)
+    with host_memory.reuse_freed_memory() as kept:
+        assert kept is False

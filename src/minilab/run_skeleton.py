@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from minilab.host_memory import reuse_freed_memory
 from minilab.training import Schedule, check_finite_loss, checkpoint_val_meta, eval_due, set_lr
 
 
@@ -66,6 +67,11 @@ class TrainingRun:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self, resume: str | None) -> dict[str, Any]:
+        """The run, freed host memory kept for the next step while it lasts (`minilab.host_memory`)."""
+        with reuse_freed_memory():
+            return self._fit(resume)
+
+    def _fit(self, resume: str | None) -> dict[str, Any]:
         from minilab.progress import StepProgress
 
         cfg = self.cfg
