@@ -83,7 +83,7 @@ def build(impl: str, shape: dict, precision: str, seq_len: int, compile_model: b
         from minilab.host_memory import keep_freed_memory
         from minilab.model import ModelConfig, build_model
 
-        keep_freed_memory(True)  # as every minilab training loop (TrainingRun.fit) runs
+        keep_freed_memory()  # as every minilab training loop (TrainingRun.fit) runs
 
         model = build_model(ModelConfig(**shape, max_seq_len=seq_len, tie_embeddings=True), device=device)
         opt = make_optimizer(model, OptimConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WEIGHT_DECAY),
