@@ -421,8 +421,10 @@ def test_training_loops_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
     run = subprocess.run([sys.executable, "-c", FREED_MEMORY_SCRIPT], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
+    if out["kept"] < 64 * 2**20:
+        pytest.skip(f"this glibc keeps freed blocks up to {out['kept']} bytes only")
     fresh = min(out["default"])
-    assert fresh >= 120 // 2 and out["kept"]           # at least a fault per 2 MiB page
+    assert fresh >= 64 // 2                            # the 64 MiB tensor's pages at least, 2 MiB at the most
     assert sorted(out["reused"])[4] < fresh // 8 and sum(out["reused"]) < 2 * fresh, out
     assert sorted(out["after"])[4] < fresh // 8, out
     for suffix in ("", "_2"):
@@ -432,4 +434,4 @@ def test_training_loops_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
 def test_freed_memory_setting_is_a_no_op_without_glibc(monkeypatch):
     monkeypatch.setattr(host_memory, "_glibc", lambda: None)
     with host_memory.reuse_freed_memory() as kept:
-        assert kept is False
+        assert kept == 0

@@ -10,7 +10,8 @@ runs): 9-43 thousand faults a step; with both thresholds at 1 GiB under 1,000, a
 `tiny` fp32 -1% (641 -> 631, 678 -> 671, 664 -> 666 ms), `tiny` bf16 -8% (430 -> 397, 497 -> 459,
 496 -> 454), `small` fp32 -1 to -6%; peak RSS the same (the heap's pages are reused instead); the
 demo's 5-minute pretraining 845 steps instead of 795. What jemalloc or tcmalloc preloaded would do,
-done with glibc's own `mallopt`.
+done with glibc's own `mallopt` (the mmap threshold 32 MiB where a glibc refuses more: 2.36 here
+takes 1 GiB, some older versions cap it).
 
 `reuse_freed_memory()` wraps each training loop (`TrainingRun.fit`): the thresholds are raised when
 it starts and the free memory is handed back to the system when it ends (`malloc_trim`), so a
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3       # glibc's mallopt parameters (malloc.h)
 KEEP_BYTES = 2**30                                # both thresholds, from the first training loop on
+CAPPED_BYTES = 32 * 2**20                         # the most some glibc versions take as mmap threshold
 
 
 def _glibc():
@@ -41,12 +43,13 @@ def _glibc():
     return libc if all(hasattr(libc, n) for n in names) else None
 
 
-def keep_freed_memory() -> bool:
-    """Keep freed blocks of up to 1 GiB in the heap for reuse from now on. False where the C library
-    is not glibc."""
+def keep_freed_memory() -> int:
+    """Keep freed blocks in the heap for reuse from now on; the size up to which they are kept (1 GiB,
+    or 32 MiB where glibc refuses more), 0 where the C library is not glibc."""
     libc = _glibc()
-    return libc is not None and libc.mallopt(M_MMAP_THRESHOLD, KEEP_BYTES) == 1 \
-        and libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES) == 1
+    if libc is None or libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES) != 1:
+        return 0
+    return next((n for n in (KEEP_BYTES, CAPPED_BYTES) if libc.mallopt(M_MMAP_THRESHOLD, n) == 1), 0)
 
 
 def release_free_memory() -> None:
@@ -57,7 +60,7 @@ def release_free_memory() -> None:
 
 
 @contextlib.contextmanager
-def reuse_freed_memory() -> Iterator[bool]:
+def reuse_freed_memory() -> Iterator[int]:
     """`keep_freed_memory()` for the block, its free memory released after (also on an exception)."""
     kept = keep_freed_memory()
     try:
