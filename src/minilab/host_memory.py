@@ -47,9 +47,12 @@ def keep_freed_memory() -> int:
     """Keep freed blocks in the heap for reuse from now on; the size up to which they are kept (1 GiB,
     or 32 MiB where glibc refuses more), 0 where the C library is not glibc."""
     libc = _glibc()
-    if libc is None or libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES) != 1:
+    if libc is None:
         return 0
-    return next((n for n in (KEEP_BYTES, CAPPED_BYTES) if libc.mallopt(M_MMAP_THRESHOLD, n) == 1), 0)
+    # the trim threshold only once a mmap threshold is taken: setting either ends glibc's adaptive
+    # thresholds, and a trim threshold alone would leave the mmap one where it happened to be
+    kept = next((n for n in (KEEP_BYTES, CAPPED_BYTES) if libc.mallopt(M_MMAP_THRESHOLD, n) == 1), 0)
+    return kept if kept and libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES) == 1 else 0
 
 
 def release_free_memory() -> None:
