@@ -28,8 +28,7 @@ SPLIT_ELEMENTS = 1 << 17
 SPLIT_ROWS = 16
 # Columns a block is a multiple of (64 bytes of fp32): unaligned blocks change the last bits
 SPLIT_COLUMNS = 16
-# (rows, weight shape, strides and alignment, blocks, dtype, threads) -> whether the split product
-# is torch.mm's bit for bit
+# `split_key(...)` -> whether the split product is torch.mm's bit for bit
 _EXACT_SPLITS: dict[tuple, bool] = {}
 
 
@@ -50,13 +49,18 @@ def _split_is_exact(rows: int, w: torch.Tensor, parts: int) -> bool:
     12-16) the block's kernel sums in another order than the whole product's; which counts depends
     on the CPU's kernels. The kernel follows the shape, not the values, so one random input tells
     (a different summation order shows in some of its rows x columns dot products)."""
-    # all a kernel choice may follow: torch.mm's threads too, and where w starts within a cache line
-    key = (rows, tuple(w.shape), w.stride(), w.data_ptr() % 64, parts, w.dtype, torch.get_num_threads())
+    key = split_key(rows, w, parts)
     exact = _EXACT_SPLITS.get(key)
     if exact is None:
         x = torch.randn(rows, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.dtype)
         exact = _EXACT_SPLITS[key] = torch.equal(_split_bmm(x, w, parts), torch.mm(x, w))
     return exact
+
+
+def split_key(rows: int, w: torch.Tensor, parts: int) -> tuple:
+    """What `_split_is_exact` checks once: all a kernel choice may follow, torch.mm's threads too,
+    and where w starts within a cache line."""
+    return rows, tuple(w.shape), w.stride(), w.data_ptr() % 64, parts, w.dtype, torch.get_num_threads()
 
 
 def split_mm(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
