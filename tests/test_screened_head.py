@@ -163,3 +163,40 @@ def test_candidates_are_exactly_the_ids_whose_interval_reaches_the_best():
         assert set(strict[i].nonzero().squeeze(1).tolist()) <= got <= set(reach[i].nonzero().squeeze(1).tolist())
         sizes.append(len(got))
     assert max(sizes) > 10 and min(sizes) >= 1                             # the cuts were exercised
+
+
+@pytest.mark.parametrize("screen_faster", [True, False])
+def test_each_row_count_takes_the_screen_or_the_fp32_head_whichever_ran_faster(monkeypatch, screen_faster):
+    """The first TRIALS steps of a row count take the screen and the fp32 head in turn, timed; then the
+    faster serves every later step of that count (here made so by a clock each side advances by its
+    own amount). The tokens are the full product's either way; a forced screen (`always`) is not timed."""
+    import minilab.screened_head as sh
+
+    now = [0.0]
+    monkeypatch.setattr(sh.time, "perf_counter", lambda: now[0])
+    head = _head(4096, 64, 6)
+    screen = ScreenedHead(head)
+    calls = []
+    argmax = ScreenedHead.argmax
+
+    def screened(self, h):
+        calls.append(("screen", len(h)))
+        now[0] += 1.0 if screen_faster else 3.0
+        return argmax(self, h)
+    monkeypatch.setattr(ScreenedHead, "argmax", screened)
+    h = _states(8, 64, 7)
+    want = (h @ head).argmax(-1).tolist()
+
+    def full():
+        calls.append(("full", len(h)))
+        now[0] += 2.0
+        return (h @ head).argmax(-1).tolist()
+    for _ in range(2 * sh.TRIALS + 3):
+        assert screen.tokens(h, full) == want
+    assert calls[:4] == [("screen", 8), ("full", 8)] * 2                         # in turn
+    assert sorted(calls[:2 * sh.TRIALS]) == sorted([("screen", 8), ("full", 8)] * sh.TRIALS)
+    assert screen.pays == {8: screen_faster}
+    assert calls[2 * sh.TRIALS:] == [("screen" if screen_faster else "full", 8)] * 3
+    calls.clear()
+    forced = ScreenedHead(head, always=True)
+    assert forced.tokens(h, full) == want and calls == [("screen", 8)] and forced.pays == {}

@@ -45,9 +45,10 @@ def use_decode_layout(model: Transformer, screen: bool | None = None) -> Transfo
     Not bf16 weights: torch's bf16 CPU kernel is 3x slower in that layout. For inference-only
     models; export (`save_hf_dir`) writes the same files.
     Also sets `model.decode_screen`: a `ScreenedHead` (an int8 copy of the head, a quarter of its
-    bytes, from which greedy steps of enough rows to pay take their exact token, `min_rows`) where
-    the fp32 head has at least `MIN_SCREENED_ELEMENTS` (`screen=None`), always, read by every
-    greedy step (`True`), or never (`False`). Returns `model`."""
+    bytes, from which greedy steps of enough rows to pay take their exact token, `min_rows`, at the
+    row counts where it ran faster than the fp32 head, timed on the first steps: `ScreenedHead.tokens`)
+    where the fp32 head has at least `MIN_SCREENED_ELEMENTS` (`screen=None`), always, read by every
+    greedy step untimed (`True`), or never (`False`). Returns `model`."""
     with torch.no_grad():
         for block in model.model.layers:
             a, m = block.self_attn, block.mlp

@@ -27,6 +27,9 @@ other (then the full and the gathered product, two float orders, may pick differ
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 
 # Rows x head elements (vocab x width) a step multiplies from which its argmax through the screen
@@ -43,6 +46,9 @@ MIN_SCREENED_ELEMENTS = SCREEN_PAYS_ELEMENTS // 8
 BLOCK = 128
 # The bf16 output's rounding, relative to the approximate logit: 2^-8 |t| <= 2^-7 |a| (+1%)
 OUTPUT = 2.0**-7 * 1.01
+# Steps of a row count that time the screen and the fp32 head each before the faster is kept
+# (`ScreenedHead.tokens`)
+TRIALS = 3
 
 
 def bound(norm, rho, a_abs):
@@ -87,8 +93,11 @@ class ScreenedHead:
             self.scale[start:start + len(w)] = scale
             self.rho[start:start + len(w)] = rho * 1.01
         self.vocab, self.rho_max = vocab, float(self.rho.max())
-        # rows from which a step reads the screen rather than the fp32 head (`always`: from one)
+        # rows from which a step may read the screen rather than the fp32 head (`always`: from one)
         self.min_rows = 1 if always else -(-SCREEN_PAYS_ELEMENTS // (vocab * width))
+        self.pays: dict[int, bool] = {}  # rows -> whether the screen ran faster than the fp32 head (`tokens`)
+        self.trials: dict[int, dict[bool, list[float]]] = {}  # rows -> each side's times so far
+        self.always = always
 
     def fresh(self, head: torch.Tensor) -> bool:
         """Whether `head` is still the tensor (and the values) this screen was built from."""
@@ -151,6 +160,31 @@ class ScreenedHead:
                 v = v[a_v + b_v >= best_lower - 1e-12 * (best_lower.abs() + a_v.abs() + b_v)]
             found.append(v.tolist())
         return found
+
+    def tokens(self, h: torch.Tensor, full: Callable[[], list[int]]) -> list[int]:
+        """The argmax of each row of `h @ head`: from the screen (`argmax`), or `full()`, the caller's
+        fp32 head product and its argmax, whichever ran faster for steps of this many rows.
+
+        Why both: the screen's fixed cost (its int8 product, ~25 small ops, and for each row it
+        cannot settle from the int8 copy alone a look at each candidate) can exceed what it saves. On
+        random weights nearly every row has one candidate, on trained ones a third of the rows more
+        than one (the demo's models: 1.4-1.6 a row), and there a 4096 x 128 head's 8-row step took
+        3.3 / 3.0 ms with the screen against 3.0 / 2.2 without. So the first `TRIALS` steps of each
+        row count take the two in turn, timed in place (between the step's other products, on the
+        model's own states), and the faster serves that row count from then on (`pays`); `always`
+        (`use_decode_layout(screen=True)`) takes the screen without timing."""
+        rows = len(h)
+        use = True if self.always else self.pays.get(rows)
+        if use is not None:
+            return self.argmax(h) if use else full()
+        times = self.trials.setdefault(rows, {True: [], False: []})
+        use = len(times[True]) <= len(times[False])                     # in turn, the screen first
+        start = time.perf_counter()
+        tokens = self.argmax(h) if use else full()
+        times[use].append(time.perf_counter() - start)
+        if min(map(len, times.values())) >= TRIALS:
+            self.pays[rows] = min(times[True]) < min(times[False])
+        return tokens
 
     def argmax(self, h: torch.Tensor) -> list[int]:
         """The argmax of each row of `h @ head` (h: (B, width) fp32), as `(h @ head).argmax(-1)`."""
