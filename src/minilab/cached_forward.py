@@ -232,14 +232,15 @@ class StepScores:
         """Each row's highest-scoring token id (the lowest id on a tie), as `logits().argmax(-1)`."""
         if self._tokens is None:
             screen = self.forward.screen if self._logits is None and self.forward is not None else None
-            def full() -> list[int]:
-                return self.logits().argmax(-1).tolist()
             if screen is None or len(self.hidden) < screen.min_rows:  # too few rows for it to pay
-                self._tokens = full()
+                self._tokens = self._full_argmax()
             else:  # the screen or the fp32 head, whichever is faster here (timed on the first steps)
                 with torch.inference_mode():
-                    self._tokens = screen.tokens(self.hidden, full)
+                    self._tokens = screen.tokens(self.hidden, self._full_argmax)
         return self._tokens
+
+    def _full_argmax(self) -> list[int]:
+        return self.logits().argmax(-1).tolist()
 
     def row(self, j: int) -> StepRow:
         return StepRow(self, j)
