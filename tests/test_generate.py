@@ -346,3 +346,14 @@ def test_step_threads_follow_what_the_machine_gives(monkeypatch):
         assert seen[14:] == [2, 1, 2, 2] and torch.get_num_threads() == 2   # the 16th checked
     finally:
         torch.set_num_threads(before)
+
+
+def test_stop_strings_unescape_only_known_escapes():
+    from minilab.inference import unescape_stop
+
+    assert unescape_stop("\\n\\nUser:") == "\n\nUser:"
+    assert unescape_stop("a\\tb\\\\n") == "a\tb\\n"
+    # a lone backslash, an unknown escape and non-ASCII text are kept as typed (no traceback, no mojibake)
+    assert unescape_stop("C:\\") == "C:\\"
+    assert unescape_stop("\\x") == "\\x"
+    assert unescape_stop("é – 終") == "é – 終"

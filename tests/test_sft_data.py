@@ -194,3 +194,25 @@ def test_demo_chat_heldout_prompts_are_in_no_training_conversation():
     trained = {norm(u) for _, turns in dialogues() for u in turns}
     assert len(trained) > 1000
     assert [p for p in prompts if norm(p) in trained] == []
+
+
+def test_records_read_bom_line_separators_and_report_bad_files(tmp_path):
+    from minilab.errors import MinilabError
+    from minilab.finetune.records import iter_records
+
+    rec = {"messages": [{"role": "user", "content": "a\u2028b\u0085c"}, {"role": "assistant", "content": "d"}]}
+    jsonl = tmp_path / "u.jsonl"
+    # a byte-order mark, and U+2028 / U+0085 written raw inside a string (json.dumps(ensure_ascii=False))
+    jsonl.write_text(json.dumps(rec, ensure_ascii=False) + "\n" + json.dumps(rec, ensure_ascii=False) + "\n",
+                     encoding="utf-8-sig")
+    assert list(iter_records(str(jsonl))) == [rec, rec]
+    arr = tmp_path / "a.json"
+    arr.write_text(json.dumps([rec]), encoding="utf-8-sig")
+    assert list(iter_records(str(arr))) == [rec]
+    arr.write_text('[{"messages": [}]')
+    with pytest.raises(MinilabError, match=r"a\.json:1: invalid JSON"):
+        list(iter_records(str(arr)))
+    latin = tmp_path / "l.jsonl"
+    latin.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(MinilabError, match=r"l\.jsonl: not UTF-8 text"):
+        list(iter_records(str(latin)))

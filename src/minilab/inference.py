@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -265,9 +266,19 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int | None = 128,
     flag(g, "--top-p", type=float, default=top_p, help="nucleus sampling mass (1 keeps every token)")
     flag(g, "--repetition-penalty", type=float, default=repetition_penalty,
          help="CTRL penalty on seen tokens (>1 discourages)")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string; repeatable")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop string, \\n \\t \\r \\\\ as escapes; repeatable")
     g.add_argument("--seed", type=int_range(0, MAX_SEED), default=None,
                    help="makes sampling reproducible (0 .. 2**64-1)")
+
+
+_STOP_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape_stop(s: str) -> str:
+    """A --stop string as typed: `\\n`, `\\t`, `\\r` and `\\\\` are the characters they name (so --stop '\\n'
+    means a newline); every other character, a lone backslash or non-ASCII text included, is kept as is."""
+    return re.sub(r"\\([ntr\\])", lambda m: _STOP_ESCAPES[m.group(1)], s)
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -276,7 +287,7 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
         raise MinilabError(f"--max-tokens must be ≥ 1, got {args.max_tokens}")
     if args.temperature < 0:
         raise MinilabError(f"--temperature must be ≥ 0, got {args.temperature}")
-    stop = [s.encode().decode("unicode_escape") for s in args.stop]  # so --stop '\n' means a newline
+    stop = [unescape_stop(s) for s in args.stop]
     return SamplingParams(max_tokens=args.max_tokens or 0, temperature=args.temperature, top_k=args.top_k,
                           top_p=None if args.top_p == 1.0 else args.top_p,
                           repetition_penalty=args.repetition_penalty, stop=stop, seed=args.seed)
