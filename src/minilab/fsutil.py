@@ -141,6 +141,24 @@ def read_json_if_present(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def read_user_text(path: str | os.PathLike) -> str:
+    """A text file the user wrote (JSON, JSON Lines, prompts): UTF-8, a byte-order mark (as some editors
+    write) dropped; anything else a one-line error naming the file."""
+    from minilab.errors import MinilabError
+
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise MinilabError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+def text_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a JSON Lines or line-per-item text: only \\n ends a line (str.splitlines()
+    also splits at U+2028, U+0085 and others, which json.dumps(ensure_ascii=False) writes raw inside
+    strings); a trailing \\r is JSON whitespace, and stripped by callers of plain text."""
+    return enumerate(text.split("\n"), 1)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 

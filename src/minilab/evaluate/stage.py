@@ -19,7 +19,7 @@ from typing import Any
 
 from minilab.config import DEVICE, SEED, to_dict
 from minilab.errors import ConfigError, MinilabError
-from minilab.fsutil import read_json_if_present
+from minilab.fsutil import read_json_if_present, read_user_text, text_lines
 from minilab.stage import Stage
 
 log = logging.getLogger("minilab.eval")
@@ -91,7 +91,7 @@ def read_prompts(path: str | None) -> list[str]:
     if not p.is_file():
         raise MinilabError(f"{p}: prompts file not found")
     prompts = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in text_lines(read_user_text(p)):
         if not line.strip():
             continue
         if p.suffix == ".jsonl":
@@ -103,7 +103,7 @@ def read_prompts(path: str | None) -> list[str]:
                 raise MinilabError(f"{p}:{lineno}: expected an object with a string 'prompt'")
             prompts.append(obj["prompt"])
         else:
-            prompts.append(line)
+            prompts.append(line.rstrip("\r"))
     if not prompts:
         raise MinilabError(f"{p}: no prompts")
     return prompts

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from minilab.errors import MinilabError
-from minilab.fsutil import sha256_file
+from minilab.fsutil import read_user_text, sha256_file, text_lines
 
 _ROLE_ALIASES = {"human": "user", "user": "user", "prompter": "user", "gpt": "assistant", "assistant": "assistant",
                  "bot": "assistant", "chatgpt": "assistant", "model": "assistant", "system": "system"}
@@ -27,19 +27,14 @@ def iter_records(source: str, split: str = "train") -> Iterator[dict[str, Any]]:
     """Dicts from a JSONL or JSON file, or rows of a Hugging Face dataset (id or local path)."""
     path = Path(source).expanduser()
     if path.is_file():
-        try:  # utf-8-sig: a byte-order mark, as some editors write, is not part of the JSON
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise MinilabError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        text = read_user_text(path)
         if path.suffix == ".json" and text.lstrip().startswith("["):
             try:
                 yield from json.loads(text)
             except json.JSONDecodeError as e:
                 raise MinilabError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
             return
-        # only \n ends a JSON Lines record: str.splitlines() also splits at U+2028, U+0085 and others,
-        # which json.dumps(ensure_ascii=False) writes raw inside strings
-        for lineno, line in enumerate(text.split("\n"), 1):
+        for lineno, line in text_lines(text):
             if line.strip():
                 try:
                     yield json.loads(line)
